@@ -1,0 +1,1 @@
+"""dogkernel sources; build_kernel.py bundles them into kernel.py."""

@@ -1,0 +1,140 @@
+"""One ckpt.pt holding everything a run needs to continue: models, optimisers, scalers, counters, RNG, config.
+
+Everything is stored in a form `torch.load(weights_only=True)` accepts (tensors, dicts, lists, numbers,
+strings), and written atomically: a reader sees the previous checkpoint or the whole new one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+
+import numpy as np
+import torch
+
+from src.atomic import atomic_path
+from src.config import Config
+from src.models import build_models
+
+CKPT_NAME = "ckpt.pt"
+CKPT_FORMAT = 1
+# Flags of this session that a resumed run keeps: where and how long it runs, how it is watched and scored.
+CKPT_SESSION_FIELDS = ("data_dir", "out", "resume", "demo", "time_budget", "device", "crop_margin", "max_images",
+                       "decode_workers", "amp", "channels_last", "compile", "status_every", "grid_every",
+                       "ckpt_every", "fid_every", "fid_samples", "n_images", "truncation", "truncation_search",
+                       "fid_backbone", "fid_weights", "mifid_eps")
+# Fields that decide the shapes of G and D: a resumed run must use the checkpoint's values.
+CKPT_MODEL_FIELDS = ("recipe", "arch", "z_dim", "g_ch", "d_ch", "shared_dim", "hier_z", "attn_res", "cond", "g_sn",
+                     "d_sn", "pixel_norm", "mbstd")
+CKPT_REQUIRED_KEYS = ("format", "config", "n_classes", "G", "D", "G_ema", "opt_g", "opt_d", "progress")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or does not fit the run; the message says what to do."""
+
+
+def _ckpt_log(message: str) -> None:
+    print(f"[checkpoint] {message}", flush=True)
+
+
+def ckpt_cpu_copy(obj):
+    """A deep copy of nested dicts/lists/tuples with every tensor cloned to the CPU (detached from training)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {key: ckpt_cpu_copy(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(ckpt_cpu_copy(value) for value in obj)
+    return obj
+
+
+def capture_rng_state() -> dict:
+    """Python, numpy, torch CPU and CUDA generator states as plain lists and tensors (weights_only-safe)."""
+    version, internal, gauss_next = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {"python": [version, list(internal), gauss_next],
+             "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), int(np_pos), int(np_has_gauss),
+                       float(np_gauss)],
+             "torch": torch.get_rng_state(),
+             "cuda": []}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    """Put back the generator states saved by capture_rng_state() (CUDA only when the device count matches)."""
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
+    np.random.set_state((np_name, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
+    torch.set_rng_state(state["torch"])
+    cuda_states = state.get("cuda") or []
+    if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda_states)
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    """torch.save `state` to `path` atomically (a temporary file beside it, fsynced, then renamed over it)."""
+    with atomic_path(path) as tmp_path:
+        torch.save(state, tmp_path)
+
+
+def load_checkpoint(path: str, map_location="cpu") -> dict:
+    """Read a ckpt.pt written by save_checkpoint; a damaged file raises CheckpointError naming it and the fix."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} does not exist; check the path, or pass --resume \"\" to start fresh")
+    advice = (f"delete {path} (or move it away), or pass --resume \"\" to start a fresh run")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch raises several types for broken zips / pickles; all mean the same here
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"cannot read checkpoint {path}: it is damaged, truncated or not a dogkernel "
+                              f"checkpoint ({type(error).__name__}: {reason[:200]}); {advice}") from None
+    missing = [key for key in CKPT_REQUIRED_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not a dogkernel checkpoint (missing {', '.join(missing)}); {advice}")
+    if state["format"] != CKPT_FORMAT:
+        raise CheckpointError(f"{path} has checkpoint format {state['format']}, this code reads {CKPT_FORMAT}; {advice}")
+    return state
+
+
+def resolve_resume_path(resume: str, out_dir: str) -> str | None:
+    """--resume: '' -> None (fresh run), 'auto' -> OUT/ckpt.pt when it exists, else the given file (must exist)."""
+    if not resume:
+        return None
+    if resume == "auto":
+        path = os.path.join(out_dir, CKPT_NAME)
+        return path if os.path.isfile(path) else None
+    if not os.path.isfile(resume):
+        raise CheckpointError(f"--resume {resume}: no such file; give an existing ckpt.pt, 'auto', or \"\" to start fresh")
+    return resume
+
+
+def merge_resumed_config(cfg: Config, saved: dict) -> Config:
+    """The config a resumed run uses: the checkpoint's, except this session's budget/paths/watching flags.
+
+    Model-shape fields that differ from the checkpoint's are reported and replaced by the checkpoint's.
+    """
+    field_names = {f.name for f in dataclasses.fields(Config)}
+    from_ckpt = {k: v for k, v in saved.items() if k in field_names and k not in CKPT_SESSION_FIELDS}
+    shape_diffs = [f"{k}={getattr(cfg, k)!r} (checkpoint {from_ckpt[k]!r})" for k in CKPT_MODEL_FIELDS
+                   if k in from_ckpt and getattr(cfg, k) != from_ckpt[k]]
+    other_diffs = [f"{k}={getattr(cfg, k)!r} (checkpoint {v!r})" for k, v in from_ckpt.items()
+                   if k not in CKPT_MODEL_FIELDS and getattr(cfg, k) != v]
+    if shape_diffs:
+        _ckpt_log("WARNING: model settings differ from the checkpoint's, using the checkpoint's: " + ", ".join(shape_diffs))
+    if other_diffs:
+        _ckpt_log("training settings come from the checkpoint; ignored here: " + ", ".join(other_diffs))
+    return dataclasses.replace(cfg, **from_ckpt)
+
+
+def load_generator_from_checkpoint(path: str, cfg: Config, n_classes: int, device) -> torch.nn.Module:
+    """G_ema (the best-FID one when the run kept one) from a checkpoint, built with the checkpoint's model config."""
+    state = load_checkpoint(path)
+    if state["n_classes"] != n_classes:
+        raise CheckpointError(f"{path} was trained with {state['n_classes']} breeds, this data has {n_classes}")
+    merged = merge_resumed_config(cfg, state["config"])
+    G_ema, _ = build_models(merged, n_classes)
+    G_ema.load_state_dict(state.get("best_G_ema") or state["G_ema"])
+    return G_ema.to(device).eval().requires_grad_(False)

@@ -1,0 +1,114 @@
+"""Multi-GPU training with torchrun: process-group set-up, and the few collectives the training loop needs.
+
+Launch: `torchrun --standalone --nproc_per_node=2 kernel.py ...` (Kaggle's 2 x T4). Without torchrun the
+run is one process (world_size 1) and nothing here talks to other processes.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as torch_dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    is_main: bool       # rank 0: the only process that writes files and prints status
+
+
+def dist_resolve_device(device: str = "auto") -> torch.device:
+    """'auto' -> cuda when available else cpu; 'cuda' / 'cuda:N' must exist."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {device}: no CUDA device is available here; use --device cpu or auto")
+    return resolved
+
+
+def setup_distributed(device: str = "auto") -> DistInfo:
+    """Join the torchrun process group when WORLD_SIZE > 1 (nccl on CUDA, gloo on CPU), else a single process.
+
+    Under torchrun each rank uses cuda:LOCAL_RANK (or the CPU when there is no GPU or --device cpu).
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistInfo(rank=0, world_size=1, local_rank=0, device=dist_resolve_device(device), is_main=True)
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    use_cuda = torch.cuda.is_available() and device != "cpu"
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        rank_device = torch.device("cuda", local_rank)
+    else:
+        rank_device = torch.device("cpu")
+    if not torch_dist.is_initialized():
+        torch_dist.init_process_group(backend="nccl" if use_cuda else "gloo", rank=rank, world_size=world_size)
+    if rank == 0:
+        print(f"[distributed] {world_size} processes, backend {torch_dist.get_backend()}", flush=True)
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=rank_device, is_main=rank == 0)
+
+
+def cleanup_distributed() -> None:
+    """Leave the process group (no-op for a single process)."""
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+def current_dist_info(device: torch.device | str) -> DistInfo:
+    """The rank and world size of this process as the process group knows them (1 process when there is none)."""
+    device = torch.device(device)
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        rank, world_size = torch_dist.get_rank(), torch_dist.get_world_size()
+        return DistInfo(rank=rank, world_size=world_size, local_rank=int(os.environ.get("LOCAL_RANK", rank)),
+                        device=device, is_main=rank == 0)
+    return DistInfo(rank=0, world_size=1, local_rank=0, device=device, is_main=True)
+
+
+def any_rank_flags(flags: list[bool], device: torch.device, world_size: int) -> list[bool]:
+    """Element-wise OR of boolean flags over all ranks (one tiny all-reduce), so every rank takes the same branch.
+
+    Used for the stop / tick / snapshot decisions: if rank 0's clock says stop, or any rank caught SIGTERM,
+    all ranks stop after the same step and no rank waits forever in a gradient all-reduce.
+    """
+    if world_size <= 1:
+        return list(flags)
+    flag_tensor = torch.tensor([float(f) for f in flags], device=device)
+    torch_dist.all_reduce(flag_tensor, op=torch_dist.ReduceOp.MAX)
+    return [bool(v) for v in flag_tensor.tolist()]
+
+
+def mean_over_ranks(values: torch.Tensor, world_size: int) -> torch.Tensor:
+    """The mean of a tensor over ranks (SUM / world_size: gloo has no AVG)."""
+    if world_size <= 1:
+        return values
+    summed = values.clone()
+    torch_dist.all_reduce(summed, op=torch_dist.ReduceOp.SUM)
+    return summed / world_size
+
+
+def wrap_ddp(module: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
+    """DistributedDataParallel around `module` when world_size > 1 (else the module itself).
+
+    DDP's default buffer sync (broadcast_buffers=True) is relied on: rank 0's buffers (spectral norm's u/v,
+    BatchNorm running stats) are copied to every rank at each DDP forward. Forwards that bypass the wrapper
+    (no-grad fakes, the frozen D of a G step) update buffers locally; sync_buffers() evens them out at the end.
+    BatchNorm normalises with each rank's own batch statistics (no SyncBatchNorm).
+    """
+    if info.world_size <= 1:
+        return module
+    device_ids = [info.device.index] if info.device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
+
+
+def sync_buffers(module: torch.nn.Module, world_size: int) -> None:
+    """Copy rank 0's buffers (running stats, power-iteration vectors) to every rank."""
+    if world_size <= 1:
+        return
+    for buffer in module.buffers():
+        torch_dist.broadcast(buffer.data, src=0)

@@ -1,0 +1,80 @@
+"""Plots of a run from OUT/stats.jsonl: losses, D outputs, FID and speed (matplotlib when installed)."""
+from __future__ import annotations
+
+import json
+import os
+
+from src.atomic import atomic_path
+
+PLOTS_NAME = "plots.png"
+
+
+def read_stats(path: str) -> list[dict]:
+    """The status records of stats.jsonl (event lines and unreadable lines, e.g. a half-written last one, skipped)."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and "event" not in record and "kimg" in record:
+                records.append(record)
+    return records
+
+
+def _report_series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
+    # (kimg, value) of the records that have the key with a number
+    pairs = [(r["kimg"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def write_plots(out_dir: str) -> list[str]:
+    """OUT/plots.png (G/D losses, D(x) and D(G(z)), FID, images/s against kimg); returns the files written.
+
+    Returns [] with a one-line note when matplotlib is missing or there is nothing to plot.
+    """
+    stats_path = os.path.join(out_dir, "stats.jsonl")
+    if not os.path.isfile(stats_path):
+        print(f"[report] no {stats_path}: nothing to plot", flush=True)
+        return []
+    records = read_stats(stats_path)
+    if not records:
+        print(f"[report] {stats_path} has no status records: nothing to plot", flush=True)
+        return []
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("[report] matplotlib is not installed: plots skipped (stats.jsonl has the numbers)", flush=True)
+        return []
+
+    panels = [("losses", [("g_loss", "G loss"), ("d_loss", "D loss")]),
+              ("D outputs (logits)", [("d_real", "D(x)"), ("d_fake", "D(G(z))")]),
+              ("FID of G_ema", [("fid", "FID")]),
+              ("speed", [("images_per_s", "images/s")])]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    for ax, (title, series) in zip(axes.flat, panels):
+        for key, label in series:
+            kimg, values = _report_series(records, key)
+            if values:
+                ax.plot(kimg, values, marker="o" if key == "fid" else None, markersize=3, label=label)
+        ax.set_title(title)
+        ax.set_xlabel("kimg")
+        if ax.lines:
+            ax.legend()
+        else:
+            ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    path = os.path.join(out_dir, PLOTS_NAME)
+    with atomic_path(path) as tmp_path:
+        fig.savefig(tmp_path, format="png", dpi=90)
+    plt.close(fig)
+    print(f"[report] wrote {path}", flush=True)
+    return [path]
+
+
+if __name__ == "__main__":
+    import sys
+    write_plots(sys.argv[1] if len(sys.argv) > 1 else "out")

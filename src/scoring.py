@@ -1,0 +1,81 @@
+"""Scoring inside a run: FID of G_ema while training, truncation chosen by measured MiFID, and the final MiFID."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import torch
+
+from src.atomic import atomic_write_text
+from src.config import Config, parse_duration
+from src.generate import generate_images
+from src.mifid import cached_real_features, feature_stats, frechet_distance, mifid_score, read_images_zip
+
+TRUNCATION_CANDIDATES = (0.0, 2.0, 1.5, 1.0)
+
+
+def scoring_log(message: str) -> None:
+    print(f"[score] {message}", flush=True)
+
+
+def seconds_per_image(extractor) -> float:
+    """Feature-extraction time per image, from one timed probe batch after a warm-up."""
+    probe = torch.randint(0, 256, (64, 3, 64, 64), dtype=torch.uint8)
+    extractor(probe[:8])
+    start = time.time()
+    extractor(probe)
+    return (time.time() - start) / len(probe)
+
+
+def reserve_for_scoring(cfg: Config, extractor) -> float:
+    """Seconds the end of the run needs for MiFID (and the truncation search): real features, once, plus generated ones."""
+    per_image = seconds_per_image(extractor)
+    n_generated = cfg.n_images + (len(TRUNCATION_CANDIDATES) * cfg.fid_samples if cfg.truncation_search else 0)
+    # Real features are usually cached by then (training-time FID or an earlier run); count 20k in case they are not.
+    return per_image * (n_generated + 20000)
+
+
+def make_training_fid(cfg: Config, extractor, data, device, out_dir: str):
+    """fid_fn(G_ema) -> FID of cfg.fid_samples generated images against the training crops, or None when off."""
+    if parse_duration(cfg.fid_every) <= 0:
+        return None
+    real_feats = cached_real_features(extractor, data.images, os.path.join(out_dir, "cache"))
+    real_mu, real_sigma = feature_stats(real_feats)
+
+    def fid_fn(G_ema) -> float:
+        gen_img = generate_images(G_ema, cfg.fid_samples, device, truncation=cfg.truncation, seed=cfg.seed + 1)
+        gen_mu, gen_sigma = feature_stats(extractor(gen_img))
+        return frechet_distance(gen_mu, gen_sigma, real_mu, real_sigma)
+
+    return fid_fn
+
+
+def pick_truncation(cfg: Config, G_ema, extractor, data, device, out_dir: str) -> float:
+    """cfg.truncation, or with --truncation-search the candidate with the lowest MiFID on cfg.fid_samples images."""
+    if not cfg.truncation_search:
+        return cfg.truncation
+    real_feats = cached_real_features(extractor, data.images, os.path.join(out_dir, "cache"))
+    eps = cfg.mifid_eps or extractor.default_eps
+    scores = {}
+    for truncation in sorted(set(TRUNCATION_CANDIDATES) | {cfg.truncation}):
+        gen_img = generate_images(G_ema, cfg.fid_samples, device, truncation=truncation, seed=cfg.seed + 2)
+        scores[truncation] = mifid_score(extractor(gen_img), real_feats, eps)
+        result = scores[truncation]
+        scoring_log(f"truncation {truncation or 'off'}: FID {result['fid']:.2f}  d {result['d']:.3f}  MiFID {result['mifid']:.2f}")
+    best = min(scores, key=lambda t: scores[t]["mifid"])
+    scoring_log(f"truncation search picked {best or 'off'} ({extractor.name}, {cfg.fid_samples} images each)")
+    return best
+
+
+def report_mifid(cfg: Config, extractor, zip_path: str, data, out_dir: str) -> dict:
+    """MiFID of the submitted zip itself (read back and validated) against the training crops; OUT/mifid.json."""
+    start = time.time()
+    gen_img = read_images_zip(zip_path, expect_n=cfg.n_images)
+    real_feats = cached_real_features(extractor, data.images, os.path.join(out_dir, "cache"))
+    result = mifid_score(extractor(gen_img), real_feats, cfg.mifid_eps or extractor.default_eps)
+    result["backbone"] = extractor.name
+    atomic_write_text(os.path.join(out_dir, "mifid.json"), json.dumps(result, indent=2))
+    scoring_log(f"{extractor.name}: FID {result['fid']:.2f}  d {result['d']:.4f}  d_thr {result['d_thr']:.4f}  "
+                f"MiFID {result['mifid']:.2f}  ({time.time() - start:.0f}s)")
+    return result

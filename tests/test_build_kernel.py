@@ -1,0 +1,89 @@
+"""build_kernel.py: the bundle is deterministic, self-contained, committed fresh, and rejects unsafe sources."""
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import build_kernel
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_sources(folder: Path, files: dict) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    return folder
+
+
+def test_fresh_build_is_deterministic_and_equals_committed_kernel(tmp_path):
+    out = tmp_path / "kernel.py"
+    subprocess.run([sys.executable, "build_kernel.py", "--out", str(out)], cwd=ROOT, check=True, capture_output=True)
+    first = out.read_text()
+    assert first == build_kernel.build(ROOT / "src")
+    assert (ROOT / "kernel.py").read_text() == first, "kernel.py is stale: run `python build_kernel.py` and commit it"
+
+
+def test_kernel_imports_only_allowed_packages():
+    tree = ast.parse((ROOT / "kernel.py").read_text())
+    allowed = {"torch", "torchvision", "numpy", "scipy", "PIL", "__future__"} | set(sys.stdlib_module_names)
+    lazy_optional = {"matplotlib", "IPython"}  # imported inside functions, guarded by ImportError
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            roots = [a.name.split(".")[0] for a in node.names] if isinstance(node, ast.Import) else [(node.module or "").split(".")[0]]
+            for root in roots:
+                assert root != "src", f"line {node.lineno}: a project import survived bundling"
+                if node in tree.body:
+                    assert root in allowed, f"line {node.lineno}: top-level import of {root}"
+                else:
+                    assert root in allowed | lazy_optional, f"line {node.lineno}: import of {root}"
+
+
+def test_kernel_is_readable_plain_python():
+    text = (ROOT / "kernel.py").read_text()
+    assert "base64" not in text and "exec(" not in text
+    banners = [line for line in text.splitlines() if line.startswith("# src/")]
+    assert "# src/main.py" in banners and len(banners) == len(set(banners))
+    assert text.rstrip().endswith("entry_point()")
+
+
+def test_name_clash_is_rejected(tmp_path):
+    src = write_sources(tmp_path / "src", {
+        "main.py": "from src.a import helper\n\ndef entry_point():\n    helper()\n",
+        "a.py": "from src.b import other\n\ndef helper():\n    return other()\n",
+        "b.py": "def other():\n    return 1\n\ndef helper():\n    return 2\n"})
+    with pytest.raises(build_kernel.BundleError, match="'helper' is defined in both src/b.py and src/a.py"):
+        build_kernel.build(src)
+
+
+@pytest.mark.parametrize("source, message", [
+    ("from .b import other\n", "relative import"),
+    ("import src.b\n", "`import src...`"),
+    ("from src.b import other as o\n", "cannot be bundled"),
+    ("def f():\n    from src.b import other\n", "inside a block"),
+    ("import pandas\n", "import of 'pandas'"),
+    ("from src.b import missing\n", "which does not define it"),
+])
+def test_unsafe_sources_are_rejected(tmp_path, source, message):
+    src = write_sources(tmp_path / "src", {"main.py": source, "b.py": "def other():\n    return 1\n"})
+    with pytest.raises(build_kernel.BundleError, match=message):
+        build_kernel.build(src)
+
+
+def test_bundle_hoists_imports_and_drops_main_guards(tmp_path):
+    src = write_sources(tmp_path / "src", {
+        "main.py": '"""Entry."""\nimport os\nfrom src.b import other\n\ndef entry_point():\n    print(other())\n',
+        "b.py": '"""Helper module.\n\nSecond line."""\nimport os\nimport json\n\ndef other():\n    return json.dumps(os.sep)\n\n'
+                'if __name__ == "__main__":\n    print("cli")\n',
+        "unused.py": "import pandas\n"})  # not reached from main: not bundled
+    text = build_kernel.build(src)
+    assert text.count("import os\n") == 1 and "import json" in text
+    assert '"cli"' not in text and "pandas" not in text
+    assert "# src/b.py\n# Helper module.\n#\n# Second line." in text
+    assert text.index("# src/b.py") < text.index("# src/main.py")
+    out = tmp_path / "k.py"
+    out.write_text(text)
+    result = subprocess.run([sys.executable, str(out)], capture_output=True, text=True, cwd=tmp_path)
+    assert result.stdout.strip() == '"/"'

@@ -1,0 +1,79 @@
+"""Config: durations, recipes, flag precedence, bad flags."""
+import sys
+
+import pytest
+
+from src.config import (RECIPES, Config, ConfigError, config_diff, format_duration, make_config, parse_config,
+                        parse_duration)
+
+
+@pytest.mark.parametrize("text, seconds", [("90s", 90), ("20m", 1200), ("8h", 28800), ("8h30m", 30600),
+                                           ("1h2m3s", 3723), ("45", 45), (" 1.5h ", 5400), (12, 12)])
+def test_parse_duration_reads_every_documented_form(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "h", "10x", "5m3", "1d"])
+def test_parse_duration_rejects_garbage_with_an_example(text):
+    with pytest.raises(ValueError, match="8h30m"):
+        parse_duration(text)
+
+
+def test_format_duration():
+    assert format_duration(4.54) == "4.5s"
+    assert format_duration(125) == "2m05s"
+    assert format_duration(3723) == "1h02m03s"
+
+
+def test_recipe_then_flags_precedence():
+    cfg, _ = parse_config(["--recipe", "dcgan", "--lr-g", "0.001", "--no-flip"])
+    assert cfg.arch == "dcgan" and cfg.loss == "bce" and cfg.beta1 == 0.5  # from the recipe
+    assert cfg.lr_g == 0.001 and cfg.lr_d == RECIPES["dcgan"]["lr_d"]     # the explicit flag wins
+    assert cfg.flip is False
+
+
+def test_demo_overrides_sit_between_recipe_and_flags():
+    cfg, _ = parse_config(["--demo", "--g-ch", "8"])
+    assert cfg.device == "cpu" and cfg.time_budget == "45s" and cfg.recipe == "cgan" and cfg.arch == "dcgan"
+    assert cfg.g_ch == 8
+    cfg, _ = parse_config(["--demo", "--recipe", "biggan"])
+    assert cfg.recipe == "biggan" and cfg.arch == "resnet" and cfg.device == "cpu"
+
+
+def test_default_recipe_is_the_plain_config():
+    assert make_config() == Config()
+    assert config_diff(make_config()) == {}
+
+
+def test_every_recipe_builds_a_valid_config():
+    for name in RECIPES:
+        cfg = make_config({"recipe": name})
+        assert cfg.recipe == name
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--recipe", "stylegan9"], "unknown recipe 'stylegan9'"),
+    (["--loss", "wasserstein"], "--loss 'wasserstein': choose one of"),
+    (["--time-budget", "soon"], "--time-budget"),
+    (["--batch-size", "0"], "--batch-size must be positive"),
+])
+def test_bad_values_name_the_flag(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config(argv)
+
+
+def test_unknown_flag_is_an_error_from_a_shell(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(["--time-budjet", "5m"])
+    assert "unrecognized arguments: --time-budjet" in capsys.readouterr().err
+
+
+def test_jupyter_arguments_are_ignored_in_a_notebook(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ipykernel", object())
+    cfg, _ = parse_config(["-f", "/root/.local/share/jupyter/runtime/kernel-1234.json"])
+    assert cfg == Config()
+
+
+def test_report_flag_is_not_a_config_field():
+    cfg, extras = parse_config(["--report", "some/out"])
+    assert extras.report == "some/out" and cfg == Config()

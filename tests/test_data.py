@@ -1,0 +1,523 @@
+"""The data stage: layout search, VOC parsing, cropping every dog, odd image files, pool decoding, the real packs."""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import shutil
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import src.data as data_module
+from src.data import DataError, DogData, find_kaggle_layout, load_dogs, parse_voc
+from src.synthetic import make_tiny_dataset
+
+RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
+
+
+# ---- helpers that write hand-made photos and VOC files ----------------------------------------------------
+
+def voc_xml(width: int, height: int, objects) -> bytes:
+    """VOC XML with the given <size> and (name, xmin, ymin, xmax, ymax) objects."""
+    blocks = "".join(f"<object><name>{n}</name><bndbox><xmin>{a}</xmin><ymin>{b}</ymin><xmax>{c}</xmax>"
+                     f"<ymax>{d}</ymax></bndbox></object>" for n, a, b, c, d in objects)
+    return (f"<annotation><size><width>{width}</width><height>{height}</height><depth>3</depth></size>"
+            f"{blocks}</annotation>").encode()
+
+
+def add_photo(root: Path, photo_id: str, img: Image.Image | bytes, fmt: str = "PNG",
+              breed_folder: str | None = "n01-Alpha", xml: bytes | None = None, **save_args) -> None:
+    """root/all-dogs/<id>.jpg (any real format, PIL sniffs it) and, if given, root/Annotation/<folder>/<id>."""
+    (root / "all-dogs").mkdir(parents=True, exist_ok=True)
+    path = root / "all-dogs" / f"{photo_id}.jpg"
+    if isinstance(img, bytes):
+        path.write_bytes(img)
+    else:
+        img.save(path, fmt, **save_args)
+    if xml is not None:
+        (root / "Annotation" / breed_folder).mkdir(parents=True, exist_ok=True)
+        (root / "Annotation" / breed_folder / photo_id).write_bytes(xml)
+
+
+def halves(width: int = 100, height: int = 80, left=RED, right=BLUE, mode: str = "RGB") -> Image.Image:
+    """Left half one colour, right half another."""
+    pixels = np.zeros((height, width, 3), np.uint8)
+    pixels[:, : width // 2] = left
+    pixels[:, width // 2:] = right
+    return Image.fromarray(pixels, "RGB").convert(mode) if mode != "RGB" else Image.fromarray(pixels, "RGB")
+
+
+def crop_colours(data: DogData) -> list[tuple[int, int, int]]:
+    """Mean colour of every sample, rounded."""
+    return [tuple(int(round(v)) for v in img.float().mean((1, 2)).tolist()) for img in data.images]
+
+
+def assert_all_pixels(img: torch.Tensor, colour, tol: int = 0) -> None:
+    expected = torch.tensor(colour, dtype=torch.int16).view(3, 1, 1)
+    worst = (img.to(torch.int16) - expected).abs().max().item()
+    assert worst <= tol, f"off by {worst}; mean colour {img.float().mean((1, 2)).tolist()}"
+
+
+def copy_tiny(tiny_data_dir: str, dest: Path) -> Path:
+    shutil.copytree(tiny_data_dir, dest)
+    return dest
+
+
+# ---- layouts ------------------------------------------------------------------------------------------------
+
+def test_flat_layout_and_tiny_set_shapes(tiny_data_dir, capsys):
+    images_dir, ann_dir = find_kaggle_layout(tiny_data_dir)
+    assert images_dir == os.path.join(tiny_data_dir, "all-dogs")
+    assert ann_dir == os.path.join(tiny_data_dir, "Annotation")
+    data = load_dogs(tiny_data_dir)
+    n_objects = sum(len(parse_voc(p.read_bytes())[2]) for p in Path(ann_dir).glob("*/*"))
+    assert data.images.shape == (n_objects, 3, 64, 64) and data.images.dtype == torch.uint8
+    assert data.images.is_contiguous()
+    assert data.labels.shape == (n_objects,) and data.labels.dtype == torch.int64
+    assert data.breeds == sorted(data.breeds) and len(data.breeds) == 4
+    assert set(data.labels.tolist()) == set(range(4))
+    assert data.counts["photos"] == 96 and data.counts["samples"] == n_objects
+    assert data.counts["multi_dog_photos"] == n_objects - 96 > 0
+    assert data.counts["centre_crops"] == data.counts["skipped_files"] == data.counts["skipped_boxes"] == 0
+    assert "[data] 96 photos" in capsys.readouterr().out
+
+
+def test_labels_follow_the_annotation_folders(tiny_data_dir):
+    data = load_dogs(tiny_data_dir)
+    # Samples come in sorted photo order, boxes in XML order: rebuild the expected breed of each sample.
+    expected = []
+    by_id = {p.name: p for p in Path(tiny_data_dir, "Annotation").glob("*/*")}
+    for photo in sorted(os.listdir(Path(tiny_data_dir, "all-dogs"))):
+        voc = by_id[photo[:-4]]
+        expected += [voc.parent.name.split("-", 1)[1]] * len(parse_voc(voc.read_bytes())[2])
+    assert [data.breeds[i] for i in data.labels.tolist()] == expected
+
+
+def test_nested_kaggle_layout_and_input_root(tiny_data_dir, tmp_path):
+    flat = load_dogs(tiny_data_dir)
+    comp = tmp_path / "input" / "generative-dog-images"
+    shutil.copytree(Path(tiny_data_dir, "all-dogs"), comp / "all-dogs" / "all-dogs")
+    shutil.copytree(Path(tiny_data_dir, "Annotation"), comp / "annotation" / "Annotation")
+    for data_dir in (comp, tmp_path / "input"):  # the competition folder, and /kaggle/input one level up
+        images_dir, ann_dir = find_kaggle_layout(str(data_dir))
+        assert images_dir == str(comp / "all-dogs" / "all-dogs")
+        assert ann_dir == str(comp / "annotation" / "Annotation")
+    nested = load_dogs(str(tmp_path / "input"))
+    assert torch.equal(nested.images, flat.images) and torch.equal(nested.labels, flat.labels)
+
+
+def test_two_levels_down_and_all_dogs_folder_itself(tiny_data_dir, tmp_path):
+    deep = copy_tiny(tiny_data_dir, tmp_path / "input" / "competitions" / "generative-dog-images")
+    # Another attached data set with a stray photo, sorted first, must not pass for the dogs.
+    (tmp_path / "input" / "aaa-weights").mkdir()
+    halves().save(tmp_path / "input" / "aaa-weights" / "sample.jpg", "PNG")
+    assert find_kaggle_layout(str(tmp_path / "input")) == (str(deep / "all-dogs"), str(deep / "Annotation"))
+    # The all-dogs folder itself: annotations are found beside it.
+    assert find_kaggle_layout(str(deep / "all-dogs")) == (str(deep / "all-dogs"), str(deep / "Annotation"))
+
+
+@pytest.mark.parametrize("photo_prefix, workers", [("all-dogs/", 1), ("all-dogs/", 2), ("", 2)])
+def test_zipped_layout_reads_in_place(tiny_data_dir, tmp_path, photo_prefix, workers):
+    flat = load_dogs(tiny_data_dir)
+    root = Path(tiny_data_dir)
+    with zipfile.ZipFile(tmp_path / "all-dogs.zip", "w") as zf:
+        for p in sorted((root / "all-dogs").iterdir()):
+            zf.write(p, f"{photo_prefix}{p.name}")
+    with zipfile.ZipFile(tmp_path / "Annotation.zip", "w", zipfile.ZIP_DEFLATED) as zf:
+        for p in sorted((root / "Annotation").glob("*/*")):
+            zf.write(p, f"Annotation/{p.parent.name}/{p.name}")
+    assert find_kaggle_layout(str(tmp_path)) == (str(tmp_path / "all-dogs.zip"), str(tmp_path / "Annotation.zip"))
+    # With 2 workers each forked process opens its own handle on the zips the parent already has open.
+    zipped = load_dogs(str(tmp_path), workers=workers)
+    assert zipped.counts["decode_processes"] == workers
+    assert torch.equal(zipped.images, flat.images) and torch.equal(zipped.labels, flat.labels)
+    assert zipped.breeds == flat.breeds
+
+
+def test_missing_and_empty_folders_say_what_was_looked_for(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        find_kaggle_layout(str(tmp_path / "nope"))
+    (tmp_path / "all-dogs").mkdir()
+    (tmp_path / "Annotation" / "n01-Alpha").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"no dog photos found under .*all-dogs/\*\.jpg.*all-dogs\.zip"):
+        load_dogs(str(tmp_path))
+
+
+def test_no_annotations_warns_and_centre_crops(tmp_path, capsys):
+    # 120 x 60: the centre square is x 30..90, red 0..60 and blue 60..120 -> left half red, right half blue.
+    add_photo(tmp_path, "n01_1", halves(120, 60))
+    data = load_dogs(str(tmp_path))
+    assert "warning: no Annotation" in capsys.readouterr().out
+    assert data.breeds == ["dog"] and data.labels.tolist() == [0]
+    assert data.counts["centre_crops"] == 1 and data.counts["no_annotation"] == 1
+    # Lanczos reaches 3 source pixels (~3.2 output pixels) across the colour edge at output column 32.
+    assert_all_pixels(data.images[0, :, :, :28], RED)
+    assert_all_pixels(data.images[0, :, :, 36:], BLUE)
+
+
+# ---- VOC parsing --------------------------------------------------------------------------------------------
+
+def test_parse_voc_reads_size_and_every_object():
+    xml = voc_xml(500, 375, [("pug", 303, 132, 496, 348), ("Shih-Tzu", 0, 90, 59, 235)])
+    assert parse_voc(xml) == (500, 375, [("pug", 303, 132, 496, 348), ("Shih-Tzu", 0, 90, 59, 235)])
+    assert parse_voc(b"<annotation><size><width>5</width><height>4</height></size></annotation>") == (5, 4, [])
+
+
+@pytest.mark.parametrize("bad, message", [
+    (b"<annotation><object>", "malformed VOC XML"),
+    (b"<annotation><object><name>x</name></object></annotation>", "without <bndbox>"),
+    (voc_xml(10, 10, [("x", "a", 0, 5, 5)]), "not a number"),
+    (voc_xml(10, 10, [("x", 0, "nan", 5, 5)]), "not a number"),
+    (b"<annotation><object><bndbox><xmin>1</xmin></bndbox></object></annotation>", "lacks <ymin>"),
+])
+def test_parse_voc_rejects_malformed_xml(bad, message):
+    with pytest.raises(DataError, match=message):
+        parse_voc(bad)
+
+
+# ---- cropping -----------------------------------------------------------------------------------------------
+
+def test_crop_matches_hand_computation(tmp_path):
+    # 100 x 80, red x < 50, blue x >= 50: a box on each half gives a pure crop (PNG content in a .jpg name).
+    add_photo(tmp_path, "n01_1", halves(), xml=voc_xml(100, 80, [("Alpha", 0, 0, 50, 80), ("Alpha", 50, 10, 100, 30)]))
+    data = load_dogs(str(tmp_path))
+    assert data.images.shape == (2, 3, 64, 64)
+    assert_all_pixels(data.images[0], RED)
+    assert_all_pixels(data.images[1], BLUE)
+
+
+def test_margin_widens_each_side_by_a_fraction_of_the_box(tmp_path):
+    # A 40 x 40 red square at (30, 30) on blue; margin 0.25 widens it by 10 px a side -> a 60 x 60 crop,
+    # of which the middle 40 / 60 is red.
+    pixels = np.zeros((100, 100, 3), np.uint8)
+    pixels[:] = BLUE
+    pixels[30:70, 30:70] = RED
+    add_photo(tmp_path, "n01_1", Image.fromarray(pixels), xml=voc_xml(100, 100, [("Alpha", 30, 30, 70, 70)]))
+    tight = load_dogs(str(tmp_path))
+    assert_all_pixels(tight.images[0], RED)
+    wide = load_dogs(str(tmp_path), crop_margin=0.25).images[0]
+    red_share = (wide[0] > 127).float().mean().item()
+    assert abs(red_share - (40 / 60) ** 2) < 0.03
+    assert_all_pixels(wide[:, :8, :8], BLUE)        # 10 px of 60 -> the first ~10.7 rows and columns are blue
+    assert_all_pixels(wide[:, 14:50, 14:50], RED)
+    # A margin that runs past the image is clipped: the box touching the left edge stays inside the photo.
+    edge = tmp_path / "edge"
+    add_photo(edge, "n01_1", halves(), xml=voc_xml(100, 80, [("Alpha", 0, 20, 40, 60)]))
+    clipped = load_dogs(str(edge), crop_margin=0.25)
+    # Box widened to x -10..50 -> clipped to 0..50, still all red; y 10..70 stays inside.
+    assert_all_pixels(clipped.images[0], RED)
+
+
+def test_boxes_outside_the_image_and_zero_area(tmp_path):
+    objects = [("Alpha", 150, 0, 200, 40),   # wholly right of the 100 px wide photo: skipped
+               ("Alpha", 20, 20, 20, 60),    # zero width: skipped
+               ("Alpha", -30, -10, 40, 90)]  # partly outside: clipped to 0, 0, 40, 80 (red half)
+    add_photo(tmp_path, "n01_1", halves(), xml=voc_xml(100, 80, objects))
+    add_photo(tmp_path, "n01_2", halves(), xml=voc_xml(100, 80, [("Alpha", 120, 0, 140, 10)]))
+    data = load_dogs(str(tmp_path))
+    assert data.counts["skipped_boxes"] == 3 and data.counts["clipped_boxes"] == 1
+    assert data.counts["centre_crops"] == 1 and data.counts["samples"] == 2
+    assert_all_pixels(data.images[0], RED)
+    # The photo whose only box is outside falls back to its centre square 10..90: red then blue.
+    assert crop_colours(data)[1][0] > 100 and crop_colours(data)[1][2] > 100
+
+
+def test_photos_without_usable_annotation_are_centre_cropped_and_counted(tmp_path, capsys):
+    add_photo(tmp_path, "n01_1", halves(), xml=voc_xml(100, 80, [("Alpha", 0, 0, 50, 80)]))
+    add_photo(tmp_path, "n01_2", halves(), xml=voc_xml(100, 80, []))              # no <object>
+    add_photo(tmp_path, "n01_3", halves(), xml=b"<annotation><object>")           # malformed
+    add_photo(tmp_path, "n01_4", halves())                                         # no XML, wnid known
+    add_photo(tmp_path, "n02_1", halves(), breed_folder="n02-Beta", xml=voc_xml(100, 80, [("Beta", 50, 0, 100, 80)]))
+    add_photo(tmp_path, "n02_2", halves(), breed_folder="n02-Beta", xml=voc_xml(100, 80, [("Beta", 50, 0, 100, 80)]))
+    add_photo(tmp_path, "n09_1", halves())                                         # unknown wnid: most common
+    data = load_dogs(str(tmp_path))
+    assert data.counts["photos"] == 7 and data.counts["samples"] == 7
+    assert data.counts["centre_crops"] == 4 and data.counts["bad_xml"] == 1 and data.counts["no_annotation"] == 2
+    assert data.breeds == ["Alpha", "Beta"]
+    assert data.labels.tolist() == [0, 0, 0, 0, 1, 1, 0]
+
+
+def test_xml_names_give_each_dog_its_label_and_empty_names_fall_back_to_the_folder(tmp_path):
+    objects = [("Gamma", 0, 0, 50, 80), ("", 50, 0, 100, 80), ("Alpha", 0, 0, 30, 30)]
+    add_photo(tmp_path, "n01_1", halves(), xml=voc_xml(100, 80, objects))
+    data = load_dogs(str(tmp_path))
+    assert data.counts["multi_dog_photos"] == 1 and data.counts["samples"] == 3
+    assert data.breeds == ["Alpha", "Gamma"]
+    assert [data.breeds[i] for i in data.labels.tolist()] == ["Gamma", "Alpha", "Alpha"]
+    assert crop_colours(data) == [RED, BLUE, RED]
+
+
+def test_annotation_for_another_size_is_mapped_onto_the_pixels(tmp_path):
+    # XML written for a 50 x 40 copy of the 100 x 80 photo: its right-half box must hit the blue half
+    # (read unscaled, x 25..50 would be red).
+    add_photo(tmp_path, "n01_1", halves(), xml=voc_xml(50, 40, [("Alpha", 25, 0, 50, 40)]))
+    data = load_dogs(str(tmp_path))
+    assert data.counts["rescaled_annotations"] == 1
+    assert_all_pixels(data.images[0], BLUE)
+
+
+# ---- odd image files ----------------------------------------------------------------------------------------
+
+def _image_modes():
+    rgba = np.zeros((80, 100, 4), np.uint8)
+    rgba[:, :50] = (0, 255, 0, 0)      # fully transparent: composited on white
+    rgba[:, 50:] = (0, 0, 255, 255)
+    palette = Image.new("P", (100, 80), 0)
+    palette.putpalette([255, 0, 0] + [0, 0, 255] * 255)
+    transparent_palette = palette.copy()
+    transparent_palette.info["transparency"] = 0
+    grey16 = Image.fromarray(np.full((80, 100), 128 * 257, np.uint16))
+    return [
+        ("grey", Image.new("L", (100, 80), 128), "PNG", {}, (128, 128, 128), 0),
+        ("grey16", grey16, "PNG", {}, (128, 128, 128), 0),
+        ("rgba", Image.fromarray(rgba, "RGBA"), "PNG", {}, WHITE, 0),
+        ("palette", palette, "PNG", {}, RED, 0),
+        ("palette_transparent", transparent_palette, "PNG", {"transparency": 0}, WHITE, 0),
+        ("cmyk_jpeg", Image.new("CMYK", (100, 80), (0, 255, 255, 0)), "JPEG", {"quality": 100}, RED, 3),
+        ("grey_jpeg", Image.new("L", (100, 80), 200), "JPEG", {"quality": 95}, (200, 200, 200), 2),
+        ("one_bit", Image.new("1", (100, 80), 1), "PNG", {}, WHITE, 0),
+    ]
+
+
+@pytest.mark.parametrize("name, img, fmt, save_args, colour, tol", _image_modes(),
+                         ids=[case[0] for case in _image_modes()])
+def test_every_image_mode_loads_as_rgb(tmp_path, name, img, fmt, save_args, colour, tol):
+    add_photo(tmp_path, "n01_1", img, fmt=fmt, xml=voc_xml(100, 80, [("Alpha", 0, 0, 50, 80)]), **save_args)
+    data = load_dogs(str(tmp_path))
+    assert data.counts["skipped_files"] == 0
+    assert_all_pixels(data.images[0], colour, tol)
+
+
+def test_corrupt_files_are_counted_logged_skips(tmp_path, capsys):
+    good = io.BytesIO()
+    halves().save(good, "JPEG", quality=90)
+    add_photo(tmp_path, "n01_1", halves(), xml=voc_xml(100, 80, [("Alpha", 0, 0, 50, 80)]))
+    add_photo(tmp_path, "n01_2", good.getvalue()[: len(good.getvalue()) // 2],   # truncated JPEG
+              xml=voc_xml(100, 80, [("Alpha", 0, 0, 50, 80)]))
+    add_photo(tmp_path, "n01_3", b"this is not an image", xml=voc_xml(100, 80, [("Alpha", 0, 0, 50, 80)]))
+    add_photo(tmp_path, "n01_4", b"")
+    data = load_dogs(str(tmp_path))
+    assert data.counts["skipped_files"] == 3 and data.counts["samples"] == 1
+    out = capsys.readouterr().out
+    assert "n01_2.jpg" in out and "n01_3.jpg" in out and "n01_4.jpg" in out and "skipped unreadable" in out
+
+
+def test_nothing_loadable_is_a_data_error(tmp_path):
+    add_photo(tmp_path, "n01_1", b"garbage", xml=voc_xml(100, 80, [("Alpha", 0, 0, 50, 80)]))
+    with pytest.raises(DataError, match="no usable dog images.*1 photos found, 1 unreadable"):
+        load_dogs(str(tmp_path))
+
+
+def test_exif_orientation_is_not_applied(tmp_path):
+    # Orientation 6 would rotate the photo for display; the boxes refer to the stored pixels, so the left box is red.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    add_photo(tmp_path, "n01_1", halves(), fmt="JPEG", xml=voc_xml(100, 80, [("Alpha", 0, 0, 45, 80)]),
+              quality=95, exif=exif)
+    assert Image.open(tmp_path / "all-dogs" / "n01_1.jpg").getexif()[0x0112] == 6
+    assert_all_pixels(load_dogs(str(tmp_path)).images[0], RED, tol=6)
+
+
+def test_draft_decoding_keeps_boxes_aligned(tmp_path, monkeypatch):
+    # 800 x 600 JPEG: a red 400 x 300 region at (200, 100) on blue. Its smallest side 300 allows a 1/4 decode.
+    pixels = np.zeros((600, 800, 3), np.uint8)
+    pixels[:] = BLUE
+    pixels[100:400, 200:600] = RED
+    pixels[100:400, 200:600, 1] = np.linspace(0, 200, 400).astype(np.uint8)[None, :]  # a ramp that shows shifts
+    add_photo(tmp_path, "n01_1", Image.fromarray(pixels), fmt="JPEG", quality=95,
+              xml=voc_xml(800, 600, [("Alpha", 200, 100, 600, 400)]))
+    drafted = load_dogs(str(tmp_path))
+    assert drafted.counts["draft_decodes"] == 1
+    monkeypatch.setattr(data_module, "_dog_apply_draft", lambda img, regions, size: 1.0)
+    full = load_dogs(str(tmp_path))
+    assert full.counts["draft_decodes"] == 0
+    diff = (drafted.images.float() - full.images.float()).abs()
+    assert diff.mean().item() < 2.0 and diff.max().item() < 40
+    assert drafted.images[0, 2].max().item() < 30  # no blue crept in at the crop's edges
+
+
+# ---- speed paths --------------------------------------------------------------------------------------------
+
+def test_max_images_takes_an_even_spread(tiny_data_dir):
+    data = load_dogs(tiny_data_dir, max_images=10)
+    assert data.counts["photos"] == 10 and len(data.labels) >= 10
+    assert len(data.breeds) == 4  # spread over the sorted (breed-grouped) list, not the first 10 of one breed
+
+
+def test_worker_pool_gives_the_in_process_tensor(tiny_data_dir, monkeypatch):
+    serial = load_dogs(tiny_data_dir, workers=1)
+    pooled = load_dogs(tiny_data_dir, workers=3)
+    assert serial.counts["decode_processes"] == 1 and pooled.counts["decode_processes"] == 3
+    assert torch.equal(serial.images, pooled.images) and torch.equal(serial.labels, pooled.labels)
+    assert serial.counts == {**pooled.counts, "decode_processes": 1}
+    # workers=0 stays in-process for a small set, and uses the pool above the threshold.
+    assert load_dogs(tiny_data_dir, workers=0).counts["decode_processes"] == 1
+    monkeypatch.setattr(data_module, "DOG_POOL_MIN_PHOTOS", 10)
+    monkeypatch.setattr(data_module, "_dog_worker_count", lambda workers: 2)
+    auto = load_dogs(tiny_data_dir, workers=0)
+    assert auto.counts["decode_processes"] == 2 and torch.equal(auto.images, serial.images)
+
+
+def test_pool_failure_falls_back_to_in_process(tiny_data_dir, monkeypatch, capsys):
+    class BrokenContext:
+        def Pool(self, processes):
+            raise OSError("no semaphores here")
+    monkeypatch.setattr(data_module, "_dog_pool_context", lambda: BrokenContext())
+    data = load_dogs(tiny_data_dir, workers=2)
+    assert data.counts["decode_processes"] == 1 and len(data.labels) > 96
+    assert "decode pool failed (OSError: no semaphores here); decoding in-process" in capsys.readouterr().out
+
+
+def test_no_fork_with_code_in_main_decodes_in_process(tiny_data_dir, monkeypatch, capsys):
+    # Without fork, a spawned worker could not import a notebook's __main__: no pool rather than a hang.
+    monkeypatch.setattr(data_module.multiprocessing, "get_all_start_methods", lambda: ["spawn"])
+    monkeypatch.setattr(data_module._dog_decode_chunk, "__module__", "__main__")
+    assert data_module._dog_pool_context() is None
+    data = load_dogs(tiny_data_dir, workers=2)
+    assert data.counts["decode_processes"] == 1
+    assert "no 'fork' start method" in capsys.readouterr().out
+
+
+# ---- the generated set --------------------------------------------------------------------------------------
+
+def test_tiny_dataset_is_deterministic_and_boxes_frame_the_dogs(tmp_path):
+    a = make_tiny_dataset(str(tmp_path / "a"), n_images=12, n_breeds=3, seed=5)
+    b = make_tiny_dataset(str(tmp_path / "b"), n_images=12, n_breeds=3, seed=5)
+    files_a = sorted(p.relative_to(a) for p in Path(a).rglob("*") if p.is_file())
+    assert files_a == sorted(p.relative_to(b) for p in Path(b).rglob("*") if p.is_file())
+    assert len(files_a) == 24
+    assert all((Path(a) / f).read_bytes() == (Path(b) / f).read_bytes() for f in files_a)
+    from src.synthetic import _synth_breed
+    for voc in Path(a, "Annotation").glob("*/*"):
+        width, height, boxes = parse_voc(voc.read_bytes())
+        pixels = np.asarray(Image.open(Path(a, "all-dogs", voc.name + ".jpg")), np.int16)
+        assert pixels.shape == (height, width, 3) and 80 <= width <= 160 and 80 <= height <= 160
+        breed_index = int(voc.name.split("_")[0][1:]) - 90000000
+        body = np.array(_synth_breed(breed_index)[1], np.int16)
+        inside = np.zeros((height, width), bool)
+        for name, x0, y0, x1, y1 in boxes:
+            assert name == _synth_breed(breed_index)[0] and 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height
+            inside[int(y0):int(y1), int(x0):int(x1)] = True
+        body_pixels = np.abs(pixels - body).max(axis=2) < 25
+        assert body_pixels[inside].sum() > 50                 # the dog is in its box
+        assert body_pixels[~inside].sum() <= 0.01 * body_pixels.sum()  # and nothing of it outside
+
+
+def test_tiny_dataset_other_sizes(tmp_path):
+    root = make_tiny_dataset(str(tmp_path), n_images=20, n_breeds=10, seed=1)
+    data = load_dogs(root)
+    assert data.counts["photos"] == 20 and len(data.breeds) == 10
+
+
+# ---- the real material in /work/shared ----------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def full_res_dir(shared_dir, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("full_res")
+    with tarfile.open(shared_dir / "data" / "full_res_sample.tar") as tar:
+        tar.extractall(root, filter="data")
+    return root
+
+
+def _manifest(full_res_dir: Path) -> list[dict]:
+    with open(full_res_dir / "MANIFEST.tsv", newline="") as f:
+        rows = [line for line in f if not line.startswith("#")]
+    fields = ["id", "breed_folder", "size", "mode", "format", "boxes", "tags"]
+    return list(csv.DictReader(rows, fieldnames=fields, delimiter="\t"))
+
+
+def test_every_full_resolution_photo_loads(full_res_dir):
+    manifest = _manifest(full_res_dir)
+    assert len(manifest) == 80
+    data = load_dogs(str(full_res_dir), workers=1)
+    assert data.counts["photos"] == 80 and data.counts["skipped_files"] == 0 and data.counts["centre_crops"] == 0
+    assert data.counts["samples"] == sum(int(r["boxes"]) for r in manifest)
+    assert data.counts["multi_dog_photos"] == sum("multi_box" in r["tags"] for r in manifest) == 31
+    assert data.counts["draft_decodes"] > 0 and data.counts["rescaled_annotations"] == 0
+    assert sorted(data.breeds) == sorted({r["breed_folder"].split("-", 1)[1] for r in manifest})
+    # Per-photo sample counts: samples come in sorted photo order, one per box.
+    labels = [data.breeds[i] for i in data.labels.tolist()]
+    expected = [r["breed_folder"].split("-", 1)[1] for r in sorted(manifest, key=lambda r: r["id"])
+                for _ in range(int(r["boxes"]))]
+    assert labels == expected
+    # Real photos: no crop is flat (a misplaced box or a failed conversion would give uniform colour).
+    assert data.images.float().std((1, 2, 3)).min().item() > 10
+
+
+def test_rgba_png_named_jpg_loads(full_res_dir, tmp_path):
+    (row,) = [r for r in _manifest(full_res_dir) if "format=PNG" in r["tags"]]
+    add_photo(tmp_path, row["id"], (full_res_dir / "all-dogs" / f"{row['id']}.jpg").read_bytes(),
+              breed_folder=row["breed_folder"],
+              xml=(full_res_dir / "Annotation" / row["breed_folder"] / row["id"]).read_bytes())
+    assert Image.open(tmp_path / "all-dogs" / f"{row['id']}.jpg").mode == "RGBA"
+    data = load_dogs(str(tmp_path))
+    assert data.counts["samples"] == int(row["boxes"]) and data.counts["skipped_files"] == 0
+    assert data.breeds == [row["breed_folder"].split("-", 1)[1]]
+    assert data.images.float().std().item() > 10
+
+
+def test_full_resolution_draft_matches_full_decode(full_res_dir, monkeypatch):
+    drafted = load_dogs(str(full_res_dir), workers=1)
+    monkeypatch.setattr(data_module, "_dog_apply_draft", lambda img, regions, size: 1.0)
+    full = load_dogs(str(full_res_dir), workers=1)
+    per_sample = (drafted.images.float() - full.images.float()).abs().mean((1, 2, 3))
+    assert per_sample.mean().item() < 4 and per_sample.max().item() < 15
+
+
+def test_original_stanford_annotations_parse(shared_dir):
+    boxes, breeds, photos, past_edge = 0, set(), 0, 0
+    with tarfile.open(shared_dir / "data" / "annotation_original.tar.gz") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            width, height, objects = parse_voc(tar.extractfile(member).read())
+            photos += 1
+            boxes += len(objects)
+            breeds.update(name for name, *_ in objects)
+            past_edge += sum(x1 > width or y1 > height or x0 < 0 or y0 < 0 for _, x0, y0, x1, y1 in objects)
+            assert member.name.split("/")[-2].split("-", 1)[1] == objects[0][0]
+    assert (photos, boxes, len(breeds), past_edge) == (20580, 22126, 120, 2)
+
+
+@pytest.fixture(scope="session")
+def dev_pack_subset(shared_dir, tmp_path_factory) -> tuple[Path, dict[str, int]]:
+    """Every photo of the dev pack whose number ends in 0 (~1 in 10, all 120 breeds), and its box count per id.
+
+    The whole pack (19,080 photos) takes 5-15 s to load on 2 busy cores plus as long again to unpack with
+    tarfile, too slow for the suite; one streaming pass over the tar picks the subset instead.
+    """
+    root = tmp_path_factory.mktemp("dogs_dev")
+    n_objects = {}
+    with tarfile.open(shared_dir / "data" / "dogs_dev.tar.gz", "r:gz") as tar:
+        for member in tar:
+            photo_id = os.path.splitext(member.name.rsplit("/", 1)[-1])[0]
+            if not member.isfile() or not photo_id.endswith("0"):
+                continue
+            target = root / member.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(tar.extractfile(member).read())
+            if member.name.startswith("Annotation/"):
+                n_objects[photo_id] = len(parse_voc(target.read_bytes())[2])
+    return root, n_objects
+
+
+def test_dev_pack_loads_every_photo_of_a_spread_subset(dev_pack_subset):
+    root, n_objects = dev_pack_subset
+    data = load_dogs(str(root))
+    assert len(os.listdir(root / "all-dogs")) == len(n_objects) > 1800
+    assert data.counts["photos"] == len(n_objects) and data.counts["decode_processes"] >= 1
+    assert data.counts["samples"] == sum(n_objects.values()) > len(n_objects)
+    assert data.counts["multi_dog_photos"] == sum(n > 1 for n in n_objects.values())
+    assert data.counts["skipped_files"] == data.counts["centre_crops"] == data.counts["skipped_boxes"] == 0
+    assert data.counts["rescaled_annotations"] == 0
+    assert len(data.breeds) == 120 and data.images.shape == (sum(n_objects.values()), 3, 64, 64)
+    # The first box of each photo is the whole 64 x 64 image: sample 0 is the first photo's pixels unchanged.
+    first = sorted(os.listdir(root / "all-dogs"))[0]
+    pixels = np.asarray(Image.open(root / "all-dogs" / first).convert("RGB")).transpose(2, 0, 1)
+    assert torch.equal(data.images[0], torch.from_numpy(np.ascontiguousarray(pixels)))

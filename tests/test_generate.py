@@ -1,0 +1,84 @@
+"""Generation: truncation, balanced labels, uint8 conversion, and the atomic images.zip."""
+import io
+import os
+import zipfile
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from src.generate import balanced_labels, generate_images, sample_z, to_uint8, write_images_zip
+
+
+class LabelColourG(torch.nn.Module):
+    """A stand-in generator: the image's red channel encodes the label, the rest is z."""
+    z_dim, n_classes = 4, 3
+
+    def forward(self, z, y):
+        img = torch.zeros(len(z), 3, 64, 64)
+        img[:, 0] = (y.float() / 2 * 2 - 1)[:, None, None]
+        img[:, 1] = torch.tanh(z[:, :1])[:, :, None]
+        return img
+
+
+def test_truncation_bounds_every_latent():
+    z = sample_z(2000, 16, "cpu", truncation=0.5, generator=torch.Generator().manual_seed(0))
+    assert z.abs().max() <= 0.5
+    assert z.std() > 0.2  # still spread inside the bound, not collapsed to 0
+
+
+def test_no_truncation_is_standard_normal():
+    z = sample_z(20000, 8, "cpu", generator=torch.Generator().manual_seed(0))
+    assert abs(z.mean()) < 0.02 and abs(z.std() - 1) < 0.02 and z.abs().max() > 3
+
+
+def test_balanced_labels_counts():
+    labels = balanced_labels(10000, 120, "cpu", torch.Generator().manual_seed(0))
+    counts = torch.bincount(labels, minlength=120)
+    assert counts.min() == 83 and counts.max() == 84 and counts.sum() == 10000
+
+
+def test_to_uint8_maps_range_and_rounds():
+    img = torch.tensor([-1.5, -1.0, 0.0, 0.999, 1.0])
+    assert to_uint8(img).tolist() == [0, 0, 128, 255, 255]
+
+
+def test_generate_images_is_seeded_and_balanced():
+    first = generate_images(LabelColourG(), 30, "cpu", batch_size=7, seed=3)
+    again = generate_images(LabelColourG(), 30, "cpu", batch_size=7, seed=3)
+    other = generate_images(LabelColourG(), 30, "cpu", batch_size=7, seed=4)
+    assert first.dtype == torch.uint8 and first.shape == (30, 3, 64, 64)
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    red_levels = first[:, 0, 0, 0].tolist()
+    assert sorted(set(red_levels)) == [0, 128, 255] and all(red_levels.count(v) == 10 for v in (0, 128, 255))
+
+
+def test_zip_holds_exact_pngs(tmp_path):
+    images = torch.randint(0, 256, (25, 3, 64, 64), dtype=torch.uint8)
+    path = str(tmp_path / "images.zip")
+    write_images_zip(images, path)
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+        assert names == [f"{i}.png" for i in range(25)]
+        decoded = Image.open(io.BytesIO(archive.read("7.png")))
+        assert decoded.format == "PNG" and decoded.mode == "RGB" and decoded.size == (64, 64)
+        assert np.array_equal(np.asarray(decoded), images[7].permute(1, 2, 0).numpy())
+    assert os.listdir(tmp_path) == ["images.zip"]
+
+
+def test_zip_failure_keeps_the_previous_zip(tmp_path):
+    path = str(tmp_path / "images.zip")
+    write_images_zip(torch.zeros(3, 3, 64, 64, dtype=torch.uint8), path)
+    before = open(path, "rb").read()
+    with mock.patch("zipfile.ZipFile.writestr", side_effect=OSError("disk full")):
+        with pytest.raises(OSError, match="disk full"):
+            write_images_zip(torch.ones(3, 3, 64, 64, dtype=torch.uint8), path)
+    assert open(path, "rb").read() == before
+    assert os.listdir(tmp_path) == ["images.zip"]  # no temporary left behind
+
+
+def test_zip_rejects_float_images(tmp_path):
+    with pytest.raises(ValueError, match="uint8 N x 3 x H x W"):
+        write_images_zip(torch.zeros(2, 3, 64, 64), str(tmp_path / "images.zip"))

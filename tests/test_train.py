@@ -1,0 +1,167 @@
+"""The training loop on the tiny dataset: a few steps, resume, reproducibility, every recipe, training-time FID."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from src.budget import Deadline
+from src.config import RECIPES, make_config
+from src.data import load_dogs
+from src.models import build_models
+from src.precision import choose_precision
+from src.train import seed_all, train
+
+TINY = dict(g_ch=8, d_ch=8, batch_size=8, z_dim=16, shared_dim=16, status_every="0", ema_warmup=2)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # two cores shared with other test processes: one thread per process is much faster than oversubscription
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def dogs(tiny_data_dir):
+    return load_dogs(tiny_data_dir, workers=1)
+
+
+def tiny_cfg(**overrides):
+    return make_config({**TINY, **overrides})
+
+
+def fast_cfg(**overrides):
+    # the loop's logic does not depend on the architecture: the DCGAN pair is the quickest on a CPU
+    return tiny_cfg(**{"recipe": "dcgan", **overrides})
+
+
+def read_records(out_dir):
+    with open(os.path.join(out_dir, "stats.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def initial_models(cfg, n_classes):
+    # train() seeds everything from cfg.seed and then builds the models: the same call gives its starting point
+    seed_all(cfg.seed)
+    return build_models(cfg, n_classes)
+
+
+def test_a_few_steps_train_log_and_save(dogs, tmp_path):
+    cfg = tiny_cfg()
+    out = str(tmp_path)
+    result = train(cfg, dogs, Deadline(3600), out, "cpu", max_steps=3)
+    assert result.stop_reason == "max_steps" and result.steps == 3
+    assert result.images_seen == 3 * 8
+    G0, D0 = initial_models(cfg, len(dogs.breeds))
+    for before, after in ((G0, result.G), (D0, result.D)):
+        moved = [not torch.equal(p0, p1) for p0, p1 in zip(before.parameters(), after.parameters())]
+        assert all(moved), "every parameter of G and D should have been updated"
+    assert not result.G_ema.training
+    assert all(torch.isfinite(p).all() for p in result.G_ema.parameters())
+    records = read_records(out)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for r in records:
+        assert all(torch.isfinite(torch.tensor(r[k])) for k in ("g_loss", "d_loss", "d_real", "d_fake"))
+        assert r["batch_size"] == 8 and r["lr_g"] > 0 and r["images_per_s"] > 0
+    assert os.path.isfile(os.path.join(out, "samples", "latest.png"))
+    assert os.path.isfile(os.path.join(out, "samples", "grid_000000.png"))
+    assert os.path.isfile(os.path.join(out, "samples", "interpolation.png"))
+    # the checkpoint loads with torch's safe loader (no pickled numpy objects)
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert ckpt["progress"]["step"] == 3 and ckpt["n_classes"] == len(dogs.breeds)
+    assert torch.equal(ckpt["grid_z"], result.grid_z)
+    assert ckpt["config"]["g_ch"] == 8
+
+
+def test_resume_continues_step_optimizer_and_grid(dogs, tmp_path, capsys):
+    out = str(tmp_path)
+    first = train(fast_cfg(), dogs, Deadline(3600), out, "cpu", max_steps=2)
+    capsys.readouterr()
+    # a model-shape flag that disagrees with the checkpoint is reported and the checkpoint's value wins
+    resumed = train(fast_cfg(resume="auto", g_ch=16), dogs, Deadline(3600), out, "cpu", max_steps=4)
+    log = capsys.readouterr().out
+    assert "WARNING: model settings differ" in log and "g_ch=16 (checkpoint 8)" in log
+    assert resumed.cfg.g_ch == 8
+    assert resumed.steps == 4 and resumed.images_seen == 4 * 8
+    assert torch.equal(resumed.grid_z, first.grid_z) and torch.equal(resumed.grid_y, first.grid_y)
+    assert [r["step"] for r in read_records(out)] == [1, 2, 3, 4]
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    # Adam's per-parameter step counter went on from 2: the optimiser state was restored, not rebuilt
+    adam_steps = {float(s["step"]) for s in ckpt["opt_g"]["state"].values()}
+    assert adam_steps == {4.0}
+
+
+def test_same_seed_same_parameters(dogs, tmp_path):
+    cfg = fast_cfg(lr_schedule="cosine", diffaug="color,translation,cutout")
+    a = train(cfg, dogs, Deadline(3600), str(tmp_path / "a"), "cpu", max_steps=2)
+    b = train(cfg, dogs, Deadline(3600), str(tmp_path / "b"), "cpu", max_steps=2)
+    for module_a, module_b in ((a.G, b.G), (a.D, b.D), (a.G_ema, b.G_ema)):
+        for (name, ta), tb in zip(module_a.state_dict().items(), module_b.state_dict().values()):
+            assert torch.equal(ta, tb), name
+
+
+@pytest.mark.parametrize("overrides", [{"recipe": name} for name in RECIPES] + [
+    {"recipe": "dcgan", "loss": "ls", "real_label_min": 0.9, "fake_label_max": 0.1},
+    {"recipe": "cgan", "loss": "wgan-gp", "g_steps": 2},
+], ids=lambda o: "-".join(str(v) for v in o.values()))
+def test_every_recipe_trains(dogs, tmp_path, overrides):
+    cfg = tiny_cfg(**overrides)
+    result = train(cfg, dogs, Deadline(3600), str(tmp_path), "cpu", max_steps=1)
+    assert result.stop_reason == "max_steps"
+    G0, _ = initial_models(cfg, len(dogs.breeds))
+    assert any(not torch.equal(p0, p1) for p0, p1 in zip(G0.parameters(), result.G.parameters()))
+    for r in read_records(str(tmp_path)):
+        assert all(map(lambda k: abs(r[k]) < 1e6, ("g_loss", "d_loss", "d_real", "d_fake")))
+
+
+def test_adaptive_d_steps_rise_while_d_loss_is_high(dogs, tmp_path):
+    # a limit no loss can stay under: one more D step after every tick, up to n_dis_max
+    cfg = fast_cfg(dis_loss_limit=1e-6, n_dis=1, n_dis_max=3)
+    result = train(cfg, dogs, Deadline(3600), str(tmp_path), "cpu", max_steps=4)
+    assert [r["n_dis"] for r in read_records(str(tmp_path))] == [2, 3, 3, 3]
+    assert result.images_seen == 8 * (1 + 2 + 3 + 3)
+
+
+def test_training_fid_keeps_the_best_g_ema(dogs, tmp_path):
+    scores, states = iter([5.0, 3.0, 4.0, 6.0, 7.0]), []
+
+    def fid_fn(G_ema):
+        states.append({k: v.clone() for k, v in G_ema.state_dict().items()})
+        return next(scores)
+
+    out = str(tmp_path)
+    result = train(fast_cfg(fid_every="0.001"), dogs, Deadline(3600), out, "cpu", fid_fn=fid_fn, max_steps=4)
+    assert result.best_fid == 3.0
+    assert [f for _, f in result.fid_history] == [5.0, 3.0, 4.0]
+    best = states[1]
+    assert all(torch.equal(v, best[k]) for k, v in result.G_ema.state_dict().items())
+    assert [r.get("fid") for r in read_records(out)] == [5.0, 3.0, 4.0, None]
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert ckpt["progress"]["best_fid"] == 3.0
+    assert all(torch.equal(v, best[k]) for k, v in ckpt["best_G_ema"].items())
+    # the checkpoint's G_ema is the last one (to resume from), not the best
+    assert any(not torch.equal(v, best[k]) for k, v in ckpt["G_ema"].items())
+
+
+@pytest.mark.parametrize("amp, capability, expected", [
+    ("auto", (8, 0), ("bf16", False)), ("auto", (7, 5), ("fp16", True)), ("auto", (6, 0), ("fp16", True)),
+    ("bf16", (7, 5), ("fp16", True)), ("fp32", (9, 0), ("fp32", False)),
+])
+def test_precision_follows_the_gpu_generation(monkeypatch, amp, capability, expected):
+    # no GPU here: the capability query is stubbed, the decision is what is tested
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    precision = choose_precision(amp, "cuda", channels_last=True)
+    assert (precision.name, precision.use_scaler) == expected
+    assert precision.channels_last and precision.device_type == "cuda"
+
+
+def test_precision_on_cpu_is_fp32(capsys):
+    assert choose_precision("auto", "cpu").name == "fp32"
+    cpu_bf16 = choose_precision("bf16", "cpu")
+    assert (cpu_bf16.name, cpu_bf16.use_scaler, cpu_bf16.channels_last) == ("fp32", False, False)
+    assert "training in fp32 on cpu" in capsys.readouterr().out
