@@ -47,19 +47,19 @@ def schedule_progress(progress_before: float, window_fraction: float) -> float:
     return p0 + (1.0 - p0) * min(1.0, max(0.0, float(window_fraction)))
 
 
-def ema_beta_at(step: int, beta: float, warmup: int) -> float:
-    """EMA decay at `step` with warm-up: the averaging horizon grows linearly from 1 step to its full length.
+def ema_beta_at(step: int, beta: float, rampup: float) -> float:
+    """EMA decay at `step` with ramp-up: the averaging horizon is at most `rampup` of the steps done so far.
 
-    Full horizon H = 1 / (1 - beta). During warm-up h = 1 + (H - 1) * min(1, step / warmup) and the decay
-    is 1 - 1 / h: beta_t = 0 at step 0 (G_ema copies G), beta_t = beta from step >= warmup.
+    Full horizon H = 1 / (1 - beta) steps. h = clamp(rampup * step, 1, H) and beta_t = 1 - 1 / h, so G_ema copies
+    G at first, averages over the last 5 % of a short run (rampup 0.05), and reaches beta once step >= H / rampup.
+    rampup <= 0 turns the ramp off (beta from the start).
     """
     if beta <= 0.0:
         return 0.0
-    if warmup <= 0 or step >= warmup:
+    if rampup <= 0:
         return float(beta)
-    horizon = 1.0 / (1.0 - beta)
-    h = 1.0 + (horizon - 1.0) * max(0, step) / warmup
-    return 1.0 - 1.0 / h
+    horizon = min(1.0 / (1.0 - beta), max(1.0, rampup * step))
+    return 1.0 - 1.0 / horizon
 
 
 @torch.no_grad()

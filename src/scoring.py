@@ -60,7 +60,7 @@ def pick_truncation(cfg: Config, G_ema, extractor, data, device, out_dir: str) -
     scores = {}
     for truncation in sorted(set(TRUNCATION_CANDIDATES) | {cfg.truncation}):
         gen_img = generate_images(G_ema, cfg.fid_samples, device, truncation=truncation, seed=cfg.seed + 2)
-        scores[truncation] = mifid_score(extractor(gen_img), real_feats, eps)
+        scores[truncation] = mifid_score(extractor(gen_img), real_feats, eps, device=getattr(extractor, "device", None))
         result = scores[truncation]
         scoring_log(f"truncation {truncation or 'off'}: FID {result['fid']:.2f}  d {result['d']:.3f}  MiFID {result['mifid']:.2f}")
     best = min(scores, key=lambda t: scores[t]["mifid"])
@@ -73,7 +73,8 @@ def report_mifid(cfg: Config, extractor, zip_path: str, data, out_dir: str) -> d
     start = time.time()
     gen_img = read_images_zip(zip_path, expect_n=cfg.n_images)
     real_feats = cached_real_features(extractor, data.images, os.path.join(out_dir, "cache"))
-    result = mifid_score(extractor(gen_img), real_feats, cfg.mifid_eps or extractor.default_eps)
+    result = mifid_score(extractor(gen_img), real_feats, cfg.mifid_eps or extractor.default_eps,
+                         device=getattr(extractor, "device", None))
     result["backbone"] = extractor.name
     atomic_write_text(os.path.join(out_dir, "mifid.json"), json.dumps(result, indent=2))
     scoring_log(f"{extractor.name}: FID {result['fid']:.2f}  d {result['d']:.4f}  d_thr {result['d_thr']:.4f}  "

@@ -208,8 +208,11 @@ def gan_round(nets: GanNets, sampler: DeviceSampler, cfg: Config, precision: Pre
     device = sampler.images.device
     sums = torch.zeros(4, device=device)
     real_logit = None
+    # With one D step, its fakes (with G's graph kept) also serve the first G step: one G forward fewer per round.
+    reuse_fakes = n_dis == 1 and cfg.g_steps >= 1
+    kept_fakes = None
     for _ in range(n_dis):
-        # D step: real and generated batches through D, G frozen (no graph through G)
+        # D step: real and generated batches through D; D's loss sees the fakes detached from G
         real_u8, real_y = sampler.next(batch_size)
         z = torch.randn(batch_size, nets.G.z_dim, device=device)
         gen_y = torch.randint(0, n_classes, (batch_size,), device=device)
@@ -218,8 +221,12 @@ def gan_round(nets: GanNets, sampler: DeviceSampler, cfg: Config, precision: Pre
             real_target = noisy_labels(batch_size, cfg.real_label_min, 1.0, device)
             fake_target = noisy_labels(batch_size, 0.0, cfg.fake_label_max, device)
         with precision_autocast(precision):
-            with torch.no_grad():
-                gen_img = nets.G_fwd(z, gen_y)
+            if reuse_fakes:
+                kept_fakes = (nets.G_train(z, gen_y), gen_y)
+                gen_img = kept_fakes[0].detach()
+            else:
+                with torch.no_grad():
+                    gen_img = nets.G_fwd(z, gen_y)
             real_img = _prepare_real(real_u8, cfg, precision)
             real_logit, real_class = nets.D_train(_augment_for_d(real_img, cfg, precision), real_y)
             fake_logit, _ = nets.D_train(_augment_for_d(gen_img, cfg, precision), gen_y)
@@ -238,12 +245,15 @@ def gan_round(nets: GanNets, sampler: DeviceSampler, cfg: Config, precision: Pre
     real_logit_for_g = real_logit.detach() if real_logit is not None else None
     nets.D.requires_grad_(False)
     try:
-        for _ in range(cfg.g_steps):
-            # G step: gradients flow through the frozen D into G
-            z = torch.randn(batch_size, nets.G.z_dim, device=device)
-            gen_y = torch.randint(0, n_classes, (batch_size,), device=device)
+        for g_step in range(cfg.g_steps):
+            # G step: gradients flow through the frozen (just updated) D into G
             with precision_autocast(precision):
-                gen_img = nets.G_train(z, gen_y)
+                if g_step == 0 and kept_fakes is not None:
+                    gen_img, gen_y = kept_fakes
+                else:
+                    z = torch.randn(batch_size, nets.G.z_dim, device=device)
+                    gen_y = torch.randint(0, n_classes, (batch_size,), device=device)
+                    gen_img = nets.G_train(z, gen_y)
                 fake_logit, fake_class = nets.D_fwd(_augment_for_d(gen_img, cfg, precision), gen_y)
                 g_loss = g_loss_fn(real_logit_for_g, fake_logit)
                 if fake_class is not None:
@@ -533,8 +543,8 @@ def train(cfg: Config, data, deadline: Deadline, out_dir: str, device, fid_fn=No
             tick["d_steps"] += state.n_dis
             tick["g_steps"] += cfg.g_steps
             tick["images"] += rank_batch * world * state.n_dis
-            # G_ema follows G; its decay ramps up over the first ema_warmup rounds
-            ema_update(nets.G_ema, nets.G, ema_beta_at(state.step, cfg.ema_beta, cfg.ema_warmup))
+            # G_ema follows G, averaging over at most ema_rampup of the rounds so far
+            ema_update(nets.G_ema, nets.G, ema_beta_at(state.step, cfg.ema_beta, cfg.ema_rampup))
     except Exception as error:
         # A failure before the first round is a set-up problem, and under DDP the other ranks must not wait
         # in a collective: raise. Later, keep the last good state and return, so the caller can still write images.

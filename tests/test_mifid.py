@@ -37,7 +37,10 @@ def kaggle_memorization_reference(gen: np.ndarray, real: np.ndarray) -> float:
 
 def png_bytes(array: np.ndarray, mode: str | None = None, fmt: str = "PNG") -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(array, mode=mode).save(buffer, format=fmt) if mode else Image.fromarray(array).save(buffer, format=fmt)
+    image = Image.fromarray(array)
+    if mode and image.mode != mode:
+        raise AssertionError(f"test image has mode {image.mode}, wanted {mode}")
+    image.save(buffer, format=fmt)
     return buffer.getvalue()
 
 

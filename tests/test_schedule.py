@@ -64,15 +64,16 @@ def test_current_lrs_combines_batch_scaling_rollback_scale_and_schedule():
     assert current_lrs(no_ref, state)[0] == pytest.approx(1e-4 * 0.55)
 
 
-def test_ema_beta_warmup_formula():
-    beta, warmup = 0.999, 1000
-    assert ema_beta_at(0, beta, warmup) == 0.0
-    # horizon h = 1 + (1000 - 1) * step / warmup, beta_t = 1 - 1/h
-    assert ema_beta_at(500, beta, warmup) == pytest.approx(1 - 1 / (1 + 999 * 0.5))
-    assert ema_beta_at(1000, beta, warmup) == beta
-    assert ema_beta_at(5000, beta, warmup) == beta
+def test_ema_beta_rampup_formula():
+    beta, rampup = 0.999, 0.05
+    assert ema_beta_at(0, beta, rampup) == 0.0       # horizon 1: G_ema copies G
+    assert ema_beta_at(20, beta, rampup) == 0.0      # 0.05 * 20 = 1 step
+    # horizon h = rampup * step, beta_t = 1 - 1/h: 284 steps (the demo) average over ~14
+    assert ema_beta_at(284, beta, rampup) == pytest.approx(1 - 1 / 14.2)
+    assert ema_beta_at(20000, beta, rampup) == pytest.approx(beta)   # h = 1000 = 1 / (1 - beta)
+    assert ema_beta_at(10 ** 6, beta, rampup) == pytest.approx(beta)
     assert ema_beta_at(10, beta, 0) == beta
-    values = [ema_beta_at(s, beta, warmup) for s in range(0, 1001, 50)]
+    values = [ema_beta_at(s, beta, rampup) for s in range(0, 30001, 500)]
     assert values == sorted(values)
 
 

@@ -14,7 +14,7 @@ from src.models import build_models
 from src.precision import choose_precision
 from src.train import seed_all, train
 
-TINY = dict(g_ch=8, d_ch=8, batch_size=8, z_dim=16, shared_dim=16, status_every="0", ema_warmup=2)
+TINY = dict(g_ch=8, d_ch=8, batch_size=8, z_dim=16, shared_dim=16, status_every="0", ema_rampup=0.5)
 
 
 @pytest.fixture(autouse=True)
