@@ -15,7 +15,6 @@ import resource
 import tempfile
 import time
 
-import numpy as np
 import torch
 from PIL import Image
 

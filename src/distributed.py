@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as torch_dist
 
+from src.config import ConfigError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -27,7 +29,7 @@ def dist_resolve_device(device: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     resolved = torch.device(device)
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {device}: no CUDA device is available here; use --device cpu or auto")
+        raise ConfigError(f"--device {device}: no CUDA device is available here; use --device cpu or auto")
     return resolved
 
 

@@ -46,16 +46,6 @@ def resolve_paths(cfg: Config) -> tuple[str, str]:
                     "(a folder with all-dogs/ and Annotation/), or --demo for the built-in tiny dataset")
 
 
-def resolve_device(cfg: Config, dist_device: torch.device | None) -> torch.device:
-    if dist_device is not None:
-        return dist_device
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {cfg.device}: CUDA is not available here; use --device cpu or auto")
-    return torch.device(cfg.device)
-
-
 def plan_reserve(cfg: Config, deadline: Deadline, n_classes: int, device: torch.device, extractor) -> None:
     """Keep back what generation, zipping and scoring will take (measured on an untrained G), with head-room."""
     probe_G, _ = build_models(cfg, n_classes)
@@ -128,8 +118,8 @@ def show_inline(out_dir: str) -> None:
 def run(cfg: Config, start: float) -> int:
     """The whole job; returns the process exit code (0: images.zip written after a clean run)."""
     deadline = Deadline(parse_duration(cfg.time_budget), start)
-    dist = setup_distributed()
-    device = resolve_device(cfg, dist.device if dist.world_size > 1 else None)
+    dist = setup_distributed(cfg.device)
+    device = dist.device
     data_dir, out_dir = resolve_paths(cfg)
     if dist.is_main:
         log(f"dogkernel: recipe {cfg.recipe}, device {device}, out {out_dir}, budget {cfg.time_budget}")

@@ -13,23 +13,9 @@ import src.losses
 import src.train as train_module
 from src.budget import Deadline
 from src.config import make_config
-from src.data import load_dogs
 from src.train import train
 
 TINY = dict(recipe="dcgan", g_ch=8, d_ch=8, batch_size=8, z_dim=16, status_every="0", lr_schedule="const")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def dogs(tiny_data_dir):
-    return load_dogs(tiny_data_dir, workers=1)
 
 
 def read_records(out_dir):

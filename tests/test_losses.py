@@ -10,14 +10,6 @@ from src.losses import (GAN_LOSSES, aux_class_loss, d_bce_loss, d_hinge_loss, d_
                         g_bce_loss, g_hinge_loss, g_ls_loss, g_rals_loss, g_wgan_loss, gradient_penalty, noisy_labels)
 from src.models import build_models
 
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    """Tiny tensors: one thread is faster, and immune to OpenMP spin-waits when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # mean(real) = -0.75, mean(fake) = 0.5
 REAL = torch.tensor([0.5, -2.0])

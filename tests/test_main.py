@@ -6,7 +6,7 @@ import pytest
 import src.main as main_module
 from src.main import main
 
-SMALL = ["--recipe", "cgan", "--device", "cpu", "--g-ch", "8", "--d-ch", "8", "--shared-dim", "16", "--z-dim", "32",
+SMALL = ["--recipe", "cgan", "--g-ch", "8", "--d-ch", "8", "--shared-dim", "16", "--z-dim", "32",
          "--batch-size", "16", "--decode-workers", "1", "--n-images", "200", "--time-budget", "8s"]
 
 
@@ -66,3 +66,9 @@ def test_report_rebuilds_plots_from_stats(tmp_path, tiny_data_dir):
     (out / "plots.png").unlink()
     assert main(["--report", str(out)]) == 0
     assert (out / "plots.png").stat().st_size > 1000
+
+
+def test_cuda_device_without_cuda_is_one_clear_error(tmp_path, tiny_data_dir, capsys, monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert main(["--data-dir", tiny_data_dir, "--out", str(tmp_path / "out"), *SMALL, "--device", "cuda"]) == 2
+    assert "--device cuda: no CUDA device is available here" in capsys.readouterr().err

@@ -11,14 +11,6 @@ from src.layers import (DiscriminatorHead, MinibatchStdDev, PixelNorm, SelfAtten
                         with_sn)
 from src.models import build_models, count_params, describe_models, hier_z_sizes
 
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    """Tiny tensors: one thread is faster, and immune to OpenMP spin-waits when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 N_CLASSES = 10
 BATCH = 4

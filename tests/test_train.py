@@ -9,26 +9,11 @@ import torch
 
 from src.budget import Deadline
 from src.config import RECIPES, make_config
-from src.data import load_dogs
 from src.models import build_models
 from src.precision import choose_precision
 from src.train import seed_all, train
 
 TINY = dict(g_ch=8, d_ch=8, batch_size=8, z_dim=16, shared_dim=16, status_every="0", ema_rampup=0.5)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # two cores shared with other test processes: one thread per process is much faster than oversubscription
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def dogs(tiny_data_dir):
-    return load_dogs(tiny_data_dir, workers=1)
 
 
 def tiny_cfg(**overrides):
