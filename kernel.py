@@ -367,7 +367,10 @@ class SpectralNormFp32(nn.Module):
 
     torch's own spectral_norm runs its matrix-vector products inside the caller's autocast region, so on CUDA
     they run in fp16/bf16; this one switches autocast off for the power iteration and for sigma.
-    One power iteration per forward in training mode, none in eval mode (u, v are buffers, saved in state_dict).
+    forward only reads u, v (buffers, saved in state_dict); the training loop advances them with one power
+    iteration per optimiser step (spectral_norm_power_iteration_, before the step's forwards). Updating them inside
+    forward breaks two forwards before one backward (real and fake through D) under torch.compile, which saves the
+    buffers themselves for backward.
     """
 
     def __init__(self, weight: torch.Tensor, dim: int = 0, eps: float = 1e-12, warmup_iters: int = 15):
@@ -400,13 +403,20 @@ class SpectralNormFp32(nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=weight.device.type, enabled=False):
             weight_mat = self._matrix(weight).float()
-            if self.training:
-                self._power_iteration(weight_mat, 1)
-            # clone: the in-place update of the next forward must not touch what this graph saved
-            u = self.u.float().clone(memory_format=torch.contiguous_format)
-            v = self.v.float().clone(memory_format=torch.contiguous_format)
-            sigma = torch.dot(u, weight_mat @ v)  # sigma = u^T W v
+            sigma = torch.dot(self.u, weight_mat @ self.v)  # sigma = u^T W v
             return (weight.float() / sigma).to(weight.dtype)
+
+
+@torch.no_grad()
+def spectral_norm_power_iteration_(model: nn.Module) -> None:
+    """One power iteration for every spectral-normalised weight of `model`: call once per optimiser step, before
+    the step's forwards (SN's one iteration per update), with no graph of the previous step still waiting."""
+    for module in model.modules():
+        if parametrize.is_parametrized(module, "weight"):
+            parametrization = module.parametrizations.weight
+            for step in parametrization:
+                if isinstance(step, SpectralNormFp32):
+                    step._power_iteration(step._matrix(parametrization.original).float(), 1)
 
 
 def with_sn(module: nn.Module, enabled: bool = True) -> nn.Module:
@@ -3358,7 +3368,9 @@ def gan_round(nets: GanNets, sampler: DeviceSampler, cfg: Config, precision: Pre
     # With one D step, its fakes (with G's graph kept) also serve the first G step: one G forward fewer per round.
     reuse_fakes = n_dis == 1 and cfg.g_steps >= 1
     kept_fakes = None
+    spectral_norm_power_iteration_(nets.G)  # G's one iteration for its first update (its forward may come first)
     for _ in range(n_dis):
+        spectral_norm_power_iteration_(nets.D)
         # D step: real and generated batches through D; D's loss sees the fakes detached from G
         real_u8, real_y = sampler.next(batch_size)
         z = torch.randn(batch_size, nets.G.z_dim, device=device)
@@ -3381,9 +3393,10 @@ def gan_round(nets: GanNets, sampler: DeviceSampler, cfg: Config, precision: Pre
             if real_class is not None:
                 d_loss = d_loss + cfg.aux_weight * aux_class_loss(real_class, real_y)
         if cfg.loss == "wgan-gp":
-            # the penalty's double backward runs in fp32 (fp16 would underflow the input gradients)
+            # the penalty's double backward runs in fp32 (fp16 would underflow the input gradients) and through the
+            # plain D: a torch.compile'd graph cannot be differentiated twice
             with autocast_disabled(precision):
-                d_loss = d_loss + gradient_penalty(nets.D_fwd, real_img.float(), gen_img.float(), real_y,
+                d_loss = d_loss + gradient_penalty(nets.D, real_img.float(), gen_img.float(), real_y,
                                                    weight=cfg.gp_weight)
         _optimizer_step(d_loss, nets.opt_d, nets.scaler_d)
         sums[:3] += torch.stack([d_loss.detach().float(), real_logit.detach().float().mean(),
@@ -3394,6 +3407,8 @@ def gan_round(nets: GanNets, sampler: DeviceSampler, cfg: Config, precision: Pre
     try:
         for g_step in range(cfg.g_steps):
             # G step: gradients flow through the frozen (just updated) D into G
+            if g_step > 0:
+                spectral_norm_power_iteration_(nets.G)
             with precision_autocast(precision):
                 if g_step == 0 and kept_fakes is not None:
                     gen_img, gen_y = kept_fakes

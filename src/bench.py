@@ -23,6 +23,7 @@ from src.config import make_config
 from src.data import load_dogs
 from src.distributed import current_dist_info
 from src.generate import generate_images, write_images_zip
+from src.layers import spectral_norm_power_iteration_
 from src.losses import GAN_LOSSES
 from src.mifid import cached_real_features, load_feature_extractor, mifid_score
 from src.models import build_models
@@ -132,6 +133,8 @@ def time_baseline(cfg, data, device, steps: int, warmup: int) -> dict:
         real_img, real_y = real_img.to(device), real_y.to(device)
         z = torch.randn(cfg.batch_size, G.z_dim, device=device)
         gen_y = torch.randint(0, n_classes, (cfg.batch_size,), device=device)
+        spectral_norm_power_iteration_(G)
+        spectral_norm_power_iteration_(D)
         gen_img = G(z, gen_y)
         real_logit, _ = D(diff_augment(real_img, cfg.diffaug), real_y)
         fake_logit, _ = D(diff_augment(gen_img.detach(), cfg.diffaug), gen_y)

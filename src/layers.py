@@ -14,7 +14,10 @@ class SpectralNormFp32(nn.Module):
 
     torch's own spectral_norm runs its matrix-vector products inside the caller's autocast region, so on CUDA
     they run in fp16/bf16; this one switches autocast off for the power iteration and for sigma.
-    One power iteration per forward in training mode, none in eval mode (u, v are buffers, saved in state_dict).
+    forward only reads u, v (buffers, saved in state_dict); the training loop advances them with one power
+    iteration per optimiser step (spectral_norm_power_iteration_, before the step's forwards). Updating them inside
+    forward breaks two forwards before one backward (real and fake through D) under torch.compile, which saves the
+    buffers themselves for backward.
     """
 
     def __init__(self, weight: torch.Tensor, dim: int = 0, eps: float = 1e-12, warmup_iters: int = 15):
@@ -47,13 +50,20 @@ class SpectralNormFp32(nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=weight.device.type, enabled=False):
             weight_mat = self._matrix(weight).float()
-            if self.training:
-                self._power_iteration(weight_mat, 1)
-            # clone: the in-place update of the next forward must not touch what this graph saved
-            u = self.u.float().clone(memory_format=torch.contiguous_format)
-            v = self.v.float().clone(memory_format=torch.contiguous_format)
-            sigma = torch.dot(u, weight_mat @ v)  # sigma = u^T W v
+            sigma = torch.dot(self.u, weight_mat @ self.v)  # sigma = u^T W v
             return (weight.float() / sigma).to(weight.dtype)
+
+
+@torch.no_grad()
+def spectral_norm_power_iteration_(model: nn.Module) -> None:
+    """One power iteration for every spectral-normalised weight of `model`: call once per optimiser step, before
+    the step's forwards (SN's one iteration per update), with no graph of the previous step still waiting."""
+    for module in model.modules():
+        if parametrize.is_parametrized(module, "weight"):
+            parametrization = module.parametrizations.weight
+            for step in parametrization:
+                if isinstance(step, SpectralNormFp32):
+                    step._power_iteration(step._matrix(parametrization.original).float(), 1)
 
 
 def with_sn(module: nn.Module, enabled: bool = True) -> nn.Module:

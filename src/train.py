@@ -28,6 +28,7 @@ from src.checkpoint import (CKPT_FORMAT, CKPT_NAME, CheckpointError, capture_rng
                             save_checkpoint)
 from src.config import Config, format_duration, parse_duration
 from src.distributed import DistInfo, any_rank_flags, current_dist_info, mean_over_ranks, sync_buffers, wrap_ddp
+from src.layers import spectral_norm_power_iteration_
 from src.losses import GAN_LOSSES, aux_class_loss, gradient_penalty, noisy_labels
 from src.models import build_models
 from src.monitor import (STATS_NAME, append_stats, format_status, make_grid_latents, monitor_log, print_banner,
@@ -211,7 +212,9 @@ def gan_round(nets: GanNets, sampler: DeviceSampler, cfg: Config, precision: Pre
     # With one D step, its fakes (with G's graph kept) also serve the first G step: one G forward fewer per round.
     reuse_fakes = n_dis == 1 and cfg.g_steps >= 1
     kept_fakes = None
+    spectral_norm_power_iteration_(nets.G)  # G's one iteration for its first update (its forward may come first)
     for _ in range(n_dis):
+        spectral_norm_power_iteration_(nets.D)
         # D step: real and generated batches through D; D's loss sees the fakes detached from G
         real_u8, real_y = sampler.next(batch_size)
         z = torch.randn(batch_size, nets.G.z_dim, device=device)
@@ -234,9 +237,10 @@ def gan_round(nets: GanNets, sampler: DeviceSampler, cfg: Config, precision: Pre
             if real_class is not None:
                 d_loss = d_loss + cfg.aux_weight * aux_class_loss(real_class, real_y)
         if cfg.loss == "wgan-gp":
-            # the penalty's double backward runs in fp32 (fp16 would underflow the input gradients)
+            # the penalty's double backward runs in fp32 (fp16 would underflow the input gradients) and through the
+            # plain D: a torch.compile'd graph cannot be differentiated twice
             with autocast_disabled(precision):
-                d_loss = d_loss + gradient_penalty(nets.D_fwd, real_img.float(), gen_img.float(), real_y,
+                d_loss = d_loss + gradient_penalty(nets.D, real_img.float(), gen_img.float(), real_y,
                                                    weight=cfg.gp_weight)
         _optimizer_step(d_loss, nets.opt_d, nets.scaler_d)
         sums[:3] += torch.stack([d_loss.detach().float(), real_logit.detach().float().mean(),
@@ -247,6 +251,8 @@ def gan_round(nets: GanNets, sampler: DeviceSampler, cfg: Config, precision: Pre
     try:
         for g_step in range(cfg.g_steps):
             # G step: gradients flow through the frozen (just updated) D into G
+            if g_step > 0:
+                spectral_norm_power_iteration_(nets.G)
             with precision_autocast(precision):
                 if g_step == 0 and kept_fakes is not None:
                     gen_img, gen_y = kept_fakes

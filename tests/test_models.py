@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from src.config import RECIPES, make_config
 from src.layers import (DiscriminatorHead, MinibatchStdDev, PixelNorm, SelfAttention2d, SpectralNormFp32, sn_conv2d,
-                        with_sn)
+                        spectral_norm_power_iteration_, with_sn)
 from src.models import build_models, count_params, describe_models, hier_z_sizes
 
 
@@ -198,30 +198,29 @@ def test_spectral_norm_top_singular_value_is_one():
     conv = sn_conv2d(6, 16, 3, padding=1, sn=True)
     with torch.no_grad():
         conv.parametrizations.weight.original.mul_(7.0)  # far from 1 before normalising
-    x = torch.randn(2, 6, 8, 8)
     for _ in range(30):
-        conv(x)  # one power iteration per training forward
+        spectral_norm_power_iteration_(conv)  # one power iteration per optimiser step
     assert top_singular_value(conv.parametrizations.weight.original.flatten(1)) > 3
     assert top_singular_value(conv.weight.flatten(1)) == pytest.approx(1.0, abs=0.02)
     deconv = with_sn(nn.ConvTranspose2d(8, 4, 4, 2, 1))
     for _ in range(30):
-        deconv(torch.randn(2, 8, 4, 4))
+        spectral_norm_power_iteration_(deconv)
     # ConvTranspose weight is [in, out, k, k]: SN normalises the [out, in*k*k] matrix
     assert top_singular_value(deconv.weight.movedim(1, 0).flatten(1)) == pytest.approx(1.0, abs=0.02)
 
 
-def test_spectral_norm_power_iteration_only_in_training_and_fp32_under_autocast():
+def test_spectral_norm_forward_only_reads_u_v_and_stays_fp32_under_autocast():
     conv = sn_conv2d(4, 8, 3, padding=1)
     sn = conv.parametrizations.weight[0]
     assert isinstance(sn, SpectralNormFp32)
     u_before = sn.u.clone()
-    conv.eval()
-    conv(torch.randn(1, 4, 5, 5))
-    assert torch.equal(sn.u, u_before)
-    conv.train()
+    for mode in (False, True):
+        conv.train(mode)
+        conv(torch.randn(1, 4, 5, 5))
+        assert torch.equal(sn.u, u_before)  # forwards never move u: two D forwards before a backward stay valid
+    spectral_norm_power_iteration_(conv)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = conv(torch.randn(1, 4, 5, 5))
-        conv.eval()  # read the weight without another power iteration
         w_autocast = conv.weight
     assert out.dtype == torch.bfloat16  # the conv itself runs in bf16
     assert w_autocast.dtype == torch.float32 and sn.u.dtype == torch.float32
