@@ -18,7 +18,8 @@ from src.generate import estimate_output_seconds, generate_images, write_images_
 from src.mifid import find_fid_weights, load_feature_extractor
 from src.models import build_models
 from src.report import write_plots
-from src.scoring import make_training_fid, pick_truncation, report_mifid, reserve_for_scoring
+from src.scoring import (make_training_fid, pick_truncation, prepare_real_features, report_mifid,
+                         reserve_for_scoring)
 from src.synthetic import make_tiny_dataset
 from src.train import train
 
@@ -127,6 +128,8 @@ def run(cfg: Config, start: float) -> int:
     data = load_dogs(data_dir, crop_margin=cfg.crop_margin, max_images=cfg.max_images, workers=cfg.decode_workers)
     n_classes = len(data.breeds)
     extractor = open_extractor(cfg, device) if dist.is_main else None
+    if extractor is not None:
+        prepare_real_features(extractor, data, out_dir)
     plan_reserve(cfg, deadline, n_classes, device, extractor)
     fid_fn = make_training_fid(cfg, extractor, data, device, out_dir) if extractor is not None else None
 

@@ -568,8 +568,14 @@ def train(cfg: Config, data, deadline: Deadline, out_dir: str, device, fid_fn=No
     # Wrap up: same buffers on every rank, last status, grid and checkpoint; the best-FID G_ema is what the caller gets.
     for module in (nets.G, nets.D, nets.G_ema):
         sync_buffers(module, world)
+    final_record = {}
+    if is_main and fid_fn is not None and fid_s > 0 and not stop_reason.startswith("error"):
+        # the final G_ema competes for "best" too: without this, up to fid_every of training would be thrown away
+        last_kimg = state.fid_history[-1][0] if state.fid_history else -1.0
+        if state.images_seen / 1000 > last_kimg:
+            final_record = measure_fid(time.time())
     if tick["d_steps"] and not stop_reason.startswith("error"):
-        read_tick(time.time(), {"record": {}})
+        read_tick(time.time(), {"record": final_record})
     if is_main:
         _write_output("the sample grid", save_sample_grid, nets.G_ema, grid_z, grid_y, out_dir,
                       state.images_seen / 1000, precision)

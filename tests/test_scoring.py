@@ -1,10 +1,11 @@
 """Scoring inside a run: training-time FID and the truncation search, with a stand-in backbone."""
+import time
+
 import torch
 
 from src.config import make_config
-from src.generate import generate_images
-from src.scoring import make_training_fid, pick_truncation, report_mifid
-from src.generate import write_images_zip
+from src.generate import generate_images, write_images_zip
+from src.scoring import make_training_fid, pick_truncation, report_mifid, reserve_for_scoring
 
 
 class SpreadG(torch.nn.Module):
@@ -66,3 +67,20 @@ def test_report_mifid_reads_the_zip_back_and_writes_json(tmp_path):
     assert set(result) >= {"fid", "d", "d_thr", "mifid", "backbone"}
     assert (tmp_path / "mifid.json").exists()
     assert result["mifid"] == result["fid"] / (result["d_thr"] + 1e-15)
+
+
+class SleepyBackbone(MeanColourBackbone):
+    """Takes 1 ms per image, so the reserve can be checked against a hand computation."""
+
+    def __call__(self, images):
+        time.sleep(0.001 * len(images))
+        return super().__call__(images)
+
+
+def test_reserve_counts_the_generated_images_only():
+    plain = reserve_for_scoring(make_config({"n_images": 1000}), SleepyBackbone())
+    # 1000 images x 1 ms (sleep only oversleeps); counting 20,000 real images too would give > 20 s
+    assert 1.0 <= plain < 3.0
+    searched = reserve_for_scoring(make_config({"n_images": 1000, "truncation_search": True, "fid_samples": 500}),
+                                   SleepyBackbone())
+    assert 3.0 <= searched < 9.0  # + 4 truncation candidates x 500 images

@@ -122,15 +122,28 @@ def test_training_fid_keeps_the_best_g_ema(dogs, tmp_path):
     out = str(tmp_path)
     result = train(fast_cfg(fid_every="0.001"), dogs, Deadline(3600), out, "cpu", fid_fn=fid_fn, max_steps=4)
     assert result.best_fid == 3.0
-    assert [f for _, f in result.fid_history] == [5.0, 3.0, 4.0]
+    # three ticks measure, then the final G_ema is measured too (6.0) before the best is chosen
+    assert [f for _, f in result.fid_history] == [5.0, 3.0, 4.0, 6.0]
     best = states[1]
     assert all(torch.equal(v, best[k]) for k, v in result.G_ema.state_dict().items())
-    assert [r.get("fid") for r in read_records(out)] == [5.0, 3.0, 4.0, None]
+    assert [r.get("fid") for r in read_records(out)] == [5.0, 3.0, 4.0, 6.0]
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ckpt["progress"]["best_fid"] == 3.0
     assert all(torch.equal(v, best[k]) for k, v in ckpt["best_G_ema"].items())
     # the checkpoint's G_ema is the last one (to resume from), not the best
     assert any(not torch.equal(v, best[k]) for k, v in ckpt["G_ema"].items())
+
+
+def test_the_final_g_ema_is_measured_and_wins_when_best(dogs, tmp_path):
+    scores, states = iter([5.0, 3.0, 4.0, 1.0]), []
+
+    def fid_fn(G_ema):
+        states.append({k: v.clone() for k, v in G_ema.state_dict().items()})
+        return next(scores)
+
+    result = train(fast_cfg(fid_every="0.001"), dogs, Deadline(3600), str(tmp_path), "cpu", fid_fn=fid_fn, max_steps=4)
+    assert result.best_fid == 1.0 and len(states) == 4
+    assert all(torch.equal(v, states[-1][k]) for k, v in result.G_ema.state_dict().items())
 
 
 @pytest.mark.parametrize("amp, capability, expected", [
