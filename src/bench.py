@@ -23,7 +23,7 @@ from src.config import make_config
 from src.data import load_dogs
 from src.distributed import current_dist_info
 from src.generate import generate_images, write_images_zip
-from src.layers import spectral_norm_power_iteration_
+from src.layers import spectral_norm_layers, spectral_norm_power_iteration_
 from src.losses import GAN_LOSSES
 from src.mifid import cached_real_features, load_feature_extractor, mifid_score
 from src.models import build_models
@@ -121,6 +121,7 @@ def time_baseline(cfg, data, device, steps: int, warmup: int) -> dict:
     loader = torch.utils.data.DataLoader(PilDogs(data.images, data.labels), batch_size=cfg.batch_size, shuffle=True,
                                          drop_last=True, num_workers=min(4, os.cpu_count() or 1))
     n_classes = len(data.breeds)
+    sn_layers = spectral_norm_layers(G) + spectral_norm_layers(D)
 
     def batches():
         while True:
@@ -133,8 +134,7 @@ def time_baseline(cfg, data, device, steps: int, warmup: int) -> dict:
         real_img, real_y = real_img.to(device), real_y.to(device)
         z = torch.randn(cfg.batch_size, G.z_dim, device=device)
         gen_y = torch.randint(0, n_classes, (cfg.batch_size,), device=device)
-        spectral_norm_power_iteration_(G)
-        spectral_norm_power_iteration_(D)
+        spectral_norm_power_iteration_(sn_layers)
         gen_img = G(z, gen_y)
         real_logit, _ = D(diff_augment(real_img, cfg.diffaug), real_y)
         fake_logit, _ = D(diff_augment(gen_img.detach(), cfg.diffaug), gen_y)

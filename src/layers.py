@@ -54,16 +54,23 @@ class SpectralNormFp32(nn.Module):
             return (weight.float() / sigma).to(weight.dtype)
 
 
-@torch.no_grad()
-def spectral_norm_power_iteration_(model: nn.Module) -> None:
-    """One power iteration for every spectral-normalised weight of `model`: call once per optimiser step, before
-    the step's forwards (SN's one iteration per update), with no graph of the previous step still waiting."""
+def spectral_norm_layers(model: nn.Module) -> list:
+    """[(SpectralNormFp32, original weight)] of every spectral-normalised weight of `model`, collected once
+    (walking the modules every step costs ~0.7 ms for the default G and D)."""
+    layers = []
     for module in model.modules():
         if parametrize.is_parametrized(module, "weight"):
             parametrization = module.parametrizations.weight
-            for step in parametrization:
-                if isinstance(step, SpectralNormFp32):
-                    step._power_iteration(step._matrix(parametrization.original).float(), 1)
+            layers += [(step, parametrization.original) for step in parametrization if isinstance(step, SpectralNormFp32)]
+    return layers
+
+
+@torch.no_grad()
+def spectral_norm_power_iteration_(layers: list) -> None:
+    """One power iteration for each (SpectralNormFp32, weight) of spectral_norm_layers(): call once per optimiser
+    step, before the step's forwards (SN's one iteration per update), with no graph of the previous step waiting."""
+    for sn, weight in layers:
+        sn._power_iteration(sn._matrix(weight).float(), 1)
 
 
 def with_sn(module: nn.Module, enabled: bool = True) -> nn.Module:

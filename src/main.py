@@ -18,8 +18,7 @@ from src.generate import estimate_output_seconds, generate_images, write_images_
 from src.mifid import find_fid_weights, load_feature_extractor
 from src.models import build_models
 from src.report import write_plots
-from src.scoring import (make_training_fid, pick_truncation, prepare_real_features, report_mifid,
-                         reserve_for_scoring)
+from src.scoring import make_training_fid, pick_truncation, real_features, report_mifid, reserve_for_scoring
 from src.synthetic import make_tiny_dataset
 from src.train import train
 
@@ -128,10 +127,9 @@ def run(cfg: Config, start: float) -> int:
     data = load_dogs(data_dir, crop_margin=cfg.crop_margin, max_images=cfg.max_images, workers=cfg.decode_workers)
     n_classes = len(data.breeds)
     extractor = open_extractor(cfg, device) if dist.is_main else None
-    if extractor is not None:
-        prepare_real_features(extractor, data, out_dir)
+    real_feats = real_features(extractor, data, out_dir) if extractor is not None else None
     plan_reserve(cfg, deadline, n_classes, device, extractor)
-    fid_fn = make_training_fid(cfg, extractor, data, device, out_dir) if extractor is not None else None
+    fid_fn = make_training_fid(cfg, extractor, real_feats, device) if extractor is not None else None
 
     exit_code, G_ema = 0, None
     try:
@@ -152,10 +150,10 @@ def run(cfg: Config, start: float) -> int:
     if G_ema is None:
         G_ema = fallback_generator(cfg, n_classes, out_dir, device)
 
-    truncation = pick_truncation(cfg, G_ema, extractor, data, device, out_dir) if extractor is not None else cfg.truncation
+    truncation = pick_truncation(cfg, G_ema, extractor, real_feats, device) if extractor is not None else cfg.truncation
     zip_path = write_submission(G_ema, cfg, out_dir, device, truncation)
     if extractor is not None:
-        report_mifid(cfg, extractor, zip_path, data, out_dir)
+        report_mifid(cfg, extractor, zip_path, real_feats, out_dir)
     write_plots(out_dir)
     show_inline(out_dir)
     log(f"done in {format_duration(deadline.elapsed())} of {format_duration(deadline.end - deadline.start)}")

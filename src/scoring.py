@@ -31,25 +31,24 @@ def seconds_per_image(extractor) -> float:
 def reserve_for_scoring(cfg: Config, extractor) -> float:
     """Seconds the end of the run needs for MiFID (and the truncation search): features of the generated images.
 
-    The real images' features are computed before training (prepare_real_features), so they need no reserve.
+    The real images' features are computed before training (real_features), so they need no reserve.
     """
-    n_generated = cfg.n_images + (len(TRUNCATION_CANDIDATES) * cfg.fid_samples if cfg.truncation_search else 0)
+    training_fid = parse_duration(cfg.fid_every) > 0
+    n_generated = (cfg.n_images + (len(TRUNCATION_CANDIDATES) * cfg.fid_samples if cfg.truncation_search else 0)
+                   + (cfg.fid_samples if training_fid else 0))
     # training-time FID measures the final G_ema once after the training window (its sqrtm alone is ~15 s at 2048-d)
-    final_fid_s = 20.0 if parse_duration(cfg.fid_every) > 0 else 0.0
-    n_generated += cfg.fid_samples if final_fid_s else 0
-    return seconds_per_image(extractor) * n_generated + final_fid_s
+    return seconds_per_image(extractor) * n_generated + (20.0 if training_fid else 0.0)
 
 
-def prepare_real_features(extractor, data, out_dir: str) -> torch.Tensor:
-    """The training crops' features, computed once at start-up (or read from the cache of an earlier run)."""
+def real_features(extractor, data, out_dir: str) -> torch.Tensor:
+    """The training crops' features, computed once per run (or read from the cache of an earlier run)."""
     return cached_real_features(extractor, data.images, os.path.join(out_dir, "cache"))
 
 
-def make_training_fid(cfg: Config, extractor, data, device, out_dir: str):
+def make_training_fid(cfg: Config, extractor, real_feats: torch.Tensor, device):
     """fid_fn(G_ema) -> FID of cfg.fid_samples generated images against the training crops, or None when off."""
     if parse_duration(cfg.fid_every) <= 0:
         return None
-    real_feats = prepare_real_features(extractor, data, out_dir)
     real_mu, real_sigma = feature_stats(real_feats)
 
     def fid_fn(G_ema) -> float:
@@ -60,16 +59,15 @@ def make_training_fid(cfg: Config, extractor, data, device, out_dir: str):
     return fid_fn
 
 
-def pick_truncation(cfg: Config, G_ema, extractor, data, device, out_dir: str) -> float:
+def pick_truncation(cfg: Config, G_ema, extractor, real_feats: torch.Tensor, device) -> float:
     """cfg.truncation, or with --truncation-search the candidate with the lowest MiFID on cfg.fid_samples images."""
     if not cfg.truncation_search:
         return cfg.truncation
-    real_feats = prepare_real_features(extractor, data, out_dir)
     eps = cfg.mifid_eps or extractor.default_eps
     scores = {}
     for truncation in sorted(set(TRUNCATION_CANDIDATES) | {cfg.truncation}):
         gen_img = generate_images(G_ema, cfg.fid_samples, device, truncation=truncation, seed=cfg.seed + 2)
-        scores[truncation] = mifid_score(extractor(gen_img), real_feats, eps, device=getattr(extractor, "device", None))
+        scores[truncation] = mifid_score(extractor(gen_img), real_feats, eps, device=extractor.device)
         result = scores[truncation]
         scoring_log(f"truncation {truncation or 'off'}: FID {result['fid']:.2f}  d {result['d']:.3f}  MiFID {result['mifid']:.2f}")
     best = min(scores, key=lambda t: scores[t]["mifid"])
@@ -77,13 +75,12 @@ def pick_truncation(cfg: Config, G_ema, extractor, data, device, out_dir: str) -
     return best
 
 
-def report_mifid(cfg: Config, extractor, zip_path: str, data, out_dir: str) -> dict:
+def report_mifid(cfg: Config, extractor, zip_path: str, real_feats: torch.Tensor, out_dir: str) -> dict:
     """MiFID of the submitted zip itself (read back and validated) against the training crops; OUT/mifid.json."""
     start = time.time()
     gen_img = read_images_zip(zip_path, expect_n=cfg.n_images)
-    real_feats = prepare_real_features(extractor, data, out_dir)
     result = mifid_score(extractor(gen_img), real_feats, cfg.mifid_eps or extractor.default_eps,
-                         device=getattr(extractor, "device", None))
+                         device=extractor.device)
     result["backbone"] = extractor.name
     atomic_write_text(os.path.join(out_dir, "mifid.json"), json.dumps(result, indent=2))
     scoring_log(f"{extractor.name}: FID {result['fid']:.2f}  d {result['d']:.4f}  d_thr {result['d_thr']:.4f}  "

@@ -28,7 +28,7 @@ from src.checkpoint import (CKPT_FORMAT, CKPT_NAME, CheckpointError, capture_rng
                             save_checkpoint)
 from src.config import Config, format_duration, parse_duration
 from src.distributed import DistInfo, any_rank_flags, current_dist_info, mean_over_ranks, sync_buffers, wrap_ddp
-from src.layers import spectral_norm_power_iteration_
+from src.layers import spectral_norm_layers, spectral_norm_power_iteration_
 from src.losses import GAN_LOSSES, aux_class_loss, gradient_penalty, noisy_labels
 from src.models import build_models
 from src.monitor import (STATS_NAME, append_stats, format_status, make_grid_latents, monitor_log, print_banner,
@@ -96,6 +96,8 @@ class GanNets:
     opt_d: torch.optim.Optimizer
     scaler_g: object             # torch.amp.GradScaler (disabled unless fp16)
     scaler_d: object
+    sn_G: list                   # spectral_norm_layers(G), (D): advanced once per optimiser step
+    sn_D: list
 
 
 class DeviceSampler:
@@ -140,7 +142,8 @@ def build_gan_nets(cfg: Config, n_classes: int, device, precision: Precision, di
     opt_g = make_adam(G.parameters(), cfg.lr_g, (cfg.beta1, cfg.beta2), precision)
     opt_d = make_adam(D.parameters(), cfg.lr_d, (cfg.beta1, cfg.beta2), precision)
     return GanNets(G=G, D=D, G_ema=G_ema, G_train=G_train, D_train=D_train, G_fwd=G_fwd, D_fwd=D_fwd,
-                   opt_g=opt_g, opt_d=opt_d, scaler_g=make_grad_scaler(precision), scaler_d=make_grad_scaler(precision))
+                   opt_g=opt_g, opt_d=opt_d, scaler_g=make_grad_scaler(precision), scaler_d=make_grad_scaler(precision),
+                   sn_G=spectral_norm_layers(G), sn_D=spectral_norm_layers(D))
 
 
 def training_snapshot(nets: GanNets, state: LoopState) -> dict:
@@ -212,9 +215,9 @@ def gan_round(nets: GanNets, sampler: DeviceSampler, cfg: Config, precision: Pre
     # With one D step, its fakes (with G's graph kept) also serve the first G step: one G forward fewer per round.
     reuse_fakes = n_dis == 1 and cfg.g_steps >= 1
     kept_fakes = None
-    spectral_norm_power_iteration_(nets.G)  # G's one iteration for its first update (its forward may come first)
+    spectral_norm_power_iteration_(nets.sn_G)  # G's one iteration for its first update (its forward may come first)
     for _ in range(n_dis):
-        spectral_norm_power_iteration_(nets.D)
+        spectral_norm_power_iteration_(nets.sn_D)
         # D step: real and generated batches through D; D's loss sees the fakes detached from G
         real_u8, real_y = sampler.next(batch_size)
         z = torch.randn(batch_size, nets.G.z_dim, device=device)
@@ -252,7 +255,7 @@ def gan_round(nets: GanNets, sampler: DeviceSampler, cfg: Config, precision: Pre
         for g_step in range(cfg.g_steps):
             # G step: gradients flow through the frozen (just updated) D into G
             if g_step > 0:
-                spectral_norm_power_iteration_(nets.G)
+                spectral_norm_power_iteration_(nets.sn_G)
             with precision_autocast(precision):
                 if g_step == 0 and kept_fakes is not None:
                     gen_img, gen_y = kept_fakes

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from src.config import RECIPES, make_config
 from src.layers import (DiscriminatorHead, MinibatchStdDev, PixelNorm, SelfAttention2d, SpectralNormFp32, sn_conv2d,
-                        spectral_norm_power_iteration_, with_sn)
+                        spectral_norm_layers, spectral_norm_power_iteration_, with_sn)
 from src.models import build_models, count_params, describe_models, hier_z_sizes
 
 
@@ -199,12 +199,12 @@ def test_spectral_norm_top_singular_value_is_one():
     with torch.no_grad():
         conv.parametrizations.weight.original.mul_(7.0)  # far from 1 before normalising
     for _ in range(30):
-        spectral_norm_power_iteration_(conv)  # one power iteration per optimiser step
+        spectral_norm_power_iteration_(spectral_norm_layers(conv))  # one power iteration per optimiser step
     assert top_singular_value(conv.parametrizations.weight.original.flatten(1)) > 3
     assert top_singular_value(conv.weight.flatten(1)) == pytest.approx(1.0, abs=0.02)
     deconv = with_sn(nn.ConvTranspose2d(8, 4, 4, 2, 1))
     for _ in range(30):
-        spectral_norm_power_iteration_(deconv)
+        spectral_norm_power_iteration_(spectral_norm_layers(deconv))
     # ConvTranspose weight is [in, out, k, k]: SN normalises the [out, in*k*k] matrix
     assert top_singular_value(deconv.weight.movedim(1, 0).flatten(1)) == pytest.approx(1.0, abs=0.02)
 
@@ -218,7 +218,7 @@ def test_spectral_norm_forward_only_reads_u_v_and_stays_fp32_under_autocast():
         conv.train(mode)
         conv(torch.randn(1, 4, 5, 5))
         assert torch.equal(sn.u, u_before)  # forwards never move u: two D forwards before a backward stay valid
-    spectral_norm_power_iteration_(conv)
+    spectral_norm_power_iteration_(spectral_norm_layers(conv))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = conv(torch.randn(1, 4, 5, 5))
         w_autocast = conv.weight

@@ -18,43 +18,37 @@ class SpreadG(torch.nn.Module):
 
 class MeanColourBackbone:
     """Features = the mean colour plus a little fixed noise (so covariances are full rank)."""
-    name, dim, default_eps, weights_id = "stand-in", 3, 0.05, "none"
+    name, dim, default_eps, weights_id, device = "stand-in", 3, 0.05, "none", "cpu"
 
     def __call__(self, images):
         feats = images.float().mean(dim=(2, 3)) / 255
         return feats + 1e-3 * torch.randn(len(images), 3, generator=torch.Generator().manual_seed(len(images)))
 
 
-class Data:
-    def __init__(self, images):
-        self.images, self.labels, self.breeds = images, torch.zeros(len(images), dtype=torch.long), ["a", "b"]
+def real_feats_with_truncation(truncation):
+    return MeanColourBackbone()(generate_images(SpreadG(), 2000, "cpu", truncation=truncation, seed=123))
 
 
-def real_data_with_truncation(truncation):
-    return Data(generate_images(SpreadG(), 2000, "cpu", truncation=truncation, seed=123))
-
-
-def test_truncation_search_finds_the_truncation_of_the_real_set(tmp_path):
+def test_truncation_search_finds_the_truncation_of_the_real_set():
     cfg = make_config({"truncation_search": True, "fid_samples": 2000})
-    picked = pick_truncation(cfg, SpreadG(), MeanColourBackbone(), real_data_with_truncation(1.0), "cpu", str(tmp_path))
+    picked = pick_truncation(cfg, SpreadG(), MeanColourBackbone(), real_feats_with_truncation(1.0), "cpu")
     assert picked == 1.0
-    picked = pick_truncation(cfg, SpreadG(), MeanColourBackbone(), real_data_with_truncation(0.0), "cpu", str(tmp_path))
+    picked = pick_truncation(cfg, SpreadG(), MeanColourBackbone(), real_feats_with_truncation(0.0), "cpu")
     assert picked == 0.0
 
 
-def test_without_search_the_configured_truncation_is_kept(tmp_path):
+def test_without_search_the_configured_truncation_is_kept():
     cfg = make_config({"truncation": 1.5})
-    assert pick_truncation(cfg, SpreadG(), MeanColourBackbone(), None, "cpu", str(tmp_path)) == 1.5
+    assert pick_truncation(cfg, SpreadG(), MeanColourBackbone(), None, "cpu") == 1.5
 
 
-def test_training_fid_is_off_by_default_and_low_for_the_same_distribution(tmp_path):
-    assert make_training_fid(make_config(), MeanColourBackbone(), real_data_with_truncation(0.0), "cpu", str(tmp_path)) is None
+def test_training_fid_is_off_by_default_and_low_for_the_same_distribution():
+    assert make_training_fid(make_config(), MeanColourBackbone(), real_feats_with_truncation(0.0), "cpu") is None
     cfg = make_config({"fid_every": "5m", "fid_samples": 2000})
-    fid_fn = make_training_fid(cfg, MeanColourBackbone(), real_data_with_truncation(0.0), "cpu", str(tmp_path))
+    fid_fn = make_training_fid(cfg, MeanColourBackbone(), real_feats_with_truncation(0.0), "cpu")
     same, narrower = fid_fn(SpreadG()), None
     cfg_narrow = make_config({"fid_every": "5m", "fid_samples": 2000, "truncation": 0.5})
-    narrower = make_training_fid(cfg_narrow, MeanColourBackbone(), real_data_with_truncation(0.0), "cpu",
-                                 str(tmp_path))(SpreadG())
+    narrower = make_training_fid(cfg_narrow, MeanColourBackbone(), real_feats_with_truncation(0.0), "cpu")(SpreadG())
     assert same < 0.01 < narrower
 
 
@@ -62,7 +56,7 @@ def test_report_mifid_reads_the_zip_back_and_writes_json(tmp_path):
     cfg = make_config({"n_images": 300})
     images = generate_images(SpreadG(), 300, "cpu", seed=5)
     write_images_zip(images, str(tmp_path / "images.zip"))
-    result = report_mifid(cfg, MeanColourBackbone(), str(tmp_path / "images.zip"), real_data_with_truncation(0.0),
+    result = report_mifid(cfg, MeanColourBackbone(), str(tmp_path / "images.zip"), real_feats_with_truncation(0.0),
                           str(tmp_path))
     assert set(result) >= {"fid", "d", "d_thr", "mifid", "backbone"}
     assert (tmp_path / "mifid.json").exists()
