@@ -125,77 +125,103 @@ class ConfigError(ValueError):
     """A flag or recipe that cannot work; the message names the flag."""
 
 
+# What a resumed run does with each field (declared next to the field, below):
+#   this_run    - this session's value: where and how long it runs, how it is watched and scored
+#   from_ckpt   - the checkpoint's value: the training recipe continues as it was trained (differences are noted)
+#   model_shape - the checkpoint's value: it decides the shapes of G and D (differences are warned about)
+RESUME_ROLES = ("this_run", "from_ckpt", "model_shape")
+
+
+def _config_field(role: str, default, choices: tuple = ()):
+    # one dataclass field with its resume role and, for a setting picked from a registry, its allowed names
+    return field(default=default, metadata={"resume": role, "choices": tuple(choices)})
+
+
+def this_run(default, choices: tuple = ()):
+    return _config_field("this_run", default, choices)
+
+
+def from_ckpt(default, choices: tuple = ()):
+    return _config_field("from_ckpt", default, choices)
+
+
+def model_shape(default, choices: tuple = ()):
+    return _config_field("model_shape", default, choices)
+
+
 @dataclass
 class Config:
     # ---- where things are -------------------------------------------------------------------------
-    data_dir: str = ""          # Kaggle layout root (all-dogs/ + Annotation/); empty: search /kaggle/input
-    out: str = ""               # output folder; empty: /kaggle/working on Kaggle, else ./out
-    resume: str = ""            # ckpt.pt to continue from; "auto": OUT/ckpt.pt when it exists
-    demo: bool = False          # train on a tiny generated dataset (CPU, seconds): the embedded default
+    data_dir: str = this_run("")        # Kaggle layout root (all-dogs/ + Annotation/); empty: search /kaggle/input
+    out: str = this_run("")             # output folder; empty: /kaggle/working on Kaggle, else ./out
+    resume: str = this_run("")          # ckpt.pt to continue from; "auto": OUT/ckpt.pt when it exists
+    demo: bool = this_run(False)        # train on a tiny generated dataset (CPU, seconds): the embedded default
     # ---- budget -----------------------------------------------------------------------------------
-    time_budget: str = "8h30m"  # whole run incl. start-up, generation, zip and MiFID; Kaggle's limit is 9h
-    seed: int = 0               # seeds python, numpy and torch (same seed + config + device = same run)
-    device: str = "auto"        # auto | cpu | cuda | cuda:N
+    time_budget: str = this_run("8h30m")  # whole run: start-up, training, generation, zip, MiFID; Kaggle stops at 9h
+    seed: int = from_ckpt(0)            # seeds python, numpy and torch (same seed + config + device = same run)
+    device: str = this_run("auto")      # auto | cpu | cuda | cuda:N
     # ---- data -------------------------------------------------------------------------------------
-    crop_margin: float = 0.0    # widen each box by this fraction of its size on every side before cropping
-    max_images: int = 0         # read only N photos spread over the sorted list (0: all); for quick local iterations
-    decode_workers: int = 0     # processes decoding JPEGs at start-up (0: one per CPU core)
-    flip: bool = True           # random horizontal flips of real images
-    diffaug: str = "color,translation,cutout"  # DiffAugment policy applied to real and fake before D ("": off)
+    crop_margin: float = this_run(0.0)  # widen each box by this fraction of its size on every side before cropping
+    max_images: int = this_run(0)       # read only N photos spread over the sorted list (0: all); quick iterations
+    decode_workers: int = this_run(0)   # processes decoding JPEGs at start-up (0: one per CPU core)
+    flip: bool = from_ckpt(True)        # random horizontal flips of real images
+    diffaug: str = from_ckpt("color,translation,cutout")  # DiffAugment policy on real and fake before D ("": off)
     # ---- models -----------------------------------------------------------------------------------
-    recipe: str = "biggan"      # named set of overrides below (see RECIPES); flags given explicitly win
-    arch: str = "resnet"        # resnet (SNGAN/BigGAN family) | dcgan
-    z_dim: int = 128            # latent size
-    g_ch: int = 64              # generator width multiplier
-    d_ch: int = 64              # discriminator width multiplier
-    shared_dim: int = 128       # BigGAN shared class embedding size fed to every G block (0: none)
-    hier_z: bool = True         # BigGAN hierarchical z: split z across the G blocks
-    attn_res: int = 0           # self-attention at this resolution in G and D (0: off; 32 for SAGAN)
-    cond: str = "projection"    # how labels enter D: none | projection | acgan | concat
-    g_sn: bool = True           # spectral norm in G (SAGAN/BigGAN)
-    d_sn: bool = True           # spectral norm in D
-    pixel_norm: bool = False    # pixelwise feature normalisation in G (ProGAN)
-    mbstd: bool = False         # minibatch standard deviation channel in D's last block
+    recipe: str = model_shape("biggan")  # named set of overrides below (see RECIPES); flags given explicitly win
+    arch: str = model_shape("resnet", choices=("resnet", "dcgan"))  # ResNet: the SNGAN/BigGAN family
+    z_dim: int = model_shape(128)       # latent size
+    g_ch: int = model_shape(64)         # generator width multiplier
+    d_ch: int = model_shape(64)         # discriminator width multiplier
+    shared_dim: int = model_shape(128)  # BigGAN shared class embedding size fed to every G block (0: none)
+    hier_z: bool = model_shape(True)    # BigGAN hierarchical z: split z across the G blocks
+    attn_res: int = model_shape(0)      # self-attention at this resolution in G and D (0: off; 32 for SAGAN)
+    cond: str = model_shape("projection", choices=("none", "projection", "acgan", "concat"))  # how labels enter D
+    g_sn: bool = model_shape(True)      # spectral norm in G (SAGAN/BigGAN)
+    d_sn: bool = model_shape(True)      # spectral norm in D
+    pixel_norm: bool = model_shape(False)  # pixelwise feature normalisation in G (ProGAN)
+    mbstd: bool = model_shape(False)    # minibatch standard deviation channel in D's last block
     # ---- losses -----------------------------------------------------------------------------------
-    loss: str = "hinge"         # hinge | bce | ls | rals | wgan-gp
-    aux_weight: float = 1.0     # weight of the auxiliary breed-classification loss (cond=acgan)
-    gp_weight: float = 10.0     # gradient-penalty weight (loss=wgan-gp)
-    real_label_min: float = 1.0  # noisy soft labels for bce/ls: real targets drawn from [min, 1]
-    fake_label_max: float = 0.0  # fake targets drawn from [0, max]
+    loss: str = from_ckpt("hinge", choices=("hinge", "bce", "ls", "rals", "wgan-gp"))  # see losses.GAN_LOSSES
+    aux_weight: float = from_ckpt(1.0)  # weight of the auxiliary breed-classification loss (cond=acgan)
+    gp_weight: float = from_ckpt(10.0)  # gradient-penalty weight (loss=wgan-gp)
+    real_label_min: float = from_ckpt(1.0)  # noisy soft labels for bce/ls: real targets drawn from [min, 1]
+    fake_label_max: float = from_ckpt(0.0)  # fake targets drawn from [0, max]
     # ---- optimisation -----------------------------------------------------------------------------
-    batch_size: int = 64        # images per D step
-    lr_g: float = 1e-4          # TTUR: G's learning rate
-    lr_d: float = 4e-4          # TTUR: D's learning rate
-    beta1: float = 0.0          # Adam beta1 (0 for SN-GANs, 0.5 for DCGAN)
-    beta2: float = 0.999        # Adam beta2
-    lr_ref_batch: int = 0       # >0: scale both lrs linearly by batch_size / lr_ref_batch
-    n_dis: int = 1              # D steps per G step
-    dis_loss_limit: float = 0.0  # >0: add D steps (up to n_dis_max) while D's loss stays above this
-    n_dis_max: int = 5          # ceiling of the adaptive D steps
-    g_steps: int = 1            # G steps per round (the Kaggle kernel used 2)
-    lr_schedule: str = "cosine"  # const | cosine | linear (both anneal to the deadline) | restarts
-    lr_min_ratio: float = 0.1   # the annealed lr ends at lr * this
-    restart_cycles: int = 4     # cosine warm restarts: cycles within the training time (doubling lengths)
-    ema_beta: float = 0.999     # G_ema = beta * G_ema + (1 - beta) * G
-    ema_rampup: float = 0.05    # G_ema averages over at most this fraction of the steps so far (StyleGAN2-ADA's
-                                # ramp-up): short runs get a short average instead of a G_ema stuck near init
+    batch_size: int = from_ckpt(64)     # images per D step
+    lr_g: float = from_ckpt(1e-4)       # TTUR: G's learning rate
+    lr_d: float = from_ckpt(4e-4)       # TTUR: D's learning rate
+    beta1: float = from_ckpt(0.0)       # Adam beta1 (0 for SN-GANs, 0.5 for DCGAN)
+    beta2: float = from_ckpt(0.999)     # Adam beta2
+    lr_ref_batch: int = from_ckpt(0)    # >0: scale both lrs linearly by batch_size / lr_ref_batch
+    n_dis: int = from_ckpt(1)           # D steps per G step
+    dis_loss_limit: float = from_ckpt(0.0)  # >0: add D steps (up to n_dis_max) while D's loss stays above this
+    n_dis_max: int = from_ckpt(5)       # ceiling of the adaptive D steps
+    g_steps: int = from_ckpt(1)         # G steps per round (the Kaggle kernel used 2)
+    # cosine and linear anneal to the deadline; restarts: cosine warm restarts
+    lr_schedule: str = from_ckpt("cosine", choices=("const", "cosine", "linear", "restarts"))
+    lr_min_ratio: float = from_ckpt(0.1)  # the annealed lr ends at lr * this
+    restart_cycles: int = from_ckpt(4)  # cosine warm restarts: cycles within the training time (doubling lengths)
+    ema_beta: float = from_ckpt(0.999)  # G_ema = beta * G_ema + (1 - beta) * G
+    # G_ema averages over at most this fraction of the steps so far (StyleGAN2-ADA's ramp-up): short runs get a
+    # short average instead of a G_ema stuck near init
+    ema_rampup: float = from_ckpt(0.05)
     # ---- speed ------------------------------------------------------------------------------------
-    amp: str = "auto"           # auto (bf16 on sm>=80, fp16 below, fp32 on CPU) | bf16 | fp16 | fp32
-    channels_last: bool = True  # NHWC convolutions on the GPU
-    compile: bool = False       # torch.compile G and D (compile time comes out of the budget)
+    amp: str = this_run("auto", choices=("auto", "bf16", "fp16", "fp32"))  # auto: bf16 on sm>=80, fp16 below, CPU fp32
+    channels_last: bool = this_run(True)  # NHWC convolutions on the GPU
+    compile: bool = this_run(False)     # torch.compile G and D (compile time comes out of the budget)
     # ---- watching ---------------------------------------------------------------------------------
-    status_every: str = "10s"   # status line and one stats.jsonl record
-    grid_every: str = "10m"     # sample grid from the fixed grid_z
-    ckpt_every: str = "30m"     # checkpoint (also written before the deadline and on SIGTERM)
-    fid_every: str = "0"        # FID of G_ema during training with the available backbone (0: off)
-    fid_samples: int = 2000     # generated images per training-time FID
+    status_every: str = this_run("10s")  # status line and one stats.jsonl record
+    grid_every: str = this_run("10m")   # sample grid from the fixed grid_z
+    ckpt_every: str = this_run("30m")   # checkpoint (also written before the deadline and on SIGTERM)
+    fid_every: str = this_run("0")      # FID of G_ema during training with the available backbone (0: off)
+    fid_samples: int = this_run(2000)   # generated images per training-time FID
     # ---- generation and score ---------------------------------------------------------------------
-    n_images: int = 10000       # images in images.zip (Kaggle wants exactly 10,000)
-    truncation: float = 0.0     # resample |z| above this (0: off); "search" below picks it by FID
-    truncation_search: bool = False  # measure FID for a few truncations at the end and keep the best
-    fid_backbone: str = "auto"  # inception | efficientnet-lite0 | auto (from the weights file)
-    fid_weights: str = ""       # weights file for MiFID; empty: look under /kaggle/input, else skip MiFID
-    mifid_eps: float = 0.0      # memorization threshold (0: the backbone's documented default)
+    n_images: int = this_run(10000)     # images in images.zip (Kaggle wants exactly 10,000)
+    truncation: float = this_run(0.0)   # resample |z| above this (0: off); "search" below picks it by FID
+    truncation_search: bool = this_run(False)  # measure FID for a few truncations at the end and keep the best
+    fid_backbone: str = this_run("auto", choices=("auto", "inception", "efficientnet-lite0"))  # auto: by weights file
+    fid_weights: str = this_run("")     # weights file for MiFID; empty: look under /kaggle/input, else skip MiFID
+    mifid_eps: float = this_run(0.0)    # memorization threshold (0: the backbone's documented default)
 
 
 # A recipe is a few overrides of Config: the write-ups' models, built from the same modules.
@@ -308,14 +334,11 @@ def make_config(overrides: dict | None = None) -> Config:
 
 def validate_config(cfg: Config) -> None:
     """Reject settings that cannot work, with the flag's name in the message."""
-    choices = {"arch": ("resnet", "dcgan"), "cond": ("none", "projection", "acgan", "concat"),
-               "loss": ("hinge", "bce", "ls", "rals", "wgan-gp"),
-               "lr_schedule": ("const", "cosine", "linear", "restarts"),
-               "amp": ("auto", "bf16", "fp16", "fp32"),
-               "fid_backbone": ("auto", "inception", "efficientnet-lite0")}
-    for name, allowed in choices.items():
-        if getattr(cfg, name) not in allowed:
-            raise ConfigError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
+    for f in dataclasses.fields(Config):
+        allowed = f.metadata["choices"]
+        if allowed and getattr(cfg, f.name) not in allowed:
+            flag, value = "--" + f.name.replace("_", "-"), getattr(cfg, f.name)
+            raise ConfigError(f"{flag} {value!r}: choose one of {', '.join(allowed)}")
     for name in ("time_budget", "status_every", "grid_every", "ckpt_every", "fid_every"):
         try:
             parse_duration(getattr(cfg, name))
@@ -341,6 +364,11 @@ def parse_config(argv: list[str] | None = None) -> tuple[Config, argparse.Namesp
     return make_config(overrides), extras
 
 
+def fields_with_role(role: str) -> tuple[str, ...]:
+    """Names of the Config fields whose resume role is `role` (one of RESUME_ROLES)."""
+    return tuple(f.name for f in dataclasses.fields(Config) if f.metadata["resume"] == role)
+
+
 def config_diff(cfg: Config) -> dict:
     """Fields that differ from the plain Config defaults: what a recipe and the flags changed."""
     base = Config()
@@ -356,6 +384,26 @@ def on_kaggle() -> bool:
 def running_in_notebook() -> bool:
     """True inside Jupyter/IPython (Kaggle notebooks), where sys.argv holds the kernel's own arguments."""
     return "ipykernel" in sys.modules or "IPython" in sys.modules
+
+
+# ====================================================================================================
+# src/console.py
+# One way to print progress: `log(tag, message)` writes '[tag] message' and flushes.
+#
+# Under torchrun every rank runs the same code; only rank 0 prints, except errors (`error=True`, to stderr),
+# so a failure on any rank is still seen.
+# ====================================================================================================
+def is_rank_zero() -> bool:
+    """True unless torchrun started this process as a rank other than 0 (RANK is set before any import)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def log(tag: str, message: str, *, error: bool = False) -> None:
+    """'[tag] message' on stdout (rank 0 only), or on stderr from every rank when error is set."""
+    if error:
+        print(f"[{tag}] {message}", file=sys.stderr, flush=True)
+    elif is_rank_zero():
+        print(f"[{tag}] {message}", flush=True)
 
 
 # ====================================================================================================
@@ -932,14 +980,6 @@ def describe_models(G: nn.Module, D: nn.Module) -> str:
 # ====================================================================================================
 CKPT_NAME = "ckpt.pt"
 CKPT_FORMAT = 1
-# Flags of this session that a resumed run keeps: where and how long it runs, how it is watched and scored.
-CKPT_SESSION_FIELDS = ("data_dir", "out", "resume", "demo", "time_budget", "device", "crop_margin", "max_images",
-                       "decode_workers", "amp", "channels_last", "compile", "status_every", "grid_every",
-                       "ckpt_every", "fid_every", "fid_samples", "n_images", "truncation", "truncation_search",
-                       "fid_backbone", "fid_weights", "mifid_eps")
-# Fields that decide the shapes of G and D: a resumed run must use the checkpoint's values.
-CKPT_MODEL_FIELDS = ("recipe", "arch", "z_dim", "g_ch", "d_ch", "shared_dim", "hier_z", "attn_res", "cond", "g_sn",
-                     "d_sn", "pixel_norm", "mbstd")
 CKPT_REQUIRED_KEYS = ("format", "config", "n_classes", "G", "D", "G_ema", "opt_g", "opt_d", "progress")
 
 
@@ -947,8 +987,6 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or does not fit the run; the message says what to do."""
 
 
-def _ckpt_log(message: str) -> None:
-    print(f"[checkpoint] {message}", flush=True)
 
 
 def ckpt_cpu_copy(obj):
@@ -1026,20 +1064,22 @@ def resolve_resume_path(resume: str, out_dir: str) -> str | None:
 
 
 def merge_resumed_config(cfg: Config, saved: dict) -> Config:
-    """The config a resumed run uses: the checkpoint's, except this session's budget/paths/watching flags.
+    """The config a resumed run uses: each field by its resume role in Config (this_run / from_ckpt / model_shape).
 
-    Model-shape fields that differ from the checkpoint's are reported and replaced by the checkpoint's.
+    Fields the checkpoint does not know (added since it was written) keep this run's value.
     """
-    field_names = {f.name for f in dataclasses.fields(Config)}
-    from_ckpt = {k: v for k, v in saved.items() if k in field_names and k not in CKPT_SESSION_FIELDS}
-    shape_diffs = [f"{k}={getattr(cfg, k)!r} (checkpoint {from_ckpt[k]!r})" for k in CKPT_MODEL_FIELDS
-                   if k in from_ckpt and getattr(cfg, k) != from_ckpt[k]]
+    shape_fields = fields_with_role("model_shape")
+    kept = set(shape_fields + fields_with_role("from_ckpt"))
+    from_ckpt = {k: v for k, v in saved.items() if k in kept}
+    shape_diffs = [f"{k}={getattr(cfg, k)!r} (checkpoint {v!r})" for k, v in from_ckpt.items()
+                   if k in shape_fields and getattr(cfg, k) != v]
     other_diffs = [f"{k}={getattr(cfg, k)!r} (checkpoint {v!r})" for k, v in from_ckpt.items()
-                   if k not in CKPT_MODEL_FIELDS and getattr(cfg, k) != v]
+                   if k not in shape_fields and getattr(cfg, k) != v]
     if shape_diffs:
-        _ckpt_log("WARNING: model settings differ from the checkpoint's, using the checkpoint's: " + ", ".join(shape_diffs))
+        log("checkpoint", "WARNING: model settings differ from the checkpoint's, using the checkpoint's: "
+            + ", ".join(shape_diffs))
     if other_diffs:
-        _ckpt_log("training settings come from the checkpoint; ignored here: " + ", ".join(other_diffs))
+        log("checkpoint", "training settings come from the checkpoint; ignored here: " + ", ".join(other_diffs))
     return dataclasses.replace(cfg, **from_ckpt)
 
 
@@ -1421,13 +1461,13 @@ def _dog_run_jobs(jobs, processes: int):
     """Chunk results in order: a process pool when asked for, else (or if the pool fails) in this process."""
     context = _dog_pool_context() if processes > 1 else None
     if processes > 1 and context is None:
-        print("[data] no 'fork' start method and the code lives in __main__; decoding in-process", flush=True)
+        log("data", "no 'fork' start method and the code lives in __main__; decoding in-process")
     elif context is not None:
         try:
             with context.Pool(processes) as pool:
                 return list(pool.imap(_dog_decode_chunk, jobs)), processes
         except Exception as exc:
-            print(f"[data] decode pool failed ({type(exc).__name__}: {exc}); decoding in-process", flush=True)
+            log("data", f"decode pool failed ({type(exc).__name__}: {exc}); decoding in-process")
     return [_dog_decode_chunk(job) for job in jobs], 1
 
 
@@ -1452,8 +1492,8 @@ def load_dogs(data_dir: str, crop_margin: float = 0.0, max_images: int = 0, work
     image_names = _dog_pick_subset([n for n in _dog_source_files(image_source, recursive=False)
                                     if _dog_is_image_name(n)], max_images)
     if annotation_source is None:
-        print(f"[data] warning: no Annotation folder or zip found near {image_source}; "
-              f"every photo is centre-cropped and labelled 'dog'", flush=True)
+        log("data", f"warning: no Annotation folder or zip found near {image_source}; "
+            f"every photo is centre-cropped and labelled 'dog'")
         by_id, by_wnid = {}, {}
     else:
         by_id, by_wnid = _dog_annotation_index(annotation_source)
@@ -1481,9 +1521,9 @@ def load_dogs(data_dir: str, crop_margin: float = 0.0, max_images: int = 0, work
         counts.update(chunk_counts)
         skipped.extend(chunk_skipped)
     for file_name, reason in skipped[:DOG_SKIP_LOG_LIMIT]:
-        print(f"[data] skipped unreadable {file_name}: {reason}", flush=True)
+        log("data", f"skipped unreadable {file_name}: {reason}")
     if len(skipped) > DOG_SKIP_LOG_LIMIT:
-        print(f"[data] ... and {len(skipped) - DOG_SKIP_LOG_LIMIT} more unreadable files", flush=True)
+        log("data", f"... and {len(skipped) - DOG_SKIP_LOG_LIMIT} more unreadable files")
     if not names:
         raise DataError(f"no usable dog images in {image_source}: {len(tasks)} photos found, "
                         f"{counts['skipped_files']} unreadable")
@@ -1509,10 +1549,10 @@ def load_dogs(data_dir: str, crop_margin: float = 0.0, max_images: int = 0, work
     summary["decode_processes"] = processes
     seconds = time.time() - start
     how = f"{processes} processes" if processes > 1 else "in-process"
-    print(f"[data] {summary['photos']} photos -> {summary['samples']} dogs of {len(breeds)} breeds in "
-          f"{seconds:.1f}s ({how}) from {image_source}: "
-          + ", ".join(f"{k} {v}" for k, v in summary.items() if k not in ("photos", "samples", "breeds",
-                                                                         "decode_processes")), flush=True)
+    log("data", f"{summary['photos']} photos -> {summary['samples']} dogs of {len(breeds)} breeds in "
+        f"{seconds:.1f}s ({how}) from {image_source}: "
+        + ", ".join(f"{k} {v}" for k, v in summary.items()
+                    if k not in ("photos", "samples", "breeds", "decode_processes")))
     return DogData(images=images, labels=labels, breeds=breeds, counts=summary, seconds=seconds)
 
 
@@ -1561,7 +1601,7 @@ def setup_distributed(device: str = "auto") -> DistInfo:
     if not torch_dist.is_initialized():
         torch_dist.init_process_group(backend="nccl" if use_cuda else "gloo", rank=rank, world_size=world_size)
     if rank == 0:
-        print(f"[distributed] {world_size} processes, backend {torch_dist.get_backend()}", flush=True)
+        log("distributed", f"{world_size} processes, backend {torch_dist.get_backend()}")
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=rank_device, is_main=rank == 0)
 
 
@@ -2040,8 +2080,6 @@ class SubmissionError(ValueError):
     """images.zip breaks Kaggle's rules (count, format, size, mode); the message names the entry."""
 
 
-def mifid_log(message: str) -> None:
-    print(f"[mifid] {message}", flush=True)
 
 
 def resize_images_uint8(images: torch.Tensor, size: int = MIFID_IMAGE_SIZE) -> torch.Tensor:
@@ -2141,7 +2179,7 @@ def load_feature_extractor(backbone: str, weights_path: str, device="auto") -> F
     model.load_state_dict(state, strict=True)
     resolved = _mifid_resolve_device(device)
     weights_id = _mifid_file_sha256(weights_path)[:16]
-    mifid_log(f"{backbone} from {weights_path} (sha256 {weights_id}...) on {resolved}")
+    log("mifid", f"{backbone} from {weights_path} (sha256 {weights_id}...) on {resolved}")
     return FeatureExtractor(backbone, model, resolved, weights_id)
 
 
@@ -2193,7 +2231,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     covmean = _mifid_sqrtm(sigma1.dot(sigma2))
     if not np.isfinite(covmean).all():
         # product (nearly) singular: retry with a small offset on both covariances
-        mifid_log(f"FID: singular product; adding {MIFID_SQRTM_OFFSET} to the covariance diagonals")
+        log("mifid", f"FID: singular product; adding {MIFID_SQRTM_OFFSET} to the covariance diagonals")
         offset = np.eye(sigma1.shape[0]) * MIFID_SQRTM_OFFSET
         covmean = _mifid_sqrtm((sigma1 + offset).dot(sigma2 + offset))
     if np.iscomplexobj(covmean):
@@ -2263,17 +2301,17 @@ def cached_real_features(extractor: FeatureExtractor, real_uint8: torch.Tensor, 
         try:
             feats = torch.load(path, map_location="cpu", weights_only=True)
             if isinstance(feats, torch.Tensor) and tuple(feats.shape) == (len(real_uint8), extractor.dim):
-                mifid_log(f"real features from cache {path}")
+                log("mifid", f"real features from cache {path}")
                 return feats
-            mifid_log(f"cache {path} has the wrong shape; recomputing")
+            log("mifid", f"cache {path} has the wrong shape; recomputing")
         except Exception as error:  # a damaged cache file only costs the recomputation
-            mifid_log(f"cache {path} unreadable ({error}); recomputing")
+            log("mifid", f"cache {path} unreadable ({error}); recomputing")
     start = time.time()
     feats = extractor(real_uint8)
     os.makedirs(cache_dir, exist_ok=True)
     with atomic_path(path) as tmp_path:
         torch.save(feats, tmp_path)
-    mifid_log(f"real features of {len(real_uint8)} images ({extractor.name}) in {time.time() - start:.1f}s -> {path}")
+    log("mifid", f"real features of {len(real_uint8)} images ({extractor.name}) in {time.time() - start:.1f}s -> {path}")
     return feats
 
 
@@ -2339,7 +2377,7 @@ def load_image_folder(path: str, size: int = MIFID_IMAGE_SIZE) -> torch.Tensor:
         tensor = torch.from_numpy(array.transpose(2, 0, 1).copy())
         images.append(resize_images_uint8(tensor[None], size)[0])
     if skipped:
-        mifid_log(f"{path}: skipped {len(skipped)} undecodable files (e.g. {skipped[0]})")
+        log("mifid", f"{path}: skipped {len(skipped)} undecodable files (e.g. {skipped[0]})")
     if not images:
         raise ValueError(f"no decodable images under {path} ({len(files)} image files found)")
     return torch.stack(images)
@@ -2376,7 +2414,7 @@ def mifid_cli(argv: list[str] | None = None) -> int:
         extractor = load_feature_extractor(args.backbone, args.weights, args.device)
         gen_img = read_images_zip(args.gen, expect_n=None)
         if len(gen_img) != MIFID_SUBMISSION_COUNT:
-            mifid_log(f"note: {len(gen_img)} generated images; Kaggle scores exactly {MIFID_SUBMISSION_COUNT}")
+            log("mifid", f"note: {len(gen_img)} generated images; Kaggle scores exactly {MIFID_SUBMISSION_COUNT}")
         real_img = load_image_folder(args.real)
         if args.cache_dir:
             real_feats = cached_real_features(extractor, real_img, args.cache_dir)
@@ -2438,18 +2476,18 @@ def write_plots(out_dir: str) -> list[str]:
     """
     stats_path = os.path.join(out_dir, "stats.jsonl")
     if not os.path.isfile(stats_path):
-        print(f"[report] no {stats_path}: nothing to plot", flush=True)
+        log("report", f"no {stats_path}: nothing to plot")
         return []
     records = read_stats(stats_path)
     if not records:
-        print(f"[report] {stats_path} has no status records: nothing to plot", flush=True)
+        log("report", f"{stats_path} has no status records: nothing to plot")
         return []
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("[report] matplotlib is not installed: plots skipped (stats.jsonl has the numbers)", flush=True)
+        log("report", "matplotlib is not installed: plots skipped (stats.jsonl has the numbers)")
         return []
 
     panels = [("losses", [("g_loss", "G loss"), ("d_loss", "D loss")]),
@@ -2473,7 +2511,7 @@ def write_plots(out_dir: str) -> list[str]:
     with atomic_path(path) as tmp_path:
         fig.savefig(tmp_path, format="png", dpi=90)
     plt.close(fig)
-    print(f"[report] wrote {path}", flush=True)
+    log("report", f"wrote {path}")
     return [path]
 
 
@@ -2484,8 +2522,6 @@ def write_plots(out_dir: str) -> list[str]:
 TRUNCATION_CANDIDATES = (0.0, 2.0, 1.5, 1.0)
 
 
-def scoring_log(message: str) -> None:
-    print(f"[score] {message}", flush=True)
 
 
 def seconds_per_image(extractor) -> float:
@@ -2538,9 +2574,9 @@ def pick_truncation(cfg: Config, G_ema, extractor, real_feats: torch.Tensor, dev
         gen_img = generate_images(G_ema, cfg.fid_samples, device, truncation=truncation, seed=cfg.seed + 2)
         scores[truncation] = mifid_score(extractor(gen_img), real_feats, eps, device=extractor.device)
         result = scores[truncation]
-        scoring_log(f"truncation {truncation or 'off'}: FID {result['fid']:.2f}  d {result['d']:.3f}  MiFID {result['mifid']:.2f}")
+        log("score", f"truncation {truncation or 'off'}: FID {result['fid']:.2f}  d {result['d']:.3f}  MiFID {result['mifid']:.2f}")
     best = min(scores, key=lambda t: scores[t]["mifid"])
-    scoring_log(f"truncation search picked {best or 'off'} ({extractor.name}, {cfg.fid_samples} images each)")
+    log("score", f"truncation search picked {best or 'off'} ({extractor.name}, {cfg.fid_samples} images each)")
     return best
 
 
@@ -2552,8 +2588,8 @@ def report_mifid(cfg: Config, extractor, zip_path: str, real_feats: torch.Tensor
                          device=extractor.device)
     result["backbone"] = extractor.name
     atomic_write_text(os.path.join(out_dir, "mifid.json"), json.dumps(result, indent=2))
-    scoring_log(f"{extractor.name}: FID {result['fid']:.2f}  d {result['d']:.4f}  d_thr {result['d_thr']:.4f}  "
-                f"MiFID {result['mifid']:.2f}  ({time.time() - start:.0f}s)")
+    log("score", f"{extractor.name}: FID {result['fid']:.2f}  d {result['d']:.4f}  d_thr {result['d_thr']:.4f}  "
+        f"MiFID {result['mifid']:.2f}  ({time.time() - start:.0f}s)")
     return result
 
 
@@ -2775,6 +2811,39 @@ def uint8_to_unit(img_uint8: torch.Tensor) -> torch.Tensor:
 
 
 # ====================================================================================================
+# src/ema.py
+# G_ema: the exponential moving average of G's weights, with StyleGAN2-ADA's ramp-up of the horizon.
+# ====================================================================================================
+def ema_beta_at(step: int, beta: float, rampup: float) -> float:
+    """EMA decay at `step` with ramp-up: the averaging horizon is at most `rampup` of the steps done so far.
+
+    Full horizon H = 1 / (1 - beta) steps. h = clamp(rampup * step, 1, H) and beta_t = 1 - 1 / h, so G_ema copies
+    G at first, averages over the last 5 % of a short run (rampup 0.05), and reaches beta once step >= H / rampup.
+    rampup <= 0 turns the ramp off (beta from the start).
+    """
+    if beta <= 0.0:
+        return 0.0
+    if rampup <= 0:
+        return float(beta)
+    horizon = min(1.0 / (1.0 - beta), max(1.0, rampup * step))
+    return 1.0 - 1.0 / horizon
+
+
+@torch.no_grad()
+def ema_update(G_ema: torch.nn.Module, G: torch.nn.Module, beta: float) -> None:
+    """G_ema <- beta * G_ema + (1 - beta) * G for parameters (one fused lerp); buffers are copied from G."""
+    ema_params = list(G_ema.parameters())
+    params = list(G.parameters())
+    if len(ema_params) != len(params):
+        raise ValueError(f"G_ema has {len(ema_params)} parameters, G has {len(params)}: they must be the same model")
+    if ema_params:
+        # lerp(a, b, w) = a + w (b - a) = (1 - w) a + w b with w = 1 - beta.
+        torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1.0 - float(beta))
+    for ema_buffer, buffer in zip(G_ema.buffers(), G.buffers()):
+        ema_buffer.copy_(buffer)
+
+
+# ====================================================================================================
 # src/losses.py
 # GAN losses on D's logits, one uniform signature each, plus the WGAN-GP penalty and the ACGAN class loss.
 #
@@ -2924,11 +2993,10 @@ def choose_precision(amp: str, device: torch.device | str, channels_last: bool =
     if amp == "auto":
         wanted = ("bf16" if capability >= (8, 0) else "fp16") if on_cuda else "fp32"
     if wanted == "bf16" and on_cuda and capability < (8, 0):
-        print(f"[precision] bf16 needs compute capability 8.0, this GPU has {capability[0]}.{capability[1]}: using fp16",
-              flush=True)
+        log("precision", f"bf16 needs compute capability 8.0, this GPU has {capability[0]}.{capability[1]}: using fp16")
         wanted = "fp16"
     if wanted in ("bf16", "fp16") and not on_cuda:
-        print(f"[precision] --amp {wanted} is for CUDA devices; training in fp32 on {device.type}", flush=True)
+        log("precision", f"--amp {wanted} is for CUDA devices; training in fp32 on {device.type}")
         wanted = "fp32"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(wanted)
     return Precision(device_type=device.type, dtype=dtype, use_scaler=wanted == "fp16",
@@ -2999,8 +3067,6 @@ GRID_SIZE = 64       # 8 x 8 sample grid
 STATS_NAME = "stats.jsonl"
 
 
-def monitor_log(message: str) -> None:
-    print(f"[train] {message}", flush=True)
 
 
 def device_name(device: torch.device) -> str:
@@ -3017,16 +3083,16 @@ def print_banner(cfg: Config, device, precision: Precision, data, deadline, G, D
                  resumed_from: str | None = None) -> None:
     """What this run is: device and dtype, recipe and changed settings, the data, the models and the time plan."""
     layout = "channels_last" if precision.channels_last else "NCHW"
-    monitor_log(f"device {device_name(device)} x{world_size}, {precision.name}, {layout}"
-                f"{', torch.compile' if cfg.compile else ''}")
-    monitor_log(f"recipe {cfg.recipe}; settings changed from the defaults: {config_diff(cfg) or 'none'}")
-    monitor_log(f"data: {len(data.images)} images, {len(data.breeds)} breeds; {dict(data.counts)}")
-    monitor_log(describe_models(G, D))
-    monitor_log(f"budget {format_duration(deadline.end - deadline.start)}: {format_duration(deadline.elapsed())} used, "
-                f"training window {format_duration(max(0.0, deadline.train_remaining()))}, "
-                f"reserve {format_duration(deadline.reserve_s)} for generation and scoring")
+    log("train", f"device {device_name(device)} x{world_size}, {precision.name}, {layout}"
+        f"{', torch.compile' if cfg.compile else ''}")
+    log("train", f"recipe {cfg.recipe}; settings changed from the defaults: {config_diff(cfg) or 'none'}")
+    log("train", f"data: {len(data.images)} images, {len(data.breeds)} breeds; {dict(data.counts)}")
+    log("train", describe_models(G, D))
+    log("train", f"budget {format_duration(deadline.end - deadline.start)}: {format_duration(deadline.elapsed())} used, "
+        f"training window {format_duration(max(0.0, deadline.train_remaining()))}, "
+        f"reserve {format_duration(deadline.reserve_s)} for generation and scoring")
     if resumed_from:
-        monitor_log(f"resumed from {resumed_from}")
+        log("train", f"resumed from {resumed_from}")
 
 
 def format_status(record: dict) -> str:
@@ -3125,7 +3191,7 @@ def save_interpolation_strip(G_ema: torch.nn.Module, path: str, n_rows: int = 4,
 
 # ====================================================================================================
 # src/schedule.py
-# Learning-rate schedules on the training clock, and the EMA of G with its warm-up.
+# Learning-rate schedules on the training clock.
 # ====================================================================================================
 LR_SCHEDULES = ("const", "cosine", "linear", "restarts")
 
@@ -3167,35 +3233,6 @@ def schedule_progress(progress_before: float, window_fraction: float) -> float:
     """
     p0 = min(1.0, max(0.0, float(progress_before)))
     return p0 + (1.0 - p0) * min(1.0, max(0.0, float(window_fraction)))
-
-
-def ema_beta_at(step: int, beta: float, rampup: float) -> float:
-    """EMA decay at `step` with ramp-up: the averaging horizon is at most `rampup` of the steps done so far.
-
-    Full horizon H = 1 / (1 - beta) steps. h = clamp(rampup * step, 1, H) and beta_t = 1 - 1 / h, so G_ema copies
-    G at first, averages over the last 5 % of a short run (rampup 0.05), and reaches beta once step >= H / rampup.
-    rampup <= 0 turns the ramp off (beta from the start).
-    """
-    if beta <= 0.0:
-        return 0.0
-    if rampup <= 0:
-        return float(beta)
-    horizon = min(1.0 / (1.0 - beta), max(1.0, rampup * step))
-    return 1.0 - 1.0 / horizon
-
-
-@torch.no_grad()
-def ema_update(G_ema: torch.nn.Module, G: torch.nn.Module, beta: float) -> None:
-    """G_ema <- beta * G_ema + (1 - beta) * G for parameters (one fused lerp); buffers are copied from G."""
-    ema_params = list(G_ema.parameters())
-    params = list(G.parameters())
-    if len(ema_params) != len(params):
-        raise ValueError(f"G_ema has {len(ema_params)} parameters, G has {len(params)}: they must be the same model")
-    if ema_params:
-        # lerp(a, b, w) = a + w (b - a) = (1 - w) a + w b with w = 1 - beta.
-        torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1.0 - float(beta))
-    for ema_buffer, buffer in zip(G_ema.buffers(), G.buffers()):
-        ema_buffer.copy_(buffer)
 
 
 # ====================================================================================================
@@ -3446,13 +3483,12 @@ def gan_round(nets: GanNets, sampler: DeviceSampler, cfg: Config, precision: Pre
 def _install_stop_signals(caught: dict) -> dict:
     """SIGTERM/SIGINT set caught['signal'] (the loop finishes its step, saves and returns); returns the old handlers."""
     if threading.current_thread() is not threading.main_thread():
-        monitor_log("not in the main thread: SIGTERM/SIGINT are not caught (the deadline still stops training)")
+        log("train", "not in the main thread: SIGTERM/SIGINT are not caught (the deadline still stops training)")
         return {}
 
     def on_signal(signum, frame):
         if "signal" not in caught:
-            print(f"[train] caught {signal.Signals(signum).name}: finishing this step, saving a checkpoint, stopping",
-                  flush=True)
+            log("train", f"caught {signal.Signals(signum).name}: finishing this step, saving a checkpoint, stopping")
         caught["signal"] = signum
 
     previous = {}
@@ -3478,7 +3514,7 @@ def _write_output(what: str, write, *args) -> None:
     try:
         write(*args)
     except OSError as error:
-        monitor_log(f"WARNING: could not write {what} ({error})")
+        log("train", f"WARNING: could not write {what} ({error})")
 
 
 def _due_time(now: float, every_s: float) -> float:
@@ -3528,7 +3564,7 @@ def train(cfg: Config, data, deadline: Deadline, out_dir: str, device, fid_fn=No
         best_G_ema_state = saved.get("best_G_ema")
         restore_rng_state(saved["rng"])
         if state.schedule_progress >= 0.999 and cfg.lr_schedule != "const":
-            monitor_log("the checkpoint's lr schedule had run to its end: this session trains at the final lr")
+            log("train", "the checkpoint's lr schedule had run to its end: this session trains at the final lr")
         del saved
     if world > 1:
         # ranks draw different batches and noise; the models stay identical (DDP broadcasts rank 0's weights)
@@ -3574,13 +3610,13 @@ def train(cfg: Config, data, deadline: Deadline, out_dir: str, device, fid_fn=No
                 stop_reason = (f"error: losses or weights became NaN/Inf {state.rollbacks} times even with lower "
                                f"learning rates; restored the last good state (step {state.step})")
                 if is_main:
-                    monitor_log(f"giving up: {stop_reason[7:]}. Try a lower --lr-g/--lr-d, --amp fp32 or another --loss")
+                    log("train", f"giving up: {stop_reason[7:]}. Try a lower --lr-g/--lr-d, --amp fp32 or another --loss")
                 return False
             state.lr_scale *= 0.5
             if is_main:
-                monitor_log(f"NaN/Inf in the losses or weights (D {d_loss:.3g}, G {g_loss:.3g}): rolled back to step "
-                            f"{state.step} and halved both learning rates (x{state.lr_scale:g} now, rollback "
-                            f"{state.rollbacks} of {MAX_ROLLBACKS})")
+                log("train", f"NaN/Inf in the losses or weights (D {d_loss:.3g}, G {g_loss:.3g}): rolled back to step "
+                    f"{state.step} and halved both learning rates (x{state.lr_scale:g} now, rollback "
+                    f"{state.rollbacks} of {MAX_ROLLBACKS})")
                 event = {"time": now, "event": "rollback", "step": state.step, "kimg": state.images_seen / 1000,
                          "lr_scale": state.lr_scale}
                 _write_output("stats", append_stats, stats_path, event)
@@ -3604,7 +3640,7 @@ def train(cfg: Config, data, deadline: Deadline, out_dir: str, device, fid_fn=No
                       "schedule_progress": state.schedule_progress}
             record.update(extra.get("record", {}))
             _write_output("stats", append_stats, stats_path, record)
-            monitor_log(format_status(record))
+            log("train", format_status(record))
         return True
 
     def write_checkpoint(reason: str) -> None:
@@ -3618,9 +3654,9 @@ def train(cfg: Config, data, deadline: Deadline, out_dir: str, device, fid_fn=No
         start = time.time()
         try:
             save_checkpoint(ckpt_path, ckpt)
-            monitor_log(f"checkpoint ({reason}) -> {ckpt_path} in {time.time() - start:.1f}s")
+            log("train", f"checkpoint ({reason}) -> {ckpt_path} in {time.time() - start:.1f}s")
         except OSError as error:
-            monitor_log(f"WARNING: could not write {ckpt_path} ({error}); the previous checkpoint is kept")
+            log("train", f"WARNING: could not write {ckpt_path} ({error}); the previous checkpoint is kept")
 
     def measure_fid(now: float) -> dict:
         """FID of G_ema (rank 0); the best state is kept in memory and in the checkpoint."""
@@ -3629,20 +3665,20 @@ def train(cfg: Config, data, deadline: Deadline, out_dir: str, device, fid_fn=No
         try:
             fid = float(fid_fn(nets.G_ema))
         except Exception as error:  # a failing metric must not end the training
-            monitor_log(f"WARNING: training-time FID failed ({type(error).__name__}: {error}); FID is off from now")
+            log("train", f"WARNING: training-time FID failed ({type(error).__name__}: {error}); FID is off from now")
             fid_fn = None
             return {}
         nets.G_ema.eval()
         kimg = state.images_seen / 1000
         if not math.isfinite(fid):
-            monitor_log(f"FID is {fid} at {kimg:.1f} kimg: not kept")
+            log("train", f"FID is {fid} at {kimg:.1f} kimg: not kept")
             return {}
         state.fid_history.append([kimg, fid])
         if state.best_fid is None or fid < state.best_fid:
             state.best_fid, state.best_kimg = fid, kimg
             best_G_ema_state = ckpt_cpu_copy(nets.G_ema.state_dict())
-        monitor_log(f"FID {fid:.2f} at {kimg:.1f} kimg ({time.time() - start:.0f}s); best {state.best_fid:.2f} "
-                    f"at {state.best_kimg:.1f} kimg")
+        log("train", f"FID {fid:.2f} at {kimg:.1f} kimg ({time.time() - start:.0f}s); best {state.best_fid:.2f} "
+            f"at {state.best_kimg:.1f} kimg")
         return {"fid": fid, "fid_s": time.time() - start}
 
     try:
@@ -3703,18 +3739,18 @@ def train(cfg: Config, data, deadline: Deadline, out_dir: str, device, fid_fn=No
                 _free_cuda_memory(device)
                 if state.batch_size < 2:
                     stop_reason = "error: CUDA out of memory even at batch size 1"
-                    monitor_log(stop_reason)
+                    log("train", stop_reason)
                     break
                 state.batch_size //= 2
-                monitor_log(f"CUDA out of memory at batch {state.batch_size * 2}: freed memory, batch size "
-                            f"{state.batch_size} from now on")
+                log("train", f"CUDA out of memory at batch {state.batch_size * 2}: freed memory, batch size "
+                    f"{state.batch_size} from now on")
                 if is_main:
                     event = {"time": time.time(), "event": "oom", "step": state.step, "batch_size": state.batch_size}
                     _write_output("stats", append_stats, stats_path, event)
                 continue
             if first_round and is_main:
-                monitor_log(f"first round took {time.time() - round_start:.1f}s"
-                            f"{' (includes torch.compile)' if cfg.compile else ''}")
+                log("train", f"first round took {time.time() - round_start:.1f}s"
+                    f"{' (includes torch.compile)' if cfg.compile else ''}")
                 first_round = False
             state.step += 1
             state.images_seen += rank_batch * world * state.n_dis
@@ -3730,8 +3766,8 @@ def train(cfg: Config, data, deadline: Deadline, out_dir: str, device, fid_fn=No
             raise
         traceback.print_exc()
         stop_reason = f"error: {type(error).__name__}: {error}"
-        monitor_log(f"training failed ({stop_reason[7:]}); restoring the last good state (step "
-                    f"{snapshot['progress']['step']})")
+        log("train", f"training failed ({stop_reason[7:]}); restoring the last good state (step "
+            f"{snapshot['progress']['step']})")
         restore_training_snapshot(nets, snapshot)
         state.step, state.images_seen = snapshot["progress"]["step"], snapshot["progress"]["images_seen"]
     finally:
@@ -3755,13 +3791,13 @@ def train(cfg: Config, data, deadline: Deadline, out_dir: str, device, fid_fn=No
     if best_G_ema_state is not None:
         nets.G_ema.load_state_dict(best_G_ema_state)
         if is_main:
-            monitor_log(f"returning the best G_ema (FID {state.best_fid:.2f} at {state.best_kimg:.1f} kimg), "
-                        f"not the last one")
+            log("train", f"returning the best G_ema (FID {state.best_fid:.2f} at {state.best_kimg:.1f} kimg), "
+                f"not the last one")
     if is_main:
         _write_output("the interpolation strip", save_interpolation_strip, nets.G_ema,
                       os.path.join(out_dir, "samples", "interpolation.png"), 4, 10, cfg.seed)
-        monitor_log(f"stopped ({stop_reason}) at step {state.step}, {state.images_seen / 1000:.1f} kimg, "
-                    f"{format_duration(time.time() - train_start)} of training this session")
+        log("train", f"stopped ({stop_reason}) at step {state.step}, {state.images_seen / 1000:.1f} kimg, "
+            f"{format_duration(time.time() - train_start)} of training this session")
     return TrainResult(G_ema=nets.G_ema.eval(), steps=state.step, images_seen=state.images_seen,
                        stop_reason=stop_reason, best_fid=state.best_fid, cfg=cfg, G=nets.G, D=nets.D,
                        n_classes=n_classes, batch_size=state.batch_size, rollbacks=state.rollbacks,
@@ -3778,8 +3814,6 @@ KAGGLE_OUT = "/kaggle/working"
 KAGGLE_INPUT = "/kaggle/input"
 
 
-def log(message: str) -> None:
-    print(f"[main] {message}", flush=True)
 
 
 def resolve_paths(cfg: Config) -> tuple[str, str]:
@@ -3788,7 +3822,7 @@ def resolve_paths(cfg: Config) -> tuple[str, str]:
     os.makedirs(out_dir, exist_ok=True)
     if cfg.demo:
         data_dir = make_tiny_dataset(os.path.join(out_dir, "demo_data"))
-        log(f"demo: generated a tiny dataset in {data_dir}")
+        log("main", f"demo: generated a tiny dataset in {data_dir}")
         return data_dir, out_dir
     if cfg.data_dir:
         return cfg.data_dir, out_dir
@@ -3807,11 +3841,11 @@ def plan_reserve(cfg: Config, deadline: Deadline, n_classes: int, device: torch.
     # 1.5x and a fixed margin: the estimates are short probes, and Kaggle kills a kernel at 9 h sharp.
     margin_s = min(120.0, 5.0 + 0.01 * (deadline.end - deadline.start))
     deadline.reserve(1.5 * (output_s + scoring_s) + margin_s)
-    log(f"budget {format_duration(deadline.end - deadline.start)}: start-up took {format_duration(deadline.elapsed())}, "
+    log("main", f"budget {format_duration(deadline.end - deadline.start)}: start-up took {format_duration(deadline.elapsed())}, "
         f"reserving {format_duration(deadline.reserve_s)} for generation/zip{'/MiFID' if extractor else ''}, "
         f"training gets {format_duration(max(0.0, deadline.train_remaining()))}")
     if deadline.train_remaining() <= 0:
-        log("WARNING: the budget is too small to train a single step; images.zip will come from the untrained "
+        log("main", "WARNING: the budget is too small to train a single step; images.zip will come from the untrained "
             "generator. Give a larger --time-budget.")
 
 
@@ -3821,7 +3855,7 @@ def open_extractor(cfg: Config, device: torch.device):
     if not weights:
         found = find_fid_weights(KAGGLE_INPUT) if os.path.isdir(KAGGLE_INPUT) else None
         if found is None:
-            log("MiFID: no --fid-weights given and none found under /kaggle/input; scoring is skipped "
+            log("main", "MiFID: no --fid-weights given and none found under /kaggle/input; scoring is skipped "
                 "(attach pt_inception-2015-12-05-6726825d.pth as a dataset to get Kaggle's metric)")
             return None
         backbone, weights = found
@@ -3835,7 +3869,7 @@ def write_submission(G_ema, cfg: Config, out_dir: str, device: torch.device, tru
     generate_s = time.time() - start
     zip_path = os.path.join(out_dir, "images.zip")
     zip_s = write_images_zip(images, zip_path)
-    log(f"wrote {zip_path}: {len(images)} PNG 64x64 (generate {generate_s:.1f}s, zip {zip_s:.1f}s, "
+    log("main", f"wrote {zip_path}: {len(images)} PNG 64x64 (generate {generate_s:.1f}s, zip {zip_s:.1f}s, "
         f"{os.path.getsize(zip_path) / 2**20:.1f} MiB)")
     return zip_path
 
@@ -3845,10 +3879,10 @@ def fallback_generator(cfg: Config, n_classes: int, out_dir: str, device: torch.
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     if os.path.exists(ckpt_path) and os.path.abspath(ckpt_path) != os.path.abspath(cfg.resume or ""):
         try:
-            log(f"using G_ema from {ckpt_path}")
+            log("main", f"using G_ema from {ckpt_path}")
             return load_generator_from_checkpoint(ckpt_path, cfg, n_classes, device)
         except Exception as error:  # a broken checkpoint must not cost the zip
-            log(f"could not read {ckpt_path} ({error}); using an untrained generator")
+            log("main", f"could not read {ckpt_path} ({error}); using an untrained generator")
     G, _ = build_models(cfg, n_classes)
     return G.to(device)
 
@@ -3874,8 +3908,8 @@ def run(cfg: Config, start: float) -> int:
     device = dist.device
     data_dir, out_dir = resolve_paths(cfg)
     if dist.is_main:
-        log(f"dogkernel: recipe {cfg.recipe}, device {device}, out {out_dir}, budget {cfg.time_budget}")
-        log(f"config (differs from defaults): {config_diff(cfg)}")
+        log("main", f"dogkernel: recipe {cfg.recipe}, device {device}, out {out_dir}, budget {cfg.time_budget}")
+        log("main", f"config (differs from defaults): {config_diff(cfg)}")
     data = load_dogs(data_dir, crop_margin=cfg.crop_margin, max_images=cfg.max_images, workers=cfg.decode_workers)
     n_classes = len(data.breeds)
     extractor = open_extractor(cfg, device) if dist.is_main else None
@@ -3887,14 +3921,14 @@ def run(cfg: Config, start: float) -> int:
     try:
         result = train(cfg, data, deadline, out_dir, device, fid_fn=fid_fn)
         G_ema = result.G_ema
-        log(f"training stopped ({result.stop_reason}) after {result.steps} steps, {result.images_seen / 1000:.1f} kimg")
+        log("main", f"training stopped ({result.stop_reason}) after {result.steps} steps, {result.images_seen / 1000:.1f} kimg")
         if result.stop_reason.startswith("error"):
             exit_code = 1
     except CheckpointError as error:
-        log(f"cannot resume: {error}")
+        log("main", f"cannot resume: {error}")
         exit_code = 2
     except Exception:
-        log("training failed:\n" + traceback.format_exc())
+        log("main", "training failed:\n" + traceback.format_exc())
         exit_code = 1
     if not dist.is_main:
         cleanup_distributed()
@@ -3908,7 +3942,7 @@ def run(cfg: Config, start: float) -> int:
         report_mifid(cfg, extractor, zip_path, real_feats, out_dir)
     write_plots(out_dir)
     show_inline(out_dir)
-    log(f"done in {format_duration(deadline.elapsed())} of {format_duration(deadline.end - deadline.start)}")
+    log("main", f"done in {format_duration(deadline.elapsed())} of {format_duration(deadline.end - deadline.start)}")
     cleanup_distributed()
     return exit_code
 
@@ -3920,11 +3954,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg, extras = parse_config(argv)
         if extras.report:
             written = write_plots(extras.report)
-            log(f"report: wrote {', '.join(written) or 'nothing'}")
+            log("main", f"report: wrote {', '.join(written) or 'nothing'}")
             return 0
         return run(cfg, start)
     except (DataError, ConfigError, CheckpointError, FileNotFoundError) as error:
-        print(f"[dogkernel] error: {error}", file=sys.stderr, flush=True)
+        log("dogkernel", f"error: {error}", error=True)
         return 2
 
 
@@ -3933,7 +3967,7 @@ def entry_point() -> None:
     code = main()
     if running_in_notebook():
         if code:
-            print(f"[dogkernel] finished with exit code {code}", flush=True)
+            log("dogkernel", f"finished with exit code {code}")
     else:
         sys.exit(code)
 

@@ -13,19 +13,12 @@ import numpy as np
 import torch
 
 from src.atomic import atomic_path
-from src.config import Config
+from src.config import Config, fields_with_role
+from src.console import log
 from src.models import build_models
 
 CKPT_NAME = "ckpt.pt"
 CKPT_FORMAT = 1
-# Flags of this session that a resumed run keeps: where and how long it runs, how it is watched and scored.
-CKPT_SESSION_FIELDS = ("data_dir", "out", "resume", "demo", "time_budget", "device", "crop_margin", "max_images",
-                       "decode_workers", "amp", "channels_last", "compile", "status_every", "grid_every",
-                       "ckpt_every", "fid_every", "fid_samples", "n_images", "truncation", "truncation_search",
-                       "fid_backbone", "fid_weights", "mifid_eps")
-# Fields that decide the shapes of G and D: a resumed run must use the checkpoint's values.
-CKPT_MODEL_FIELDS = ("recipe", "arch", "z_dim", "g_ch", "d_ch", "shared_dim", "hier_z", "attn_res", "cond", "g_sn",
-                     "d_sn", "pixel_norm", "mbstd")
 CKPT_REQUIRED_KEYS = ("format", "config", "n_classes", "G", "D", "G_ema", "opt_g", "opt_d", "progress")
 
 
@@ -33,8 +26,6 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or does not fit the run; the message says what to do."""
 
 
-def _ckpt_log(message: str) -> None:
-    print(f"[checkpoint] {message}", flush=True)
 
 
 def ckpt_cpu_copy(obj):
@@ -112,20 +103,22 @@ def resolve_resume_path(resume: str, out_dir: str) -> str | None:
 
 
 def merge_resumed_config(cfg: Config, saved: dict) -> Config:
-    """The config a resumed run uses: the checkpoint's, except this session's budget/paths/watching flags.
+    """The config a resumed run uses: each field by its resume role in Config (this_run / from_ckpt / model_shape).
 
-    Model-shape fields that differ from the checkpoint's are reported and replaced by the checkpoint's.
+    Fields the checkpoint does not know (added since it was written) keep this run's value.
     """
-    field_names = {f.name for f in dataclasses.fields(Config)}
-    from_ckpt = {k: v for k, v in saved.items() if k in field_names and k not in CKPT_SESSION_FIELDS}
-    shape_diffs = [f"{k}={getattr(cfg, k)!r} (checkpoint {from_ckpt[k]!r})" for k in CKPT_MODEL_FIELDS
-                   if k in from_ckpt and getattr(cfg, k) != from_ckpt[k]]
+    shape_fields = fields_with_role("model_shape")
+    kept = set(shape_fields + fields_with_role("from_ckpt"))
+    from_ckpt = {k: v for k, v in saved.items() if k in kept}
+    shape_diffs = [f"{k}={getattr(cfg, k)!r} (checkpoint {v!r})" for k, v in from_ckpt.items()
+                   if k in shape_fields and getattr(cfg, k) != v]
     other_diffs = [f"{k}={getattr(cfg, k)!r} (checkpoint {v!r})" for k, v in from_ckpt.items()
-                   if k not in CKPT_MODEL_FIELDS and getattr(cfg, k) != v]
+                   if k not in shape_fields and getattr(cfg, k) != v]
     if shape_diffs:
-        _ckpt_log("WARNING: model settings differ from the checkpoint's, using the checkpoint's: " + ", ".join(shape_diffs))
+        log("checkpoint", "WARNING: model settings differ from the checkpoint's, using the checkpoint's: "
+            + ", ".join(shape_diffs))
     if other_diffs:
-        _ckpt_log("training settings come from the checkpoint; ignored here: " + ", ".join(other_diffs))
+        log("checkpoint", "training settings come from the checkpoint; ignored here: " + ", ".join(other_diffs))
     return dataclasses.replace(cfg, **from_ckpt)
 
 

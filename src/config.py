@@ -5,84 +5,110 @@ import argparse
 import dataclasses
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 class ConfigError(ValueError):
     """A flag or recipe that cannot work; the message names the flag."""
 
 
+# What a resumed run does with each field (declared next to the field, below):
+#   this_run    - this session's value: where and how long it runs, how it is watched and scored
+#   from_ckpt   - the checkpoint's value: the training recipe continues as it was trained (differences are noted)
+#   model_shape - the checkpoint's value: it decides the shapes of G and D (differences are warned about)
+RESUME_ROLES = ("this_run", "from_ckpt", "model_shape")
+
+
+def _config_field(role: str, default, choices: tuple = ()):
+    # one dataclass field with its resume role and, for a setting picked from a registry, its allowed names
+    return field(default=default, metadata={"resume": role, "choices": tuple(choices)})
+
+
+def this_run(default, choices: tuple = ()):
+    return _config_field("this_run", default, choices)
+
+
+def from_ckpt(default, choices: tuple = ()):
+    return _config_field("from_ckpt", default, choices)
+
+
+def model_shape(default, choices: tuple = ()):
+    return _config_field("model_shape", default, choices)
+
+
 @dataclass
 class Config:
     # ---- where things are -------------------------------------------------------------------------
-    data_dir: str = ""          # Kaggle layout root (all-dogs/ + Annotation/); empty: search /kaggle/input
-    out: str = ""               # output folder; empty: /kaggle/working on Kaggle, else ./out
-    resume: str = ""            # ckpt.pt to continue from; "auto": OUT/ckpt.pt when it exists
-    demo: bool = False          # train on a tiny generated dataset (CPU, seconds): the embedded default
+    data_dir: str = this_run("")        # Kaggle layout root (all-dogs/ + Annotation/); empty: search /kaggle/input
+    out: str = this_run("")             # output folder; empty: /kaggle/working on Kaggle, else ./out
+    resume: str = this_run("")          # ckpt.pt to continue from; "auto": OUT/ckpt.pt when it exists
+    demo: bool = this_run(False)        # train on a tiny generated dataset (CPU, seconds): the embedded default
     # ---- budget -----------------------------------------------------------------------------------
-    time_budget: str = "8h30m"  # whole run incl. start-up, generation, zip and MiFID; Kaggle's limit is 9h
-    seed: int = 0               # seeds python, numpy and torch (same seed + config + device = same run)
-    device: str = "auto"        # auto | cpu | cuda | cuda:N
+    time_budget: str = this_run("8h30m")  # whole run: start-up, training, generation, zip, MiFID; Kaggle stops at 9h
+    seed: int = from_ckpt(0)            # seeds python, numpy and torch (same seed + config + device = same run)
+    device: str = this_run("auto")      # auto | cpu | cuda | cuda:N
     # ---- data -------------------------------------------------------------------------------------
-    crop_margin: float = 0.0    # widen each box by this fraction of its size on every side before cropping
-    max_images: int = 0         # read only N photos spread over the sorted list (0: all); for quick local iterations
-    decode_workers: int = 0     # processes decoding JPEGs at start-up (0: one per CPU core)
-    flip: bool = True           # random horizontal flips of real images
-    diffaug: str = "color,translation,cutout"  # DiffAugment policy applied to real and fake before D ("": off)
+    crop_margin: float = this_run(0.0)  # widen each box by this fraction of its size on every side before cropping
+    max_images: int = this_run(0)       # read only N photos spread over the sorted list (0: all); quick iterations
+    decode_workers: int = this_run(0)   # processes decoding JPEGs at start-up (0: one per CPU core)
+    flip: bool = from_ckpt(True)        # random horizontal flips of real images
+    diffaug: str = from_ckpt("color,translation,cutout")  # DiffAugment policy on real and fake before D ("": off)
     # ---- models -----------------------------------------------------------------------------------
-    recipe: str = "biggan"      # named set of overrides below (see RECIPES); flags given explicitly win
-    arch: str = "resnet"        # resnet (SNGAN/BigGAN family) | dcgan
-    z_dim: int = 128            # latent size
-    g_ch: int = 64              # generator width multiplier
-    d_ch: int = 64              # discriminator width multiplier
-    shared_dim: int = 128       # BigGAN shared class embedding size fed to every G block (0: none)
-    hier_z: bool = True         # BigGAN hierarchical z: split z across the G blocks
-    attn_res: int = 0           # self-attention at this resolution in G and D (0: off; 32 for SAGAN)
-    cond: str = "projection"    # how labels enter D: none | projection | acgan | concat
-    g_sn: bool = True           # spectral norm in G (SAGAN/BigGAN)
-    d_sn: bool = True           # spectral norm in D
-    pixel_norm: bool = False    # pixelwise feature normalisation in G (ProGAN)
-    mbstd: bool = False         # minibatch standard deviation channel in D's last block
+    recipe: str = model_shape("biggan")  # named set of overrides below (see RECIPES); flags given explicitly win
+    arch: str = model_shape("resnet", choices=("resnet", "dcgan"))  # ResNet: the SNGAN/BigGAN family
+    z_dim: int = model_shape(128)       # latent size
+    g_ch: int = model_shape(64)         # generator width multiplier
+    d_ch: int = model_shape(64)         # discriminator width multiplier
+    shared_dim: int = model_shape(128)  # BigGAN shared class embedding size fed to every G block (0: none)
+    hier_z: bool = model_shape(True)    # BigGAN hierarchical z: split z across the G blocks
+    attn_res: int = model_shape(0)      # self-attention at this resolution in G and D (0: off; 32 for SAGAN)
+    cond: str = model_shape("projection", choices=("none", "projection", "acgan", "concat"))  # how labels enter D
+    g_sn: bool = model_shape(True)      # spectral norm in G (SAGAN/BigGAN)
+    d_sn: bool = model_shape(True)      # spectral norm in D
+    pixel_norm: bool = model_shape(False)  # pixelwise feature normalisation in G (ProGAN)
+    mbstd: bool = model_shape(False)    # minibatch standard deviation channel in D's last block
     # ---- losses -----------------------------------------------------------------------------------
-    loss: str = "hinge"         # hinge | bce | ls | rals | wgan-gp
-    aux_weight: float = 1.0     # weight of the auxiliary breed-classification loss (cond=acgan)
-    gp_weight: float = 10.0     # gradient-penalty weight (loss=wgan-gp)
-    real_label_min: float = 1.0  # noisy soft labels for bce/ls: real targets drawn from [min, 1]
-    fake_label_max: float = 0.0  # fake targets drawn from [0, max]
+    loss: str = from_ckpt("hinge", choices=("hinge", "bce", "ls", "rals", "wgan-gp"))  # see losses.GAN_LOSSES
+    aux_weight: float = from_ckpt(1.0)  # weight of the auxiliary breed-classification loss (cond=acgan)
+    gp_weight: float = from_ckpt(10.0)  # gradient-penalty weight (loss=wgan-gp)
+    real_label_min: float = from_ckpt(1.0)  # noisy soft labels for bce/ls: real targets drawn from [min, 1]
+    fake_label_max: float = from_ckpt(0.0)  # fake targets drawn from [0, max]
     # ---- optimisation -----------------------------------------------------------------------------
-    batch_size: int = 64        # images per D step
-    lr_g: float = 1e-4          # TTUR: G's learning rate
-    lr_d: float = 4e-4          # TTUR: D's learning rate
-    beta1: float = 0.0          # Adam beta1 (0 for SN-GANs, 0.5 for DCGAN)
-    beta2: float = 0.999        # Adam beta2
-    lr_ref_batch: int = 0       # >0: scale both lrs linearly by batch_size / lr_ref_batch
-    n_dis: int = 1              # D steps per G step
-    dis_loss_limit: float = 0.0  # >0: add D steps (up to n_dis_max) while D's loss stays above this
-    n_dis_max: int = 5          # ceiling of the adaptive D steps
-    g_steps: int = 1            # G steps per round (the Kaggle kernel used 2)
-    lr_schedule: str = "cosine"  # const | cosine | linear (both anneal to the deadline) | restarts
-    lr_min_ratio: float = 0.1   # the annealed lr ends at lr * this
-    restart_cycles: int = 4     # cosine warm restarts: cycles within the training time (doubling lengths)
-    ema_beta: float = 0.999     # G_ema = beta * G_ema + (1 - beta) * G
-    ema_rampup: float = 0.05    # G_ema averages over at most this fraction of the steps so far (StyleGAN2-ADA's
-                                # ramp-up): short runs get a short average instead of a G_ema stuck near init
+    batch_size: int = from_ckpt(64)     # images per D step
+    lr_g: float = from_ckpt(1e-4)       # TTUR: G's learning rate
+    lr_d: float = from_ckpt(4e-4)       # TTUR: D's learning rate
+    beta1: float = from_ckpt(0.0)       # Adam beta1 (0 for SN-GANs, 0.5 for DCGAN)
+    beta2: float = from_ckpt(0.999)     # Adam beta2
+    lr_ref_batch: int = from_ckpt(0)    # >0: scale both lrs linearly by batch_size / lr_ref_batch
+    n_dis: int = from_ckpt(1)           # D steps per G step
+    dis_loss_limit: float = from_ckpt(0.0)  # >0: add D steps (up to n_dis_max) while D's loss stays above this
+    n_dis_max: int = from_ckpt(5)       # ceiling of the adaptive D steps
+    g_steps: int = from_ckpt(1)         # G steps per round (the Kaggle kernel used 2)
+    # cosine and linear anneal to the deadline; restarts: cosine warm restarts
+    lr_schedule: str = from_ckpt("cosine", choices=("const", "cosine", "linear", "restarts"))
+    lr_min_ratio: float = from_ckpt(0.1)  # the annealed lr ends at lr * this
+    restart_cycles: int = from_ckpt(4)  # cosine warm restarts: cycles within the training time (doubling lengths)
+    ema_beta: float = from_ckpt(0.999)  # G_ema = beta * G_ema + (1 - beta) * G
+    # G_ema averages over at most this fraction of the steps so far (StyleGAN2-ADA's ramp-up): short runs get a
+    # short average instead of a G_ema stuck near init
+    ema_rampup: float = from_ckpt(0.05)
     # ---- speed ------------------------------------------------------------------------------------
-    amp: str = "auto"           # auto (bf16 on sm>=80, fp16 below, fp32 on CPU) | bf16 | fp16 | fp32
-    channels_last: bool = True  # NHWC convolutions on the GPU
-    compile: bool = False       # torch.compile G and D (compile time comes out of the budget)
+    amp: str = this_run("auto", choices=("auto", "bf16", "fp16", "fp32"))  # auto: bf16 on sm>=80, fp16 below, CPU fp32
+    channels_last: bool = this_run(True)  # NHWC convolutions on the GPU
+    compile: bool = this_run(False)     # torch.compile G and D (compile time comes out of the budget)
     # ---- watching ---------------------------------------------------------------------------------
-    status_every: str = "10s"   # status line and one stats.jsonl record
-    grid_every: str = "10m"     # sample grid from the fixed grid_z
-    ckpt_every: str = "30m"     # checkpoint (also written before the deadline and on SIGTERM)
-    fid_every: str = "0"        # FID of G_ema during training with the available backbone (0: off)
-    fid_samples: int = 2000     # generated images per training-time FID
+    status_every: str = this_run("10s")  # status line and one stats.jsonl record
+    grid_every: str = this_run("10m")   # sample grid from the fixed grid_z
+    ckpt_every: str = this_run("30m")   # checkpoint (also written before the deadline and on SIGTERM)
+    fid_every: str = this_run("0")      # FID of G_ema during training with the available backbone (0: off)
+    fid_samples: int = this_run(2000)   # generated images per training-time FID
     # ---- generation and score ---------------------------------------------------------------------
-    n_images: int = 10000       # images in images.zip (Kaggle wants exactly 10,000)
-    truncation: float = 0.0     # resample |z| above this (0: off); "search" below picks it by FID
-    truncation_search: bool = False  # measure FID for a few truncations at the end and keep the best
-    fid_backbone: str = "auto"  # inception | efficientnet-lite0 | auto (from the weights file)
-    fid_weights: str = ""       # weights file for MiFID; empty: look under /kaggle/input, else skip MiFID
-    mifid_eps: float = 0.0      # memorization threshold (0: the backbone's documented default)
+    n_images: int = this_run(10000)     # images in images.zip (Kaggle wants exactly 10,000)
+    truncation: float = this_run(0.0)   # resample |z| above this (0: off); "search" below picks it by FID
+    truncation_search: bool = this_run(False)  # measure FID for a few truncations at the end and keep the best
+    fid_backbone: str = this_run("auto", choices=("auto", "inception", "efficientnet-lite0"))  # auto: by weights file
+    fid_weights: str = this_run("")     # weights file for MiFID; empty: look under /kaggle/input, else skip MiFID
+    mifid_eps: float = this_run(0.0)    # memorization threshold (0: the backbone's documented default)
 
 
 # A recipe is a few overrides of Config: the write-ups' models, built from the same modules.
@@ -195,14 +221,11 @@ def make_config(overrides: dict | None = None) -> Config:
 
 def validate_config(cfg: Config) -> None:
     """Reject settings that cannot work, with the flag's name in the message."""
-    choices = {"arch": ("resnet", "dcgan"), "cond": ("none", "projection", "acgan", "concat"),
-               "loss": ("hinge", "bce", "ls", "rals", "wgan-gp"),
-               "lr_schedule": ("const", "cosine", "linear", "restarts"),
-               "amp": ("auto", "bf16", "fp16", "fp32"),
-               "fid_backbone": ("auto", "inception", "efficientnet-lite0")}
-    for name, allowed in choices.items():
-        if getattr(cfg, name) not in allowed:
-            raise ConfigError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
+    for f in dataclasses.fields(Config):
+        allowed = f.metadata["choices"]
+        if allowed and getattr(cfg, f.name) not in allowed:
+            flag, value = "--" + f.name.replace("_", "-"), getattr(cfg, f.name)
+            raise ConfigError(f"{flag} {value!r}: choose one of {', '.join(allowed)}")
     for name in ("time_budget", "status_every", "grid_every", "ckpt_every", "fid_every"):
         try:
             parse_duration(getattr(cfg, name))
@@ -226,6 +249,11 @@ def parse_config(argv: list[str] | None = None) -> tuple[Config, argparse.Namesp
     extras = argparse.Namespace(report=getattr(args, "report", None))
     overrides = {k: v for k, v in vars(args).items() if k != "report"}
     return make_config(overrides), extras
+
+
+def fields_with_role(role: str) -> tuple[str, ...]:
+    """Names of the Config fields whose resume role is `role` (one of RESUME_ROLES)."""
+    return tuple(f.name for f in dataclasses.fields(Config) if f.metadata["resume"] == role)
 
 
 def config_diff(cfg: Config) -> dict:

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from src.console import log
+
 
 class DataError(ValueError):
     """The data folder cannot be used (missing, empty, nothing loadable); the message says what was looked for."""
@@ -379,13 +381,13 @@ def _dog_run_jobs(jobs, processes: int):
     """Chunk results in order: a process pool when asked for, else (or if the pool fails) in this process."""
     context = _dog_pool_context() if processes > 1 else None
     if processes > 1 and context is None:
-        print("[data] no 'fork' start method and the code lives in __main__; decoding in-process", flush=True)
+        log("data", "no 'fork' start method and the code lives in __main__; decoding in-process")
     elif context is not None:
         try:
             with context.Pool(processes) as pool:
                 return list(pool.imap(_dog_decode_chunk, jobs)), processes
         except Exception as exc:
-            print(f"[data] decode pool failed ({type(exc).__name__}: {exc}); decoding in-process", flush=True)
+            log("data", f"decode pool failed ({type(exc).__name__}: {exc}); decoding in-process")
     return [_dog_decode_chunk(job) for job in jobs], 1
 
 
@@ -410,8 +412,8 @@ def load_dogs(data_dir: str, crop_margin: float = 0.0, max_images: int = 0, work
     image_names = _dog_pick_subset([n for n in _dog_source_files(image_source, recursive=False)
                                     if _dog_is_image_name(n)], max_images)
     if annotation_source is None:
-        print(f"[data] warning: no Annotation folder or zip found near {image_source}; "
-              f"every photo is centre-cropped and labelled 'dog'", flush=True)
+        log("data", f"warning: no Annotation folder or zip found near {image_source}; "
+            f"every photo is centre-cropped and labelled 'dog'")
         by_id, by_wnid = {}, {}
     else:
         by_id, by_wnid = _dog_annotation_index(annotation_source)
@@ -439,9 +441,9 @@ def load_dogs(data_dir: str, crop_margin: float = 0.0, max_images: int = 0, work
         counts.update(chunk_counts)
         skipped.extend(chunk_skipped)
     for file_name, reason in skipped[:DOG_SKIP_LOG_LIMIT]:
-        print(f"[data] skipped unreadable {file_name}: {reason}", flush=True)
+        log("data", f"skipped unreadable {file_name}: {reason}")
     if len(skipped) > DOG_SKIP_LOG_LIMIT:
-        print(f"[data] ... and {len(skipped) - DOG_SKIP_LOG_LIMIT} more unreadable files", flush=True)
+        log("data", f"... and {len(skipped) - DOG_SKIP_LOG_LIMIT} more unreadable files")
     if not names:
         raise DataError(f"no usable dog images in {image_source}: {len(tasks)} photos found, "
                         f"{counts['skipped_files']} unreadable")
@@ -467,14 +469,14 @@ def load_dogs(data_dir: str, crop_margin: float = 0.0, max_images: int = 0, work
     summary["decode_processes"] = processes
     seconds = time.time() - start
     how = f"{processes} processes" if processes > 1 else "in-process"
-    print(f"[data] {summary['photos']} photos -> {summary['samples']} dogs of {len(breeds)} breeds in "
-          f"{seconds:.1f}s ({how}) from {image_source}: "
-          + ", ".join(f"{k} {v}" for k, v in summary.items() if k not in ("photos", "samples", "breeds",
-                                                                         "decode_processes")), flush=True)
+    log("data", f"{summary['photos']} photos -> {summary['samples']} dogs of {len(breeds)} breeds in "
+        f"{seconds:.1f}s ({how}) from {image_source}: "
+        + ", ".join(f"{k} {v}" for k, v in summary.items()
+                    if k not in ("photos", "samples", "breeds", "decode_processes")))
     return DogData(images=images, labels=labels, breeds=breeds, counts=summary, seconds=seconds)
 
 
 if __name__ == "__main__":
     import sys
     data = load_dogs(sys.argv[1] if len(sys.argv) > 1 else "/kaggle/input")
-    print(f"[data] images {tuple(data.images.shape)} {data.images.dtype}, labels {tuple(data.labels.shape)}")
+    log("data", f"images {tuple(data.images.shape)} {data.images.dtype}, labels {tuple(data.labels.shape)}")

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as torch_dist
 
 from src.config import ConfigError
+from src.console import log
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ def setup_distributed(device: str = "auto") -> DistInfo:
     if not torch_dist.is_initialized():
         torch_dist.init_process_group(backend="nccl" if use_cuda else "gloo", rank=rank, world_size=world_size)
     if rank == 0:
-        print(f"[distributed] {world_size} processes, backend {torch_dist.get_backend()}", flush=True)
+        log("distributed", f"{world_size} processes, backend {torch_dist.get_backend()}")
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=rank_device, is_main=rank == 0)
 
 

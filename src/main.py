@@ -12,6 +12,7 @@ from src.budget import Deadline
 from src.checkpoint import CheckpointError, load_generator_from_checkpoint
 from src.config import (Config, ConfigError, config_diff, format_duration, on_kaggle, parse_config, parse_duration,
                         running_in_notebook)
+from src.console import log
 from src.data import DataError, load_dogs
 from src.distributed import cleanup_distributed, setup_distributed
 from src.generate import estimate_output_seconds, generate_images, write_images_zip
@@ -26,8 +27,6 @@ KAGGLE_OUT = "/kaggle/working"
 KAGGLE_INPUT = "/kaggle/input"
 
 
-def log(message: str) -> None:
-    print(f"[main] {message}", flush=True)
 
 
 def resolve_paths(cfg: Config) -> tuple[str, str]:
@@ -36,7 +35,7 @@ def resolve_paths(cfg: Config) -> tuple[str, str]:
     os.makedirs(out_dir, exist_ok=True)
     if cfg.demo:
         data_dir = make_tiny_dataset(os.path.join(out_dir, "demo_data"))
-        log(f"demo: generated a tiny dataset in {data_dir}")
+        log("main", f"demo: generated a tiny dataset in {data_dir}")
         return data_dir, out_dir
     if cfg.data_dir:
         return cfg.data_dir, out_dir
@@ -55,11 +54,11 @@ def plan_reserve(cfg: Config, deadline: Deadline, n_classes: int, device: torch.
     # 1.5x and a fixed margin: the estimates are short probes, and Kaggle kills a kernel at 9 h sharp.
     margin_s = min(120.0, 5.0 + 0.01 * (deadline.end - deadline.start))
     deadline.reserve(1.5 * (output_s + scoring_s) + margin_s)
-    log(f"budget {format_duration(deadline.end - deadline.start)}: start-up took {format_duration(deadline.elapsed())}, "
+    log("main", f"budget {format_duration(deadline.end - deadline.start)}: start-up took {format_duration(deadline.elapsed())}, "
         f"reserving {format_duration(deadline.reserve_s)} for generation/zip{'/MiFID' if extractor else ''}, "
         f"training gets {format_duration(max(0.0, deadline.train_remaining()))}")
     if deadline.train_remaining() <= 0:
-        log("WARNING: the budget is too small to train a single step; images.zip will come from the untrained "
+        log("main", "WARNING: the budget is too small to train a single step; images.zip will come from the untrained "
             "generator. Give a larger --time-budget.")
 
 
@@ -69,7 +68,7 @@ def open_extractor(cfg: Config, device: torch.device):
     if not weights:
         found = find_fid_weights(KAGGLE_INPUT) if os.path.isdir(KAGGLE_INPUT) else None
         if found is None:
-            log("MiFID: no --fid-weights given and none found under /kaggle/input; scoring is skipped "
+            log("main", "MiFID: no --fid-weights given and none found under /kaggle/input; scoring is skipped "
                 "(attach pt_inception-2015-12-05-6726825d.pth as a dataset to get Kaggle's metric)")
             return None
         backbone, weights = found
@@ -83,7 +82,7 @@ def write_submission(G_ema, cfg: Config, out_dir: str, device: torch.device, tru
     generate_s = time.time() - start
     zip_path = os.path.join(out_dir, "images.zip")
     zip_s = write_images_zip(images, zip_path)
-    log(f"wrote {zip_path}: {len(images)} PNG 64x64 (generate {generate_s:.1f}s, zip {zip_s:.1f}s, "
+    log("main", f"wrote {zip_path}: {len(images)} PNG 64x64 (generate {generate_s:.1f}s, zip {zip_s:.1f}s, "
         f"{os.path.getsize(zip_path) / 2**20:.1f} MiB)")
     return zip_path
 
@@ -93,10 +92,10 @@ def fallback_generator(cfg: Config, n_classes: int, out_dir: str, device: torch.
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     if os.path.exists(ckpt_path) and os.path.abspath(ckpt_path) != os.path.abspath(cfg.resume or ""):
         try:
-            log(f"using G_ema from {ckpt_path}")
+            log("main", f"using G_ema from {ckpt_path}")
             return load_generator_from_checkpoint(ckpt_path, cfg, n_classes, device)
         except Exception as error:  # a broken checkpoint must not cost the zip
-            log(f"could not read {ckpt_path} ({error}); using an untrained generator")
+            log("main", f"could not read {ckpt_path} ({error}); using an untrained generator")
     G, _ = build_models(cfg, n_classes)
     return G.to(device)
 
@@ -122,8 +121,8 @@ def run(cfg: Config, start: float) -> int:
     device = dist.device
     data_dir, out_dir = resolve_paths(cfg)
     if dist.is_main:
-        log(f"dogkernel: recipe {cfg.recipe}, device {device}, out {out_dir}, budget {cfg.time_budget}")
-        log(f"config (differs from defaults): {config_diff(cfg)}")
+        log("main", f"dogkernel: recipe {cfg.recipe}, device {device}, out {out_dir}, budget {cfg.time_budget}")
+        log("main", f"config (differs from defaults): {config_diff(cfg)}")
     data = load_dogs(data_dir, crop_margin=cfg.crop_margin, max_images=cfg.max_images, workers=cfg.decode_workers)
     n_classes = len(data.breeds)
     extractor = open_extractor(cfg, device) if dist.is_main else None
@@ -135,14 +134,14 @@ def run(cfg: Config, start: float) -> int:
     try:
         result = train(cfg, data, deadline, out_dir, device, fid_fn=fid_fn)
         G_ema = result.G_ema
-        log(f"training stopped ({result.stop_reason}) after {result.steps} steps, {result.images_seen / 1000:.1f} kimg")
+        log("main", f"training stopped ({result.stop_reason}) after {result.steps} steps, {result.images_seen / 1000:.1f} kimg")
         if result.stop_reason.startswith("error"):
             exit_code = 1
     except CheckpointError as error:
-        log(f"cannot resume: {error}")
+        log("main", f"cannot resume: {error}")
         exit_code = 2
     except Exception:
-        log("training failed:\n" + traceback.format_exc())
+        log("main", "training failed:\n" + traceback.format_exc())
         exit_code = 1
     if not dist.is_main:
         cleanup_distributed()
@@ -156,7 +155,7 @@ def run(cfg: Config, start: float) -> int:
         report_mifid(cfg, extractor, zip_path, real_feats, out_dir)
     write_plots(out_dir)
     show_inline(out_dir)
-    log(f"done in {format_duration(deadline.elapsed())} of {format_duration(deadline.end - deadline.start)}")
+    log("main", f"done in {format_duration(deadline.elapsed())} of {format_duration(deadline.end - deadline.start)}")
     cleanup_distributed()
     return exit_code
 
@@ -168,11 +167,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg, extras = parse_config(argv)
         if extras.report:
             written = write_plots(extras.report)
-            log(f"report: wrote {', '.join(written) or 'nothing'}")
+            log("main", f"report: wrote {', '.join(written) or 'nothing'}")
             return 0
         return run(cfg, start)
     except (DataError, ConfigError, CheckpointError, FileNotFoundError) as error:
-        print(f"[dogkernel] error: {error}", file=sys.stderr, flush=True)
+        log("dogkernel", f"error: {error}", error=True)
         return 2
 
 
@@ -181,7 +180,7 @@ def entry_point() -> None:
     code = main()
     if running_in_notebook():
         if code:
-            print(f"[dogkernel] finished with exit code {code}", flush=True)
+            log("dogkernel", f"finished with exit code {code}")
     else:
         sys.exit(code)
 

@@ -28,6 +28,7 @@ from PIL import Image
 from scipy import linalg
 
 from src.atomic import atomic_path
+from src.console import log
 from src.efficientnet import EFFNET_LITE0_DIM, EfficientNetLite0
 from src.inception import FID_INCEPTION_DIM, FIDInceptionV3
 
@@ -54,8 +55,6 @@ class SubmissionError(ValueError):
     """images.zip breaks Kaggle's rules (count, format, size, mode); the message names the entry."""
 
 
-def mifid_log(message: str) -> None:
-    print(f"[mifid] {message}", flush=True)
 
 
 def resize_images_uint8(images: torch.Tensor, size: int = MIFID_IMAGE_SIZE) -> torch.Tensor:
@@ -155,7 +154,7 @@ def load_feature_extractor(backbone: str, weights_path: str, device="auto") -> F
     model.load_state_dict(state, strict=True)
     resolved = _mifid_resolve_device(device)
     weights_id = _mifid_file_sha256(weights_path)[:16]
-    mifid_log(f"{backbone} from {weights_path} (sha256 {weights_id}...) on {resolved}")
+    log("mifid", f"{backbone} from {weights_path} (sha256 {weights_id}...) on {resolved}")
     return FeatureExtractor(backbone, model, resolved, weights_id)
 
 
@@ -207,7 +206,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     covmean = _mifid_sqrtm(sigma1.dot(sigma2))
     if not np.isfinite(covmean).all():
         # product (nearly) singular: retry with a small offset on both covariances
-        mifid_log(f"FID: singular product; adding {MIFID_SQRTM_OFFSET} to the covariance diagonals")
+        log("mifid", f"FID: singular product; adding {MIFID_SQRTM_OFFSET} to the covariance diagonals")
         offset = np.eye(sigma1.shape[0]) * MIFID_SQRTM_OFFSET
         covmean = _mifid_sqrtm((sigma1 + offset).dot(sigma2 + offset))
     if np.iscomplexobj(covmean):
@@ -277,17 +276,17 @@ def cached_real_features(extractor: FeatureExtractor, real_uint8: torch.Tensor, 
         try:
             feats = torch.load(path, map_location="cpu", weights_only=True)
             if isinstance(feats, torch.Tensor) and tuple(feats.shape) == (len(real_uint8), extractor.dim):
-                mifid_log(f"real features from cache {path}")
+                log("mifid", f"real features from cache {path}")
                 return feats
-            mifid_log(f"cache {path} has the wrong shape; recomputing")
+            log("mifid", f"cache {path} has the wrong shape; recomputing")
         except Exception as error:  # a damaged cache file only costs the recomputation
-            mifid_log(f"cache {path} unreadable ({error}); recomputing")
+            log("mifid", f"cache {path} unreadable ({error}); recomputing")
     start = time.time()
     feats = extractor(real_uint8)
     os.makedirs(cache_dir, exist_ok=True)
     with atomic_path(path) as tmp_path:
         torch.save(feats, tmp_path)
-    mifid_log(f"real features of {len(real_uint8)} images ({extractor.name}) in {time.time() - start:.1f}s -> {path}")
+    log("mifid", f"real features of {len(real_uint8)} images ({extractor.name}) in {time.time() - start:.1f}s -> {path}")
     return feats
 
 
@@ -353,7 +352,7 @@ def load_image_folder(path: str, size: int = MIFID_IMAGE_SIZE) -> torch.Tensor:
         tensor = torch.from_numpy(array.transpose(2, 0, 1).copy())
         images.append(resize_images_uint8(tensor[None], size)[0])
     if skipped:
-        mifid_log(f"{path}: skipped {len(skipped)} undecodable files (e.g. {skipped[0]})")
+        log("mifid", f"{path}: skipped {len(skipped)} undecodable files (e.g. {skipped[0]})")
     if not images:
         raise ValueError(f"no decodable images under {path} ({len(files)} image files found)")
     return torch.stack(images)
@@ -390,7 +389,7 @@ def mifid_cli(argv: list[str] | None = None) -> int:
         extractor = load_feature_extractor(args.backbone, args.weights, args.device)
         gen_img = read_images_zip(args.gen, expect_n=None)
         if len(gen_img) != MIFID_SUBMISSION_COUNT:
-            mifid_log(f"note: {len(gen_img)} generated images; Kaggle scores exactly {MIFID_SUBMISSION_COUNT}")
+            log("mifid", f"note: {len(gen_img)} generated images; Kaggle scores exactly {MIFID_SUBMISSION_COUNT}")
         real_img = load_image_folder(args.real)
         if args.cache_dir:
             real_feats = cached_real_features(extractor, real_img, args.cache_dir)

@@ -11,6 +11,7 @@ from PIL import Image
 
 from src.atomic import atomic_write_bytes
 from src.config import Config, config_diff, format_duration
+from src.console import log
 from src.generate import balanced_labels, sample_z
 from src.models import describe_models
 from src.precision import Precision, precision_autocast
@@ -19,8 +20,6 @@ GRID_SIZE = 64       # 8 x 8 sample grid
 STATS_NAME = "stats.jsonl"
 
 
-def monitor_log(message: str) -> None:
-    print(f"[train] {message}", flush=True)
 
 
 def device_name(device: torch.device) -> str:
@@ -37,16 +36,16 @@ def print_banner(cfg: Config, device, precision: Precision, data, deadline, G, D
                  resumed_from: str | None = None) -> None:
     """What this run is: device and dtype, recipe and changed settings, the data, the models and the time plan."""
     layout = "channels_last" if precision.channels_last else "NCHW"
-    monitor_log(f"device {device_name(device)} x{world_size}, {precision.name}, {layout}"
-                f"{', torch.compile' if cfg.compile else ''}")
-    monitor_log(f"recipe {cfg.recipe}; settings changed from the defaults: {config_diff(cfg) or 'none'}")
-    monitor_log(f"data: {len(data.images)} images, {len(data.breeds)} breeds; {dict(data.counts)}")
-    monitor_log(describe_models(G, D))
-    monitor_log(f"budget {format_duration(deadline.end - deadline.start)}: {format_duration(deadline.elapsed())} used, "
-                f"training window {format_duration(max(0.0, deadline.train_remaining()))}, "
-                f"reserve {format_duration(deadline.reserve_s)} for generation and scoring")
+    log("train", f"device {device_name(device)} x{world_size}, {precision.name}, {layout}"
+        f"{', torch.compile' if cfg.compile else ''}")
+    log("train", f"recipe {cfg.recipe}; settings changed from the defaults: {config_diff(cfg) or 'none'}")
+    log("train", f"data: {len(data.images)} images, {len(data.breeds)} breeds; {dict(data.counts)}")
+    log("train", describe_models(G, D))
+    log("train", f"budget {format_duration(deadline.end - deadline.start)}: {format_duration(deadline.elapsed())} used, "
+        f"training window {format_duration(max(0.0, deadline.train_remaining()))}, "
+        f"reserve {format_duration(deadline.reserve_s)} for generation and scoring")
     if resumed_from:
-        monitor_log(f"resumed from {resumed_from}")
+        log("train", f"resumed from {resumed_from}")
 
 
 def format_status(record: dict) -> str:

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from src.console import log
+
 
 @dataclass(frozen=True)
 class Precision:
@@ -32,11 +34,10 @@ def choose_precision(amp: str, device: torch.device | str, channels_last: bool =
     if amp == "auto":
         wanted = ("bf16" if capability >= (8, 0) else "fp16") if on_cuda else "fp32"
     if wanted == "bf16" and on_cuda and capability < (8, 0):
-        print(f"[precision] bf16 needs compute capability 8.0, this GPU has {capability[0]}.{capability[1]}: using fp16",
-              flush=True)
+        log("precision", f"bf16 needs compute capability 8.0, this GPU has {capability[0]}.{capability[1]}: using fp16")
         wanted = "fp16"
     if wanted in ("bf16", "fp16") and not on_cuda:
-        print(f"[precision] --amp {wanted} is for CUDA devices; training in fp32 on {device.type}", flush=True)
+        log("precision", f"--amp {wanted} is for CUDA devices; training in fp32 on {device.type}")
         wanted = "fp32"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(wanted)
     return Precision(device_type=device.type, dtype=dtype, use_scaler=wanted == "fp16",

@@ -5,6 +5,7 @@ import json
 import os
 
 from src.atomic import atomic_path
+from src.console import log
 
 PLOTS_NAME = "plots.png"
 
@@ -36,18 +37,18 @@ def write_plots(out_dir: str) -> list[str]:
     """
     stats_path = os.path.join(out_dir, "stats.jsonl")
     if not os.path.isfile(stats_path):
-        print(f"[report] no {stats_path}: nothing to plot", flush=True)
+        log("report", f"no {stats_path}: nothing to plot")
         return []
     records = read_stats(stats_path)
     if not records:
-        print(f"[report] {stats_path} has no status records: nothing to plot", flush=True)
+        log("report", f"{stats_path} has no status records: nothing to plot")
         return []
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("[report] matplotlib is not installed: plots skipped (stats.jsonl has the numbers)", flush=True)
+        log("report", "matplotlib is not installed: plots skipped (stats.jsonl has the numbers)")
         return []
 
     panels = [("losses", [("g_loss", "G loss"), ("d_loss", "D loss")]),
@@ -71,7 +72,7 @@ def write_plots(out_dir: str) -> list[str]:
     with atomic_path(path) as tmp_path:
         fig.savefig(tmp_path, format="png", dpi=90)
     plt.close(fig)
-    print(f"[report] wrote {path}", flush=True)
+    log("report", f"wrote {path}")
     return [path]
 
 

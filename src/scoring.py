@@ -9,14 +9,13 @@ import torch
 
 from src.atomic import atomic_write_text
 from src.config import Config, parse_duration
+from src.console import log
 from src.generate import generate_images
 from src.mifid import cached_real_features, feature_stats, frechet_distance, mifid_score, read_images_zip
 
 TRUNCATION_CANDIDATES = (0.0, 2.0, 1.5, 1.0)
 
 
-def scoring_log(message: str) -> None:
-    print(f"[score] {message}", flush=True)
 
 
 def seconds_per_image(extractor) -> float:
@@ -69,9 +68,9 @@ def pick_truncation(cfg: Config, G_ema, extractor, real_feats: torch.Tensor, dev
         gen_img = generate_images(G_ema, cfg.fid_samples, device, truncation=truncation, seed=cfg.seed + 2)
         scores[truncation] = mifid_score(extractor(gen_img), real_feats, eps, device=extractor.device)
         result = scores[truncation]
-        scoring_log(f"truncation {truncation or 'off'}: FID {result['fid']:.2f}  d {result['d']:.3f}  MiFID {result['mifid']:.2f}")
+        log("score", f"truncation {truncation or 'off'}: FID {result['fid']:.2f}  d {result['d']:.3f}  MiFID {result['mifid']:.2f}")
     best = min(scores, key=lambda t: scores[t]["mifid"])
-    scoring_log(f"truncation search picked {best or 'off'} ({extractor.name}, {cfg.fid_samples} images each)")
+    log("score", f"truncation search picked {best or 'off'} ({extractor.name}, {cfg.fid_samples} images each)")
     return best
 
 
@@ -83,6 +82,6 @@ def report_mifid(cfg: Config, extractor, zip_path: str, real_feats: torch.Tensor
                          device=extractor.device)
     result["backbone"] = extractor.name
     atomic_write_text(os.path.join(out_dir, "mifid.json"), json.dumps(result, indent=2))
-    scoring_log(f"{extractor.name}: FID {result['fid']:.2f}  d {result['d']:.4f}  d_thr {result['d_thr']:.4f}  "
-                f"MiFID {result['mifid']:.2f}  ({time.time() - start:.0f}s)")
+    log("score", f"{extractor.name}: FID {result['fid']:.2f}  d {result['d']:.4f}  d_thr {result['d_thr']:.4f}  "
+        f"MiFID {result['mifid']:.2f}  ({time.time() - start:.0f}s)")
     return result

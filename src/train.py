@@ -27,15 +27,17 @@ from src.checkpoint import (CKPT_FORMAT, CKPT_NAME, CheckpointError, capture_rng
                             load_checkpoint, merge_resumed_config, resolve_resume_path, restore_rng_state,
                             save_checkpoint)
 from src.config import Config, format_duration, parse_duration
+from src.console import log
 from src.distributed import DistInfo, any_rank_flags, current_dist_info, mean_over_ranks, sync_buffers, wrap_ddp
+from src.ema import ema_beta_at, ema_update
 from src.layers import spectral_norm_layers, spectral_norm_power_iteration_
 from src.losses import GAN_LOSSES, aux_class_loss, gradient_penalty, noisy_labels
 from src.models import build_models
-from src.monitor import (STATS_NAME, append_stats, format_status, make_grid_latents, monitor_log, print_banner,
+from src.monitor import (STATS_NAME, append_stats, format_status, make_grid_latents, print_banner,
                          save_interpolation_strip, save_sample_grid)
 from src.precision import (Precision, autocast_disabled, choose_precision, configure_backends, make_adam,
                            make_grad_scaler, place_module, precision_autocast, to_memory_format)
-from src.schedule import ema_beta_at, ema_update, lr_factor, schedule_progress
+from src.schedule import lr_factor, schedule_progress
 
 MAX_ROLLBACKS = 3            # NaN/Inf rollbacks before the run gives up
 ROLLBACK_SNAPSHOT_S = 300.0  # refresh the in-memory rollback point at a healthy tick at most this often
@@ -277,13 +279,12 @@ def gan_round(nets: GanNets, sampler: DeviceSampler, cfg: Config, precision: Pre
 def _install_stop_signals(caught: dict) -> dict:
     """SIGTERM/SIGINT set caught['signal'] (the loop finishes its step, saves and returns); returns the old handlers."""
     if threading.current_thread() is not threading.main_thread():
-        monitor_log("not in the main thread: SIGTERM/SIGINT are not caught (the deadline still stops training)")
+        log("train", "not in the main thread: SIGTERM/SIGINT are not caught (the deadline still stops training)")
         return {}
 
     def on_signal(signum, frame):
         if "signal" not in caught:
-            print(f"[train] caught {signal.Signals(signum).name}: finishing this step, saving a checkpoint, stopping",
-                  flush=True)
+            log("train", f"caught {signal.Signals(signum).name}: finishing this step, saving a checkpoint, stopping")
         caught["signal"] = signum
 
     previous = {}
@@ -309,7 +310,7 @@ def _write_output(what: str, write, *args) -> None:
     try:
         write(*args)
     except OSError as error:
-        monitor_log(f"WARNING: could not write {what} ({error})")
+        log("train", f"WARNING: could not write {what} ({error})")
 
 
 def _due_time(now: float, every_s: float) -> float:
@@ -359,7 +360,7 @@ def train(cfg: Config, data, deadline: Deadline, out_dir: str, device, fid_fn=No
         best_G_ema_state = saved.get("best_G_ema")
         restore_rng_state(saved["rng"])
         if state.schedule_progress >= 0.999 and cfg.lr_schedule != "const":
-            monitor_log("the checkpoint's lr schedule had run to its end: this session trains at the final lr")
+            log("train", "the checkpoint's lr schedule had run to its end: this session trains at the final lr")
         del saved
     if world > 1:
         # ranks draw different batches and noise; the models stay identical (DDP broadcasts rank 0's weights)
@@ -405,13 +406,13 @@ def train(cfg: Config, data, deadline: Deadline, out_dir: str, device, fid_fn=No
                 stop_reason = (f"error: losses or weights became NaN/Inf {state.rollbacks} times even with lower "
                                f"learning rates; restored the last good state (step {state.step})")
                 if is_main:
-                    monitor_log(f"giving up: {stop_reason[7:]}. Try a lower --lr-g/--lr-d, --amp fp32 or another --loss")
+                    log("train", f"giving up: {stop_reason[7:]}. Try a lower --lr-g/--lr-d, --amp fp32 or another --loss")
                 return False
             state.lr_scale *= 0.5
             if is_main:
-                monitor_log(f"NaN/Inf in the losses or weights (D {d_loss:.3g}, G {g_loss:.3g}): rolled back to step "
-                            f"{state.step} and halved both learning rates (x{state.lr_scale:g} now, rollback "
-                            f"{state.rollbacks} of {MAX_ROLLBACKS})")
+                log("train", f"NaN/Inf in the losses or weights (D {d_loss:.3g}, G {g_loss:.3g}): rolled back to step "
+                    f"{state.step} and halved both learning rates (x{state.lr_scale:g} now, rollback "
+                    f"{state.rollbacks} of {MAX_ROLLBACKS})")
                 event = {"time": now, "event": "rollback", "step": state.step, "kimg": state.images_seen / 1000,
                          "lr_scale": state.lr_scale}
                 _write_output("stats", append_stats, stats_path, event)
@@ -435,7 +436,7 @@ def train(cfg: Config, data, deadline: Deadline, out_dir: str, device, fid_fn=No
                       "schedule_progress": state.schedule_progress}
             record.update(extra.get("record", {}))
             _write_output("stats", append_stats, stats_path, record)
-            monitor_log(format_status(record))
+            log("train", format_status(record))
         return True
 
     def write_checkpoint(reason: str) -> None:
@@ -449,9 +450,9 @@ def train(cfg: Config, data, deadline: Deadline, out_dir: str, device, fid_fn=No
         start = time.time()
         try:
             save_checkpoint(ckpt_path, ckpt)
-            monitor_log(f"checkpoint ({reason}) -> {ckpt_path} in {time.time() - start:.1f}s")
+            log("train", f"checkpoint ({reason}) -> {ckpt_path} in {time.time() - start:.1f}s")
         except OSError as error:
-            monitor_log(f"WARNING: could not write {ckpt_path} ({error}); the previous checkpoint is kept")
+            log("train", f"WARNING: could not write {ckpt_path} ({error}); the previous checkpoint is kept")
 
     def measure_fid(now: float) -> dict:
         """FID of G_ema (rank 0); the best state is kept in memory and in the checkpoint."""
@@ -460,20 +461,20 @@ def train(cfg: Config, data, deadline: Deadline, out_dir: str, device, fid_fn=No
         try:
             fid = float(fid_fn(nets.G_ema))
         except Exception as error:  # a failing metric must not end the training
-            monitor_log(f"WARNING: training-time FID failed ({type(error).__name__}: {error}); FID is off from now")
+            log("train", f"WARNING: training-time FID failed ({type(error).__name__}: {error}); FID is off from now")
             fid_fn = None
             return {}
         nets.G_ema.eval()
         kimg = state.images_seen / 1000
         if not math.isfinite(fid):
-            monitor_log(f"FID is {fid} at {kimg:.1f} kimg: not kept")
+            log("train", f"FID is {fid} at {kimg:.1f} kimg: not kept")
             return {}
         state.fid_history.append([kimg, fid])
         if state.best_fid is None or fid < state.best_fid:
             state.best_fid, state.best_kimg = fid, kimg
             best_G_ema_state = ckpt_cpu_copy(nets.G_ema.state_dict())
-        monitor_log(f"FID {fid:.2f} at {kimg:.1f} kimg ({time.time() - start:.0f}s); best {state.best_fid:.2f} "
-                    f"at {state.best_kimg:.1f} kimg")
+        log("train", f"FID {fid:.2f} at {kimg:.1f} kimg ({time.time() - start:.0f}s); best {state.best_fid:.2f} "
+            f"at {state.best_kimg:.1f} kimg")
         return {"fid": fid, "fid_s": time.time() - start}
 
     try:
@@ -534,18 +535,18 @@ def train(cfg: Config, data, deadline: Deadline, out_dir: str, device, fid_fn=No
                 _free_cuda_memory(device)
                 if state.batch_size < 2:
                     stop_reason = "error: CUDA out of memory even at batch size 1"
-                    monitor_log(stop_reason)
+                    log("train", stop_reason)
                     break
                 state.batch_size //= 2
-                monitor_log(f"CUDA out of memory at batch {state.batch_size * 2}: freed memory, batch size "
-                            f"{state.batch_size} from now on")
+                log("train", f"CUDA out of memory at batch {state.batch_size * 2}: freed memory, batch size "
+                    f"{state.batch_size} from now on")
                 if is_main:
                     event = {"time": time.time(), "event": "oom", "step": state.step, "batch_size": state.batch_size}
                     _write_output("stats", append_stats, stats_path, event)
                 continue
             if first_round and is_main:
-                monitor_log(f"first round took {time.time() - round_start:.1f}s"
-                            f"{' (includes torch.compile)' if cfg.compile else ''}")
+                log("train", f"first round took {time.time() - round_start:.1f}s"
+                    f"{' (includes torch.compile)' if cfg.compile else ''}")
                 first_round = False
             state.step += 1
             state.images_seen += rank_batch * world * state.n_dis
@@ -561,8 +562,8 @@ def train(cfg: Config, data, deadline: Deadline, out_dir: str, device, fid_fn=No
             raise
         traceback.print_exc()
         stop_reason = f"error: {type(error).__name__}: {error}"
-        monitor_log(f"training failed ({stop_reason[7:]}); restoring the last good state (step "
-                    f"{snapshot['progress']['step']})")
+        log("train", f"training failed ({stop_reason[7:]}); restoring the last good state (step "
+            f"{snapshot['progress']['step']})")
         restore_training_snapshot(nets, snapshot)
         state.step, state.images_seen = snapshot["progress"]["step"], snapshot["progress"]["images_seen"]
     finally:
@@ -586,13 +587,13 @@ def train(cfg: Config, data, deadline: Deadline, out_dir: str, device, fid_fn=No
     if best_G_ema_state is not None:
         nets.G_ema.load_state_dict(best_G_ema_state)
         if is_main:
-            monitor_log(f"returning the best G_ema (FID {state.best_fid:.2f} at {state.best_kimg:.1f} kimg), "
-                        f"not the last one")
+            log("train", f"returning the best G_ema (FID {state.best_fid:.2f} at {state.best_kimg:.1f} kimg), "
+                f"not the last one")
     if is_main:
         _write_output("the interpolation strip", save_interpolation_strip, nets.G_ema,
                       os.path.join(out_dir, "samples", "interpolation.png"), 4, 10, cfg.seed)
-        monitor_log(f"stopped ({stop_reason}) at step {state.step}, {state.images_seen / 1000:.1f} kimg, "
-                    f"{format_duration(time.time() - train_start)} of training this session")
+        log("train", f"stopped ({stop_reason}) at step {state.step}, {state.images_seen / 1000:.1f} kimg, "
+            f"{format_duration(time.time() - train_start)} of training this session")
     return TrainResult(G_ema=nets.G_ema.eval(), steps=state.step, images_seen=state.images_seen,
                        stop_reason=stop_reason, best_fid=state.best_fid, cfg=cfg, G=nets.G, D=nets.D,
                        n_classes=n_classes, batch_size=state.batch_size, rollbacks=state.rollbacks,

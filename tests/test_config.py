@@ -77,3 +77,29 @@ def test_jupyter_arguments_are_ignored_in_a_notebook(monkeypatch):
 def test_report_flag_is_not_a_config_field():
     cfg, extras = parse_config(["--report", "some/out"])
     assert extras.report == "some/out" and cfg == Config()
+
+
+def test_every_field_declares_its_resume_role():
+    import dataclasses
+    from src.config import RESUME_ROLES, fields_with_role
+    for f in dataclasses.fields(Config):
+        assert f.metadata.get("resume") in RESUME_ROLES, f"Config.{f.name} has no resume role"
+    # the model's shapes always come from the checkpoint; the budget and the paths always from this run
+    assert {"arch", "g_ch", "d_ch", "z_dim", "cond"} <= set(fields_with_role("model_shape"))
+    assert {"time_budget", "out", "data_dir", "resume"} <= set(fields_with_role("this_run"))
+    assert {"lr_g", "loss", "batch_size"} <= set(fields_with_role("from_ckpt"))
+
+
+def test_choices_are_the_registries_names():
+    """Each setting picked from a registry lists exactly the registry's names (one list, checked here)."""
+    import dataclasses
+    from src.losses import GAN_LOSSES
+    from src.schedule import LR_SCHEDULES
+    choices = {f.name: set(f.metadata["choices"]) for f in dataclasses.fields(Config)}
+    assert choices["loss"] == set(GAN_LOSSES)
+    assert choices["lr_schedule"] == set(LR_SCHEDULES)
+
+
+def test_a_name_outside_the_choices_is_refused_with_the_list():
+    with pytest.raises(ConfigError, match="--lr-schedule 'cosin': choose one of const, cosine, linear, restarts"):
+        make_config({"lr_schedule": "cosin"})

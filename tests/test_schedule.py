@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from src.config import make_config
-from src.schedule import ema_beta_at, ema_update, lr_factor, schedule_progress
+from src.ema import ema_beta_at, ema_update
+from src.schedule import lr_factor, schedule_progress
 from src.train import LoopState, current_lrs
 
 

@@ -1,8 +1,8 @@
 """Benchmark of the training step and the pipeline around it (not bundled into the kernel).
 
-    python -m src.bench                       # our step: images/s, step time, peak memory, FLOPs and MFU
-    python -m src.bench --baseline            # + a plain loop on the same models, and the ratio from this run
-    python -m src.bench --pipeline --data-dir DIR [--fid-weights FILE]   # + start-up, 10k generation, zip, MiFID
+    python scripts/bench.py                       # our step: images/s, step time, peak memory, FLOPs and MFU
+    python scripts/bench.py --baseline            # + a plain loop on the same models, and the ratio from this run
+    python scripts/bench.py --pipeline --data-dir DIR [--fid-weights FILE]   # + start-up, 10k generation, zip, MiFID
 
 The plain loop is what a first notebook does: fp32, a torch DataLoader over PIL images with torchvision
 transforms, `.item()` on the losses every step. Both loops run the same models, loss, DiffAugment and batch.
@@ -12,31 +12,31 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import sys
 import tempfile
 import time
 
 import torch
 from PIL import Image
 
-from src.augment import diff_augment
-from src.config import make_config
-from src.data import load_dogs
-from src.distributed import current_dist_info
-from src.generate import generate_images, write_images_zip
-from src.layers import spectral_norm_layers, spectral_norm_power_iteration_
-from src.losses import GAN_LOSSES
-from src.mifid import cached_real_features, load_feature_extractor, mifid_score
-from src.models import build_models
-from src.precision import choose_precision, configure_backends
-from src.synthetic import make_tiny_dataset
-from src.train import DeviceSampler, build_gan_nets, gan_round
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from src.augment import diff_augment  # noqa: E402
+from src.config import make_config  # noqa: E402
+from src.console import log  # noqa: E402
+from src.data import load_dogs  # noqa: E402
+from src.distributed import current_dist_info  # noqa: E402
+from src.generate import generate_images, write_images_zip  # noqa: E402
+from src.layers import spectral_norm_layers, spectral_norm_power_iteration_  # noqa: E402
+from src.losses import GAN_LOSSES  # noqa: E402
+from src.mifid import cached_real_features, load_feature_extractor, mifid_score  # noqa: E402
+from src.models import build_models  # noqa: E402
+from src.precision import choose_precision, configure_backends  # noqa: E402
+from src.synthetic import make_tiny_dataset  # noqa: E402
+from src.train import DeviceSampler, build_gan_nets, gan_round  # noqa: E402
 
 # Dense peak throughput of the training dtype, for the MFU estimate (vendor datasheets; bf16/fp16 tensor cores).
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "T4": 65.0, "P100": 18.7, "V100": 125.0}
-
-
-def bench_log(message: str) -> None:
-    print(f"[bench] {message}", flush=True)
 
 
 def synchronize(device: torch.device) -> None:
@@ -207,21 +207,21 @@ def bench_main(argv: list[str] | None = None) -> None:
     data_dir = args.data_dir or make_tiny_dataset(tempfile.mkdtemp(prefix="dogbench-"), n_images=256, n_breeds=8)
     data = load_dogs(data_dir, workers=cfg.decode_workers)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    bench_log(f"{name}; recipe {cfg.recipe}, batch {cfg.batch_size}, g_ch {cfg.g_ch}, d_ch {cfg.d_ch}, "
+    log("bench", f"{name}; recipe {cfg.recipe}, batch {cfg.batch_size}, g_ch {cfg.g_ch}, d_ch {cfg.d_ch}, "
               f"{args.steps} timed rounds after {args.warmup} warm-up")
     ours = time_ours(cfg, data, device, args.steps, args.warmup)
     peak = peak_tflops(device)
     mfu = f"{100 * ours['tflops'] / peak:.1f}% of {peak:g} TFLOP/s" if peak else "n/a (no peak figure for this device)"
-    bench_log(f"ours ({ours['precision']}): {ours['images_per_s']:.1f} img/s, {ours['step_ms']:.1f} ms/round, "
+    log("bench", f"ours ({ours['precision']}): {ours['images_per_s']:.1f} img/s, {ours['step_ms']:.1f} ms/round, "
               f"peak memory {ours['peak_mib']:.0f} MiB, {ours['flops_per_round'] / 1e9:.1f} GFLOP/round, "
               f"{ours['tflops']:.3f} TFLOP/s, MFU {mfu}")
     if args.baseline:
         plain = time_baseline(cfg, data, device, args.steps, args.warmup)
-        bench_log(f"plain loop (fp32, DataLoader, .item()): {plain['images_per_s']:.1f} img/s, {plain['step_ms']:.1f} ms/round")
-        bench_log(f"speed-up, measured in this run: {ours['images_per_s'] / plain['images_per_s']:.2f}x")
+        log("bench", f"plain loop (fp32, DataLoader, .item()): {plain['images_per_s']:.1f} img/s, {plain['step_ms']:.1f} ms/round")
+        log("bench", f"speed-up, measured in this run: {ours['images_per_s'] / plain['images_per_s']:.2f}x")
     if args.pipeline:
         figures = time_pipeline(cfg, data_dir, device, args.fid_weights)
-        bench_log("pipeline: " + ", ".join(f"{k} {v:.1f}" for k, v in figures.items()))
+        log("bench", "pipeline: " + ", ".join(f"{k} {v:.1f}" for k, v in figures.items()))
 
 
 if __name__ == "__main__":
