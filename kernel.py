@@ -11,6 +11,7 @@ import colorsys
 import contextlib
 import copy
 import dataclasses
+import enum
 import fnmatch
 import gc
 import hashlib
@@ -37,6 +38,7 @@ import zipfile
 from PIL import Image
 from PIL import Image, ImageDraw
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from dataclasses import dataclass, field
@@ -46,7 +48,7 @@ from torch.nn.utils import parametrize
 
 # ====================================================================================================
 # src/budget.py
-# Wall-clock budget: when training must stop so that generation, zip and MiFID still fit.
+# Wall-clock budget (when training must stop so that generation, zip and MiFID still fit) and periodic events.
 # ====================================================================================================
 class Deadline:
     """The run's end time and the reserve kept back for what comes after training."""
@@ -79,6 +81,28 @@ class Deadline:
         """Fraction of the training window used so far (0..1): the clock the lr schedule anneals by."""
         span = max(1e-9, self.train_end - train_start)
         return min(1.0, max(0.0, (time.time() - train_start) / span))
+
+
+class Every:
+    """A periodic event on the wall clock: due once `seconds` have passed since the last reset.
+
+    seconds <= 0 means never (only at the end of the run), or every time when `zero_means_always` (status ticks).
+    """
+
+    def __init__(self, seconds: float, now: float, zero_means_always: bool = False):
+        self.seconds = seconds
+        self.never = seconds <= 0 and not zero_means_always
+        self.reset(now)
+
+    def reset(self, now: float) -> None:
+        self.next = math.inf if self.never else now + max(0.0, self.seconds)
+
+    def due(self, now: float) -> bool:
+        return now >= self.next
+
+    def left(self, now: float) -> float | None:
+        """Seconds until the next event, None when it never comes."""
+        return None if self.never else max(0.0, self.next - now)
 
 
 # ====================================================================================================
@@ -305,13 +329,13 @@ def build_arg_parser() -> argparse.ArgumentParser:
         epilog="Each flag sets the Config field of the same name (see class Config for what it does); "
                "--recipe picks a named set of defaults, and flags given explicitly override it.",
         argument_default=argparse.SUPPRESS)  # absent flags stay absent, so recipes can fill them
-    for field in dataclasses.fields(Config):
-        flag = "--" + field.name.replace("_", "-")
-        if isinstance(field.default, bool):
-            parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction)
+    for config_field in dataclasses.fields(Config):
+        flag = "--" + config_field.name.replace("_", "-")
+        if isinstance(config_field.default, bool):
+            parser.add_argument(flag, dest=config_field.name, action=argparse.BooleanOptionalAction)
         else:
-            parser.add_argument(flag, dest=field.name, type=_flag_type(field.default),
-                                metavar=type(field.default).__name__.upper(), help=f"default: {field.default!r}")
+            parser.add_argument(flag, dest=config_field.name, type=_flag_type(config_field.default),
+                                metavar=type(config_field.default).__name__.upper(), help=f"default: {config_field.default!r}")
     parser.add_argument("--report", metavar="OUT", dest="report",
                         help="rebuild the plots of a finished run from OUT/stats.jsonl and exit")
     return parser
@@ -972,6 +996,267 @@ def describe_models(G: nn.Module, D: nn.Module) -> str:
 
 
 # ====================================================================================================
+# src/distributed.py
+# Multi-GPU training with torchrun: process-group set-up, and the few collectives the training loop needs.
+#
+# Launch: `torchrun --standalone --nproc_per_node=2 kernel.py ...` (Kaggle's 2 x T4). Without torchrun the
+# run is one process (world_size 1) and nothing here talks to other processes.
+# ====================================================================================================
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    is_main: bool       # rank 0: the only process that writes files and prints status
+
+
+def dist_resolve_device(device: str = "auto") -> torch.device:
+    """'auto' -> cuda when available else cpu; 'cuda' / 'cuda:N' must exist."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: no CUDA device is available here; use --device cpu or auto")
+    return resolved
+
+
+def setup_distributed(device: str = "auto") -> DistInfo:
+    """Join the torchrun process group when WORLD_SIZE > 1 (nccl on CUDA, gloo on CPU), else a single process.
+
+    Under torchrun each rank uses cuda:LOCAL_RANK (or the CPU when there is no GPU or --device cpu).
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistInfo(rank=0, world_size=1, local_rank=0, device=dist_resolve_device(device), is_main=True)
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    use_cuda = torch.cuda.is_available() and device != "cpu"
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        rank_device = torch.device("cuda", local_rank)
+    else:
+        rank_device = torch.device("cpu")
+    if not torch_dist.is_initialized():
+        torch_dist.init_process_group(backend="nccl" if use_cuda else "gloo", rank=rank, world_size=world_size)
+    if rank == 0:
+        log("distributed", f"{world_size} processes, backend {torch_dist.get_backend()}")
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=rank_device, is_main=rank == 0)
+
+
+def cleanup_distributed() -> None:
+    """Leave the process group (no-op for a single process)."""
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+def current_dist_info(device: torch.device | str) -> DistInfo:
+    """The rank and world size of this process as the process group knows them (1 process when there is none)."""
+    device = torch.device(device)
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        rank, world_size = torch_dist.get_rank(), torch_dist.get_world_size()
+        return DistInfo(rank=rank, world_size=world_size, local_rank=int(os.environ.get("LOCAL_RANK", rank)),
+                        device=device, is_main=rank == 0)
+    return DistInfo(rank=0, world_size=1, local_rank=0, device=device, is_main=True)
+
+
+def any_rank_flags(flags: list[bool], device: torch.device, world_size: int) -> list[bool]:
+    """Element-wise OR of boolean flags over all ranks (one tiny all-reduce), so every rank takes the same branch.
+
+    Used for the stop / tick / snapshot decisions: if rank 0's clock says stop, or any rank caught SIGTERM,
+    all ranks stop after the same step and no rank waits forever in a gradient all-reduce.
+    """
+    if world_size <= 1:
+        return list(flags)
+    flag_tensor = torch.tensor([float(f) for f in flags], device=device)
+    torch_dist.all_reduce(flag_tensor, op=torch_dist.ReduceOp.MAX)
+    return [bool(v) for v in flag_tensor.tolist()]
+
+
+def mean_over_ranks(values: torch.Tensor, world_size: int) -> torch.Tensor:
+    """The mean of a tensor over ranks (SUM / world_size: gloo has no AVG)."""
+    if world_size <= 1:
+        return values
+    summed = values.clone()
+    torch_dist.all_reduce(summed, op=torch_dist.ReduceOp.SUM)
+    return summed / world_size
+
+
+def wrap_ddp(module: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
+    """DistributedDataParallel around `module` when world_size > 1 (else the module itself).
+
+    DDP's default buffer sync (broadcast_buffers=True) is relied on: rank 0's buffers (spectral norm's u/v,
+    BatchNorm running stats) are copied to every rank at each DDP forward. Forwards that bypass the wrapper
+    (no-grad fakes, the frozen D of a G step) update buffers locally; sync_buffers() evens them out at the end.
+    BatchNorm normalises with each rank's own batch statistics (no SyncBatchNorm).
+    """
+    if info.world_size <= 1:
+        return module
+    device_ids = [info.device.index] if info.device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
+
+
+def sync_buffers(module: torch.nn.Module, world_size: int) -> None:
+    """Copy rank 0's buffers (running stats, power-iteration vectors) to every rank."""
+    if world_size <= 1:
+        return
+    for buffer in module.buffers():
+        torch_dist.broadcast(buffer.data, src=0)
+
+
+# ====================================================================================================
+# src/precision.py
+# The one mixed-precision setup: autocast dtype, grad scalers, Adam flavour and memory layout per device.
+# ====================================================================================================
+@dataclass(frozen=True)
+class Precision:
+    """How the training step runs on this device."""
+    device_type: str            # "cuda" | "cpu" | ...
+    dtype: torch.dtype | None   # autocast dtype; None: plain fp32
+    use_scaler: bool            # fp16 needs a loss scaler (one per optimiser)
+    channels_last: bool         # NHWC activations and weights
+
+    @property
+    def name(self) -> str:
+        return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.dtype, "fp32")
+
+
+def choose_precision(amp: str, device: torch.device | str, channels_last: bool = True) -> Precision:
+    """auto: bf16 autocast on CUDA sm >= 8.0, fp16 + GradScaler below (P100, T4), fp32 on the CPU.
+
+    An explicit amp the device cannot run falls back with a one-line note.
+    """
+    device = torch.device(device)
+    on_cuda = device.type == "cuda"
+    capability = torch.cuda.get_device_capability(device) if on_cuda else (0, 0)
+    wanted = amp
+    if amp == "auto":
+        wanted = ("bf16" if capability >= (8, 0) else "fp16") if on_cuda else "fp32"
+    if wanted == "bf16" and on_cuda and capability < (8, 0):
+        log("precision", f"bf16 needs compute capability 8.0, this GPU has {capability[0]}.{capability[1]}: using fp16")
+        wanted = "fp16"
+    if wanted in ("bf16", "fp16") and not on_cuda:
+        log("precision", f"--amp {wanted} is for CUDA devices; training in fp32 on {device.type}")
+        wanted = "fp32"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(wanted)
+    return Precision(device_type=device.type, dtype=dtype, use_scaler=wanted == "fp16",
+                     channels_last=bool(channels_last) and on_cuda)
+
+
+def precision_autocast(precision: Precision):
+    """The autocast context of the forward passes (a no-op in fp32)."""
+    if precision.dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=precision.device_type, dtype=precision.dtype)
+
+
+def autocast_disabled(precision: Precision):
+    """A context that turns autocast off (e.g. for the double-backward of a gradient penalty)."""
+    if precision.dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=precision.device_type, enabled=False)
+
+
+def make_grad_scaler(precision: Precision):
+    """A GradScaler (enabled only for fp16); a disabled one passes losses and steps straight through."""
+    if not hasattr(torch.amp, "GradScaler"):  # torch < 2.3 (older Kaggle images)
+        return torch.cuda.amp.GradScaler(enabled=precision.use_scaler)
+    return torch.amp.GradScaler(precision.device_type if precision.use_scaler else "cpu",
+                                enabled=precision.use_scaler)
+
+
+def make_adam(params, lr: float, betas: tuple[float, float], precision: Precision) -> torch.optim.Adam:
+    """Adam with the fused CUDA kernel on the GPU, the foreach implementation elsewhere."""
+    if precision.device_type == "cuda":
+        return torch.optim.Adam(params, lr=lr, betas=betas, fused=True)
+    return torch.optim.Adam(params, lr=lr, betas=betas, foreach=True)
+
+
+def to_memory_format(x: torch.Tensor, precision: Precision) -> torch.Tensor:
+    """NCHW -> channels_last when the setup uses it (4-d tensors only)."""
+    if precision.channels_last and x.dim() == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def place_module(module: torch.nn.Module, device, precision: Precision) -> torch.nn.Module:
+    """Move a model to the device in the setup's memory format."""
+    module = module.to(device)
+    if precision.channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    return module
+
+
+def configure_backends(device) -> None:
+    """Speed settings for CUDA: cuDNN autotuning (fixed shapes) and TF32 matmuls/convs on sm >= 8.0.
+
+    They make GPU runs differ from each other in the last bits; CPU runs stay bit-reproducible.
+    """
+    if torch.device(device).type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+
+# ====================================================================================================
+# src/nets.py
+# What a run trains: G, D and G_ema with their optimisers and call paths, and the counters that go with them.
+# ====================================================================================================
+@dataclass
+class LoopState:
+    """Counters and adaptive settings of the loop; saved in the checkpoint as plain numbers."""
+    step: int = 0
+    images_seen: int = 0
+    batch_size: int = 64         # global batch (all ranks together); an OOM halves it
+    n_dis: int = 1               # current D steps per round (adaptive when dis_loss_limit > 0)
+    lr_scale: float = 1.0        # halved by every NaN rollback
+    rollbacks: int = 0
+    schedule_progress: float = 0.0
+    train_seconds: float = 0.0   # training wall-clock over all sessions
+
+
+@dataclass
+class GanNets:
+    """The modules and optimisers of a run. G, D, G_ema are the plain modules (saved, EMA'd); G_train/D_train are
+    the paths gradients flow through (DDP and/or compiled), G_fwd/D_fwd the same modules without DDP."""
+    G: torch.nn.Module
+    D: torch.nn.Module
+    G_ema: torch.nn.Module
+    G_train: torch.nn.Module
+    D_train: torch.nn.Module
+    G_fwd: torch.nn.Module
+    D_fwd: torch.nn.Module
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    scaler_g: object             # torch.amp.GradScaler (disabled unless fp16)
+    scaler_d: object
+    sn_G: list                   # spectral_norm_layers(G), (D): advanced once per optimiser step
+    sn_D: list
+
+
+def build_gan_nets(cfg: Config, n_classes: int, device, precision: Precision, dist_info: DistInfo) -> GanNets:
+    """G, D (initialised by the models module), G_ema, the DDP / compiled call paths, Adam and grad scalers."""
+    G, D = build_models(cfg, n_classes)
+    G, D = place_module(G, device, precision).train(), place_module(D, device, precision).train()
+    G_ema = copy.deepcopy(G).eval().requires_grad_(False)
+    # Without DDP one (compiled) module serves both paths; with DDP the no-grad / frozen-D paths skip the wrapper.
+    G_fwd = torch.compile(G) if cfg.compile else G
+    D_fwd = torch.compile(D) if cfg.compile else D
+    if dist_info.world_size > 1:
+        G_train, D_train = wrap_ddp(G, dist_info), wrap_ddp(D, dist_info)
+        if cfg.compile:
+            G_train, D_train = torch.compile(G_train), torch.compile(D_train)
+    else:
+        G_train, D_train = G_fwd, D_fwd
+    opt_g = make_adam(G.parameters(), cfg.lr_g, (cfg.beta1, cfg.beta2), precision)
+    opt_d = make_adam(D.parameters(), cfg.lr_d, (cfg.beta1, cfg.beta2), precision)
+    return GanNets(G=G, D=D, G_ema=G_ema, G_train=G_train, D_train=D_train, G_fwd=G_fwd, D_fwd=D_fwd,
+                   opt_g=opt_g, opt_d=opt_d, scaler_g=make_grad_scaler(precision), scaler_d=make_grad_scaler(precision),
+                   sn_G=spectral_norm_layers(G), sn_D=spectral_norm_layers(D))
+
+
+# ====================================================================================================
 # src/checkpoint.py
 # One ckpt.pt holding everything a run needs to continue: models, optimisers, scalers, counters, RNG, config.
 #
@@ -979,7 +1264,7 @@ def describe_models(G: nn.Module, D: nn.Module) -> str:
 # strings), and written atomically: a reader sees the previous checkpoint or the whole new one.
 # ====================================================================================================
 CKPT_NAME = "ckpt.pt"
-CKPT_FORMAT = 1
+CKPT_FORMAT = 2                  # 2: the FID history and best G_ema moved from 'progress' into 'fid'
 CKPT_REQUIRED_KEYS = ("format", "config", "n_classes", "G", "D", "G_ema", "opt_g", "opt_d", "progress")
 
 
@@ -1024,6 +1309,43 @@ def restore_rng_state(state: dict) -> None:
     cuda_states = state.get("cuda") or []
     if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda_states)
+
+
+def training_snapshot(nets: GanNets, state: LoopState) -> dict:
+    """A CPU copy of everything the optimisation changes: the rollback point and the core of a checkpoint."""
+    return ckpt_cpu_copy({"G": nets.G.state_dict(), "D": nets.D.state_dict(), "G_ema": nets.G_ema.state_dict(),
+                          "opt_g": nets.opt_g.state_dict(), "opt_d": nets.opt_d.state_dict(),
+                          "scaler_g": nets.scaler_g.state_dict(), "scaler_d": nets.scaler_d.state_dict(),
+                          "progress": dataclasses.asdict(state)})
+
+
+def restore_training_snapshot(nets: GanNets, snapshot: dict) -> LoopState:
+    """Load models, optimisers and scalers from a snapshot or checkpoint (copies: the snapshot stays reusable);
+    returns the snapshot's counters."""
+    nets.G.load_state_dict(snapshot["G"])
+    nets.D.load_state_dict(snapshot["D"])
+    nets.G_ema.load_state_dict(snapshot["G_ema"])
+    # optimiser tensors already on the right device would be taken over as they are: hand over copies
+    nets.opt_g.load_state_dict(ckpt_cpu_copy(snapshot["opt_g"]))
+    nets.opt_d.load_state_dict(ckpt_cpu_copy(snapshot["opt_d"]))
+    if snapshot.get("scaler_g"):
+        nets.scaler_g.load_state_dict(snapshot["scaler_g"])
+    if snapshot.get("scaler_d"):
+        nets.scaler_d.load_state_dict(snapshot["scaler_d"])
+    return LoopState(**snapshot["progress"])
+
+
+def write_training_checkpoint(path: str, nets: GanNets, state: LoopState, reason: str, **extra) -> None:
+    """Save the run to `path` atomically (snapshot + `extra`: config, grid, FID history, RNG); a failed write is
+    logged and the previous checkpoint stays."""
+    ckpt = training_snapshot(nets, state)
+    ckpt.update(format=CKPT_FORMAT, rng=capture_rng_state(), **extra)
+    start = time.time()
+    try:
+        save_checkpoint(path, ckpt)
+        log("checkpoint", f"{reason} -> {path} in {time.time() - start:.1f}s")
+    except OSError as error:
+        log("checkpoint", f"WARNING: could not write {path} ({error}); the previous checkpoint is kept")
 
 
 def save_checkpoint(path: str, state: dict) -> None:
@@ -1083,14 +1405,46 @@ def merge_resumed_config(cfg: Config, saved: dict) -> Config:
     return dataclasses.replace(cfg, **from_ckpt)
 
 
+def open_resume(cfg: Config, out_dir: str) -> tuple[Config, dict | None]:
+    """Settle --resume before anything uses the config: (the config this run trains with, the checkpoint or None).
+
+    A missing, damaged or foreign checkpoint raises CheckpointError here, before the data is decoded and before any
+    output is touched; check_resume_fits_data compares its breeds with the data once that is loaded.
+    """
+    path = resolve_resume_path(cfg.resume, out_dir)
+    if path is None:
+        return cfg, None
+    saved = load_checkpoint(path)
+    merged = merge_resumed_config(cfg, saved["config"])
+    G, D = build_models(merged, saved["n_classes"])
+    for name, module in (("G", G), ("D", D), ("G_ema", G)):
+        try:
+            module.load_state_dict(saved[name])
+        except RuntimeError as error:
+            first = str(error).strip().splitlines()[0]
+            raise CheckpointError(f"{path}: its {name} does not fit the model its config describes ({first[:160]}); "
+                                  f"it was written by other code: pass --resume \"\" to start fresh") from None
+    saved["path"] = path
+    return merged, saved
+
+
+def check_resume_fits_data(saved: dict | None, n_classes: int) -> None:
+    """A checkpoint trained on other breeds cannot continue on this data."""
+    if saved is not None and saved["n_classes"] != n_classes:
+        raise CheckpointError(f"{saved['path']} was trained on {saved['n_classes']} breeds, this data has {n_classes}: "
+                              f"use the same data, or pass --resume \"\" to start fresh")
+
+
 def load_generator_from_checkpoint(path: str, cfg: Config, n_classes: int, device) -> torch.nn.Module:
     """G_ema (the best-FID one when the run kept one) from a checkpoint, built with the checkpoint's model config."""
     state = load_checkpoint(path)
+    if state["progress"]["step"] == 0:
+        raise CheckpointError(f"{path} holds an untrained generator (step 0)")
     if state["n_classes"] != n_classes:
         raise CheckpointError(f"{path} was trained with {state['n_classes']} breeds, this data has {n_classes}")
     merged = merge_resumed_config(cfg, state["config"])
     G_ema, _ = build_models(merged, n_classes)
-    G_ema.load_state_dict(state.get("best_G_ema") or state["G_ema"])
+    G_ema.load_state_dict((state.get("fid") or {}).get("best_G_ema") or state["G_ema"])
     return G_ema.to(device).eval().requires_grad_(False)
 
 
@@ -1554,115 +1908,6 @@ def load_dogs(data_dir: str, crop_margin: float = 0.0, max_images: int = 0, work
         + ", ".join(f"{k} {v}" for k, v in summary.items()
                     if k not in ("photos", "samples", "breeds", "decode_processes")))
     return DogData(images=images, labels=labels, breeds=breeds, counts=summary, seconds=seconds)
-
-
-# ====================================================================================================
-# src/distributed.py
-# Multi-GPU training with torchrun: process-group set-up, and the few collectives the training loop needs.
-#
-# Launch: `torchrun --standalone --nproc_per_node=2 kernel.py ...` (Kaggle's 2 x T4). Without torchrun the
-# run is one process (world_size 1) and nothing here talks to other processes.
-# ====================================================================================================
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-    is_main: bool       # rank 0: the only process that writes files and prints status
-
-
-def dist_resolve_device(device: str = "auto") -> torch.device:
-    """'auto' -> cuda when available else cpu; 'cuda' / 'cuda:N' must exist."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: no CUDA device is available here; use --device cpu or auto")
-    return resolved
-
-
-def setup_distributed(device: str = "auto") -> DistInfo:
-    """Join the torchrun process group when WORLD_SIZE > 1 (nccl on CUDA, gloo on CPU), else a single process.
-
-    Under torchrun each rank uses cuda:LOCAL_RANK (or the CPU when there is no GPU or --device cpu).
-    """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
-        return DistInfo(rank=0, world_size=1, local_rank=0, device=dist_resolve_device(device), is_main=True)
-    rank = int(os.environ["RANK"])
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    use_cuda = torch.cuda.is_available() and device != "cpu"
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-        rank_device = torch.device("cuda", local_rank)
-    else:
-        rank_device = torch.device("cpu")
-    if not torch_dist.is_initialized():
-        torch_dist.init_process_group(backend="nccl" if use_cuda else "gloo", rank=rank, world_size=world_size)
-    if rank == 0:
-        log("distributed", f"{world_size} processes, backend {torch_dist.get_backend()}")
-    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=rank_device, is_main=rank == 0)
-
-
-def cleanup_distributed() -> None:
-    """Leave the process group (no-op for a single process)."""
-    if torch_dist.is_available() and torch_dist.is_initialized():
-        torch_dist.destroy_process_group()
-
-
-def current_dist_info(device: torch.device | str) -> DistInfo:
-    """The rank and world size of this process as the process group knows them (1 process when there is none)."""
-    device = torch.device(device)
-    if torch_dist.is_available() and torch_dist.is_initialized():
-        rank, world_size = torch_dist.get_rank(), torch_dist.get_world_size()
-        return DistInfo(rank=rank, world_size=world_size, local_rank=int(os.environ.get("LOCAL_RANK", rank)),
-                        device=device, is_main=rank == 0)
-    return DistInfo(rank=0, world_size=1, local_rank=0, device=device, is_main=True)
-
-
-def any_rank_flags(flags: list[bool], device: torch.device, world_size: int) -> list[bool]:
-    """Element-wise OR of boolean flags over all ranks (one tiny all-reduce), so every rank takes the same branch.
-
-    Used for the stop / tick / snapshot decisions: if rank 0's clock says stop, or any rank caught SIGTERM,
-    all ranks stop after the same step and no rank waits forever in a gradient all-reduce.
-    """
-    if world_size <= 1:
-        return list(flags)
-    flag_tensor = torch.tensor([float(f) for f in flags], device=device)
-    torch_dist.all_reduce(flag_tensor, op=torch_dist.ReduceOp.MAX)
-    return [bool(v) for v in flag_tensor.tolist()]
-
-
-def mean_over_ranks(values: torch.Tensor, world_size: int) -> torch.Tensor:
-    """The mean of a tensor over ranks (SUM / world_size: gloo has no AVG)."""
-    if world_size <= 1:
-        return values
-    summed = values.clone()
-    torch_dist.all_reduce(summed, op=torch_dist.ReduceOp.SUM)
-    return summed / world_size
-
-
-def wrap_ddp(module: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
-    """DistributedDataParallel around `module` when world_size > 1 (else the module itself).
-
-    DDP's default buffer sync (broadcast_buffers=True) is relied on: rank 0's buffers (spectral norm's u/v,
-    BatchNorm running stats) are copied to every rank at each DDP forward. Forwards that bypass the wrapper
-    (no-grad fakes, the frozen D of a G step) update buffers locally; sync_buffers() evens them out at the end.
-    BatchNorm normalises with each rank's own batch statistics (no SyncBatchNorm).
-    """
-    if info.world_size <= 1:
-        return module
-    device_ids = [info.device.index] if info.device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
-
-
-def sync_buffers(module: torch.nn.Module, world_size: int) -> None:
-    """Copy rank 0's buffers (running stats, power-iteration vectors) to every rank."""
-    if world_size <= 1:
-        return
-    for buffer in module.buffers():
-        torch_dist.broadcast(buffer.data, src=0)
 
 
 # ====================================================================================================
@@ -2564,6 +2809,57 @@ def make_training_fid(cfg: Config, extractor, real_feats: torch.Tensor, device):
     return fid_fn
 
 
+class FidTracker:
+    """Training-time FID of G_ema: the history, the best value and the best G_ema's weights (on the host).
+
+    A failing metric must not end the training: the first exception turns the tracker off, said once.
+    """
+
+    def __init__(self, fid_fn=None):
+        self.fid_fn = fid_fn
+        self.history: list = []          # [[kimg, fid], ...]
+        self.best: float | None = None
+        self.best_kimg: float | None = None
+        self.best_G_ema: dict | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.fid_fn is not None
+
+    @property
+    def last_kimg(self) -> float:
+        return self.history[-1][0] if self.history else -1.0
+
+    def measure(self, G_ema, kimg: float) -> dict:
+        """FID of G_ema now; a new best keeps a copy of its weights. Returns {'fid', 'fid_s'} for the status record."""
+        start = time.time()
+        try:
+            fid = float(self.fid_fn(G_ema))
+        except Exception as error:
+            log("train", f"WARNING: training-time FID failed ({type(error).__name__}: {error}); FID is off from now")
+            self.fid_fn = None
+            return {}
+        G_ema.eval()
+        if not math.isfinite(fid):
+            log("train", f"FID is {fid} at {kimg:.1f} kimg: not kept")
+            return {}
+        self.history.append([kimg, fid])
+        if self.best is None or fid < self.best:
+            self.best, self.best_kimg = fid, kimg
+            self.best_G_ema = ckpt_cpu_copy(G_ema.state_dict())
+        log("train", f"FID {fid:.2f} at {kimg:.1f} kimg ({time.time() - start:.0f}s); best {self.best:.2f} "
+            f"at {self.best_kimg:.1f} kimg")
+        return {"fid": fid, "fid_s": time.time() - start}
+
+    def state_dict(self) -> dict:
+        return {"history": self.history, "best": self.best, "best_kimg": self.best_kimg, "best_G_ema": self.best_G_ema}
+
+    def load_state_dict(self, saved: dict) -> None:
+        self.history = list(saved.get("history", []))
+        self.best, self.best_kimg = saved.get("best"), saved.get("best_kimg")
+        self.best_G_ema = saved.get("best_G_ema")
+
+
 def pick_truncation(cfg: Config, G_ema, extractor, real_feats: torch.Tensor, device) -> float:
     """cfg.truncation, or with --truncation-search the candidate with the lowest MiFID on cfg.fid_samples images."""
     if not cfg.truncation_search:
@@ -2849,7 +3145,8 @@ def ema_update(G_ema: torch.nn.Module, G: torch.nn.Module, beta: float) -> None:
 #
 # Every D loss is d_loss(real_logit, fake_logit, real_target=1.0, fake_target=0.0) and every G loss is
 # g_loss(real_logit, fake_logit): the targets matter to bce and ls only, real logits to RaLS's G loss only.
-# Logits are cast to fp32 first so autocast never reduces a loss in half precision.
+# Logits are cast to fp32 first so autocast never reduces a loss in half precision. GAN_LOSSES names each objective
+# with what its D step needs besides the logits (noisy targets, a penalty), so the training round needs no loss names.
 # ====================================================================================================
 LossTarget = torch.Tensor | float
 
@@ -2955,108 +3252,28 @@ def noisy_labels(n: int, low: float, high: float, device, generator: torch.Gener
     return low + (high - low) * torch.rand(n, device=device, generator=generator)
 
 
-GAN_LOSSES = {
-    "hinge": (d_hinge_loss, g_hinge_loss),
-    "bce": (d_bce_loss, g_bce_loss),
-    "ls": (d_ls_loss, g_ls_loss),
-    "rals": (d_rals_loss, g_rals_loss),
-    "wgan-gp": (d_wgan_loss, g_wgan_loss),
-}
-
-
-# ====================================================================================================
-# src/precision.py
-# The one mixed-precision setup: autocast dtype, grad scalers, Adam flavour and memory layout per device.
-# ====================================================================================================
 @dataclass(frozen=True)
-class Precision:
-    """How the training step runs on this device."""
-    device_type: str            # "cuda" | "cpu" | ...
-    dtype: torch.dtype | None   # autocast dtype; None: plain fp32
-    use_scaler: bool            # fp16 needs a loss scaler (one per optimiser)
-    channels_last: bool         # NHWC activations and weights
+class GanLoss:
+    """One GAN objective: its D and G losses and what D's step needs besides the logits."""
+    d_loss: Callable                 # d_loss(real_logit, fake_logit, real_target, fake_target)
+    g_loss: Callable                 # g_loss(real_logit, fake_logit)
+    noisy_targets: bool = False      # D's targets drawn from [real_label_min, 1] and [0, fake_label_max]
+    penalty: Callable | None = None  # an extra D term penalty(D, real_img, fake_img, labels, weight), run in fp32
 
-    @property
-    def name(self) -> str:
-        return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.dtype, "fp32")
-
-
-def choose_precision(amp: str, device: torch.device | str, channels_last: bool = True) -> Precision:
-    """auto: bf16 autocast on CUDA sm >= 8.0, fp16 + GradScaler below (P100, T4), fp32 on the CPU.
-
-    An explicit amp the device cannot run falls back with a one-line note.
-    """
-    device = torch.device(device)
-    on_cuda = device.type == "cuda"
-    capability = torch.cuda.get_device_capability(device) if on_cuda else (0, 0)
-    wanted = amp
-    if amp == "auto":
-        wanted = ("bf16" if capability >= (8, 0) else "fp16") if on_cuda else "fp32"
-    if wanted == "bf16" and on_cuda and capability < (8, 0):
-        log("precision", f"bf16 needs compute capability 8.0, this GPU has {capability[0]}.{capability[1]}: using fp16")
-        wanted = "fp16"
-    if wanted in ("bf16", "fp16") and not on_cuda:
-        log("precision", f"--amp {wanted} is for CUDA devices; training in fp32 on {device.type}")
-        wanted = "fp32"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(wanted)
-    return Precision(device_type=device.type, dtype=dtype, use_scaler=wanted == "fp16",
-                     channels_last=bool(channels_last) and on_cuda)
+    def d_targets(self, n: int, real_min: float, fake_max: float, device) -> tuple[LossTarget, LossTarget]:
+        """(real_target, fake_target) for one D step of n images."""
+        if not self.noisy_targets:
+            return 1.0, 0.0
+        return noisy_labels(n, real_min, 1.0, device), noisy_labels(n, 0.0, fake_max, device)
 
 
-def precision_autocast(precision: Precision):
-    """The autocast context of the forward passes (a no-op in fp32)."""
-    if precision.dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=precision.device_type, dtype=precision.dtype)
-
-
-def autocast_disabled(precision: Precision):
-    """A context that turns autocast off (e.g. for the double-backward of a gradient penalty)."""
-    if precision.dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=precision.device_type, enabled=False)
-
-
-def make_grad_scaler(precision: Precision):
-    """A GradScaler (enabled only for fp16); a disabled one passes losses and steps straight through."""
-    if not hasattr(torch.amp, "GradScaler"):  # torch < 2.3 (older Kaggle images)
-        return torch.cuda.amp.GradScaler(enabled=precision.use_scaler)
-    return torch.amp.GradScaler(precision.device_type if precision.use_scaler else "cpu",
-                                enabled=precision.use_scaler)
-
-
-def make_adam(params, lr: float, betas: tuple[float, float], precision: Precision) -> torch.optim.Adam:
-    """Adam with the fused CUDA kernel on the GPU, the foreach implementation elsewhere."""
-    if precision.device_type == "cuda":
-        return torch.optim.Adam(params, lr=lr, betas=betas, fused=True)
-    return torch.optim.Adam(params, lr=lr, betas=betas, foreach=True)
-
-
-def to_memory_format(x: torch.Tensor, precision: Precision) -> torch.Tensor:
-    """NCHW -> channels_last when the setup uses it (4-d tensors only)."""
-    if precision.channels_last and x.dim() == 4:
-        return x.contiguous(memory_format=torch.channels_last)
-    return x
-
-
-def place_module(module: torch.nn.Module, device, precision: Precision) -> torch.nn.Module:
-    """Move a model to the device in the setup's memory format."""
-    module = module.to(device)
-    if precision.channels_last:
-        module = module.to(memory_format=torch.channels_last)
-    return module
-
-
-def configure_backends(device) -> None:
-    """Speed settings for CUDA: cuDNN autotuning (fixed shapes) and TF32 matmuls/convs on sm >= 8.0.
-
-    They make GPU runs differ from each other in the last bits; CPU runs stay bit-reproducible.
-    """
-    if torch.device(device).type != "cuda":
-        return
-    torch.backends.cudnn.benchmark = True
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+GAN_LOSSES = {
+    "hinge": GanLoss(d_hinge_loss, g_hinge_loss),
+    "bce": GanLoss(d_bce_loss, g_bce_loss, noisy_targets=True),
+    "ls": GanLoss(d_ls_loss, g_ls_loss, noisy_targets=True),
+    "rals": GanLoss(d_rals_loss, g_rals_loss),
+    "wgan-gp": GanLoss(d_wgan_loss, g_wgan_loss, penalty=gradient_penalty),
+}
 
 
 # ====================================================================================================
@@ -3093,6 +3310,62 @@ def print_banner(cfg: Config, device, precision: Precision, data, deadline, G, D
         f"reserve {format_duration(deadline.reserve_s)} for generation and scoring")
     if resumed_from:
         log("train", f"resumed from {resumed_from}")
+
+
+class TickMeter:
+    """One status tick's device-side sums [D loss, D(x), D(G(z)), G loss] and counts; read with one host sync."""
+
+    def __init__(self, device, now: float):
+        self.device = torch.device(device)
+        self.reset(now)
+
+    def reset(self, now: float) -> None:
+        self.sums = torch.zeros(4, device=self.device)
+        self.d_steps = self.g_steps = self.images = 0
+        self.start = now
+
+    def add(self, round_sums: torch.Tensor, d_steps: int, g_steps: int, images: int) -> None:
+        self.sums += round_sums
+        self.d_steps += d_steps
+        self.g_steps += g_steps
+        self.images += images
+
+    def read(self, now: float, weight_sum: torch.Tensor, world_size: int) -> dict:
+        """Means over the tick's steps (and ranks), images/s and the weights' sum (a NaN/Inf check); then reset."""
+        values = mean_over_ranks(torch.cat([self.sums, weight_sum.view(1)]), world_size).tolist()
+        d_steps, g_steps = max(1, self.d_steps), max(1, self.g_steps)
+        means = {"d_loss": values[0] / d_steps, "d_real": values[1] / d_steps, "d_fake": values[2] / d_steps,
+                 "g_loss": values[3] / g_steps, "weight_sum": values[4],
+                 "images_per_s": self.images / max(1e-9, now - self.start)}
+        self.reset(now)
+        return means
+
+
+class StatusLog:
+    """Rank 0's status lines and OUT/stats.jsonl records (events too) for one training session; other ranks write
+    nothing. A full or read-only disk costs the record, not the run."""
+
+    def __init__(self, path: str, is_main: bool, n_images: int, train_start: float, train_end: float):
+        self.path, self.is_main = path, is_main
+        self.n_images, self.train_start, self.train_end = n_images, train_start, train_end
+
+    def event(self, record: dict) -> None:
+        if self.is_main:
+            try:
+                append_stats(self.path, record)
+            except OSError as error:
+                log("train", f"WARNING: could not write {self.path} ({error})")
+
+    def status(self, now: float, state, means: dict, lrs: tuple[float, float], extra: dict) -> None:
+        """One status record from the loop's counters (state: nets.LoopState) and a tick's means; printed too."""
+        record = {"time": now, "step": state.step, "epoch": state.images_seen / self.n_images,
+                  "kimg": state.images_seen / 1000, **means, "lr_g": lrs[0], "lr_d": lrs[1],
+                  "batch_size": state.batch_size, "n_dis": state.n_dis, "elapsed_s": now - self.train_start,
+                  "train_left_s": max(0.0, self.train_end - now), "schedule_progress": state.schedule_progress,
+                  **extra}
+        self.event(record)
+        if self.is_main:
+            log("train", format_status(record))
 
 
 def format_status(record: dict) -> str:
@@ -3250,60 +3523,24 @@ LR_PROGRESS_STEPS = 1000     # the lr moves in 1/1000 steps of the window (short
 OOM_ERRORS = (torch.cuda.OutOfMemoryError,) + ((torch.OutOfMemoryError,) if hasattr(torch, "OutOfMemoryError") else ())
 
 
+class StopReason(str, enum.Enum):
+    """Why training stopped (compares equal to its value: result.stop_reason == "deadline")."""
+    DEADLINE = "deadline"
+    SIGNAL = "signal"        # SIGTERM / SIGINT: the step was finished and a checkpoint saved
+    MAX_STEPS = "max_steps"  # the step limit of a test or benchmark
+    ERROR = "error"          # TrainResult.error says what; the last good state was restored
+
+
 @dataclass
 class TrainResult:
     G_ema: torch.nn.Module       # eval mode, on the device; the best-FID state when training-time FID ran
-    steps: int                   # rounds done (each: n_dis D steps + g_steps G steps), over all sessions
-    images_seen: int             # real images shown to D, over all sessions and ranks
-    stop_reason: str             # "deadline" | "signal" | "max_steps" | "error: ..."
-    best_fid: float | None
-    cfg: Config                  # the config trained (the checkpoint's when resumed)
     G: torch.nn.Module
     D: torch.nn.Module
-    n_classes: int
-    batch_size: int              # final global batch (an OOM halves it)
-    rollbacks: int
-    fid_history: list            # [[kimg, fid], ...]
-    grid_z: torch.Tensor
-    grid_y: torch.Tensor
-    checkpoint_path: str
-    stats_path: str
-    train_seconds: float         # training wall-clock over all sessions
-
-
-@dataclass
-class LoopState:
-    """Counters and adaptive settings; saved in the checkpoint as plain numbers."""
-    step: int = 0
-    images_seen: int = 0
-    batch_size: int = 64         # global batch (all ranks together)
-    n_dis: int = 1               # current D steps per round (adaptive when dis_loss_limit > 0)
-    lr_scale: float = 1.0        # halved by every NaN rollback
-    rollbacks: int = 0
-    schedule_progress: float = 0.0
-    train_seconds: float = 0.0
-    best_fid: float | None = None
-    best_kimg: float | None = None
-    fid_history: list = field(default_factory=list)
-
-
-@dataclass
-class GanNets:
-    """The modules and optimisers of a run. G, D, G_ema are the plain modules (saved, EMA'd); G_train/D_train are
-    the paths gradients flow through (DDP and/or compiled), G_fwd/D_fwd the same modules without DDP."""
-    G: torch.nn.Module
-    D: torch.nn.Module
-    G_ema: torch.nn.Module
-    G_train: torch.nn.Module
-    D_train: torch.nn.Module
-    G_fwd: torch.nn.Module
-    D_fwd: torch.nn.Module
-    opt_g: torch.optim.Optimizer
-    opt_d: torch.optim.Optimizer
-    scaler_g: object             # torch.amp.GradScaler (disabled unless fp16)
-    scaler_d: object
-    sn_G: list                   # spectral_norm_layers(G), (D): advanced once per optimiser step
-    sn_D: list
+    progress: LoopState          # counters at the end, over all sessions
+    stop_reason: StopReason
+    error: str                   # what went wrong when stop_reason is ERROR, else ""
+    fid: FidTracker              # training-time FID history and best
+    grid_z: torch.Tensor         # the fixed latents of the sample grids
 
 
 class DeviceSampler:
@@ -3329,49 +3566,6 @@ def seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def build_gan_nets(cfg: Config, n_classes: int, device, precision: Precision, dist_info: DistInfo) -> GanNets:
-    """G, D (initialised by the models module), G_ema, the DDP / compiled call paths, Adam and grad scalers."""
-    G, D = build_models(cfg, n_classes)
-    G, D = place_module(G, device, precision).train(), place_module(D, device, precision).train()
-    G_ema = copy.deepcopy(G).eval().requires_grad_(False)
-    # Without DDP one (compiled) module serves both paths; with DDP the no-grad / frozen-D paths skip the wrapper.
-    G_fwd = torch.compile(G) if cfg.compile else G
-    D_fwd = torch.compile(D) if cfg.compile else D
-    if dist_info.world_size > 1:
-        G_train, D_train = wrap_ddp(G, dist_info), wrap_ddp(D, dist_info)
-        if cfg.compile:
-            G_train, D_train = torch.compile(G_train), torch.compile(D_train)
-    else:
-        G_train, D_train = G_fwd, D_fwd
-    opt_g = make_adam(G.parameters(), cfg.lr_g, (cfg.beta1, cfg.beta2), precision)
-    opt_d = make_adam(D.parameters(), cfg.lr_d, (cfg.beta1, cfg.beta2), precision)
-    return GanNets(G=G, D=D, G_ema=G_ema, G_train=G_train, D_train=D_train, G_fwd=G_fwd, D_fwd=D_fwd,
-                   opt_g=opt_g, opt_d=opt_d, scaler_g=make_grad_scaler(precision), scaler_d=make_grad_scaler(precision),
-                   sn_G=spectral_norm_layers(G), sn_D=spectral_norm_layers(D))
-
-
-def training_snapshot(nets: GanNets, state: LoopState) -> dict:
-    """A CPU copy of everything the optimisation changes: the rollback point and the core of a checkpoint."""
-    return ckpt_cpu_copy({"G": nets.G.state_dict(), "D": nets.D.state_dict(), "G_ema": nets.G_ema.state_dict(),
-                          "opt_g": nets.opt_g.state_dict(), "opt_d": nets.opt_d.state_dict(),
-                          "scaler_g": nets.scaler_g.state_dict(), "scaler_d": nets.scaler_d.state_dict(),
-                          "progress": dataclasses.asdict(state)})
-
-
-def restore_training_snapshot(nets: GanNets, snapshot: dict) -> None:
-    """Load models, optimisers and scalers from a snapshot or checkpoint (copies: the snapshot stays reusable)."""
-    nets.G.load_state_dict(snapshot["G"])
-    nets.D.load_state_dict(snapshot["D"])
-    nets.G_ema.load_state_dict(snapshot["G_ema"])
-    # optimiser tensors already on the right device would be taken over as they are: hand over copies
-    nets.opt_g.load_state_dict(ckpt_cpu_copy(snapshot["opt_g"]))
-    nets.opt_d.load_state_dict(ckpt_cpu_copy(snapshot["opt_d"]))
-    if snapshot.get("scaler_g"):
-        nets.scaler_g.load_state_dict(snapshot["scaler_g"])
-    if snapshot.get("scaler_d"):
-        nets.scaler_d.load_state_dict(snapshot["scaler_d"])
 
 
 def current_lrs(cfg: Config, state: LoopState) -> tuple[float, float]:
@@ -3414,7 +3608,7 @@ def gan_round(nets: GanNets, sampler: DeviceSampler, cfg: Config, precision: Pre
               n_dis: int, n_classes: int) -> torch.Tensor:
     """n_dis D steps then cfg.g_steps G steps on one rank's batch; returns device sums
     [D loss, mean D(x), mean D(G(z)), G loss] over the steps (nothing is read back to the host)."""
-    d_loss_fn, g_loss_fn = GAN_LOSSES[cfg.loss]
+    loss = GAN_LOSSES[cfg.loss]
     device = sampler.images.device
     sums = torch.zeros(4, device=device)
     real_logit = None
@@ -3428,10 +3622,7 @@ def gan_round(nets: GanNets, sampler: DeviceSampler, cfg: Config, precision: Pre
         real_u8, real_y = sampler.next(batch_size)
         z = torch.randn(batch_size, nets.G.z_dim, device=device)
         gen_y = torch.randint(0, n_classes, (batch_size,), device=device)
-        real_target, fake_target = 1.0, 0.0
-        if cfg.loss in ("bce", "ls"):
-            real_target = noisy_labels(batch_size, cfg.real_label_min, 1.0, device)
-            fake_target = noisy_labels(batch_size, 0.0, cfg.fake_label_max, device)
+        real_target, fake_target = loss.d_targets(batch_size, cfg.real_label_min, cfg.fake_label_max, device)
         with precision_autocast(precision):
             if reuse_fakes:
                 kept_fakes = (nets.G_train(z, gen_y), gen_y)
@@ -3442,15 +3633,14 @@ def gan_round(nets: GanNets, sampler: DeviceSampler, cfg: Config, precision: Pre
             real_img = _prepare_real(real_u8, cfg, precision)
             real_logit, real_class = nets.D_train(_augment_for_d(real_img, cfg, precision), real_y)
             fake_logit, _ = nets.D_train(_augment_for_d(gen_img, cfg, precision), gen_y)
-            d_loss = d_loss_fn(real_logit, fake_logit, real_target, fake_target)
+            d_loss = loss.d_loss(real_logit, fake_logit, real_target, fake_target)
             if real_class is not None:
                 d_loss = d_loss + cfg.aux_weight * aux_class_loss(real_class, real_y)
-        if cfg.loss == "wgan-gp":
+        if loss.penalty is not None:
             # the penalty's double backward runs in fp32 (fp16 would underflow the input gradients) and through the
             # plain D: a torch.compile'd graph cannot be differentiated twice
             with autocast_disabled(precision):
-                d_loss = d_loss + gradient_penalty(nets.D, real_img.float(), gen_img.float(), real_y,
-                                                   weight=cfg.gp_weight)
+                d_loss = d_loss + loss.penalty(nets.D, real_img.float(), gen_img.float(), real_y, weight=cfg.gp_weight)
         _optimizer_step(d_loss, nets.opt_d, nets.scaler_d)
         sums[:3] += torch.stack([d_loss.detach().float(), real_logit.detach().float().mean(),
                                  fake_logit.detach().float().mean()])
@@ -3470,7 +3660,7 @@ def gan_round(nets: GanNets, sampler: DeviceSampler, cfg: Config, precision: Pre
                     gen_y = torch.randint(0, n_classes, (batch_size,), device=device)
                     gen_img = nets.G_train(z, gen_y)
                 fake_logit, fake_class = nets.D_fwd(_augment_for_d(gen_img, cfg, precision), gen_y)
-                g_loss = g_loss_fn(real_logit_for_g, fake_logit)
+                g_loss = loss.g_loss(real_logit_for_g, fake_logit)
                 if fake_class is not None:
                     g_loss = g_loss + cfg.aux_weight * aux_class_loss(fake_class, gen_y)
             _optimizer_step(g_loss, nets.opt_g, nets.scaler_g)
@@ -3480,92 +3670,39 @@ def gan_round(nets: GanNets, sampler: DeviceSampler, cfg: Config, precision: Pre
     return sums
 
 
-def _install_stop_signals(caught: dict) -> dict:
-    """SIGTERM/SIGINT set caught['signal'] (the loop finishes its step, saves and returns); returns the old handlers."""
-    if threading.current_thread() is not threading.main_thread():
-        log("train", "not in the main thread: SIGTERM/SIGINT are not caught (the deadline still stops training)")
-        return {}
-
-    def on_signal(signum, frame):
-        if "signal" not in caught:
-            log("train", f"caught {signal.Signals(signum).name}: finishing this step, saving a checkpoint, stopping")
-        caught["signal"] = signum
-
-    previous = {}
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        previous[signum] = signal.getsignal(signum)
-        signal.signal(signum, on_signal)
-    return previous
+@dataclass
+class RunParts:
+    """What set_up_training builds for the loop."""
+    nets: GanNets
+    precision: Precision
+    state: LoopState
+    fid: FidTracker
+    sampler: DeviceSampler
+    grid_z: torch.Tensor
+    grid_y: torch.Tensor
+    n_classes: int
 
 
-def _restore_signals(previous: dict) -> None:
-    for signum, handler in previous.items():
-        signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
-
-
-def _free_cuda_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def _write_output(what: str, write, *args) -> None:
-    # a full or read-only disk costs this file, not the run
-    try:
-        write(*args)
-    except OSError as error:
-        log("train", f"WARNING: could not write {what} ({error})")
-
-
-def _due_time(now: float, every_s: float) -> float:
-    # the next time an every_s event is due; 0 means never (only at the end)
-    return now + every_s if every_s > 0 else math.inf
-
-
-def train(cfg: Config, data, deadline: Deadline, out_dir: str, device, fid_fn=None, *,
-          max_steps: int = 0) -> TrainResult:
-    """Train G and D on `data` until the deadline's training window ends, a signal, or max_steps rounds (tests).
-
-    Resumes from cfg.resume ('auto': OUT/ckpt.pt when present). Rank 0 prints the banner and status, and writes
-    OUT/stats.jsonl, OUT/samples/ and OUT/ckpt.pt; a checkpoint is always saved before returning.
-    Under torchrun (world_size > 1) each rank trains on cfg.batch_size // world_size images per step.
-    """
-    device = torch.device(device)
-    dist_info = current_dist_info(device)
-    is_main, world = dist_info.is_main, dist_info.world_size
-    ckpt_path, stats_path = os.path.join(out_dir, CKPT_NAME), os.path.join(out_dir, STATS_NAME)
-    if is_main:
-        os.makedirs(out_dir, exist_ok=True)
-    n_classes = len(data.breeds)
-
-    # Resume: the checkpoint's config (except this session's paths/budget/watching flags) and state.
-    resume_path = resolve_resume_path(cfg.resume, out_dir)
-    saved = load_checkpoint(resume_path) if resume_path else None
-    if saved is not None:
-        if saved["n_classes"] != n_classes:
-            raise CheckpointError(f"{resume_path} was trained on {saved['n_classes']} breeds, this data has {n_classes}: "
-                                  f"use the same data, or pass --resume \"\" to start fresh")
-        cfg = merge_resumed_config(cfg, saved["config"])
+def set_up_training(cfg: Config, data, device: torch.device, dist_info, fid_fn, resume: dict | None) -> RunParts:
+    """Seeds, models and optimisers, the fixed grid latents and the device-resident data; a resumed run's state."""
+    world = dist_info.world_size
     if cfg.batch_size < world:
         raise ValueError(f"--batch-size {cfg.batch_size} is smaller than the {world} processes: each needs an image")
-
     parse_diffaug_policy(cfg.diffaug)
     seed_all(cfg.seed)
     configure_backends(device)
     precision = choose_precision(cfg.amp, device, cfg.channels_last)
+    n_classes = len(data.breeds)
     nets = build_gan_nets(cfg, n_classes, device, precision, dist_info)
     grid_z, grid_y = make_grid_latents(cfg.z_dim, n_classes, cfg.seed, device)
-    state = LoopState(batch_size=cfg.batch_size, n_dis=cfg.n_dis)
-    best_G_ema_state = None
-    if saved is not None:
-        restore_training_snapshot(nets, saved)
-        state = LoopState(**saved["progress"])
-        grid_z, grid_y = saved["grid_z"].to(device), saved["grid_y"].to(device)
-        best_G_ema_state = saved.get("best_G_ema")
-        restore_rng_state(saved["rng"])
+    state, fid = LoopState(batch_size=cfg.batch_size, n_dis=cfg.n_dis), FidTracker(fid_fn)
+    if resume is not None:
+        state = restore_training_snapshot(nets, resume)
+        grid_z, grid_y = resume["grid_z"].to(device), resume["grid_y"].to(device)
+        fid.load_state_dict(resume.get("fid", {}))
+        restore_rng_state(resume["rng"])
         if state.schedule_progress >= 0.999 and cfg.lr_schedule != "const":
             log("train", "the checkpoint's lr schedule had run to its end: this session trains at the final lr")
-        del saved
     if world > 1:
         # ranks draw different batches and noise; the models stay identical (DDP broadcasts rank 0's weights)
         torch.manual_seed(cfg.seed * 7919 + dist_info.rank * 104729 + state.step)
@@ -3573,237 +3710,275 @@ def train(cfg: Config, data, deadline: Deadline, out_dir: str, device, fid_fn=No
         raise ValueError(f"the dataset has {len(data.images)} images, fewer than one batch of "
                          f"{state.batch_size // world}: lower --batch-size")
     sampler = DeviceSampler(data.images.to(device), data.labels.to(device))
-    if is_main:
-        print_banner(cfg, device, precision, data, deadline, nets.G, nets.D, world, resume_path)
+    return RunParts(nets, precision, state, fid, sampler, grid_z, grid_y, n_classes)
 
-    status_s, grid_s = parse_duration(cfg.status_every), parse_duration(cfg.grid_every)
-    ckpt_s, fid_s = parse_duration(cfg.ckpt_every), parse_duration(cfg.fid_every) if fid_fn is not None else 0.0
-    train_start = time.time()
-    schedule_start, seconds_before = state.schedule_progress, state.train_seconds
-    next_tick, next_grid = train_start + status_s, _due_time(train_start, grid_s)
-    next_ckpt, next_fid = _due_time(train_start, ckpt_s), _due_time(train_start, fid_s)
-    snapshot, snapshot_time = training_snapshot(nets, state), train_start
-    tick_sums = torch.zeros(4, device=device)
-    tick = {"d_steps": 0, "g_steps": 0, "images": 0, "start": train_start}
-    lrs_set = (None, None)
-    stop_reason, first_round, session_first_step = None, True, state.step
-    caught: dict = {}
-    previous_handlers = _install_stop_signals(caught)
 
-    def read_tick(now: float, extra: dict) -> bool:
-        """Read the tick's sums (one host sync), check for NaN/Inf, adapt n_dis, log; False: rolled back or gave up."""
-        nonlocal tick_sums, snapshot, snapshot_time, stop_reason
-        params = list(nets.G.parameters()) + list(nets.D.parameters())
-        weight_sum = torch.stack([p.detach().float().sum() for p in params]).sum()
-        values = mean_over_ranks(torch.cat([tick_sums, weight_sum.view(1)]), world).tolist()
-        d_steps, g_steps = max(1, tick["d_steps"]), max(1, tick["g_steps"])
-        d_loss, d_real, d_fake, g_loss = (values[0] / d_steps, values[1] / d_steps, values[2] / d_steps,
-                                          values[3] / g_steps)
-        tick_images, tick_seconds = tick["images"], max(1e-9, now - tick["start"])
-        tick_sums = torch.zeros(4, device=device)
-        tick.update(d_steps=0, g_steps=0, images=0, start=now)
-        if not all(math.isfinite(v) for v in (d_loss, d_real, d_fake, g_loss, values[4])):
-            state.rollbacks += 1
-            restore_training_snapshot(nets, snapshot)
-            state.step, state.images_seen = snapshot["progress"]["step"], snapshot["progress"]["images_seen"]
-            if state.rollbacks > MAX_ROLLBACKS:
-                stop_reason = (f"error: losses or weights became NaN/Inf {state.rollbacks} times even with lower "
-                               f"learning rates; restored the last good state (step {state.step})")
-                if is_main:
-                    log("train", f"giving up: {stop_reason[7:]}. Try a lower --lr-g/--lr-d, --amp fp32 or another --loss")
-                return False
-            state.lr_scale *= 0.5
-            if is_main:
-                log("train", f"NaN/Inf in the losses or weights (D {d_loss:.3g}, G {g_loss:.3g}): rolled back to step "
-                    f"{state.step} and halved both learning rates (x{state.lr_scale:g} now, rollback "
-                    f"{state.rollbacks} of {MAX_ROLLBACKS})")
-                event = {"time": now, "event": "rollback", "step": state.step, "kimg": state.images_seen / 1000,
-                         "lr_scale": state.lr_scale}
-                _write_output("stats", append_stats, stats_path, event)
-            return False
-        if cfg.dis_loss_limit > 0:
-            # one more D step per round while D's loss stays above the limit, back towards n_dis once it is below
-            if d_loss > cfg.dis_loss_limit:
-                state.n_dis = min(cfg.n_dis_max, state.n_dis + 1)
-            elif state.n_dis > cfg.n_dis:
-                state.n_dis -= 1
-        if extra.get("snapshot"):
-            snapshot, snapshot_time = training_snapshot(nets, state), now
-        if is_main:
-            lr_g, lr_d = current_lrs(cfg, state)
-            record = {"time": now, "step": state.step, "epoch": state.images_seen / len(data.images),
-                      "kimg": state.images_seen / 1000, "images_per_s": tick_images / tick_seconds,
-                      "g_loss": g_loss, "d_loss": d_loss, "d_real": d_real, "d_fake": d_fake, "lr_g": lr_g,
-                      "lr_d": lr_d, "batch_size": state.batch_size, "n_dis": state.n_dis,
-                      "elapsed_s": now - train_start, "train_left_s": max(0.0, deadline.train_end - now),
-                      "next_ckpt_s": (next_ckpt - now) if math.isfinite(next_ckpt) else None,
-                      "schedule_progress": state.schedule_progress}
-            record.update(extra.get("record", {}))
-            _write_output("stats", append_stats, stats_path, record)
-            log("train", format_status(record))
-        return True
+@contextlib.contextmanager
+def catch_stop_signals():
+    """SIGTERM/SIGINT add their number to the yielded set instead of killing the process: the loop finishes its
+    step, saves and returns. Outside the main thread signals cannot be caught (the deadline still stops training)."""
+    caught: set = set()
+    if threading.current_thread() is not threading.main_thread():
+        log("train", "not in the main thread: SIGTERM/SIGINT are not caught (the deadline still stops training)")
+        yield caught
+        return
 
-    def write_checkpoint(reason: str) -> None:
-        """Rank 0 saves OUT/ckpt.pt atomically; a failed write is logged and the previous checkpoint stays."""
-        if not is_main:
-            return
-        state.train_seconds = seconds_before + (time.time() - train_start)
-        ckpt = training_snapshot(nets, state)
-        ckpt.update(format=CKPT_FORMAT, config=dataclasses.asdict(cfg), n_classes=n_classes, grid_z=grid_z.cpu(),
-                    grid_y=grid_y.cpu(), best_G_ema=best_G_ema_state, rng=capture_rng_state())
-        start = time.time()
-        try:
-            save_checkpoint(ckpt_path, ckpt)
-            log("train", f"checkpoint ({reason}) -> {ckpt_path} in {time.time() - start:.1f}s")
-        except OSError as error:
-            log("train", f"WARNING: could not write {ckpt_path} ({error}); the previous checkpoint is kept")
+    def on_signal(signum, frame):
+        if not caught:
+            log("train", f"caught {signal.Signals(signum).name}: finishing this step, saving a checkpoint, stopping")
+        caught.add(signum)
 
-    def measure_fid(now: float) -> dict:
-        """FID of G_ema (rank 0); the best state is kept in memory and in the checkpoint."""
-        nonlocal best_G_ema_state, fid_fn
-        start = time.time()
-        try:
-            fid = float(fid_fn(nets.G_ema))
-        except Exception as error:  # a failing metric must not end the training
-            log("train", f"WARNING: training-time FID failed ({type(error).__name__}: {error}); FID is off from now")
-            fid_fn = None
-            return {}
-        nets.G_ema.eval()
-        kimg = state.images_seen / 1000
-        if not math.isfinite(fid):
-            log("train", f"FID is {fid} at {kimg:.1f} kimg: not kept")
-            return {}
-        state.fid_history.append([kimg, fid])
-        if state.best_fid is None or fid < state.best_fid:
-            state.best_fid, state.best_kimg = fid, kimg
-            best_G_ema_state = ckpt_cpu_copy(nets.G_ema.state_dict())
-        log("train", f"FID {fid:.2f} at {kimg:.1f} kimg ({time.time() - start:.0f}s); best {state.best_fid:.2f} "
-            f"at {state.best_kimg:.1f} kimg")
-        return {"fid": fid, "fid_s": time.time() - start}
-
+    previous = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
-        while True:
-            # Decide: stop (deadline / signal / step limit), tick, refresh the rollback point; identical on all ranks.
-            now = time.time()
-            if max_steps and state.step >= max_steps:
-                stop_reason = stop_reason or "max_steps"
-            if world == 1 or state.step % DDP_SYNC_STEPS == 0:
-                stop_now, tick_now, snapshot_now = any_rank_flags(
-                    [now >= deadline.train_end or "signal" in caught, now >= next_tick,
-                     now - snapshot_time >= ROLLBACK_SNAPSHOT_S], device, world)
-                if stop_now and stop_reason is None:
-                    stop_reason = "signal" if "signal" in caught else "deadline"
-            else:
-                tick_now = snapshot_now = False
-            if stop_reason is not None:
-                break
-            if tick_now and tick["d_steps"]:
-                next_tick = now + status_s
-                extra = {"snapshot": snapshot_now, "record": {}}
-                if is_main and now >= next_fid and fid_fn is not None:
-                    extra["record"].update(measure_fid(now))
-                    next_fid = _due_time(time.time(), fid_s)
-                if not read_tick(now, extra):
-                    if stop_reason is not None:
+        yield caught
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+
+class RollbackGuard:
+    """The last good training state in host memory: a tick with NaN/Inf goes back to it with halved learning rates,
+    and a run that keeps diverging gives up there."""
+
+    def __init__(self, nets: GanNets, state: LoopState, now: float):
+        self.refresh(nets, state, now)
+
+    def refresh(self, nets: GanNets, state: LoopState, now: float) -> None:
+        self.snapshot, self.time = training_snapshot(nets, state), now
+
+    def restore(self, nets: GanNets, state: LoopState) -> None:
+        """Weights and optimisers of the snapshot; the step counters go back too, the rest of `state` stays."""
+        good = restore_training_snapshot(nets, self.snapshot)
+        state.step, state.images_seen = good.step, good.images_seen
+
+    def recover(self, failure: Exception, nets: GanNets, state: LoopState) -> str:
+        """After an exception in the loop: print it, restore the last good state; returns the error for the result."""
+        traceback.print_exc()
+        error = f"{type(failure).__name__}: {failure}"
+        log("train", f"training failed ({error}); restoring the last good state (step "
+            f"{self.snapshot['progress']['step']})")
+        self.restore(nets, state)
+        return error
+
+    def roll_back(self, nets: GanNets, state: LoopState, means: dict, status_log: StatusLog, now: float) -> str:
+        """After NaN/Inf: restore and halve both lrs; returns why the run ends once the rollbacks run out, else ""."""
+        state.rollbacks += 1
+        self.restore(nets, state)
+        if state.rollbacks > MAX_ROLLBACKS:
+            gave_up = (f"losses or weights became NaN/Inf {state.rollbacks} times even with lower learning rates; "
+                       f"restored the last good state (step {state.step})")
+            log("train", f"giving up: {gave_up}. Try a lower --lr-g/--lr-d, --amp fp32 or another --loss")
+            return gave_up
+        state.lr_scale *= 0.5
+        log("train", f"NaN/Inf in the losses or weights (D {means['d_loss']:.3g}, G {means['g_loss']:.3g}): rolled "
+            f"back to step {state.step} and halved both learning rates (x{state.lr_scale:g} now, rollback "
+            f"{state.rollbacks} of {MAX_ROLLBACKS})")
+        status_log.event({"time": now, "event": "rollback", "step": state.step, "kimg": state.images_seen / 1000,
+                          "lr_scale": state.lr_scale})
+        return ""
+
+
+def _decide(now: float, step: int, max_steps: int, train_end: float, caught_signals: set, status_due: Every,
+            guard: RollbackGuard, device, world: int) -> tuple[StopReason | None, bool, bool]:
+    """(why to stop or None, status tick due, rollback point due), the same on every rank: under DDP the ranks
+    agree every DDP_SYNC_STEPS steps (one small all-reduce) and tick or stop only then."""
+    stop = StopReason.MAX_STEPS if max_steps and step >= max_steps else None
+    if world > 1 and step % DDP_SYNC_STEPS:
+        return stop, False, False
+    stop_now, tick_now, refresh_now = any_rank_flags([now >= train_end or bool(caught_signals), status_due.due(now),
+                                                      now - guard.time >= ROLLBACK_SNAPSHOT_S], device, world)
+    if stop_now and stop is None:
+        stop = StopReason.SIGNAL if caught_signals else StopReason.DEADLINE
+    return stop, tick_now, refresh_now
+
+
+def _weight_sum(nets: GanNets) -> torch.Tensor:
+    # one device scalar that is NaN/Inf as soon as any weight of G or D is
+    return torch.stack([p.detach().float().sum() for m in (nets.G, nets.D) for p in m.parameters()]).sum()
+
+
+def _adapt_n_dis(state: LoopState, cfg: Config, d_loss: float) -> None:
+    # one more D step per round while D's loss stays above the limit, back towards n_dis once it is below
+    if cfg.dis_loss_limit > 0:
+        if d_loss > cfg.dis_loss_limit:
+            state.n_dis = min(cfg.n_dis_max, state.n_dis + 1)
+        elif state.n_dis > cfg.n_dis:
+            state.n_dis -= 1
+
+
+def _save_grid(nets: GanNets, grid_z, grid_y, out_dir: str, kimg: float, precision: Precision) -> None:
+    # a full or read-only disk costs this grid, not the run
+    try:
+        save_sample_grid(nets.G_ema, grid_z, grid_y, out_dir, kimg, precision)
+    except OSError as error:
+        log("train", f"WARNING: could not write the sample grid ({error})")
+
+
+def _save_interpolation_strip(nets: GanNets, out_dir: str, seed: int) -> None:
+    # a full or read-only disk costs this strip, not the run
+    try:
+        save_interpolation_strip(nets.G_ema, os.path.join(out_dir, "samples", "interpolation.png"), 4, 10, seed)
+    except OSError as error:
+        log("train", f"WARNING: could not write the interpolation strip ({error})")
+
+
+def _save_run(out_dir: str, cfg: Config, run: RunParts, train_seconds: float, reason: str) -> None:
+    # everything a later session needs to continue, in OUT/ckpt.pt (rank 0 only)
+    run.state.train_seconds = train_seconds
+    write_training_checkpoint(os.path.join(out_dir, CKPT_NAME), run.nets, run.state, f"checkpoint ({reason})",
+                              config=dataclasses.asdict(cfg), n_classes=run.n_classes, grid_z=run.grid_z.cpu(),
+                              grid_y=run.grid_y.cpu(), fid=run.fid.state_dict())
+
+
+def _halve_batch_after_oom(nets: GanNets, state: LoopState, device: torch.device, status_log: StatusLog) -> str:
+    """Free what the failed round held and halve the batch; returns the error that ends the run at batch 1, else ""."""
+    nets.opt_g.zero_grad(set_to_none=True)
+    nets.opt_d.zero_grad(set_to_none=True)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if state.batch_size < 2:
+        log("train", "CUDA out of memory even at batch size 1")
+        return "CUDA out of memory even at batch size 1"
+    state.batch_size //= 2
+    log("train", f"CUDA out of memory at batch {state.batch_size * 2}: freed memory, batch size {state.batch_size} "
+        f"from now on")
+    status_log.event({"time": time.time(), "event": "oom", "step": state.step, "batch_size": state.batch_size})
+    return ""
+
+
+def train(cfg: Config, data, deadline: Deadline, out_dir: str, device, fid_fn=None, *, resume: dict | None = None,
+          max_steps: int = 0) -> TrainResult:
+    """Train G and D on `data` until the deadline's training window ends, a signal, or max_steps rounds (tests).
+
+    `resume`: the checkpoint settled by checkpoint.open_resume (its config is already cfg). Rank 0 prints and writes
+    OUT/stats.jsonl, OUT/samples/, OUT/ckpt.pt (always before returning). Each rank trains on batch_size // world.
+    """
+    # Set-up: ranks, models, optimisers, data on the device; the banner says what this run is.
+    device = torch.device(device)
+    dist_info = current_dist_info(device)
+    is_main, world = dist_info.is_main, dist_info.world_size
+    if is_main:
+        os.makedirs(out_dir, exist_ok=True)
+    run = set_up_training(cfg, data, device, dist_info, fid_fn, resume)
+    nets, precision, state, fid = run.nets, run.precision, run.state, run.fid
+    if is_main:
+        print_banner(cfg, device, precision, data, deadline, nets.G, nets.D, world, resume and resume.get("path"))
+
+    # Watching: status ticks, grids, checkpoints and FID on their own wall-clock periods; a rollback point.
+    train_start = time.time()
+    schedule_start, seconds_before, session_first_step = state.schedule_progress, state.train_seconds, state.step
+    status_due = Every(parse_duration(cfg.status_every), train_start, zero_means_always=True)
+    grid_due = Every(parse_duration(cfg.grid_every), train_start)
+    ckpt_due = Every(parse_duration(cfg.ckpt_every), train_start)
+    fid_due = Every(parse_duration(cfg.fid_every) if fid.enabled else 0.0, train_start)
+    meter, guard = TickMeter(device, train_start), RollbackGuard(nets, state, train_start)
+    status_log = StatusLog(os.path.join(out_dir, STATS_NAME), is_main, len(data.images), train_start,
+                           deadline.train_end)
+    lrs_set, stop, error = (None, None), None, ""
+
+    def status_tick(now: float, record: dict) -> tuple[bool, str]:
+        # one host read of the tick's sums -> (healthy, why the run gives up): NaN/Inf rolls back, else adapt + log
+        means = meter.read(now, _weight_sum(nets), world)
+        if not all(math.isfinite(value) for value in means.values()):
+            return False, guard.roll_back(nets, state, means, status_log, now)
+        _adapt_n_dis(state, cfg, means["d_loss"])
+        del means["weight_sum"]
+        status_log.status(now, state, means, current_lrs(cfg, state), {"next_ckpt_s": ckpt_due.left(now), **record})
+        return True, ""
+
+    with catch_stop_signals() as caught_signals:
+        try:
+            while True:
+                # Decide, identically on every rank: stop (step limit / deadline / signal), tick, rollback refresh.
+                now = time.time()
+                stop, tick_now, refresh_now = _decide(now, state.step, max_steps, deadline.train_end, caught_signals,
+                                                      status_due, guard, device, world)
+                if stop is not None:
+                    break
+
+                # Status tick: FID when due, the tick's numbers (a rollback skips the rest), grid, checkpoint.
+                if tick_now and meter.d_steps:
+                    status_due.reset(now)
+                    record = {}
+                    if is_main and fid_due.due(now) and fid.enabled:
+                        record = fid.measure(nets.G_ema, state.images_seen / 1000)
+                        fid_due.reset(time.time())
+                    healthy, error = status_tick(now, record)
+                    if error:
+                        stop = StopReason.ERROR
+                        break
+                    if not healthy:
+                        continue
+                    if refresh_now:
+                        guard.refresh(nets, state, now)
+                    if is_main and grid_due.due(now):
+                        _save_grid(nets, run.grid_z, run.grid_y, out_dir, state.images_seen / 1000, precision)
+                        grid_due.reset(time.time())
+                    if is_main and ckpt_due.due(now):
+                        _save_run(out_dir, cfg, run, seconds_before + (now - train_start), "periodic")
+                        ckpt_due.reset(time.time())
+
+                # Learning rates follow the training clock (and the batch size, and the rollback scale).
+                state.schedule_progress = schedule_progress(schedule_start, deadline.train_fraction(train_start))
+                lrs = current_lrs(cfg, state)
+                if lrs != lrs_set:
+                    set_lr(nets.opt_g, lrs[0])
+                    set_lr(nets.opt_d, lrs[1])
+                    lrs_set = lrs
+
+                # One round: n_dis D steps + g_steps G steps; an out-of-memory error halves the batch and retries.
+                rank_batch = state.batch_size // world
+                round_start = time.time()
+                try:
+                    round_sums = gan_round(nets, run.sampler, cfg, precision, rank_batch, state.n_dis, run.n_classes)
+                except OOM_ERRORS:
+                    if world > 1:
+                        raise
+                    error = _halve_batch_after_oom(nets, state, device, status_log)
+                    if error:
+                        stop = StopReason.ERROR
                         break
                     continue
-                if is_main and now >= next_grid:
-                    _write_output("the sample grid", save_sample_grid, nets.G_ema, grid_z, grid_y, out_dir,
-                                  state.images_seen / 1000, precision)
-                    next_grid = _due_time(time.time(), grid_s)
-                if is_main and now >= next_ckpt:
-                    write_checkpoint("periodic")
-                    next_ckpt = _due_time(time.time(), ckpt_s)
+                if state.step == session_first_step:
+                    log("train", f"first round took {time.time() - round_start:.1f}s"
+                        f"{' (includes torch.compile)' if cfg.compile else ''}")
+                state.step += 1
+                state.images_seen += rank_batch * world * state.n_dis
+                meter.add(round_sums, state.n_dis, cfg.g_steps, rank_batch * world * state.n_dis)
 
-            # Learning rates follow the training clock (and the batch size, and the rollback scale).
-            state.schedule_progress = schedule_progress(schedule_start, deadline.train_fraction(train_start))
-            lrs = current_lrs(cfg, state)
-            if lrs != lrs_set:
-                set_lr(nets.opt_g, lrs[0])
-                set_lr(nets.opt_d, lrs[1])
-                lrs_set = lrs
+                # G_ema follows G, averaging over at most ema_rampup of the rounds so far.
+                ema_update(nets.G_ema, nets.G, ema_beta_at(state.step, cfg.ema_beta, cfg.ema_rampup))
+        except Exception as failure:
+            # Before the first round it is a set-up problem, and under DDP the other ranks must not wait in a
+            # collective: raise. Later, keep the last good state and return, so the caller can still write images.
+            if world > 1 or state.step == session_first_step:
+                raise
+            stop, error = StopReason.ERROR, guard.recover(failure, nets, state)
 
-            # One round: n_dis D steps + g_steps G steps; an OOM halves the batch and retries.
-            rank_batch = state.batch_size // world
-            round_start = time.time()
-            try:
-                tick_sums += gan_round(nets, sampler, cfg, precision, rank_batch, state.n_dis, n_classes)
-                oom = False
-            except OOM_ERRORS:
-                if world > 1:
-                    raise
-                oom = True
-            if oom:
-                nets.opt_g.zero_grad(set_to_none=True)
-                nets.opt_d.zero_grad(set_to_none=True)
-                _free_cuda_memory(device)
-                if state.batch_size < 2:
-                    stop_reason = "error: CUDA out of memory even at batch size 1"
-                    log("train", stop_reason)
-                    break
-                state.batch_size //= 2
-                log("train", f"CUDA out of memory at batch {state.batch_size * 2}: freed memory, batch size "
-                    f"{state.batch_size} from now on")
-                if is_main:
-                    event = {"time": time.time(), "event": "oom", "step": state.step, "batch_size": state.batch_size}
-                    _write_output("stats", append_stats, stats_path, event)
-                continue
-            if first_round and is_main:
-                log("train", f"first round took {time.time() - round_start:.1f}s"
-                    f"{' (includes torch.compile)' if cfg.compile else ''}")
-                first_round = False
-            state.step += 1
-            state.images_seen += rank_batch * world * state.n_dis
-            tick["d_steps"] += state.n_dis
-            tick["g_steps"] += cfg.g_steps
-            tick["images"] += rank_batch * world * state.n_dis
-            # G_ema follows G, averaging over at most ema_rampup of the rounds so far
-            ema_update(nets.G_ema, nets.G, ema_beta_at(state.step, cfg.ema_beta, cfg.ema_rampup))
-    except Exception as error:
-        # A failure before the first round is a set-up problem, and under DDP the other ranks must not wait
-        # in a collective: raise. Later, keep the last good state and return, so the caller can still write images.
-        if world > 1 or state.step == session_first_step:
-            raise
-        traceback.print_exc()
-        stop_reason = f"error: {type(error).__name__}: {error}"
-        log("train", f"training failed ({stop_reason[7:]}); restoring the last good state (step "
-            f"{snapshot['progress']['step']})")
-        restore_training_snapshot(nets, snapshot)
-        state.step, state.images_seen = snapshot["progress"]["step"], snapshot["progress"]["images_seen"]
-    finally:
-        _restore_signals(previous_handlers)
-
-    # Wrap up: same buffers on every rank, last status, grid and checkpoint; the best-FID G_ema is what the caller gets.
+    # Wrap-up: same buffers on every rank; the final G_ema competes for best FID (else up to fid_every of training
+    # would be thrown away); last status, grid and checkpoint; the best-FID G_ema is what the caller gets.
     for module in (nets.G, nets.D, nets.G_ema):
         sync_buffers(module, world)
-    final_record = {}
-    if is_main and fid_fn is not None and fid_s > 0 and not stop_reason.startswith("error"):
-        # the final G_ema competes for "best" too: without this, up to fid_every of training would be thrown away
-        last_kimg = state.fid_history[-1][0] if state.fid_history else -1.0
-        if state.images_seen / 1000 > last_kimg:
-            final_record = measure_fid(time.time())
-    if tick["d_steps"] and not stop_reason.startswith("error"):
-        read_tick(time.time(), {"record": final_record})
+    if stop is not StopReason.ERROR:
+        record = {}
+        if is_main and fid.enabled and fid_due.seconds > 0 and state.images_seen / 1000 > fid.last_kimg:
+            record = fid.measure(nets.G_ema, state.images_seen / 1000)
+        error = status_tick(time.time(), record)[1] if meter.d_steps else ""
+        stop = StopReason.ERROR if error else stop
+    if is_main and state.step > 0:  # an untrained state never replaces a checkpoint
+        _save_grid(nets, run.grid_z, run.grid_y, out_dir, state.images_seen / 1000, precision)
+        reason = f"error: {error}" if error else stop.value
+        _save_run(out_dir, cfg, run, seconds_before + (time.time() - train_start), reason)
+    if fid.best_G_ema is not None:
+        nets.G_ema.load_state_dict(fid.best_G_ema)
+        log("train", f"returning the best G_ema (FID {fid.best:.2f} at {fid.best_kimg:.1f} kimg), not the last one")
     if is_main:
-        _write_output("the sample grid", save_sample_grid, nets.G_ema, grid_z, grid_y, out_dir,
-                      state.images_seen / 1000, precision)
-    write_checkpoint(stop_reason)
-    if best_G_ema_state is not None:
-        nets.G_ema.load_state_dict(best_G_ema_state)
-        if is_main:
-            log("train", f"returning the best G_ema (FID {state.best_fid:.2f} at {state.best_kimg:.1f} kimg), "
-                f"not the last one")
-    if is_main:
-        _write_output("the interpolation strip", save_interpolation_strip, nets.G_ema,
-                      os.path.join(out_dir, "samples", "interpolation.png"), 4, 10, cfg.seed)
-        log("train", f"stopped ({stop_reason}) at step {state.step}, {state.images_seen / 1000:.1f} kimg, "
-            f"{format_duration(time.time() - train_start)} of training this session")
-    return TrainResult(G_ema=nets.G_ema.eval(), steps=state.step, images_seen=state.images_seen,
-                       stop_reason=stop_reason, best_fid=state.best_fid, cfg=cfg, G=nets.G, D=nets.D,
-                       n_classes=n_classes, batch_size=state.batch_size, rollbacks=state.rollbacks,
-                       fid_history=list(state.fid_history), grid_z=grid_z, grid_y=grid_y,
-                       checkpoint_path=ckpt_path, stats_path=stats_path,
-                       train_seconds=seconds_before + (time.time() - train_start))
+        _save_interpolation_strip(nets, out_dir, cfg.seed)
+        log("train", f"stopped ({stop.value}{': ' + error if error else ''}) at step {state.step}, "
+            f"{state.images_seen / 1000:.1f} kimg, {format_duration(time.time() - train_start)} of training this session")
+    return TrainResult(G_ema=nets.G_ema.eval(), G=nets.G, D=nets.D, progress=state, stop_reason=stop, error=error,
+                       fid=fid, grid_z=run.grid_z)
 
 
 # ====================================================================================================
@@ -3875,16 +4050,26 @@ def write_submission(G_ema, cfg: Config, out_dir: str, device: torch.device, tru
 
 
 def fallback_generator(cfg: Config, n_classes: int, out_dir: str, device: torch.device):
-    """When training failed: G_ema from the last checkpoint if there is one, else an untrained G, so a zip still comes out."""
+    """When training failed: G_ema from OUT/ckpt.pt if it holds a trained one, else None (nothing to submit)."""
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    if os.path.exists(ckpt_path) and os.path.abspath(ckpt_path) != os.path.abspath(cfg.resume or ""):
-        try:
-            log("main", f"using G_ema from {ckpt_path}")
-            return load_generator_from_checkpoint(ckpt_path, cfg, n_classes, device)
-        except Exception as error:  # a broken checkpoint must not cost the zip
-            log("main", f"could not read {ckpt_path} ({error}); using an untrained generator")
+    if not os.path.exists(ckpt_path):
+        return None
+    try:
+        log("main", f"using G_ema from {ckpt_path}")
+        return load_generator_from_checkpoint(ckpt_path, cfg, n_classes, device)
+    except Exception as error:  # a broken checkpoint must not cost the run its ending
+        log("main", f"could not read {ckpt_path} ({error})")
+        return None
+
+
+def untrained_generator(cfg: Config, n_classes: int, out_dir: str, device: torch.device):
+    """An untrained G, only when OUT has no images.zip yet: an existing zip is only ever replaced by a trained G's."""
+    if os.path.exists(os.path.join(out_dir, "images.zip")):
+        log("main", f"no trained generator: {os.path.join(out_dir, 'images.zip')} is kept as it is")
+        return None
+    log("main", "WARNING: no trained generator; images.zip comes from an UNTRAINED one (noise), so that a file exists")
     G, _ = build_models(cfg, n_classes)
-    return G.to(device)
+    return G.to(device).eval()
 
 
 def show_inline(out_dir: str) -> None:
@@ -3910,8 +4095,10 @@ def run(cfg: Config, start: float) -> int:
     if dist.is_main:
         log("main", f"dogkernel: recipe {cfg.recipe}, device {device}, out {out_dir}, budget {cfg.time_budget}")
         log("main", f"config (differs from defaults): {config_diff(cfg)}")
+    cfg, resume = open_resume(cfg, out_dir)  # settled once, before anything below uses the config
     data = load_dogs(data_dir, crop_margin=cfg.crop_margin, max_images=cfg.max_images, workers=cfg.decode_workers)
     n_classes = len(data.breeds)
+    check_resume_fits_data(resume, n_classes)
     extractor = open_extractor(cfg, device) if dist.is_main else None
     real_feats = real_features(extractor, data, out_dir) if extractor is not None else None
     plan_reserve(cfg, deadline, n_classes, device, extractor)
@@ -3919,22 +4106,24 @@ def run(cfg: Config, start: float) -> int:
 
     exit_code, G_ema = 0, None
     try:
-        result = train(cfg, data, deadline, out_dir, device, fid_fn=fid_fn)
-        G_ema = result.G_ema
-        log("main", f"training stopped ({result.stop_reason}) after {result.steps} steps, {result.images_seen / 1000:.1f} kimg")
-        if result.stop_reason.startswith("error"):
-            exit_code = 1
-    except CheckpointError as error:
-        log("main", f"cannot resume: {error}")
-        exit_code = 2
+        result = train(cfg, data, deadline, out_dir, device, fid_fn=fid_fn, resume=resume)
+        if result.progress.step > 0:
+            G_ema = result.G_ema
+        log("main", f"training stopped ({result.stop_reason.value}) after {result.progress.step} steps, "
+            f"{result.progress.images_seen / 1000:.1f} kimg")
+        exit_code = 1 if result.stop_reason is StopReason.ERROR else 0
     except Exception:
-        log("main", "training failed:\n" + traceback.format_exc())
+        log("main", "training failed:\n" + traceback.format_exc(), error=True)
         exit_code = 1
     if not dist.is_main:
         cleanup_distributed()
         return exit_code
     if G_ema is None:
-        G_ema = fallback_generator(cfg, n_classes, out_dir, device)
+        G_ema = fallback_generator(cfg, n_classes, out_dir, device) or untrained_generator(cfg, n_classes, out_dir,
+                                                                                            device)
+    if G_ema is None:
+        cleanup_distributed()
+        return exit_code or 1
 
     truncation = pick_truncation(cfg, G_ema, extractor, real_feats, device) if extractor is not None else cfg.truncation
     zip_path = write_submission(G_ema, cfg, out_dir, device, truncation)

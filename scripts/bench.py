@@ -33,7 +33,8 @@ from src.mifid import cached_real_features, load_feature_extractor, mifid_score 
 from src.models import build_models  # noqa: E402
 from src.precision import choose_precision, configure_backends  # noqa: E402
 from src.synthetic import make_tiny_dataset  # noqa: E402
-from src.train import DeviceSampler, build_gan_nets, gan_round  # noqa: E402
+from src.nets import build_gan_nets  # noqa: E402
+from src.train import DeviceSampler, gan_round  # noqa: E402
 
 # Dense peak throughput of the training dtype, for the MFU estimate (vendor datasheets; bf16/fp16 tensor cores).
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "T4": 65.0, "P100": 18.7, "V100": 125.0}
@@ -117,7 +118,7 @@ def time_baseline(cfg, data, device, steps: int, warmup: int) -> dict:
     G, D = G.to(device).train(), D.to(device).train()
     opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr_g, betas=(cfg.beta1, cfg.beta2))
     opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr_d, betas=(cfg.beta1, cfg.beta2))
-    d_loss_fn, g_loss_fn = GAN_LOSSES[cfg.loss]
+    d_loss_fn, g_loss_fn = GAN_LOSSES[cfg.loss].d_loss, GAN_LOSSES[cfg.loss].g_loss
     loader = torch.utils.data.DataLoader(PilDogs(data.images, data.labels), batch_size=cfg.batch_size, shuffle=True,
                                          drop_last=True, num_workers=min(4, os.cpu_count() or 1))
     n_classes = len(data.breeds)

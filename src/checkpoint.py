@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+import time
 
 import numpy as np
 import torch
@@ -16,9 +17,10 @@ from src.atomic import atomic_path
 from src.config import Config, fields_with_role
 from src.console import log
 from src.models import build_models
+from src.nets import GanNets, LoopState
 
 CKPT_NAME = "ckpt.pt"
-CKPT_FORMAT = 1
+CKPT_FORMAT = 2                  # 2: the FID history and best G_ema moved from 'progress' into 'fid'
 CKPT_REQUIRED_KEYS = ("format", "config", "n_classes", "G", "D", "G_ema", "opt_g", "opt_d", "progress")
 
 
@@ -63,6 +65,43 @@ def restore_rng_state(state: dict) -> None:
     cuda_states = state.get("cuda") or []
     if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda_states)
+
+
+def training_snapshot(nets: GanNets, state: LoopState) -> dict:
+    """A CPU copy of everything the optimisation changes: the rollback point and the core of a checkpoint."""
+    return ckpt_cpu_copy({"G": nets.G.state_dict(), "D": nets.D.state_dict(), "G_ema": nets.G_ema.state_dict(),
+                          "opt_g": nets.opt_g.state_dict(), "opt_d": nets.opt_d.state_dict(),
+                          "scaler_g": nets.scaler_g.state_dict(), "scaler_d": nets.scaler_d.state_dict(),
+                          "progress": dataclasses.asdict(state)})
+
+
+def restore_training_snapshot(nets: GanNets, snapshot: dict) -> LoopState:
+    """Load models, optimisers and scalers from a snapshot or checkpoint (copies: the snapshot stays reusable);
+    returns the snapshot's counters."""
+    nets.G.load_state_dict(snapshot["G"])
+    nets.D.load_state_dict(snapshot["D"])
+    nets.G_ema.load_state_dict(snapshot["G_ema"])
+    # optimiser tensors already on the right device would be taken over as they are: hand over copies
+    nets.opt_g.load_state_dict(ckpt_cpu_copy(snapshot["opt_g"]))
+    nets.opt_d.load_state_dict(ckpt_cpu_copy(snapshot["opt_d"]))
+    if snapshot.get("scaler_g"):
+        nets.scaler_g.load_state_dict(snapshot["scaler_g"])
+    if snapshot.get("scaler_d"):
+        nets.scaler_d.load_state_dict(snapshot["scaler_d"])
+    return LoopState(**snapshot["progress"])
+
+
+def write_training_checkpoint(path: str, nets: GanNets, state: LoopState, reason: str, **extra) -> None:
+    """Save the run to `path` atomically (snapshot + `extra`: config, grid, FID history, RNG); a failed write is
+    logged and the previous checkpoint stays."""
+    ckpt = training_snapshot(nets, state)
+    ckpt.update(format=CKPT_FORMAT, rng=capture_rng_state(), **extra)
+    start = time.time()
+    try:
+        save_checkpoint(path, ckpt)
+        log("checkpoint", f"{reason} -> {path} in {time.time() - start:.1f}s")
+    except OSError as error:
+        log("checkpoint", f"WARNING: could not write {path} ({error}); the previous checkpoint is kept")
 
 
 def save_checkpoint(path: str, state: dict) -> None:
@@ -122,12 +161,44 @@ def merge_resumed_config(cfg: Config, saved: dict) -> Config:
     return dataclasses.replace(cfg, **from_ckpt)
 
 
+def open_resume(cfg: Config, out_dir: str) -> tuple[Config, dict | None]:
+    """Settle --resume before anything uses the config: (the config this run trains with, the checkpoint or None).
+
+    A missing, damaged or foreign checkpoint raises CheckpointError here, before the data is decoded and before any
+    output is touched; check_resume_fits_data compares its breeds with the data once that is loaded.
+    """
+    path = resolve_resume_path(cfg.resume, out_dir)
+    if path is None:
+        return cfg, None
+    saved = load_checkpoint(path)
+    merged = merge_resumed_config(cfg, saved["config"])
+    G, D = build_models(merged, saved["n_classes"])
+    for name, module in (("G", G), ("D", D), ("G_ema", G)):
+        try:
+            module.load_state_dict(saved[name])
+        except RuntimeError as error:
+            first = str(error).strip().splitlines()[0]
+            raise CheckpointError(f"{path}: its {name} does not fit the model its config describes ({first[:160]}); "
+                                  f"it was written by other code: pass --resume \"\" to start fresh") from None
+    saved["path"] = path
+    return merged, saved
+
+
+def check_resume_fits_data(saved: dict | None, n_classes: int) -> None:
+    """A checkpoint trained on other breeds cannot continue on this data."""
+    if saved is not None and saved["n_classes"] != n_classes:
+        raise CheckpointError(f"{saved['path']} was trained on {saved['n_classes']} breeds, this data has {n_classes}: "
+                              f"use the same data, or pass --resume \"\" to start fresh")
+
+
 def load_generator_from_checkpoint(path: str, cfg: Config, n_classes: int, device) -> torch.nn.Module:
     """G_ema (the best-FID one when the run kept one) from a checkpoint, built with the checkpoint's model config."""
     state = load_checkpoint(path)
+    if state["progress"]["step"] == 0:
+        raise CheckpointError(f"{path} holds an untrained generator (step 0)")
     if state["n_classes"] != n_classes:
         raise CheckpointError(f"{path} was trained with {state['n_classes']} breeds, this data has {n_classes}")
     merged = merge_resumed_config(cfg, state["config"])
     G_ema, _ = build_models(merged, n_classes)
-    G_ema.load_state_dict(state.get("best_G_ema") or state["G_ema"])
+    G_ema.load_state_dict((state.get("fid") or {}).get("best_G_ema") or state["G_ema"])
     return G_ema.to(device).eval().requires_grad_(False)

@@ -192,13 +192,13 @@ def build_arg_parser() -> argparse.ArgumentParser:
         epilog="Each flag sets the Config field of the same name (see class Config for what it does); "
                "--recipe picks a named set of defaults, and flags given explicitly override it.",
         argument_default=argparse.SUPPRESS)  # absent flags stay absent, so recipes can fill them
-    for field in dataclasses.fields(Config):
-        flag = "--" + field.name.replace("_", "-")
-        if isinstance(field.default, bool):
-            parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction)
+    for config_field in dataclasses.fields(Config):
+        flag = "--" + config_field.name.replace("_", "-")
+        if isinstance(config_field.default, bool):
+            parser.add_argument(flag, dest=config_field.name, action=argparse.BooleanOptionalAction)
         else:
-            parser.add_argument(flag, dest=field.name, type=_flag_type(field.default),
-                                metavar=type(field.default).__name__.upper(), help=f"default: {field.default!r}")
+            parser.add_argument(flag, dest=config_field.name, type=_flag_type(config_field.default),
+                                metavar=type(config_field.default).__name__.upper(), help=f"default: {config_field.default!r}")
     parser.add_argument("--report", metavar="OUT", dest="report",
                         help="rebuild the plots of a finished run from OUT/stats.jsonl and exit")
     return parser

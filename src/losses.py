@@ -2,9 +2,13 @@
 
 Every D loss is d_loss(real_logit, fake_logit, real_target=1.0, fake_target=0.0) and every G loss is
 g_loss(real_logit, fake_logit): the targets matter to bce and ls only, real logits to RaLS's G loss only.
-Logits are cast to fp32 first so autocast never reduces a loss in half precision.
+Logits are cast to fp32 first so autocast never reduces a loss in half precision. GAN_LOSSES names each objective
+with what its D step needs besides the logits (noisy targets, a penalty), so the training round needs no loss names.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -113,10 +117,25 @@ def noisy_labels(n: int, low: float, high: float, device, generator: torch.Gener
     return low + (high - low) * torch.rand(n, device=device, generator=generator)
 
 
+@dataclass(frozen=True)
+class GanLoss:
+    """One GAN objective: its D and G losses and what D's step needs besides the logits."""
+    d_loss: Callable                 # d_loss(real_logit, fake_logit, real_target, fake_target)
+    g_loss: Callable                 # g_loss(real_logit, fake_logit)
+    noisy_targets: bool = False      # D's targets drawn from [real_label_min, 1] and [0, fake_label_max]
+    penalty: Callable | None = None  # an extra D term penalty(D, real_img, fake_img, labels, weight), run in fp32
+
+    def d_targets(self, n: int, real_min: float, fake_max: float, device) -> tuple[LossTarget, LossTarget]:
+        """(real_target, fake_target) for one D step of n images."""
+        if not self.noisy_targets:
+            return 1.0, 0.0
+        return noisy_labels(n, real_min, 1.0, device), noisy_labels(n, 0.0, fake_max, device)
+
+
 GAN_LOSSES = {
-    "hinge": (d_hinge_loss, g_hinge_loss),
-    "bce": (d_bce_loss, g_bce_loss),
-    "ls": (d_ls_loss, g_ls_loss),
-    "rals": (d_rals_loss, g_rals_loss),
-    "wgan-gp": (d_wgan_loss, g_wgan_loss),
+    "hinge": GanLoss(d_hinge_loss, g_hinge_loss),
+    "bce": GanLoss(d_bce_loss, g_bce_loss, noisy_targets=True),
+    "ls": GanLoss(d_ls_loss, g_ls_loss, noisy_targets=True),
+    "rals": GanLoss(d_rals_loss, g_rals_loss),
+    "wgan-gp": GanLoss(d_wgan_loss, g_wgan_loss, penalty=gradient_penalty),
 }

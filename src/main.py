@@ -9,7 +9,7 @@ import traceback
 import torch
 
 from src.budget import Deadline
-from src.checkpoint import CheckpointError, load_generator_from_checkpoint
+from src.checkpoint import CheckpointError, check_resume_fits_data, load_generator_from_checkpoint, open_resume
 from src.config import (Config, ConfigError, config_diff, format_duration, on_kaggle, parse_config, parse_duration,
                         running_in_notebook)
 from src.console import log
@@ -21,7 +21,7 @@ from src.models import build_models
 from src.report import write_plots
 from src.scoring import make_training_fid, pick_truncation, real_features, report_mifid, reserve_for_scoring
 from src.synthetic import make_tiny_dataset
-from src.train import train
+from src.train import StopReason, train
 
 KAGGLE_OUT = "/kaggle/working"
 KAGGLE_INPUT = "/kaggle/input"
@@ -88,16 +88,26 @@ def write_submission(G_ema, cfg: Config, out_dir: str, device: torch.device, tru
 
 
 def fallback_generator(cfg: Config, n_classes: int, out_dir: str, device: torch.device):
-    """When training failed: G_ema from the last checkpoint if there is one, else an untrained G, so a zip still comes out."""
+    """When training failed: G_ema from OUT/ckpt.pt if it holds a trained one, else None (nothing to submit)."""
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    if os.path.exists(ckpt_path) and os.path.abspath(ckpt_path) != os.path.abspath(cfg.resume or ""):
-        try:
-            log("main", f"using G_ema from {ckpt_path}")
-            return load_generator_from_checkpoint(ckpt_path, cfg, n_classes, device)
-        except Exception as error:  # a broken checkpoint must not cost the zip
-            log("main", f"could not read {ckpt_path} ({error}); using an untrained generator")
+    if not os.path.exists(ckpt_path):
+        return None
+    try:
+        log("main", f"using G_ema from {ckpt_path}")
+        return load_generator_from_checkpoint(ckpt_path, cfg, n_classes, device)
+    except Exception as error:  # a broken checkpoint must not cost the run its ending
+        log("main", f"could not read {ckpt_path} ({error})")
+        return None
+
+
+def untrained_generator(cfg: Config, n_classes: int, out_dir: str, device: torch.device):
+    """An untrained G, only when OUT has no images.zip yet: an existing zip is only ever replaced by a trained G's."""
+    if os.path.exists(os.path.join(out_dir, "images.zip")):
+        log("main", f"no trained generator: {os.path.join(out_dir, 'images.zip')} is kept as it is")
+        return None
+    log("main", "WARNING: no trained generator; images.zip comes from an UNTRAINED one (noise), so that a file exists")
     G, _ = build_models(cfg, n_classes)
-    return G.to(device)
+    return G.to(device).eval()
 
 
 def show_inline(out_dir: str) -> None:
@@ -123,8 +133,10 @@ def run(cfg: Config, start: float) -> int:
     if dist.is_main:
         log("main", f"dogkernel: recipe {cfg.recipe}, device {device}, out {out_dir}, budget {cfg.time_budget}")
         log("main", f"config (differs from defaults): {config_diff(cfg)}")
+    cfg, resume = open_resume(cfg, out_dir)  # settled once, before anything below uses the config
     data = load_dogs(data_dir, crop_margin=cfg.crop_margin, max_images=cfg.max_images, workers=cfg.decode_workers)
     n_classes = len(data.breeds)
+    check_resume_fits_data(resume, n_classes)
     extractor = open_extractor(cfg, device) if dist.is_main else None
     real_feats = real_features(extractor, data, out_dir) if extractor is not None else None
     plan_reserve(cfg, deadline, n_classes, device, extractor)
@@ -132,22 +144,24 @@ def run(cfg: Config, start: float) -> int:
 
     exit_code, G_ema = 0, None
     try:
-        result = train(cfg, data, deadline, out_dir, device, fid_fn=fid_fn)
-        G_ema = result.G_ema
-        log("main", f"training stopped ({result.stop_reason}) after {result.steps} steps, {result.images_seen / 1000:.1f} kimg")
-        if result.stop_reason.startswith("error"):
-            exit_code = 1
-    except CheckpointError as error:
-        log("main", f"cannot resume: {error}")
-        exit_code = 2
+        result = train(cfg, data, deadline, out_dir, device, fid_fn=fid_fn, resume=resume)
+        if result.progress.step > 0:
+            G_ema = result.G_ema
+        log("main", f"training stopped ({result.stop_reason.value}) after {result.progress.step} steps, "
+            f"{result.progress.images_seen / 1000:.1f} kimg")
+        exit_code = 1 if result.stop_reason is StopReason.ERROR else 0
     except Exception:
-        log("main", "training failed:\n" + traceback.format_exc())
+        log("main", "training failed:\n" + traceback.format_exc(), error=True)
         exit_code = 1
     if not dist.is_main:
         cleanup_distributed()
         return exit_code
     if G_ema is None:
-        G_ema = fallback_generator(cfg, n_classes, out_dir, device)
+        G_ema = fallback_generator(cfg, n_classes, out_dir, device) or untrained_generator(cfg, n_classes, out_dir,
+                                                                                            device)
+    if G_ema is None:
+        cleanup_distributed()
+        return exit_code or 1
 
     truncation = pick_truncation(cfg, G_ema, extractor, real_feats, device) if extractor is not None else cfg.truncation
     zip_path = write_submission(G_ema, cfg, out_dir, device, truncation)

@@ -11,6 +11,7 @@ from PIL import Image
 
 from src.atomic import atomic_write_bytes
 from src.config import Config, config_diff, format_duration
+from src.distributed import mean_over_ranks
 from src.console import log
 from src.generate import balanced_labels, sample_z
 from src.models import describe_models
@@ -46,6 +47,62 @@ def print_banner(cfg: Config, device, precision: Precision, data, deadline, G, D
         f"reserve {format_duration(deadline.reserve_s)} for generation and scoring")
     if resumed_from:
         log("train", f"resumed from {resumed_from}")
+
+
+class TickMeter:
+    """One status tick's device-side sums [D loss, D(x), D(G(z)), G loss] and counts; read with one host sync."""
+
+    def __init__(self, device, now: float):
+        self.device = torch.device(device)
+        self.reset(now)
+
+    def reset(self, now: float) -> None:
+        self.sums = torch.zeros(4, device=self.device)
+        self.d_steps = self.g_steps = self.images = 0
+        self.start = now
+
+    def add(self, round_sums: torch.Tensor, d_steps: int, g_steps: int, images: int) -> None:
+        self.sums += round_sums
+        self.d_steps += d_steps
+        self.g_steps += g_steps
+        self.images += images
+
+    def read(self, now: float, weight_sum: torch.Tensor, world_size: int) -> dict:
+        """Means over the tick's steps (and ranks), images/s and the weights' sum (a NaN/Inf check); then reset."""
+        values = mean_over_ranks(torch.cat([self.sums, weight_sum.view(1)]), world_size).tolist()
+        d_steps, g_steps = max(1, self.d_steps), max(1, self.g_steps)
+        means = {"d_loss": values[0] / d_steps, "d_real": values[1] / d_steps, "d_fake": values[2] / d_steps,
+                 "g_loss": values[3] / g_steps, "weight_sum": values[4],
+                 "images_per_s": self.images / max(1e-9, now - self.start)}
+        self.reset(now)
+        return means
+
+
+class StatusLog:
+    """Rank 0's status lines and OUT/stats.jsonl records (events too) for one training session; other ranks write
+    nothing. A full or read-only disk costs the record, not the run."""
+
+    def __init__(self, path: str, is_main: bool, n_images: int, train_start: float, train_end: float):
+        self.path, self.is_main = path, is_main
+        self.n_images, self.train_start, self.train_end = n_images, train_start, train_end
+
+    def event(self, record: dict) -> None:
+        if self.is_main:
+            try:
+                append_stats(self.path, record)
+            except OSError as error:
+                log("train", f"WARNING: could not write {self.path} ({error})")
+
+    def status(self, now: float, state, means: dict, lrs: tuple[float, float], extra: dict) -> None:
+        """One status record from the loop's counters (state: nets.LoopState) and a tick's means; printed too."""
+        record = {"time": now, "step": state.step, "epoch": state.images_seen / self.n_images,
+                  "kimg": state.images_seen / 1000, **means, "lr_g": lrs[0], "lr_d": lrs[1],
+                  "batch_size": state.batch_size, "n_dis": state.n_dis, "elapsed_s": now - self.train_start,
+                  "train_left_s": max(0.0, self.train_end - now), "schedule_progress": state.schedule_progress,
+                  **extra}
+        self.event(record)
+        if self.is_main:
+            log("train", format_status(record))
 
 
 def format_status(record: dict) -> str:

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 
 import torch
 
 from src.atomic import atomic_write_text
+from src.checkpoint import ckpt_cpu_copy
 from src.config import Config, parse_duration
 from src.console import log
 from src.generate import generate_images
@@ -56,6 +58,57 @@ def make_training_fid(cfg: Config, extractor, real_feats: torch.Tensor, device):
         return frechet_distance(gen_mu, gen_sigma, real_mu, real_sigma)
 
     return fid_fn
+
+
+class FidTracker:
+    """Training-time FID of G_ema: the history, the best value and the best G_ema's weights (on the host).
+
+    A failing metric must not end the training: the first exception turns the tracker off, said once.
+    """
+
+    def __init__(self, fid_fn=None):
+        self.fid_fn = fid_fn
+        self.history: list = []          # [[kimg, fid], ...]
+        self.best: float | None = None
+        self.best_kimg: float | None = None
+        self.best_G_ema: dict | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.fid_fn is not None
+
+    @property
+    def last_kimg(self) -> float:
+        return self.history[-1][0] if self.history else -1.0
+
+    def measure(self, G_ema, kimg: float) -> dict:
+        """FID of G_ema now; a new best keeps a copy of its weights. Returns {'fid', 'fid_s'} for the status record."""
+        start = time.time()
+        try:
+            fid = float(self.fid_fn(G_ema))
+        except Exception as error:
+            log("train", f"WARNING: training-time FID failed ({type(error).__name__}: {error}); FID is off from now")
+            self.fid_fn = None
+            return {}
+        G_ema.eval()
+        if not math.isfinite(fid):
+            log("train", f"FID is {fid} at {kimg:.1f} kimg: not kept")
+            return {}
+        self.history.append([kimg, fid])
+        if self.best is None or fid < self.best:
+            self.best, self.best_kimg = fid, kimg
+            self.best_G_ema = ckpt_cpu_copy(G_ema.state_dict())
+        log("train", f"FID {fid:.2f} at {kimg:.1f} kimg ({time.time() - start:.0f}s); best {self.best:.2f} "
+            f"at {self.best_kimg:.1f} kimg")
+        return {"fid": fid, "fid_s": time.time() - start}
+
+    def state_dict(self) -> dict:
+        return {"history": self.history, "best": self.best, "best_kimg": self.best_kimg, "best_G_ema": self.best_G_ema}
+
+    def load_state_dict(self, saved: dict) -> None:
+        self.history = list(saved.get("history", []))
+        self.best, self.best_kimg = saved.get("best"), saved.get("best_kimg")
+        self.best_G_ema = saved.get("best_G_ema")
 
 
 def pick_truncation(cfg: Config, G_ema, extractor, real_feats: torch.Tensor, device) -> float:

@@ -6,8 +6,9 @@ for the host. The clock (time.time()) is checked every step; it costs nothing on
 """
 from __future__ import annotations
 
-import copy
+import contextlib
 import dataclasses
+import enum
 import gc
 import math
 import os
@@ -16,28 +17,28 @@ import signal
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from src.augment import diff_augment, parse_diffaug_policy, random_flip, uint8_to_unit
-from src.budget import Deadline
-from src.checkpoint import (CKPT_FORMAT, CKPT_NAME, CheckpointError, capture_rng_state, ckpt_cpu_copy,
-                            load_checkpoint, merge_resumed_config, resolve_resume_path, restore_rng_state,
-                            save_checkpoint)
+from src.budget import Deadline, Every
+from src.checkpoint import (CKPT_NAME, restore_rng_state, restore_training_snapshot, training_snapshot,
+                            write_training_checkpoint)
 from src.config import Config, format_duration, parse_duration
 from src.console import log
-from src.distributed import DistInfo, any_rank_flags, current_dist_info, mean_over_ranks, sync_buffers, wrap_ddp
+from src.distributed import any_rank_flags, current_dist_info, sync_buffers
 from src.ema import ema_beta_at, ema_update
-from src.layers import spectral_norm_layers, spectral_norm_power_iteration_
-from src.losses import GAN_LOSSES, aux_class_loss, gradient_penalty, noisy_labels
-from src.models import build_models
-from src.monitor import (STATS_NAME, append_stats, format_status, make_grid_latents, print_banner,
-                         save_interpolation_strip, save_sample_grid)
-from src.precision import (Precision, autocast_disabled, choose_precision, configure_backends, make_adam,
-                           make_grad_scaler, place_module, precision_autocast, to_memory_format)
+from src.layers import spectral_norm_power_iteration_
+from src.losses import GAN_LOSSES, aux_class_loss
+from src.monitor import (STATS_NAME, StatusLog, TickMeter, make_grid_latents, print_banner, save_interpolation_strip,
+                         save_sample_grid)
+from src.nets import GanNets, LoopState, build_gan_nets
+from src.precision import (Precision, autocast_disabled, choose_precision, configure_backends, precision_autocast,
+                           to_memory_format)
 from src.schedule import lr_factor, schedule_progress
+from src.scoring import FidTracker
 
 MAX_ROLLBACKS = 3            # NaN/Inf rollbacks before the run gives up
 ROLLBACK_SNAPSHOT_S = 300.0  # refresh the in-memory rollback point at a healthy tick at most this often
@@ -46,60 +47,24 @@ LR_PROGRESS_STEPS = 1000     # the lr moves in 1/1000 steps of the window (short
 OOM_ERRORS = (torch.cuda.OutOfMemoryError,) + ((torch.OutOfMemoryError,) if hasattr(torch, "OutOfMemoryError") else ())
 
 
+class StopReason(str, enum.Enum):
+    """Why training stopped (compares equal to its value: result.stop_reason == "deadline")."""
+    DEADLINE = "deadline"
+    SIGNAL = "signal"        # SIGTERM / SIGINT: the step was finished and a checkpoint saved
+    MAX_STEPS = "max_steps"  # the step limit of a test or benchmark
+    ERROR = "error"          # TrainResult.error says what; the last good state was restored
+
+
 @dataclass
 class TrainResult:
     G_ema: torch.nn.Module       # eval mode, on the device; the best-FID state when training-time FID ran
-    steps: int                   # rounds done (each: n_dis D steps + g_steps G steps), over all sessions
-    images_seen: int             # real images shown to D, over all sessions and ranks
-    stop_reason: str             # "deadline" | "signal" | "max_steps" | "error: ..."
-    best_fid: float | None
-    cfg: Config                  # the config trained (the checkpoint's when resumed)
     G: torch.nn.Module
     D: torch.nn.Module
-    n_classes: int
-    batch_size: int              # final global batch (an OOM halves it)
-    rollbacks: int
-    fid_history: list            # [[kimg, fid], ...]
-    grid_z: torch.Tensor
-    grid_y: torch.Tensor
-    checkpoint_path: str
-    stats_path: str
-    train_seconds: float         # training wall-clock over all sessions
-
-
-@dataclass
-class LoopState:
-    """Counters and adaptive settings; saved in the checkpoint as plain numbers."""
-    step: int = 0
-    images_seen: int = 0
-    batch_size: int = 64         # global batch (all ranks together)
-    n_dis: int = 1               # current D steps per round (adaptive when dis_loss_limit > 0)
-    lr_scale: float = 1.0        # halved by every NaN rollback
-    rollbacks: int = 0
-    schedule_progress: float = 0.0
-    train_seconds: float = 0.0
-    best_fid: float | None = None
-    best_kimg: float | None = None
-    fid_history: list = field(default_factory=list)
-
-
-@dataclass
-class GanNets:
-    """The modules and optimisers of a run. G, D, G_ema are the plain modules (saved, EMA'd); G_train/D_train are
-    the paths gradients flow through (DDP and/or compiled), G_fwd/D_fwd the same modules without DDP."""
-    G: torch.nn.Module
-    D: torch.nn.Module
-    G_ema: torch.nn.Module
-    G_train: torch.nn.Module
-    D_train: torch.nn.Module
-    G_fwd: torch.nn.Module
-    D_fwd: torch.nn.Module
-    opt_g: torch.optim.Optimizer
-    opt_d: torch.optim.Optimizer
-    scaler_g: object             # torch.amp.GradScaler (disabled unless fp16)
-    scaler_d: object
-    sn_G: list                   # spectral_norm_layers(G), (D): advanced once per optimiser step
-    sn_D: list
+    progress: LoopState          # counters at the end, over all sessions
+    stop_reason: StopReason
+    error: str                   # what went wrong when stop_reason is ERROR, else ""
+    fid: FidTracker              # training-time FID history and best
+    grid_z: torch.Tensor         # the fixed latents of the sample grids
 
 
 class DeviceSampler:
@@ -125,49 +90,6 @@ def seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def build_gan_nets(cfg: Config, n_classes: int, device, precision: Precision, dist_info: DistInfo) -> GanNets:
-    """G, D (initialised by the models module), G_ema, the DDP / compiled call paths, Adam and grad scalers."""
-    G, D = build_models(cfg, n_classes)
-    G, D = place_module(G, device, precision).train(), place_module(D, device, precision).train()
-    G_ema = copy.deepcopy(G).eval().requires_grad_(False)
-    # Without DDP one (compiled) module serves both paths; with DDP the no-grad / frozen-D paths skip the wrapper.
-    G_fwd = torch.compile(G) if cfg.compile else G
-    D_fwd = torch.compile(D) if cfg.compile else D
-    if dist_info.world_size > 1:
-        G_train, D_train = wrap_ddp(G, dist_info), wrap_ddp(D, dist_info)
-        if cfg.compile:
-            G_train, D_train = torch.compile(G_train), torch.compile(D_train)
-    else:
-        G_train, D_train = G_fwd, D_fwd
-    opt_g = make_adam(G.parameters(), cfg.lr_g, (cfg.beta1, cfg.beta2), precision)
-    opt_d = make_adam(D.parameters(), cfg.lr_d, (cfg.beta1, cfg.beta2), precision)
-    return GanNets(G=G, D=D, G_ema=G_ema, G_train=G_train, D_train=D_train, G_fwd=G_fwd, D_fwd=D_fwd,
-                   opt_g=opt_g, opt_d=opt_d, scaler_g=make_grad_scaler(precision), scaler_d=make_grad_scaler(precision),
-                   sn_G=spectral_norm_layers(G), sn_D=spectral_norm_layers(D))
-
-
-def training_snapshot(nets: GanNets, state: LoopState) -> dict:
-    """A CPU copy of everything the optimisation changes: the rollback point and the core of a checkpoint."""
-    return ckpt_cpu_copy({"G": nets.G.state_dict(), "D": nets.D.state_dict(), "G_ema": nets.G_ema.state_dict(),
-                          "opt_g": nets.opt_g.state_dict(), "opt_d": nets.opt_d.state_dict(),
-                          "scaler_g": nets.scaler_g.state_dict(), "scaler_d": nets.scaler_d.state_dict(),
-                          "progress": dataclasses.asdict(state)})
-
-
-def restore_training_snapshot(nets: GanNets, snapshot: dict) -> None:
-    """Load models, optimisers and scalers from a snapshot or checkpoint (copies: the snapshot stays reusable)."""
-    nets.G.load_state_dict(snapshot["G"])
-    nets.D.load_state_dict(snapshot["D"])
-    nets.G_ema.load_state_dict(snapshot["G_ema"])
-    # optimiser tensors already on the right device would be taken over as they are: hand over copies
-    nets.opt_g.load_state_dict(ckpt_cpu_copy(snapshot["opt_g"]))
-    nets.opt_d.load_state_dict(ckpt_cpu_copy(snapshot["opt_d"]))
-    if snapshot.get("scaler_g"):
-        nets.scaler_g.load_state_dict(snapshot["scaler_g"])
-    if snapshot.get("scaler_d"):
-        nets.scaler_d.load_state_dict(snapshot["scaler_d"])
 
 
 def current_lrs(cfg: Config, state: LoopState) -> tuple[float, float]:
@@ -210,7 +132,7 @@ def gan_round(nets: GanNets, sampler: DeviceSampler, cfg: Config, precision: Pre
               n_dis: int, n_classes: int) -> torch.Tensor:
     """n_dis D steps then cfg.g_steps G steps on one rank's batch; returns device sums
     [D loss, mean D(x), mean D(G(z)), G loss] over the steps (nothing is read back to the host)."""
-    d_loss_fn, g_loss_fn = GAN_LOSSES[cfg.loss]
+    loss = GAN_LOSSES[cfg.loss]
     device = sampler.images.device
     sums = torch.zeros(4, device=device)
     real_logit = None
@@ -224,10 +146,7 @@ def gan_round(nets: GanNets, sampler: DeviceSampler, cfg: Config, precision: Pre
         real_u8, real_y = sampler.next(batch_size)
         z = torch.randn(batch_size, nets.G.z_dim, device=device)
         gen_y = torch.randint(0, n_classes, (batch_size,), device=device)
-        real_target, fake_target = 1.0, 0.0
-        if cfg.loss in ("bce", "ls"):
-            real_target = noisy_labels(batch_size, cfg.real_label_min, 1.0, device)
-            fake_target = noisy_labels(batch_size, 0.0, cfg.fake_label_max, device)
+        real_target, fake_target = loss.d_targets(batch_size, cfg.real_label_min, cfg.fake_label_max, device)
         with precision_autocast(precision):
             if reuse_fakes:
                 kept_fakes = (nets.G_train(z, gen_y), gen_y)
@@ -238,15 +157,14 @@ def gan_round(nets: GanNets, sampler: DeviceSampler, cfg: Config, precision: Pre
             real_img = _prepare_real(real_u8, cfg, precision)
             real_logit, real_class = nets.D_train(_augment_for_d(real_img, cfg, precision), real_y)
             fake_logit, _ = nets.D_train(_augment_for_d(gen_img, cfg, precision), gen_y)
-            d_loss = d_loss_fn(real_logit, fake_logit, real_target, fake_target)
+            d_loss = loss.d_loss(real_logit, fake_logit, real_target, fake_target)
             if real_class is not None:
                 d_loss = d_loss + cfg.aux_weight * aux_class_loss(real_class, real_y)
-        if cfg.loss == "wgan-gp":
+        if loss.penalty is not None:
             # the penalty's double backward runs in fp32 (fp16 would underflow the input gradients) and through the
             # plain D: a torch.compile'd graph cannot be differentiated twice
             with autocast_disabled(precision):
-                d_loss = d_loss + gradient_penalty(nets.D, real_img.float(), gen_img.float(), real_y,
-                                                   weight=cfg.gp_weight)
+                d_loss = d_loss + loss.penalty(nets.D, real_img.float(), gen_img.float(), real_y, weight=cfg.gp_weight)
         _optimizer_step(d_loss, nets.opt_d, nets.scaler_d)
         sums[:3] += torch.stack([d_loss.detach().float(), real_logit.detach().float().mean(),
                                  fake_logit.detach().float().mean()])
@@ -266,7 +184,7 @@ def gan_round(nets: GanNets, sampler: DeviceSampler, cfg: Config, precision: Pre
                     gen_y = torch.randint(0, n_classes, (batch_size,), device=device)
                     gen_img = nets.G_train(z, gen_y)
                 fake_logit, fake_class = nets.D_fwd(_augment_for_d(gen_img, cfg, precision), gen_y)
-                g_loss = g_loss_fn(real_logit_for_g, fake_logit)
+                g_loss = loss.g_loss(real_logit_for_g, fake_logit)
                 if fake_class is not None:
                     g_loss = g_loss + cfg.aux_weight * aux_class_loss(fake_class, gen_y)
             _optimizer_step(g_loss, nets.opt_g, nets.scaler_g)
@@ -276,92 +194,39 @@ def gan_round(nets: GanNets, sampler: DeviceSampler, cfg: Config, precision: Pre
     return sums
 
 
-def _install_stop_signals(caught: dict) -> dict:
-    """SIGTERM/SIGINT set caught['signal'] (the loop finishes its step, saves and returns); returns the old handlers."""
-    if threading.current_thread() is not threading.main_thread():
-        log("train", "not in the main thread: SIGTERM/SIGINT are not caught (the deadline still stops training)")
-        return {}
-
-    def on_signal(signum, frame):
-        if "signal" not in caught:
-            log("train", f"caught {signal.Signals(signum).name}: finishing this step, saving a checkpoint, stopping")
-        caught["signal"] = signum
-
-    previous = {}
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        previous[signum] = signal.getsignal(signum)
-        signal.signal(signum, on_signal)
-    return previous
+@dataclass
+class RunParts:
+    """What set_up_training builds for the loop."""
+    nets: GanNets
+    precision: Precision
+    state: LoopState
+    fid: FidTracker
+    sampler: DeviceSampler
+    grid_z: torch.Tensor
+    grid_y: torch.Tensor
+    n_classes: int
 
 
-def _restore_signals(previous: dict) -> None:
-    for signum, handler in previous.items():
-        signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
-
-
-def _free_cuda_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def _write_output(what: str, write, *args) -> None:
-    # a full or read-only disk costs this file, not the run
-    try:
-        write(*args)
-    except OSError as error:
-        log("train", f"WARNING: could not write {what} ({error})")
-
-
-def _due_time(now: float, every_s: float) -> float:
-    # the next time an every_s event is due; 0 means never (only at the end)
-    return now + every_s if every_s > 0 else math.inf
-
-
-def train(cfg: Config, data, deadline: Deadline, out_dir: str, device, fid_fn=None, *,
-          max_steps: int = 0) -> TrainResult:
-    """Train G and D on `data` until the deadline's training window ends, a signal, or max_steps rounds (tests).
-
-    Resumes from cfg.resume ('auto': OUT/ckpt.pt when present). Rank 0 prints the banner and status, and writes
-    OUT/stats.jsonl, OUT/samples/ and OUT/ckpt.pt; a checkpoint is always saved before returning.
-    Under torchrun (world_size > 1) each rank trains on cfg.batch_size // world_size images per step.
-    """
-    device = torch.device(device)
-    dist_info = current_dist_info(device)
-    is_main, world = dist_info.is_main, dist_info.world_size
-    ckpt_path, stats_path = os.path.join(out_dir, CKPT_NAME), os.path.join(out_dir, STATS_NAME)
-    if is_main:
-        os.makedirs(out_dir, exist_ok=True)
-    n_classes = len(data.breeds)
-
-    # Resume: the checkpoint's config (except this session's paths/budget/watching flags) and state.
-    resume_path = resolve_resume_path(cfg.resume, out_dir)
-    saved = load_checkpoint(resume_path) if resume_path else None
-    if saved is not None:
-        if saved["n_classes"] != n_classes:
-            raise CheckpointError(f"{resume_path} was trained on {saved['n_classes']} breeds, this data has {n_classes}: "
-                                  f"use the same data, or pass --resume \"\" to start fresh")
-        cfg = merge_resumed_config(cfg, saved["config"])
+def set_up_training(cfg: Config, data, device: torch.device, dist_info, fid_fn, resume: dict | None) -> RunParts:
+    """Seeds, models and optimisers, the fixed grid latents and the device-resident data; a resumed run's state."""
+    world = dist_info.world_size
     if cfg.batch_size < world:
         raise ValueError(f"--batch-size {cfg.batch_size} is smaller than the {world} processes: each needs an image")
-
     parse_diffaug_policy(cfg.diffaug)
     seed_all(cfg.seed)
     configure_backends(device)
     precision = choose_precision(cfg.amp, device, cfg.channels_last)
+    n_classes = len(data.breeds)
     nets = build_gan_nets(cfg, n_classes, device, precision, dist_info)
     grid_z, grid_y = make_grid_latents(cfg.z_dim, n_classes, cfg.seed, device)
-    state = LoopState(batch_size=cfg.batch_size, n_dis=cfg.n_dis)
-    best_G_ema_state = None
-    if saved is not None:
-        restore_training_snapshot(nets, saved)
-        state = LoopState(**saved["progress"])
-        grid_z, grid_y = saved["grid_z"].to(device), saved["grid_y"].to(device)
-        best_G_ema_state = saved.get("best_G_ema")
-        restore_rng_state(saved["rng"])
+    state, fid = LoopState(batch_size=cfg.batch_size, n_dis=cfg.n_dis), FidTracker(fid_fn)
+    if resume is not None:
+        state = restore_training_snapshot(nets, resume)
+        grid_z, grid_y = resume["grid_z"].to(device), resume["grid_y"].to(device)
+        fid.load_state_dict(resume.get("fid", {}))
+        restore_rng_state(resume["rng"])
         if state.schedule_progress >= 0.999 and cfg.lr_schedule != "const":
             log("train", "the checkpoint's lr schedule had run to its end: this session trains at the final lr")
-        del saved
     if world > 1:
         # ranks draw different batches and noise; the models stay identical (DDP broadcasts rank 0's weights)
         torch.manual_seed(cfg.seed * 7919 + dist_info.rank * 104729 + state.step)
@@ -369,234 +234,272 @@ def train(cfg: Config, data, deadline: Deadline, out_dir: str, device, fid_fn=No
         raise ValueError(f"the dataset has {len(data.images)} images, fewer than one batch of "
                          f"{state.batch_size // world}: lower --batch-size")
     sampler = DeviceSampler(data.images.to(device), data.labels.to(device))
-    if is_main:
-        print_banner(cfg, device, precision, data, deadline, nets.G, nets.D, world, resume_path)
+    return RunParts(nets, precision, state, fid, sampler, grid_z, grid_y, n_classes)
 
-    status_s, grid_s = parse_duration(cfg.status_every), parse_duration(cfg.grid_every)
-    ckpt_s, fid_s = parse_duration(cfg.ckpt_every), parse_duration(cfg.fid_every) if fid_fn is not None else 0.0
-    train_start = time.time()
-    schedule_start, seconds_before = state.schedule_progress, state.train_seconds
-    next_tick, next_grid = train_start + status_s, _due_time(train_start, grid_s)
-    next_ckpt, next_fid = _due_time(train_start, ckpt_s), _due_time(train_start, fid_s)
-    snapshot, snapshot_time = training_snapshot(nets, state), train_start
-    tick_sums = torch.zeros(4, device=device)
-    tick = {"d_steps": 0, "g_steps": 0, "images": 0, "start": train_start}
-    lrs_set = (None, None)
-    stop_reason, first_round, session_first_step = None, True, state.step
-    caught: dict = {}
-    previous_handlers = _install_stop_signals(caught)
 
-    def read_tick(now: float, extra: dict) -> bool:
-        """Read the tick's sums (one host sync), check for NaN/Inf, adapt n_dis, log; False: rolled back or gave up."""
-        nonlocal tick_sums, snapshot, snapshot_time, stop_reason
-        params = list(nets.G.parameters()) + list(nets.D.parameters())
-        weight_sum = torch.stack([p.detach().float().sum() for p in params]).sum()
-        values = mean_over_ranks(torch.cat([tick_sums, weight_sum.view(1)]), world).tolist()
-        d_steps, g_steps = max(1, tick["d_steps"]), max(1, tick["g_steps"])
-        d_loss, d_real, d_fake, g_loss = (values[0] / d_steps, values[1] / d_steps, values[2] / d_steps,
-                                          values[3] / g_steps)
-        tick_images, tick_seconds = tick["images"], max(1e-9, now - tick["start"])
-        tick_sums = torch.zeros(4, device=device)
-        tick.update(d_steps=0, g_steps=0, images=0, start=now)
-        if not all(math.isfinite(v) for v in (d_loss, d_real, d_fake, g_loss, values[4])):
-            state.rollbacks += 1
-            restore_training_snapshot(nets, snapshot)
-            state.step, state.images_seen = snapshot["progress"]["step"], snapshot["progress"]["images_seen"]
-            if state.rollbacks > MAX_ROLLBACKS:
-                stop_reason = (f"error: losses or weights became NaN/Inf {state.rollbacks} times even with lower "
-                               f"learning rates; restored the last good state (step {state.step})")
-                if is_main:
-                    log("train", f"giving up: {stop_reason[7:]}. Try a lower --lr-g/--lr-d, --amp fp32 or another --loss")
-                return False
-            state.lr_scale *= 0.5
-            if is_main:
-                log("train", f"NaN/Inf in the losses or weights (D {d_loss:.3g}, G {g_loss:.3g}): rolled back to step "
-                    f"{state.step} and halved both learning rates (x{state.lr_scale:g} now, rollback "
-                    f"{state.rollbacks} of {MAX_ROLLBACKS})")
-                event = {"time": now, "event": "rollback", "step": state.step, "kimg": state.images_seen / 1000,
-                         "lr_scale": state.lr_scale}
-                _write_output("stats", append_stats, stats_path, event)
-            return False
-        if cfg.dis_loss_limit > 0:
-            # one more D step per round while D's loss stays above the limit, back towards n_dis once it is below
-            if d_loss > cfg.dis_loss_limit:
-                state.n_dis = min(cfg.n_dis_max, state.n_dis + 1)
-            elif state.n_dis > cfg.n_dis:
-                state.n_dis -= 1
-        if extra.get("snapshot"):
-            snapshot, snapshot_time = training_snapshot(nets, state), now
-        if is_main:
-            lr_g, lr_d = current_lrs(cfg, state)
-            record = {"time": now, "step": state.step, "epoch": state.images_seen / len(data.images),
-                      "kimg": state.images_seen / 1000, "images_per_s": tick_images / tick_seconds,
-                      "g_loss": g_loss, "d_loss": d_loss, "d_real": d_real, "d_fake": d_fake, "lr_g": lr_g,
-                      "lr_d": lr_d, "batch_size": state.batch_size, "n_dis": state.n_dis,
-                      "elapsed_s": now - train_start, "train_left_s": max(0.0, deadline.train_end - now),
-                      "next_ckpt_s": (next_ckpt - now) if math.isfinite(next_ckpt) else None,
-                      "schedule_progress": state.schedule_progress}
-            record.update(extra.get("record", {}))
-            _write_output("stats", append_stats, stats_path, record)
-            log("train", format_status(record))
-        return True
+@contextlib.contextmanager
+def catch_stop_signals():
+    """SIGTERM/SIGINT add their number to the yielded set instead of killing the process: the loop finishes its
+    step, saves and returns. Outside the main thread signals cannot be caught (the deadline still stops training)."""
+    caught: set = set()
+    if threading.current_thread() is not threading.main_thread():
+        log("train", "not in the main thread: SIGTERM/SIGINT are not caught (the deadline still stops training)")
+        yield caught
+        return
 
-    def write_checkpoint(reason: str) -> None:
-        """Rank 0 saves OUT/ckpt.pt atomically; a failed write is logged and the previous checkpoint stays."""
-        if not is_main:
-            return
-        state.train_seconds = seconds_before + (time.time() - train_start)
-        ckpt = training_snapshot(nets, state)
-        ckpt.update(format=CKPT_FORMAT, config=dataclasses.asdict(cfg), n_classes=n_classes, grid_z=grid_z.cpu(),
-                    grid_y=grid_y.cpu(), best_G_ema=best_G_ema_state, rng=capture_rng_state())
-        start = time.time()
-        try:
-            save_checkpoint(ckpt_path, ckpt)
-            log("train", f"checkpoint ({reason}) -> {ckpt_path} in {time.time() - start:.1f}s")
-        except OSError as error:
-            log("train", f"WARNING: could not write {ckpt_path} ({error}); the previous checkpoint is kept")
+    def on_signal(signum, frame):
+        if not caught:
+            log("train", f"caught {signal.Signals(signum).name}: finishing this step, saving a checkpoint, stopping")
+        caught.add(signum)
 
-    def measure_fid(now: float) -> dict:
-        """FID of G_ema (rank 0); the best state is kept in memory and in the checkpoint."""
-        nonlocal best_G_ema_state, fid_fn
-        start = time.time()
-        try:
-            fid = float(fid_fn(nets.G_ema))
-        except Exception as error:  # a failing metric must not end the training
-            log("train", f"WARNING: training-time FID failed ({type(error).__name__}: {error}); FID is off from now")
-            fid_fn = None
-            return {}
-        nets.G_ema.eval()
-        kimg = state.images_seen / 1000
-        if not math.isfinite(fid):
-            log("train", f"FID is {fid} at {kimg:.1f} kimg: not kept")
-            return {}
-        state.fid_history.append([kimg, fid])
-        if state.best_fid is None or fid < state.best_fid:
-            state.best_fid, state.best_kimg = fid, kimg
-            best_G_ema_state = ckpt_cpu_copy(nets.G_ema.state_dict())
-        log("train", f"FID {fid:.2f} at {kimg:.1f} kimg ({time.time() - start:.0f}s); best {state.best_fid:.2f} "
-            f"at {state.best_kimg:.1f} kimg")
-        return {"fid": fid, "fid_s": time.time() - start}
-
+    previous = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
-        while True:
-            # Decide: stop (deadline / signal / step limit), tick, refresh the rollback point; identical on all ranks.
-            now = time.time()
-            if max_steps and state.step >= max_steps:
-                stop_reason = stop_reason or "max_steps"
-            if world == 1 or state.step % DDP_SYNC_STEPS == 0:
-                stop_now, tick_now, snapshot_now = any_rank_flags(
-                    [now >= deadline.train_end or "signal" in caught, now >= next_tick,
-                     now - snapshot_time >= ROLLBACK_SNAPSHOT_S], device, world)
-                if stop_now and stop_reason is None:
-                    stop_reason = "signal" if "signal" in caught else "deadline"
-            else:
-                tick_now = snapshot_now = False
-            if stop_reason is not None:
-                break
-            if tick_now and tick["d_steps"]:
-                next_tick = now + status_s
-                extra = {"snapshot": snapshot_now, "record": {}}
-                if is_main and now >= next_fid and fid_fn is not None:
-                    extra["record"].update(measure_fid(now))
-                    next_fid = _due_time(time.time(), fid_s)
-                if not read_tick(now, extra):
-                    if stop_reason is not None:
+        yield caught
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+
+class RollbackGuard:
+    """The last good training state in host memory: a tick with NaN/Inf goes back to it with halved learning rates,
+    and a run that keeps diverging gives up there."""
+
+    def __init__(self, nets: GanNets, state: LoopState, now: float):
+        self.refresh(nets, state, now)
+
+    def refresh(self, nets: GanNets, state: LoopState, now: float) -> None:
+        self.snapshot, self.time = training_snapshot(nets, state), now
+
+    def restore(self, nets: GanNets, state: LoopState) -> None:
+        """Weights and optimisers of the snapshot; the step counters go back too, the rest of `state` stays."""
+        good = restore_training_snapshot(nets, self.snapshot)
+        state.step, state.images_seen = good.step, good.images_seen
+
+    def recover(self, failure: Exception, nets: GanNets, state: LoopState) -> str:
+        """After an exception in the loop: print it, restore the last good state; returns the error for the result."""
+        traceback.print_exc()
+        error = f"{type(failure).__name__}: {failure}"
+        log("train", f"training failed ({error}); restoring the last good state (step "
+            f"{self.snapshot['progress']['step']})")
+        self.restore(nets, state)
+        return error
+
+    def roll_back(self, nets: GanNets, state: LoopState, means: dict, status_log: StatusLog, now: float) -> str:
+        """After NaN/Inf: restore and halve both lrs; returns why the run ends once the rollbacks run out, else ""."""
+        state.rollbacks += 1
+        self.restore(nets, state)
+        if state.rollbacks > MAX_ROLLBACKS:
+            gave_up = (f"losses or weights became NaN/Inf {state.rollbacks} times even with lower learning rates; "
+                       f"restored the last good state (step {state.step})")
+            log("train", f"giving up: {gave_up}. Try a lower --lr-g/--lr-d, --amp fp32 or another --loss")
+            return gave_up
+        state.lr_scale *= 0.5
+        log("train", f"NaN/Inf in the losses or weights (D {means['d_loss']:.3g}, G {means['g_loss']:.3g}): rolled "
+            f"back to step {state.step} and halved both learning rates (x{state.lr_scale:g} now, rollback "
+            f"{state.rollbacks} of {MAX_ROLLBACKS})")
+        status_log.event({"time": now, "event": "rollback", "step": state.step, "kimg": state.images_seen / 1000,
+                          "lr_scale": state.lr_scale})
+        return ""
+
+
+def _decide(now: float, step: int, max_steps: int, train_end: float, caught_signals: set, status_due: Every,
+            guard: RollbackGuard, device, world: int) -> tuple[StopReason | None, bool, bool]:
+    """(why to stop or None, status tick due, rollback point due), the same on every rank: under DDP the ranks
+    agree every DDP_SYNC_STEPS steps (one small all-reduce) and tick or stop only then."""
+    stop = StopReason.MAX_STEPS if max_steps and step >= max_steps else None
+    if world > 1 and step % DDP_SYNC_STEPS:
+        return stop, False, False
+    stop_now, tick_now, refresh_now = any_rank_flags([now >= train_end or bool(caught_signals), status_due.due(now),
+                                                      now - guard.time >= ROLLBACK_SNAPSHOT_S], device, world)
+    if stop_now and stop is None:
+        stop = StopReason.SIGNAL if caught_signals else StopReason.DEADLINE
+    return stop, tick_now, refresh_now
+
+
+def _weight_sum(nets: GanNets) -> torch.Tensor:
+    # one device scalar that is NaN/Inf as soon as any weight of G or D is
+    return torch.stack([p.detach().float().sum() for m in (nets.G, nets.D) for p in m.parameters()]).sum()
+
+
+def _adapt_n_dis(state: LoopState, cfg: Config, d_loss: float) -> None:
+    # one more D step per round while D's loss stays above the limit, back towards n_dis once it is below
+    if cfg.dis_loss_limit > 0:
+        if d_loss > cfg.dis_loss_limit:
+            state.n_dis = min(cfg.n_dis_max, state.n_dis + 1)
+        elif state.n_dis > cfg.n_dis:
+            state.n_dis -= 1
+
+
+def _save_grid(nets: GanNets, grid_z, grid_y, out_dir: str, kimg: float, precision: Precision) -> None:
+    # a full or read-only disk costs this grid, not the run
+    try:
+        save_sample_grid(nets.G_ema, grid_z, grid_y, out_dir, kimg, precision)
+    except OSError as error:
+        log("train", f"WARNING: could not write the sample grid ({error})")
+
+
+def _save_interpolation_strip(nets: GanNets, out_dir: str, seed: int) -> None:
+    # a full or read-only disk costs this strip, not the run
+    try:
+        save_interpolation_strip(nets.G_ema, os.path.join(out_dir, "samples", "interpolation.png"), 4, 10, seed)
+    except OSError as error:
+        log("train", f"WARNING: could not write the interpolation strip ({error})")
+
+
+def _save_run(out_dir: str, cfg: Config, run: RunParts, train_seconds: float, reason: str) -> None:
+    # everything a later session needs to continue, in OUT/ckpt.pt (rank 0 only)
+    run.state.train_seconds = train_seconds
+    write_training_checkpoint(os.path.join(out_dir, CKPT_NAME), run.nets, run.state, f"checkpoint ({reason})",
+                              config=dataclasses.asdict(cfg), n_classes=run.n_classes, grid_z=run.grid_z.cpu(),
+                              grid_y=run.grid_y.cpu(), fid=run.fid.state_dict())
+
+
+def _halve_batch_after_oom(nets: GanNets, state: LoopState, device: torch.device, status_log: StatusLog) -> str:
+    """Free what the failed round held and halve the batch; returns the error that ends the run at batch 1, else ""."""
+    nets.opt_g.zero_grad(set_to_none=True)
+    nets.opt_d.zero_grad(set_to_none=True)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if state.batch_size < 2:
+        log("train", "CUDA out of memory even at batch size 1")
+        return "CUDA out of memory even at batch size 1"
+    state.batch_size //= 2
+    log("train", f"CUDA out of memory at batch {state.batch_size * 2}: freed memory, batch size {state.batch_size} "
+        f"from now on")
+    status_log.event({"time": time.time(), "event": "oom", "step": state.step, "batch_size": state.batch_size})
+    return ""
+
+
+def train(cfg: Config, data, deadline: Deadline, out_dir: str, device, fid_fn=None, *, resume: dict | None = None,
+          max_steps: int = 0) -> TrainResult:
+    """Train G and D on `data` until the deadline's training window ends, a signal, or max_steps rounds (tests).
+
+    `resume`: the checkpoint settled by checkpoint.open_resume (its config is already cfg). Rank 0 prints and writes
+    OUT/stats.jsonl, OUT/samples/, OUT/ckpt.pt (always before returning). Each rank trains on batch_size // world.
+    """
+    # Set-up: ranks, models, optimisers, data on the device; the banner says what this run is.
+    device = torch.device(device)
+    dist_info = current_dist_info(device)
+    is_main, world = dist_info.is_main, dist_info.world_size
+    if is_main:
+        os.makedirs(out_dir, exist_ok=True)
+    run = set_up_training(cfg, data, device, dist_info, fid_fn, resume)
+    nets, precision, state, fid = run.nets, run.precision, run.state, run.fid
+    if is_main:
+        print_banner(cfg, device, precision, data, deadline, nets.G, nets.D, world, resume and resume.get("path"))
+
+    # Watching: status ticks, grids, checkpoints and FID on their own wall-clock periods; a rollback point.
+    train_start = time.time()
+    schedule_start, seconds_before, session_first_step = state.schedule_progress, state.train_seconds, state.step
+    status_due = Every(parse_duration(cfg.status_every), train_start, zero_means_always=True)
+    grid_due = Every(parse_duration(cfg.grid_every), train_start)
+    ckpt_due = Every(parse_duration(cfg.ckpt_every), train_start)
+    fid_due = Every(parse_duration(cfg.fid_every) if fid.enabled else 0.0, train_start)
+    meter, guard = TickMeter(device, train_start), RollbackGuard(nets, state, train_start)
+    status_log = StatusLog(os.path.join(out_dir, STATS_NAME), is_main, len(data.images), train_start,
+                           deadline.train_end)
+    lrs_set, stop, error = (None, None), None, ""
+
+    def status_tick(now: float, record: dict) -> tuple[bool, str]:
+        # one host read of the tick's sums -> (healthy, why the run gives up): NaN/Inf rolls back, else adapt + log
+        means = meter.read(now, _weight_sum(nets), world)
+        if not all(math.isfinite(value) for value in means.values()):
+            return False, guard.roll_back(nets, state, means, status_log, now)
+        _adapt_n_dis(state, cfg, means["d_loss"])
+        del means["weight_sum"]
+        status_log.status(now, state, means, current_lrs(cfg, state), {"next_ckpt_s": ckpt_due.left(now), **record})
+        return True, ""
+
+    with catch_stop_signals() as caught_signals:
+        try:
+            while True:
+                # Decide, identically on every rank: stop (step limit / deadline / signal), tick, rollback refresh.
+                now = time.time()
+                stop, tick_now, refresh_now = _decide(now, state.step, max_steps, deadline.train_end, caught_signals,
+                                                      status_due, guard, device, world)
+                if stop is not None:
+                    break
+
+                # Status tick: FID when due, the tick's numbers (a rollback skips the rest), grid, checkpoint.
+                if tick_now and meter.d_steps:
+                    status_due.reset(now)
+                    record = {}
+                    if is_main and fid_due.due(now) and fid.enabled:
+                        record = fid.measure(nets.G_ema, state.images_seen / 1000)
+                        fid_due.reset(time.time())
+                    healthy, error = status_tick(now, record)
+                    if error:
+                        stop = StopReason.ERROR
+                        break
+                    if not healthy:
+                        continue
+                    if refresh_now:
+                        guard.refresh(nets, state, now)
+                    if is_main and grid_due.due(now):
+                        _save_grid(nets, run.grid_z, run.grid_y, out_dir, state.images_seen / 1000, precision)
+                        grid_due.reset(time.time())
+                    if is_main and ckpt_due.due(now):
+                        _save_run(out_dir, cfg, run, seconds_before + (now - train_start), "periodic")
+                        ckpt_due.reset(time.time())
+
+                # Learning rates follow the training clock (and the batch size, and the rollback scale).
+                state.schedule_progress = schedule_progress(schedule_start, deadline.train_fraction(train_start))
+                lrs = current_lrs(cfg, state)
+                if lrs != lrs_set:
+                    set_lr(nets.opt_g, lrs[0])
+                    set_lr(nets.opt_d, lrs[1])
+                    lrs_set = lrs
+
+                # One round: n_dis D steps + g_steps G steps; an out-of-memory error halves the batch and retries.
+                rank_batch = state.batch_size // world
+                round_start = time.time()
+                try:
+                    round_sums = gan_round(nets, run.sampler, cfg, precision, rank_batch, state.n_dis, run.n_classes)
+                except OOM_ERRORS:
+                    if world > 1:
+                        raise
+                    error = _halve_batch_after_oom(nets, state, device, status_log)
+                    if error:
+                        stop = StopReason.ERROR
                         break
                     continue
-                if is_main and now >= next_grid:
-                    _write_output("the sample grid", save_sample_grid, nets.G_ema, grid_z, grid_y, out_dir,
-                                  state.images_seen / 1000, precision)
-                    next_grid = _due_time(time.time(), grid_s)
-                if is_main and now >= next_ckpt:
-                    write_checkpoint("periodic")
-                    next_ckpt = _due_time(time.time(), ckpt_s)
+                if state.step == session_first_step:
+                    log("train", f"first round took {time.time() - round_start:.1f}s"
+                        f"{' (includes torch.compile)' if cfg.compile else ''}")
+                state.step += 1
+                state.images_seen += rank_batch * world * state.n_dis
+                meter.add(round_sums, state.n_dis, cfg.g_steps, rank_batch * world * state.n_dis)
 
-            # Learning rates follow the training clock (and the batch size, and the rollback scale).
-            state.schedule_progress = schedule_progress(schedule_start, deadline.train_fraction(train_start))
-            lrs = current_lrs(cfg, state)
-            if lrs != lrs_set:
-                set_lr(nets.opt_g, lrs[0])
-                set_lr(nets.opt_d, lrs[1])
-                lrs_set = lrs
+                # G_ema follows G, averaging over at most ema_rampup of the rounds so far.
+                ema_update(nets.G_ema, nets.G, ema_beta_at(state.step, cfg.ema_beta, cfg.ema_rampup))
+        except Exception as failure:
+            # Before the first round it is a set-up problem, and under DDP the other ranks must not wait in a
+            # collective: raise. Later, keep the last good state and return, so the caller can still write images.
+            if world > 1 or state.step == session_first_step:
+                raise
+            stop, error = StopReason.ERROR, guard.recover(failure, nets, state)
 
-            # One round: n_dis D steps + g_steps G steps; an OOM halves the batch and retries.
-            rank_batch = state.batch_size // world
-            round_start = time.time()
-            try:
-                tick_sums += gan_round(nets, sampler, cfg, precision, rank_batch, state.n_dis, n_classes)
-                oom = False
-            except OOM_ERRORS:
-                if world > 1:
-                    raise
-                oom = True
-            if oom:
-                nets.opt_g.zero_grad(set_to_none=True)
-                nets.opt_d.zero_grad(set_to_none=True)
-                _free_cuda_memory(device)
-                if state.batch_size < 2:
-                    stop_reason = "error: CUDA out of memory even at batch size 1"
-                    log("train", stop_reason)
-                    break
-                state.batch_size //= 2
-                log("train", f"CUDA out of memory at batch {state.batch_size * 2}: freed memory, batch size "
-                    f"{state.batch_size} from now on")
-                if is_main:
-                    event = {"time": time.time(), "event": "oom", "step": state.step, "batch_size": state.batch_size}
-                    _write_output("stats", append_stats, stats_path, event)
-                continue
-            if first_round and is_main:
-                log("train", f"first round took {time.time() - round_start:.1f}s"
-                    f"{' (includes torch.compile)' if cfg.compile else ''}")
-                first_round = False
-            state.step += 1
-            state.images_seen += rank_batch * world * state.n_dis
-            tick["d_steps"] += state.n_dis
-            tick["g_steps"] += cfg.g_steps
-            tick["images"] += rank_batch * world * state.n_dis
-            # G_ema follows G, averaging over at most ema_rampup of the rounds so far
-            ema_update(nets.G_ema, nets.G, ema_beta_at(state.step, cfg.ema_beta, cfg.ema_rampup))
-    except Exception as error:
-        # A failure before the first round is a set-up problem, and under DDP the other ranks must not wait
-        # in a collective: raise. Later, keep the last good state and return, so the caller can still write images.
-        if world > 1 or state.step == session_first_step:
-            raise
-        traceback.print_exc()
-        stop_reason = f"error: {type(error).__name__}: {error}"
-        log("train", f"training failed ({stop_reason[7:]}); restoring the last good state (step "
-            f"{snapshot['progress']['step']})")
-        restore_training_snapshot(nets, snapshot)
-        state.step, state.images_seen = snapshot["progress"]["step"], snapshot["progress"]["images_seen"]
-    finally:
-        _restore_signals(previous_handlers)
-
-    # Wrap up: same buffers on every rank, last status, grid and checkpoint; the best-FID G_ema is what the caller gets.
+    # Wrap-up: same buffers on every rank; the final G_ema competes for best FID (else up to fid_every of training
+    # would be thrown away); last status, grid and checkpoint; the best-FID G_ema is what the caller gets.
     for module in (nets.G, nets.D, nets.G_ema):
         sync_buffers(module, world)
-    final_record = {}
-    if is_main and fid_fn is not None and fid_s > 0 and not stop_reason.startswith("error"):
-        # the final G_ema competes for "best" too: without this, up to fid_every of training would be thrown away
-        last_kimg = state.fid_history[-1][0] if state.fid_history else -1.0
-        if state.images_seen / 1000 > last_kimg:
-            final_record = measure_fid(time.time())
-    if tick["d_steps"] and not stop_reason.startswith("error"):
-        read_tick(time.time(), {"record": final_record})
+    if stop is not StopReason.ERROR:
+        record = {}
+        if is_main and fid.enabled and fid_due.seconds > 0 and state.images_seen / 1000 > fid.last_kimg:
+            record = fid.measure(nets.G_ema, state.images_seen / 1000)
+        error = status_tick(time.time(), record)[1] if meter.d_steps else ""
+        stop = StopReason.ERROR if error else stop
+    if is_main and state.step > 0:  # an untrained state never replaces a checkpoint
+        _save_grid(nets, run.grid_z, run.grid_y, out_dir, state.images_seen / 1000, precision)
+        reason = f"error: {error}" if error else stop.value
+        _save_run(out_dir, cfg, run, seconds_before + (time.time() - train_start), reason)
+    if fid.best_G_ema is not None:
+        nets.G_ema.load_state_dict(fid.best_G_ema)
+        log("train", f"returning the best G_ema (FID {fid.best:.2f} at {fid.best_kimg:.1f} kimg), not the last one")
     if is_main:
-        _write_output("the sample grid", save_sample_grid, nets.G_ema, grid_z, grid_y, out_dir,
-                      state.images_seen / 1000, precision)
-    write_checkpoint(stop_reason)
-    if best_G_ema_state is not None:
-        nets.G_ema.load_state_dict(best_G_ema_state)
-        if is_main:
-            log("train", f"returning the best G_ema (FID {state.best_fid:.2f} at {state.best_kimg:.1f} kimg), "
-                f"not the last one")
-    if is_main:
-        _write_output("the interpolation strip", save_interpolation_strip, nets.G_ema,
-                      os.path.join(out_dir, "samples", "interpolation.png"), 4, 10, cfg.seed)
-        log("train", f"stopped ({stop_reason}) at step {state.step}, {state.images_seen / 1000:.1f} kimg, "
-            f"{format_duration(time.time() - train_start)} of training this session")
-    return TrainResult(G_ema=nets.G_ema.eval(), steps=state.step, images_seen=state.images_seen,
-                       stop_reason=stop_reason, best_fid=state.best_fid, cfg=cfg, G=nets.G, D=nets.D,
-                       n_classes=n_classes, batch_size=state.batch_size, rollbacks=state.rollbacks,
-                       fid_history=list(state.fid_history), grid_z=grid_z, grid_y=grid_y,
-                       checkpoint_path=ckpt_path, stats_path=stats_path,
-                       train_seconds=seconds_before + (time.time() - train_start))
+        _save_interpolation_strip(nets, out_dir, cfg.seed)
+        log("train", f"stopped ({stop.value}{': ' + error if error else ''}) at step {state.step}, "
+            f"{state.images_seen / 1000:.1f} kimg, {format_duration(time.time() - train_start)} of training this session")
+    return TrainResult(G_ema=nets.G_ema.eval(), G=nets.G, D=nets.D, progress=state, stop_reason=stop, error=error,
+                       fid=fid, grid_z=run.grid_z)

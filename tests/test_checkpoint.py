@@ -11,7 +11,8 @@ import torch
 import src.atomic
 from src.budget import Deadline
 from src.checkpoint import (CheckpointError, capture_rng_state, load_checkpoint, load_generator_from_checkpoint,
-                            merge_resumed_config, resolve_resume_path, restore_rng_state, save_checkpoint)
+                            check_resume_fits_data, merge_resumed_config, open_resume, resolve_resume_path,
+                            restore_rng_state, save_checkpoint)
 from src.config import make_config
 from src.data import load_dogs
 from src.train import train
@@ -47,7 +48,7 @@ def test_checkpoint_holds_everything_to_resume(trained_run):
     _, out = trained_run
     ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))
     for key in ("G", "D", "G_ema", "opt_g", "opt_d", "scaler_g", "scaler_d", "progress", "config", "grid_z",
-                "grid_y", "rng", "best_G_ema", "n_classes"):
+                "grid_y", "rng", "fid", "n_classes"):
         assert key in ckpt
     assert ckpt["progress"]["step"] == 2 and ckpt["progress"]["images_seen"] == 16
     assert 0.0 <= ckpt["progress"]["schedule_progress"] < 0.01
@@ -73,13 +74,25 @@ def test_garbage_and_truncated_files_give_a_clear_error(trained_run, tmp_path):
         load_checkpoint(other)
 
 
-def test_train_refuses_a_damaged_resume_file_before_training(trained_run, tmp_path):
-    data, _ = trained_run
+def test_resume_is_settled_or_refused_before_training(trained_run, tmp_path):
+    """A damaged, foreign-shaped or other-breeds checkpoint is refused by open_resume, before data or outputs."""
+    data, out = trained_run
     path = str(tmp_path / "ckpt.pt")
     with open(path, "wb") as f:
         f.write(b"\x00" * 100)
     with pytest.raises(CheckpointError, match="cannot read checkpoint"):
-        train(make_config({**TINY, "resume": path}), data, Deadline(3600), str(tmp_path), "cpu", max_steps=1)
+        open_resume(make_config({**TINY, "resume": path}), str(tmp_path))
+    # a checkpoint whose weights do not fit the model its own config describes (written by other code)
+    saved = load_checkpoint(os.path.join(out, "ckpt.pt"))
+    saved["G"] = {k: v[..., :1] if v.dim() else v for k, v in saved["G"].items()}
+    save_checkpoint(path, saved)
+    with pytest.raises(CheckpointError, match="its G does not fit the model its config describes"):
+        open_resume(make_config({**TINY, "resume": path}), str(tmp_path))
+    cfg, good = open_resume(make_config({**TINY, "resume": os.path.join(out, "ckpt.pt"), "lr_g": 1.0}), out)
+    assert good["path"] == os.path.join(out, "ckpt.pt") and cfg.lr_g != 1.0  # the checkpoint's recipe continues
+    check_resume_fits_data(good, len(data.breeds))
+    with pytest.raises(CheckpointError, match="breeds, this data has"):
+        check_resume_fits_data(good, len(data.breeds) + 1)
 
 
 def test_failed_rename_keeps_the_old_checkpoint_and_no_partial_file(tmp_path, monkeypatch):

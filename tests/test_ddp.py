@@ -29,7 +29,7 @@ data = load_dogs(data_dir, workers=1)
 cfg = make_config(dict(recipe="acgan", g_ch=8, d_ch=8, batch_size=8, z_dim=16, status_every="0", dis_loss_limit=0.5))
 result = train_module.train(cfg, data, Deadline(600), out_dir, info.device, max_steps=4)
 torch.save({"G": result.G.state_dict(), "D": result.D.state_dict(), "G_ema": result.G_ema.state_dict(),
-            "steps": result.steps, "images_seen": result.images_seen, "reason": result.stop_reason,
+            "steps": result.progress.step, "images_seen": result.progress.images_seen, "reason": result.stop_reason.value,
             "rank": info.rank, "world_size": info.world_size},
            os.path.join(out_dir, f"rank{info.rank}.pt"))
 cleanup_distributed()

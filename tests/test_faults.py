@@ -1,6 +1,7 @@
 """Faults injected into a tiny run: NaN losses, CUDA out-of-memory, SIGTERM, a crash after some steps."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -38,23 +39,23 @@ def patch_round(monkeypatch, action):
 
 
 def nan_d_loss(nan_calls):
-    """The bce D loss, NaN on the listed calls (1-based)."""
-    d_loss_fn, g_loss_fn = src.losses.GAN_LOSSES["bce"]
+    """The bce objective with its D loss NaN on the listed calls (1-based)."""
+    bce = src.losses.GAN_LOSSES["bce"]
     calls = {"n": 0}
 
     def d_loss(*args):
         calls["n"] += 1
-        loss = d_loss_fn(*args)
+        loss = bce.d_loss(*args)
         return loss * float("nan") if calls["n"] in nan_calls else loss
 
-    return d_loss, g_loss_fn
+    return dataclasses.replace(bce, d_loss=d_loss)
 
 
 def test_nan_loss_rolls_back_with_halved_learning_rates(dogs, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(src.losses.GAN_LOSSES, "bce", nan_d_loss({3}))
     out = str(tmp_path)
     result = train(make_config(TINY), dogs, Deadline(3600), out, "cpu", max_steps=5)
-    assert result.rollbacks == 1 and result.stop_reason == "max_steps"
+    assert result.progress.rollbacks == 1 and result.stop_reason == "max_steps"
     assert all(torch.isfinite(p).all() for m in (result.G, result.D, result.G_ema) for p in m.parameters())
     assert "rolled back to step 0 and halved both learning rates" in capsys.readouterr().out
     records = read_records(out)
@@ -69,11 +70,12 @@ def test_nan_loss_rolls_back_with_halved_learning_rates(dogs, tmp_path, monkeypa
 def test_persistent_nan_gives_up_with_a_clear_message(dogs, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(src.losses.GAN_LOSSES, "bce", nan_d_loss(set(range(1, 100))))
     result = train(make_config(TINY), dogs, Deadline(3600), str(tmp_path), "cpu", max_steps=50)
-    assert result.stop_reason.startswith("error: losses or weights became NaN/Inf")
-    assert result.rollbacks == train_module.MAX_ROLLBACKS + 1
+    assert result.stop_reason == "error" and result.error.startswith("losses or weights became NaN/Inf")
+    assert result.progress.rollbacks == train_module.MAX_ROLLBACKS + 1
     assert all(torch.isfinite(p).all() for p in result.G_ema.parameters())
     assert "giving up" in capsys.readouterr().out
-    assert os.path.isfile(os.path.join(str(tmp_path), "ckpt.pt"))
+    # every step diverged, so the last good state is the untrained start: it never becomes a checkpoint
+    assert result.progress.step == 0 and not os.path.isfile(os.path.join(str(tmp_path), "ckpt.pt"))
 
 
 def test_out_of_memory_halves_the_batch_and_goes_on(dogs, tmp_path, monkeypatch, capsys):
@@ -84,9 +86,9 @@ def test_out_of_memory_halves_the_batch_and_goes_on(dogs, tmp_path, monkeypatch,
     patch_round(monkeypatch, oom_once)
     out = str(tmp_path)
     result = train(make_config(TINY), dogs, Deadline(3600), out, "cpu", max_steps=3)
-    assert result.stop_reason == "max_steps" and result.steps == 3
-    assert result.batch_size == 4
-    assert result.images_seen == 8 + 4 + 4
+    assert result.stop_reason == "max_steps" and result.progress.step == 3
+    assert result.progress.batch_size == 4
+    assert result.progress.images_seen == 8 + 4 + 4
     assert "CUDA out of memory at batch 8" in capsys.readouterr().out
     records = read_records(out)
     assert any(r.get("event") == "oom" and r["batch_size"] == 4 for r in records)
@@ -104,7 +106,7 @@ def test_sigterm_saves_a_checkpoint_and_returns_signal(dogs, tmp_path, monkeypat
     out = str(tmp_path)
     result = train(make_config(TINY), dogs, Deadline(3600), out, "cpu", max_steps=100)
     # the step in progress finishes, then the loop stops
-    assert result.stop_reason == "signal" and result.steps == 3
+    assert result.stop_reason == "signal" and result.progress.step == 3
     assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["progress"]["step"] == 3
     assert signal.getsignal(signal.SIGTERM) is previous
 
@@ -116,9 +118,9 @@ def test_a_crash_after_some_steps_returns_the_last_good_state(dogs, tmp_path, mo
 
     patch_round(monkeypatch, crash)
     result = train(make_config(TINY), dogs, Deadline(3600), str(tmp_path), "cpu", max_steps=10)
-    assert result.stop_reason == "error: RuntimeError: device fell over"
-    assert result.steps == 0  # the in-memory rollback point is the start of the session
-    assert os.path.isfile(os.path.join(str(tmp_path), "ckpt.pt"))
+    assert result.stop_reason == "error" and result.error == "RuntimeError: device fell over"
+    assert result.progress.step == 0  # the in-memory rollback point is the start of the session
+    assert not os.path.isfile(os.path.join(str(tmp_path), "ckpt.pt"))  # an untrained state is never saved
 
 
 def test_a_crash_in_the_first_round_is_raised(dogs, tmp_path, monkeypatch):
@@ -151,7 +153,7 @@ def test_failing_renames_keep_the_old_checkpoint_and_the_run_goes_on(dogs, tmp_p
     monkeypatch.setattr(src.atomic.os, "replace", killed_before_rename)
     result = train(make_config(TINY), dogs, Deadline(3600), out, "cpu", max_steps=2)
     monkeypatch.undo()
-    assert result.stop_reason == "max_steps" and result.steps == 2
+    assert result.stop_reason == "max_steps" and result.progress.step == 2
     log = capsys.readouterr().out
     assert "could not write" in log and "the previous checkpoint is kept" in log
     assert (sorted(os.listdir(out)), sorted(os.listdir(samples))) == before  # no temporary file left behind

@@ -69,17 +69,17 @@ def test_registry_covers_every_config_loss_with_one_signature():
     with pytest.raises(ValueError, match="--loss"):
         make_config({"loss": "not-a-loss"})
     assert set(GAN_LOSSES) == {"hinge", "bce", "ls", "rals", "wgan-gp"}
-    for d_loss, g_loss in GAN_LOSSES.values():
-        d_value = d_loss(REAL.bfloat16(), FAKE.bfloat16(), torch.full((2,), 0.95), 0.05)
-        g_value = g_loss(REAL.bfloat16(), FAKE.bfloat16())
+    for loss in GAN_LOSSES.values():
+        d_value = loss.d_loss(REAL.bfloat16(), FAKE.bfloat16(), torch.full((2,), 0.95), 0.05)
+        g_value = loss.g_loss(REAL.bfloat16(), FAKE.bfloat16())
         assert d_value.dtype == g_value.dtype == torch.float32  # reduced in fp32 whatever the logits' dtype
         assert d_value.shape == g_value.shape == ()
 
 
 def test_g_losses_push_low_fake_logits_up():
-    for name, (_, g_loss) in GAN_LOSSES.items():
+    for name, loss in GAN_LOSSES.items():
         fake = torch.tensor([-0.5, -1.0], requires_grad=True)  # below every G target (LS's is 1)
-        g_loss(REAL, fake).backward()
+        loss.g_loss(REAL, fake).backward()
         assert (fake.grad < 0).all(), name  # a lower loss needs higher D(G(z))
 
 
@@ -135,3 +135,14 @@ def test_noisy_labels():
     assert torch.equal(noisy_labels(4, 1.0, 1.0, "cpu"), torch.ones(4))
     with pytest.raises(ValueError, match="empty"):
         noisy_labels(4, 1.0, 0.9, "cpu")
+
+
+def test_each_loss_carries_what_its_d_step_needs():
+    """Noisy targets for bce/ls only (drawn in the configured ranges), a penalty for wgan-gp only."""
+    assert {n for n, loss in GAN_LOSSES.items() if loss.noisy_targets} == {"bce", "ls"}
+    assert {n for n, loss in GAN_LOSSES.items() if loss.penalty is not None} == {"wgan-gp"}
+    assert GAN_LOSSES["hinge"].d_targets(4, 0.9, 0.1, "cpu") == (1.0, 0.0)
+    real_target, fake_target = GAN_LOSSES["bce"].d_targets(1000, 0.9, 0.1, "cpu")
+    assert real_target.shape == fake_target.shape == (1000,)
+    assert 0.9 <= real_target.min() and real_target.max() <= 1.0 and real_target.std() > 0.02
+    assert 0.0 <= fake_target.min() and fake_target.max() <= 0.1

@@ -25,7 +25,8 @@ def test_training_crash_still_writes_the_zip_from_the_last_checkpoint(tmp_path, 
 
     monkeypatch.setattr(main_module, "train", broken_train)
     assert main(["--data-dir", tiny_data_dir, "--out", str(out), *SMALL]) == 1
-    log = capsys.readouterr().out
+    captured = capsys.readouterr()
+    log = captured.out + captured.err
     assert "simulated crash inside training" in log and f"using G_ema from {out / 'ckpt.pt'}" in log
     assert zip_count(out / "images.zip") == 200
     assert (out / "images.zip").read_bytes() == first_zip  # same G_ema and seed -> the same images
@@ -72,3 +73,42 @@ def test_cuda_device_without_cuda_is_one_clear_error(tmp_path, tiny_data_dir, ca
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     assert main(["--data-dir", tiny_data_dir, "--out", str(tmp_path / "out"), *SMALL, "--device", "cuda"]) == 2
     assert "--device cuda: no CUDA device is available here" in capsys.readouterr().err
+
+
+def test_an_existing_zip_is_only_replaced_by_a_trained_generator(tmp_path, tiny_data_dir, monkeypatch, capsys):
+    """Failed resumes (damaged, missing, foreign) and runs that trained nothing leave the old images.zip alone."""
+    import types
+
+    from src.nets import LoopState
+    from src.train import StopReason
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "images.zip").write_bytes(b"the previous submission")
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(b"\x80\x02 not a checkpoint")
+    foreign = tmp_path / "foreign.pt"
+    import torch
+    torch.save({"format": 2, "config": {}, "n_classes": 4, "G": {}, "D": {}, "G_ema": {}, "opt_g": {},
+                "opt_d": {}, "progress": {}}, foreign)
+    (out / "ckpt.pt").write_bytes(b"truncated")
+    for resume, message in ((str(damaged), "cannot read checkpoint"), (str(tmp_path / "missing.pt"), "no such file"),
+                            (str(foreign), "does not fit the model"), ("auto", "cannot read checkpoint")):
+        code = main(["--data-dir", tiny_data_dir, "--out", str(out), "--resume", resume, *SMALL])
+        captured = capsys.readouterr()
+        assert code == 2, resume
+        assert message in captured.err and "Traceback" not in captured.out + captured.err
+        assert (out / "images.zip").read_bytes() == b"the previous submission"
+    (out / "ckpt.pt").unlink()
+
+    def crashes_before_a_step(*args, **kwargs):
+        raise RuntimeError("set-up failed")
+
+    def trains_nothing(*args, **kwargs):
+        return types.SimpleNamespace(progress=LoopState(), G_ema=None, stop_reason=StopReason.DEADLINE)
+
+    for fake_train, code in ((crashes_before_a_step, 1), (trains_nothing, 1)):
+        monkeypatch.setattr(main_module, "train", fake_train)
+        assert main(["--data-dir", tiny_data_dir, "--out", str(out), *SMALL]) == code
+        assert "is kept as it is" in capsys.readouterr().out
+        assert (out / "images.zip").read_bytes() == b"the previous submission"

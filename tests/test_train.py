@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from src.budget import Deadline
+from src.checkpoint import open_resume
 from src.config import RECIPES, make_config
 from src.models import build_models
 from src.precision import choose_precision
@@ -40,8 +41,8 @@ def test_a_few_steps_train_log_and_save(dogs, tmp_path):
     cfg = tiny_cfg()
     out = str(tmp_path)
     result = train(cfg, dogs, Deadline(3600), out, "cpu", max_steps=3)
-    assert result.stop_reason == "max_steps" and result.steps == 3
-    assert result.images_seen == 3 * 8
+    assert result.stop_reason == "max_steps" and result.progress.step == 3
+    assert result.progress.images_seen == 3 * 8
     G0, D0 = initial_models(cfg, len(dogs.breeds))
     for before, after in ((G0, result.G), (D0, result.D)):
         moved = [not torch.equal(p0, p1) for p0, p1 in zip(before.parameters(), after.parameters())]
@@ -68,12 +69,13 @@ def test_resume_continues_step_optimizer_and_grid(dogs, tmp_path, capsys):
     first = train(fast_cfg(), dogs, Deadline(3600), out, "cpu", max_steps=2)
     capsys.readouterr()
     # a model-shape flag that disagrees with the checkpoint is reported and the checkpoint's value wins
-    resumed = train(fast_cfg(resume="auto", g_ch=16), dogs, Deadline(3600), out, "cpu", max_steps=4)
+    cfg, saved = open_resume(fast_cfg(resume="auto", g_ch=16), out)
     log = capsys.readouterr().out
     assert "WARNING: model settings differ" in log and "g_ch=16 (checkpoint 8)" in log
-    assert resumed.cfg.g_ch == 8
-    assert resumed.steps == 4 and resumed.images_seen == 4 * 8
-    assert torch.equal(resumed.grid_z, first.grid_z) and torch.equal(resumed.grid_y, first.grid_y)
+    assert cfg.g_ch == 8
+    resumed = train(cfg, dogs, Deadline(3600), out, "cpu", resume=saved, max_steps=4)
+    assert resumed.progress.step == 4 and resumed.progress.images_seen == 4 * 8
+    assert torch.equal(resumed.grid_z, first.grid_z)
     assert [r["step"] for r in read_records(out)] == [1, 2, 3, 4]
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     # Adam's per-parameter step counter went on from 2: the optimiser state was restored, not rebuilt
@@ -109,7 +111,7 @@ def test_adaptive_d_steps_rise_while_d_loss_is_high(dogs, tmp_path):
     cfg = fast_cfg(dis_loss_limit=1e-6, n_dis=1, n_dis_max=3)
     result = train(cfg, dogs, Deadline(3600), str(tmp_path), "cpu", max_steps=4)
     assert [r["n_dis"] for r in read_records(str(tmp_path))] == [2, 3, 3, 3]
-    assert result.images_seen == 8 * (1 + 2 + 3 + 3)
+    assert result.progress.images_seen == 8 * (1 + 2 + 3 + 3)
 
 
 def test_training_fid_keeps_the_best_g_ema(dogs, tmp_path):
@@ -121,15 +123,15 @@ def test_training_fid_keeps_the_best_g_ema(dogs, tmp_path):
 
     out = str(tmp_path)
     result = train(fast_cfg(fid_every="0.001"), dogs, Deadline(3600), out, "cpu", fid_fn=fid_fn, max_steps=4)
-    assert result.best_fid == 3.0
+    assert result.fid.best == 3.0
     # three ticks measure, then the final G_ema is measured too (6.0) before the best is chosen
-    assert [f for _, f in result.fid_history] == [5.0, 3.0, 4.0, 6.0]
+    assert [f for _, f in result.fid.history] == [5.0, 3.0, 4.0, 6.0]
     best = states[1]
     assert all(torch.equal(v, best[k]) for k, v in result.G_ema.state_dict().items())
     assert [r.get("fid") for r in read_records(out)] == [5.0, 3.0, 4.0, 6.0]
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
-    assert ckpt["progress"]["best_fid"] == 3.0
-    assert all(torch.equal(v, best[k]) for k, v in ckpt["best_G_ema"].items())
+    assert ckpt["fid"]["best"] == 3.0
+    assert all(torch.equal(v, best[k]) for k, v in ckpt["fid"]["best_G_ema"].items())
     # the checkpoint's G_ema is the last one (to resume from), not the best
     assert any(not torch.equal(v, best[k]) for k, v in ckpt["G_ema"].items())
 
@@ -142,7 +144,7 @@ def test_the_final_g_ema_is_measured_and_wins_when_best(dogs, tmp_path):
         return next(scores)
 
     result = train(fast_cfg(fid_every="0.001"), dogs, Deadline(3600), str(tmp_path), "cpu", fid_fn=fid_fn, max_steps=4)
-    assert result.best_fid == 1.0 and len(states) == 4
+    assert result.fid.best == 1.0 and len(states) == 4
     assert all(torch.equal(v, states[-1][k]) for k, v in result.G_ema.state_dict().items())
 
 
