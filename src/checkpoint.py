@@ -16,6 +16,7 @@ import torch
 from src.atomic import atomic_path
 from src.config import Config, fields_with_role
 from src.console import log
+from src.ema import standing_bn_stats_
 from src.models import build_models
 from src.nets import GanNets, LoopState
 
@@ -200,5 +201,8 @@ def load_generator_from_checkpoint(path: str, cfg: Config, n_classes: int, devic
         raise CheckpointError(f"{path} was trained with {state['n_classes']} breeds, this data has {n_classes}")
     merged = merge_resumed_config(cfg, state["config"])
     G_ema, _ = build_models(merged, n_classes)
-    G_ema.load_state_dict((state.get("fid") or {}).get("best_G_ema") or state["G_ema"])
-    return G_ema.to(device).eval().requires_grad_(False)
+    best = (state.get("fid") or {}).get("best_G_ema")
+    G_ema.load_state_dict(best or state["G_ema"])
+    G_ema = G_ema.to(device).requires_grad_(False)
+    # the best G_ema was kept with its own BN statistics; the last one carries G's, so they are recomputed
+    return G_ema.eval() if best else standing_bn_stats_(G_ema, seed=merged.seed)

@@ -29,7 +29,7 @@ from src.checkpoint import (CKPT_NAME, restore_rng_state, restore_training_snaps
 from src.config import Config, format_duration, parse_duration
 from src.console import log
 from src.distributed import any_rank_flags, current_dist_info, sync_buffers
-from src.ema import ema_beta_at, ema_update
+from src.ema import ema_beta_at, ema_update, standing_bn_stats_
 from src.layers import spectral_norm_power_iteration_
 from src.losses import GAN_LOSSES, aux_class_loss
 from src.monitor import (STATS_NAME, StatusLog, TickMeter, make_grid_latents, print_banner, save_interpolation_strip,
@@ -437,6 +437,7 @@ def train(cfg: Config, data, deadline: Deadline, out_dir: str, device, fid_fn=No
                     if refresh_now:
                         guard.refresh(nets, state, now)
                     if is_main and grid_due.due(now):
+                        standing_bn_stats_(nets.G_ema, seed=cfg.seed)
                         _save_grid(nets, run.grid_z, run.grid_y, out_dir, state.images_seen / 1000, precision)
                         grid_due.reset(time.time())
                     if is_main and ckpt_due.due(now):
@@ -480,10 +481,11 @@ def train(cfg: Config, data, deadline: Deadline, out_dir: str, device, fid_fn=No
                 raise
             stop, error = StopReason.ERROR, guard.recover(failure, nets, state)
 
-    # Wrap-up: same buffers on every rank; the final G_ema competes for best FID (else up to fid_every of training
-    # would be thrown away); last status, grid and checkpoint; the best-FID G_ema is what the caller gets.
+    # Wrap-up: same buffers on every rank, G_ema's own BN statistics; the final G_ema competes for best FID (else up
+    # to fid_every of training would be thrown away); last status, grid, checkpoint; the caller gets the best G_ema.
     for module in (nets.G, nets.D, nets.G_ema):
         sync_buffers(module, world)
+    standing_bn_stats_(nets.G_ema, seed=cfg.seed)
     if stop is not StopReason.ERROR:
         record = {}
         if is_main and fid.enabled and fid_due.seconds > 0 and state.images_seen / 1000 > fid.last_kimg:
