@@ -692,20 +692,28 @@ def format_throughput_table(results: list, meta: dict) -> str:
              "img/s: median status tick after the first (which holds the warm-up and compile); ms/round: one D step "
              "and one G step; first round: includes torch.compile when on. One probe at a time, the GPU to itself.",
              "",
-             "| batch | compile | img/s | ms/round | first round | steps | note |",
+             "| batch | compile | img/s | ms/round | first round s | steps | note |",
              "|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r['batch_size']} | {'on' if r['compile'] else 'off'} | {fmt(r['images_per_s'], '.0f')} | "
-                     f"{fmt(r['ms_per_round'], '.1f')} | {fmt(r['first_round_s'], '.1f')}s | {r['steps']} | "
+                     f"{fmt(r['ms_per_round'], '.1f')} | {fmt(r['first_round_s'], '.1f')} | {r['steps']} | "
                      f"{r['note'].replace('|', '/')} |")
     return "\n".join(lines) + "\n"
 
 
 # ---- the two calls -----------------------------------------------------------------------------------------------
 
+def common_flags(text: str) -> tuple:
+    """--common's kernel flags, split as a shell would."""
+    try:
+        return tuple(shlex.split(text))
+    except ValueError as error:
+        raise ProtocolError(f"--common {text!r}: {error}") from None
+
+
 def run_quality(args, work_dir: str, stop: dict, start: float) -> int:
     """The variants call: plan, unpack, train side by side, score, write OUT."""
-    common = tuple(shlex.split(args.common))
+    common = common_flags(args.common)
     if args.smoke:
         common = SMOKE_COMMON + common
         variants = read_variants(args.variants) if args.variants else parse_variants(SMOKE_VARIANTS, "smoke")
@@ -763,9 +771,12 @@ def run_quality(args, work_dir: str, stop: dict, start: float) -> int:
 
 def run_throughput(args, work_dir: str, stop: dict, start: float) -> int:
     """The throughput call: the default model alone on the device, one short probe per batch size and compile mode."""
-    common = tuple(shlex.split(args.common))
-    batches = [int(b) for b in args.batches.split(",")] if args.batches else \
-        list(SMOKE_BATCHES if args.smoke else (64, 128, 256))
+    common = common_flags(args.common)
+    try:
+        batches = [int(b) for b in args.batches.split(",")] if args.batches else \
+            list(SMOKE_BATCHES if args.smoke else (64, 128, 256))
+    except ValueError:
+        raise ProtocolError(f"--batches {args.batches!r}: a comma list of batch sizes, e.g. 64,128,256") from None
     modes = [m.strip() for m in args.compile_modes.split(",") if m.strip()]
     if not modes or any(m not in ("off", "on") for m in modes):
         raise ProtocolError(f"--compile-modes {args.compile_modes!r}: a comma list of off and on")

@@ -101,6 +101,14 @@ def test_missing_inputs_are_one_clear_line(tmp_path, capsys):
         "[protocol] error: give --data PACK (dogs_dev.tar.gz or a Kaggle-layout folder), or --smoke"
     assert gpu_protocol.main(["--data", str(tmp_path / "nope.tar.gz"), "--out", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err.strip() == f"[protocol] error: --data {tmp_path / 'nope.tar.gz'}: no such file or folder"
+    assert gpu_protocol.main(["--smoke", "--common", "--fid-samples 'x", "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip() == "[protocol] error: --common \"--fid-samples 'x\": No closing quotation"
+    assert gpu_protocol.main(["--smoke", "--throughput", "--batches", "64,big", "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip() == \
+        "[protocol] error: --batches '64,big': a comma list of batch sizes, e.g. 64,128,256"
+    assert gpu_protocol.main(["--smoke", "--common", "--out /x", "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip() == \
+        "[protocol] error: variant default with --common: --out is set by the protocol, the same for every variant"
 
 
 def test_read_stats_speed_curve_and_events(tmp_path):
@@ -158,7 +166,7 @@ def test_smoke_throughput_probe_writes_its_table(tmp_path):
     probe, = json.loads((out / "throughput.json").read_text())["probes"]
     assert probe["batch_size"] == 16 and probe["compile"] is False and probe["returncode"] == 0
     assert probe["images_per_s"] > 0 and probe["ms_per_round"] > 0 and probe["first_round_s"] > 0
-    assert re.search(r"^\| 16 \| off \| \d+ \| [0-9.]+ \| [0-9.]+s \| \d+ \|  \|$", (out / "throughput.md").read_text(), re.M)
+    assert re.search(r"^\| 16 \| off \| \d+ \| [0-9.]+ \| [0-9.]+ \| \d+ \|  \|$", (out / "throughput.md").read_text(), re.M)
 
 
 def test_sigterm_stops_every_kernel_and_still_writes_the_results(tmp_path):
