@@ -52,7 +52,9 @@ class Config:
     max_images: int = this_run(0)       # read only N photos spread over the sorted list (0: all); quick iterations
     decode_workers: int = this_run(0)   # processes decoding JPEGs at start-up (0: one per CPU core)
     flip: bool = from_ckpt(True)        # random horizontal flips of real images
-    diffaug: str = from_ckpt("color,translation,cutout")  # DiffAugment policy on real and fake before D ("": off)
+    # DiffAugment policy on real and fake before D ("": off). BigGAN's DiffAugment runs (CIFAR-10, 10-20 % data) use
+    # translation,cutout; colour jitter (StyleGAN2's low-shot policy adds it) slows early learning in short runs
+    diffaug: str = from_ckpt("translation,cutout")
     # ---- models -----------------------------------------------------------------------------------
     recipe: str = model_shape("biggan")  # named set of overrides below (see RECIPES); flags given explicitly win
     arch: str = model_shape("resnet", choices=("resnet", "dcgan"))  # ResNet: the SNGAN/BigGAN family
