@@ -1551,7 +1551,10 @@ def _dog_decode_photo(image_source, annotation_source, task, settings: DogCropSe
         annotations = _dog_read_annotations(annotation_source, annotation_entries, counts)
     img = _dog_open_image(_dog_source_read(image_source, image_name), counts)
     whole = _dog_square(img, settings.size) if settings.whole_photos else None
-    orientation = img.getexif().get(DOG_EXIF_ORIENTATION, 1)
+    try:
+        orientation = img.getexif().get(DOG_EXIF_ORIENTATION, 1)
+    except Exception:  # a damaged EXIF block does not make the pixels unusable: read them as stored
+        orientation = 1
     turned_img = None
     regions, names, frames = [], [], []
     for file_breed, xml_size, boxes in annotations:
