@@ -18,6 +18,7 @@ import torch
 from PIL import Image, ImageFile, ImageOps
 
 from src.console import log
+from src.mifid import lanczos_square
 
 
 class DataError(ValueError):
@@ -425,9 +426,9 @@ def _dog_box_regions(boxes, frame_size, sx: float, sy: float, settings: DogCropS
 
 
 def _dog_square(img: Image.Image, size: int) -> np.ndarray:
-    """RGB, squashed to size x size with PIL's Lanczos (Kaggle's Image.ANTIALIAS) -> 3 x size x size uint8."""
-    square = _dog_to_rgb(img).resize((size, size), Image.LANCZOS)  # aspect not kept: the whole dog fills the square
-    return np.ascontiguousarray(np.asarray(square, dtype=np.uint8).transpose(2, 0, 1))
+    """RGB, squashed to size x size exactly as Kaggle's evaluator squashed every image (lanczos_square)
+    -> 3 x size x size uint8; aspect not kept: the whole dog fills the square."""
+    return np.ascontiguousarray(lanczos_square(_dog_to_rgb(img), size))
 
 
 def _dog_crop_resize(img: Image.Image, region, size: int) -> np.ndarray:
