@@ -1,10 +1,12 @@
-"""Read the Kaggle dog photos once: find the layout, parse the VOC boxes, crop every dog to a uint8 tensor."""
+"""Read the Kaggle dog photos once: find the layout, parse the VOC boxes, crop every dog to a uint8 tensor, and
+squash every whole photo to 64x64 as Kaggle's MiFID reference did."""
 from __future__ import annotations
 
 import io
 import math
 import multiprocessing
 import os
+import stat
 import time
 import xml.etree.ElementTree as ET
 import zipfile
@@ -13,9 +15,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageFile, ImageOps
 
 from src.console import log
+from src.mifid import lanczos_square
 
 
 class DataError(ValueError):
@@ -28,6 +31,28 @@ DOG_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 DOG_POOL_MIN_PHOTOS = 512
 # Skipped files named in the log before the rest are only counted.
 DOG_SKIP_LOG_LIMIT = 5
+# JPEG's largest dimension: a VOC <size> above it is no real photo's size.
+DOG_MAX_SIDE = 65535
+# Boxes may run past their VOC <size> by this fraction (+ 2 px) before the size is distrusted; Stanford's two boxes
+# past the edge overshoot by 2.2 % and 5.6 %.
+DOG_BOX_SLACK = 0.1
+# A VOC <size> whose aspect ratio is within this fraction of the photo's describes a resized copy of it.
+DOG_ASPECT_TOLERANCE = 0.02
+# min_box never asks for more than this fraction of the photo's shortest side: a small photo's one dog is kept.
+DOG_MIN_BOX_PHOTO_FRACTION = 0.5
+DOG_EXIF_ORIENTATION = 0x0112
+DOG_JPEG_END_MARKER = b"\xff\xd9"
+DOG_JPEG_SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+DOG_JPEG_PROGRESSIVE_SOF = {0xC2, 0xC6, 0xCA, 0xCE}
+
+
+@dataclass(frozen=True)
+class DogCropSettings:
+    """How a photo becomes samples; sent to every decode worker."""
+    margin: float = 0.0           # widen each box by this fraction of its size on every side
+    size: int = 64                # side of the square crops and of the whole-photo images
+    min_box: int = 0              # drop boxes whose shortest side is under this many px (see _dog_min_side)
+    whole_photos: bool = False    # also return each whole photo squashed to size x size (Kaggle's MiFID reference)
 
 
 # ---- sources: a folder on disk or a .zip read in place ------------------------------------------------
@@ -44,17 +69,28 @@ _DOG_ZIP_HANDLES: dict = {}
 def _dog_zip(source: str) -> zipfile.ZipFile:
     key = (os.getpid(), source)
     if key not in _DOG_ZIP_HANDLES:
-        _DOG_ZIP_HANDLES[key] = zipfile.ZipFile(source)
+        try:
+            _DOG_ZIP_HANDLES[key] = zipfile.ZipFile(source)
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as exc:
+            raise DataError(f"{source} is not a readable zip file (truncated or damaged?): {exc}") from None
     return _DOG_ZIP_HANDLES[key]
 
 
+def _dog_entry_is_file(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_file()
+    except OSError:  # a symlink loop raises instead of answering
+        return False
+
+
 def _dog_source_files(source: str, recursive: bool) -> list[str]:
-    """Names of the files in `source` ('/'-separated, relative), sorted."""
+    """Names in `source` ('/'-separated, relative), sorted: zip entries, every folder entry when not recursive
+    (odd ones, such as broken links or a folder named x.jpg, are skipped and counted when read), else files."""
     if _dog_source_is_zip(source):
         return sorted(info.filename for info in _dog_zip(source).infolist() if not info.is_dir())
     if not recursive:
         with os.scandir(source) as entries:
-            return sorted(e.name for e in entries if e.is_file())
+            return sorted(e.name for e in entries)
     names = []
     for folder, _, files in os.walk(source):
         rel_folder = os.path.relpath(folder, source).replace(os.sep, "/")
@@ -65,7 +101,12 @@ def _dog_source_files(source: str, recursive: bool) -> list[str]:
 def _dog_source_read(source: str, name: str) -> bytes:
     if _dog_source_is_zip(source):
         return _dog_zip(source).read(name)
-    with open(os.path.join(source, name), "rb") as f:
+    path = os.path.join(source, name)
+    # stat follows links: a loop or a dangling link raises here; a FIFO would block open(), so only plain files pass
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise OSError(f"not a regular file ({'a directory' if stat.S_ISDIR(mode) else 'a device, pipe or socket'})")
+    with open(path, "rb") as f:
         return f.read()
 
 
@@ -80,16 +121,13 @@ def _dog_folder_has_images(folder: str) -> bool:
     if not os.path.isdir(folder):
         return False
     with os.scandir(folder) as entries:
-        return any(e.is_file() and _dog_is_image_name(e.name) for e in entries)
+        return any(_dog_is_image_name(e.name) and _dog_entry_is_file(e) for e in entries)
 
 
 def _dog_zip_has_images(path: str) -> bool:
     if not os.path.isfile(path):
         return False
-    try:
-        return any(_dog_is_image_name(n) for n in _dog_zip(path).namelist())
-    except zipfile.BadZipFile as exc:
-        raise DataError(f"{path} is not a readable zip file: {exc}") from exc
+    return any(_dog_is_image_name(n) for n in _dog_zip(path).namelist())
 
 
 def _dog_images_at(root: str, bare: bool) -> str | None:
@@ -173,20 +211,26 @@ def _voc_number(node, tag: str) -> float:
     return value
 
 
+def _voc_size(root, tag: str) -> int:
+    """A <size> dimension in pixels; 0 when missing or not a usable number (the photo's own size is used then)."""
+    try:
+        value = float((root.findtext(f"size/{tag}") or "0").strip())
+    except ValueError:
+        return 0
+    return int(value) if math.isfinite(value) and 0 < value <= DOG_MAX_SIDE else 0
+
+
 def parse_voc(xml_bytes: bytes) -> tuple[int, int, list[tuple[str, float, float, float, float]]]:
     """(width, height, [(breed_name, xmin, ymin, xmax, ymax), ...]) of one VOC file; raises DataError if malformed.
 
-    width/height are 0 when <size> is missing; the breed is <name> ("" when empty).
+    width/height are 0 when <size> is missing or absurd (not a number, <= 0, beyond JPEG's 65535); the breed is
+    <name> ("" when empty).
     """
     try:
         root = ET.fromstring(xml_bytes)
     except ET.ParseError as exc:
         raise DataError(f"malformed VOC XML: {exc}") from None
-    try:
-        width = int(float(root.findtext("size/width") or 0))
-        height = int(float(root.findtext("size/height") or 0))
-    except ValueError:
-        raise DataError("VOC <size> holds a non-number") from None
+    width, height = _voc_size(root, "width"), _voc_size(root, "height")
     boxes = []
     for obj in root.iter("object"):
         bndbox = obj.find("bndbox")
@@ -202,8 +246,9 @@ def _dog_breed_of_folder(folder: str) -> str:
     return folder.split("-", 1)[1] if "-" in folder else folder
 
 
-def _dog_annotation_index(source: str) -> tuple[dict[str, tuple[str, str]], dict[str, str]]:
-    """photo id -> (annotation file name, folder breed) and wnid -> folder breed."""
+def _dog_annotation_index(source: str) -> tuple[dict[str, list[tuple[str, str]]], dict[str, str]]:
+    """photo id -> [(annotation file name, folder breed), ...] (several when an id sits in several breed folders)
+    and wnid -> folder breed."""
     by_id, by_wnid = {}, {}
     for name in _dog_source_files(source, recursive=True):
         parts = name.split("/")
@@ -212,12 +257,31 @@ def _dog_annotation_index(source: str) -> tuple[dict[str, tuple[str, str]], dict
         folder, file = parts[-2], parts[-1]
         breed = _dog_breed_of_folder(folder)
         photo_id = file[:-4] if file.lower().endswith(".xml") else file
-        by_id[photo_id] = (name, breed)
+        by_id.setdefault(photo_id, []).append((name, breed))
         by_wnid.setdefault(folder.split("-", 1)[0], breed)
     return by_id, by_wnid
 
 
-# ---- decoding one photo into its dog crops --------------------------------------------------------------
+def _dog_read_annotations(annotation_source, entries, counts) -> list[tuple[str, tuple[int, int], list]]:
+    """[(folder breed, (xml width, xml height), boxes)] of one photo's annotation files; a box already given by an
+    earlier file of the photo (the same file copied into two folders) is dropped and counted; unreadable files
+    count as bad_xml."""
+    annotations, earlier = [], set()
+    for name, folder_breed in entries:
+        try:
+            width, height, boxes = parse_voc(_dog_source_read(annotation_source, name))
+        except Exception:  # malformed XML, unreadable file or damaged zip entry: the photo itself is still used
+            counts["bad_xml"] += 1
+            continue
+        keys = [(box[0] or folder_breed, width, height, *box[1:]) for box in boxes]
+        kept = [box for box, key in zip(boxes, keys) if key not in earlier]
+        counts["duplicate_boxes"] += len(boxes) - len(kept)
+        earlier.update(keys)
+        annotations.append((folder_breed, (width, height), kept))
+    return annotations
+
+
+# ---- decoding one photo into its dog crops and its whole-photo image ------------------------------------
 
 def _dog_to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL mode -> RGB: alpha composited on white, 16-bit scaled down to 8 bits, CMYK/palette/grey converted."""
@@ -236,56 +300,145 @@ def _dog_to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def _dog_usable_boxes(boxes, xml_size, img_size, margin, counts) -> list[tuple[str, tuple[float, float, float, float]]]:
-    """Boxes in the photo's pixel frame, widened by margin and clipped; zero-area ones dropped and counted."""
-    img_w, img_h = img_size
+def _dog_jpeg_scans_complete(data: bytes) -> bool:
+    """Whether the scan headers in a JPEG's bytes cover every component and, for a progressive JPEG, every
+    coefficient down to its last bit: a file cut short of its last scans fails; one cut inside its last scan passes."""
+    pos, coverage, progressive = 2, {}, False
+    while pos + 4 <= len(data) and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+            continue
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        segment = data[pos + 4:pos + 2 + length]
+        if length < 2 or len(segment) < length - 2:
+            break
+        pos += 2 + length
+        if marker in DOG_JPEG_SOF_MARKERS and len(segment) >= 6:
+            progressive = marker in DOG_JPEG_PROGRESSIVE_SOF
+            coverage = {segment[6 + 3 * i]: [99] * 64 for i in range(segment[5]) if 6 + 3 * i < len(segment)}
+        elif marker == 0xDA and segment:  # start of scan: components, spectral band Ss..Se, successive bit Al
+            n_components = segment[0]
+            if len(segment) < 4 + 2 * n_components:
+                break
+            first, last, al = segment[1 + 2 * n_components:4 + 2 * n_components]
+            first, last, low_bit = (first, min(last, 63), al & 15) if progressive else (0, 63, 0)
+            for component in (segment[1 + 2 * i] for i in range(n_components)):
+                for k in range(first, last + 1) if component in coverage else ():
+                    coverage[component][k] = min(coverage[component][k], low_bit)
+            # entropy-coded data runs to the next marker that is neither a stuffed FF00 nor a restart marker
+            while pos + 1 < len(data) and not (data[pos] == 0xFF and data[pos + 1] != 0
+                                               and not 0xD0 <= data[pos + 1] <= 0xD7):
+                pos += 1
+    return bool(coverage) and all(bit == 0 for bits in coverage.values() for bit in bits)
+
+
+def _dog_load_truncated_jpeg(data: bytes) -> Image.Image:
+    """A JPEG that stops early, decoded as far as it goes; OSError unless the whole picture came out."""
+    if not _dog_jpeg_scans_complete(data):
+        raise OSError("image file is truncated: scans are missing")
+    saved = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = True  # for this one decode: globally it would also let half files in
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = saved
+    # libjpeg fills blocks it never received with mid-grey (or leaves them black): a last block of exactly that
+    # means the picture's end is missing, not only its end marker.
+    corner = np.asarray(img)[-4:, -4:]
+    if (corner == 128).all() or (corner == 0).all():
+        raise OSError("image file is truncated: the end of the picture is missing")
+    return img
+
+
+def _dog_open_image(data: bytes, counts) -> Image.Image:
+    """The decoded photo; a JPEG that lacks only its end marker is decoded anyway and counted as truncated."""
+    img = Image.open(io.BytesIO(data))
+    try:
+        img.load()
+        return img
+    except OSError as exc:
+        if img.format not in ("JPEG", "MPO") or data.endswith(DOG_JPEG_END_MARKER) or "truncated" not in str(exc):
+            raise
+    img = _dog_load_truncated_jpeg(data)
+    counts["truncated"] += 1
+    return img
+
+
+def _dog_boxes_fit(boxes, width: int, height: int) -> bool:
+    return all(x1 <= width * (1 + DOG_BOX_SLACK) + 2 and y1 <= height * (1 + DOG_BOX_SLACK) + 2
+               for _, _, _, x1, y1 in boxes)
+
+
+def _dog_aspect_matches(size_a, size_b) -> bool:
+    ratio_a, ratio_b = size_a[0] / size_a[1], size_b[0] / size_b[1]
+    return abs(ratio_a - ratio_b) <= DOG_ASPECT_TOLERANCE * ratio_b
+
+
+def _dog_box_frame(xml_size, boxes, stored_size, orientation: int) -> tuple[bool, float, float, str]:
+    """(exif_frame, sx, sy, how): whether the boxes refer to the EXIF-rotated photo, the scale from the XML's
+    <size> onto that frame's pixels, and how that was decided: "same" (the size matches the stored pixels),
+    "exif" (it matches the photo turned by its EXIF orientation), "rescaled" (a resized copy's size: same aspect),
+    or "fallback" (missing, absurd or inconsistent with the boxes: the photo's real size is used)."""
+    width, height = stored_size
+    if not boxes or tuple(xml_size) == (width, height):
+        return False, 1.0, 1.0, "same"
+    turned = orientation in (5, 6, 7, 8)  # EXIF orientations that swap width and height
+    frames = [(False, (width, height))] + ([(True, (height, width))] if turned else [])
     xml_w, xml_h = xml_size
-    # A VOC file written for another size of the same photo: map its boxes onto the stored pixels.
-    sx = img_w / xml_w if xml_w > 0 and xml_h > 0 else 1.0
-    sy = img_h / xml_h if xml_w > 0 and xml_h > 0 else 1.0
-    if (sx, sy) != (1.0, 1.0):
-        counts["rescaled_annotations"] += 1
-    usable = []
+    if xml_w > 0 and xml_h > 0 and _dog_boxes_fit(boxes, xml_w, xml_h):
+        for exif_frame, frame in frames:
+            if tuple(xml_size) == frame:
+                return exif_frame, 1.0, 1.0, "exif"
+        for exif_frame, frame in frames:
+            if _dog_aspect_matches(xml_size, frame):
+                return exif_frame, frame[0] / xml_w, frame[1] / xml_h, "rescaled"
+    return False, 1.0, 1.0, "fallback"
+
+
+def _dog_min_side(min_box: int, frame_size) -> float:
+    """Shortest box side kept: min_box px, but at most half the photo's shortest side (a small photo keeps its dog)."""
+    return min(float(min_box), DOG_MIN_BOX_PHOTO_FRACTION * min(frame_size))
+
+
+def _dog_box_regions(boxes, frame_size, sx: float, sy: float, settings: DogCropSettings, counts):
+    """[(name, region)] of the boxes in the frame's pixels, widened by the margin and clipped; boxes with no pixels
+    in the photo (skipped_boxes) or a shortest side under the minimum (tiny_boxes) are dropped and counted."""
+    img_w, img_h = frame_size
+    min_side = _dog_min_side(settings.min_box, frame_size)
+    regions = []
     for name, xmin, ymin, xmax, ymax in boxes:
         xmin, xmax, ymin, ymax = xmin * sx, xmax * sx, ymin * sy, ymax * sy
-        # widen by margin * box size on each side: [x0 - m*w, x1 + m*w]
-        dx, dy = margin * (xmax - xmin), margin * (ymax - ymin)
-        x0, y0, x1, y1 = max(0.0, xmin - dx), max(0.0, ymin - dy), min(img_w, xmax + dx), min(img_h, ymax + dy)
-        if x1 - x0 < 1 or y1 - y0 < 1:
+        inside_w, inside_h = min(img_w, xmax) - max(0.0, xmin), min(img_h, ymax) - max(0.0, ymin)
+        if inside_w < 1 or inside_h < 1:
             counts["skipped_boxes"] += 1
+            continue
+        if min(inside_w, inside_h) < min_side:
+            counts["tiny_boxes"] += 1
             continue
         if xmin < 0 or ymin < 0 or xmax > img_w or ymax > img_h:
             counts["clipped_boxes"] += 1
-        usable.append((name, (x0, y0, x1, y1)))
-    return usable
+        # widen by margin * box size on each side: [x0 - m*w, x1 + m*w]
+        dx, dy = settings.margin * (xmax - xmin), settings.margin * (ymax - ymin)
+        regions.append((name, (max(0.0, xmin - dx), max(0.0, ymin - dy), min(img_w, xmax + dx), min(img_h, ymax + dy))))
+    return regions
 
 
-def _dog_apply_draft(img: Image.Image, regions, size: int) -> float:
-    """Let libjpeg decode at 1/2, 1/4 or 1/8 scale when every region keeps >= size pixels; returns that scale."""
-    if img.format not in ("JPEG", "MPO"):
-        return 1.0
-    full_w, full_h = img.size
-    smallest_side = min(min(x1 - x0, y1 - y0) for x0, y0, x1, y1 in regions)
-    factor = next((f for f in (8, 4, 2) if smallest_side / f >= size), 1)
-    if factor == 1:
-        return 1.0
-    img.draft(img.mode, (full_w // factor, full_h // factor))
-    # libjpeg's scaled output is ceil(full / f) pixels; find the factor it actually used.
+def _dog_square(img: Image.Image, size: int) -> np.ndarray:
+    """RGB, squashed to size x size exactly as Kaggle's evaluator squashed every image (lanczos_square)
+    -> 3 x size x size uint8; aspect not kept: the whole dog fills the square."""
+    return np.ascontiguousarray(lanczos_square(_dog_to_rgb(img), size))
+
+
+def _dog_crop_resize(img: Image.Image, region, size: int) -> np.ndarray:
+    """Crop the region -> 3 x size x size uint8."""
     w, h = img.size
-    used = next((f for f in (8, 4, 2, 1) if -(-full_w // f) == w and -(-full_h // f) == h), 1)
-    return 1.0 / used
-
-
-def _dog_crop_resize(img: Image.Image, region, scale: float, size: int) -> np.ndarray:
-    """Crop the region (full-resolution coordinates) from the possibly draft-scaled image -> 3 x size x size uint8."""
-    w, h = img.size
-    x0, y0, x1, y1 = (v * scale for v in region)
+    x0, y0, x1, y1 = region
     # Whole pixels covering the region; at least one pixel wide and high.
     left, top = min(int(math.floor(x0 + 1e-6)), w - 1), min(int(math.floor(y0 + 1e-6)), h - 1)
     right, bottom = max(int(math.ceil(x1 - 1e-6)), left + 1), max(int(math.ceil(y1 - 1e-6)), top + 1)
-    crop = _dog_to_rgb(img.crop((left, top, min(right, w), min(bottom, h))))
-    crop = crop.resize((size, size), Image.LANCZOS)  # aspect not kept: the whole dog fills the square
-    return np.ascontiguousarray(np.asarray(crop, dtype=np.uint8).transpose(2, 0, 1))
+    return _dog_square(img.crop((left, top, min(right, w), min(bottom, h))), size)
 
 
 def _dog_centre_region(img_size) -> tuple[float, float, float, float]:
@@ -295,67 +448,91 @@ def _dog_centre_region(img_size) -> tuple[float, float, float, float]:
     return (left, top, left + side, top + side)
 
 
-def _dog_decode_photo(image_source, annotation_source, task, margin, size, counts):
-    """One photo -> ([3 x size x size uint8 crops], [breed name or None per crop]); raises on unreadable files."""
-    image_name, annotation_name, folder_breed = task
-    boxes, xml_size = [], (0, 0)
-    if annotation_name is None:
+def _dog_decode_photo(image_source, annotation_source, task, settings: DogCropSettings, counts):
+    """One photo -> ([3 x size x size uint8 crops], [breed name or None per crop], whole photo or None).
+
+    Raises on unreadable files. `counts` is this photo's own Counter. The whole photo is the stored pixels as PIL
+    opens them, without EXIF rotation, as Kaggle's evaluator read them; crops follow the frame the boxes were drawn in.
+    """
+    image_name, annotation_entries, folder_breed = task
+    annotations = []
+    if not annotation_entries:
         counts["no_annotation"] += 1
     else:
-        try:
-            xml_w, xml_h, boxes = parse_voc(_dog_source_read(annotation_source, annotation_name))
-            xml_size = (xml_w, xml_h)
-        except DataError:
-            counts["bad_xml"] += 1
-    img = Image.open(io.BytesIO(_dog_source_read(image_source, image_name)))
-    # No EXIF transpose: Stanford's boxes refer to the stored pixel orientation, not the displayed one.
-    usable = _dog_usable_boxes(boxes, xml_size, img.size, margin, counts)
-    if usable:
-        regions = [region for _, region in usable]
-        names = [name or folder_breed for name, _ in usable]
-    else:
+        annotations = _dog_read_annotations(annotation_source, annotation_entries, counts)
+    img = _dog_open_image(_dog_source_read(image_source, image_name), counts)
+    whole = _dog_square(img, settings.size) if settings.whole_photos else None
+    try:
+        orientation = img.getexif().get(DOG_EXIF_ORIENTATION, 1)
+    except Exception:  # a damaged EXIF block does not make the pixels unusable: read them as stored
+        orientation = 1
+    turned_img = None
+    regions, names, frames = [], [], []
+    for file_breed, xml_size, boxes in annotations:
+        exif_frame, sx, sy, how = _dog_box_frame(xml_size, boxes, img.size, orientation)
+        counts["exif_transposed"] += exif_frame
+        counts["rescaled_annotations"] += how == "rescaled"
+        counts["size_fallback"] += how == "fallback"
+        if exif_frame and turned_img is None:
+            turned_img = ImageOps.exif_transpose(img)
+        frame_img = turned_img if exif_frame else img
+        for name, region in _dog_box_regions(boxes, frame_img.size, sx, sy, settings, counts):
+            regions.append(region)
+            names.append(name or file_breed)
+            frames.append(frame_img)
+    if not regions and counts["tiny_boxes"]:
+        # every dog of the photo is too small: its smudge, or a centre crop of the background, would be no better
+        counts["tiny_only_photos"] += 1
+        return [], [], whole
+    if not regions:
         counts["centre_crops"] += 1
-        xml_breed = next((name for name, *_ in boxes if name), None)
-        regions, names = [_dog_centre_region(img.size)], [xml_breed or folder_breed]
-    scale = _dog_apply_draft(img, regions, size)
-    if scale < 1.0:
-        counts["draft_decodes"] += 1
-    crops = [_dog_crop_resize(img, region, scale, size) for region in regions]
+        xml_breed = next((name for _, _, boxes in annotations for name, *_ in boxes if name), None)
+        regions, names, frames = [_dog_centre_region(img.size)], [xml_breed or folder_breed], [img]
+    crops = [_dog_crop_resize(frame_img, region, settings.size) for frame_img, region in zip(frames, regions)]
     if len(crops) > 1:
         counts["multi_dog_photos"] += 1
-    return crops, names
+    return crops, names, whole
 
 
 def _dog_decode_chunk(job):
     """Pool worker (top level, so pickling finds it in a bundled __main__ or a notebook): a list of photos."""
-    image_source, annotation_source, tasks, margin, size = job
-    counts, crops, names, skipped = Counter(), [], [], []
+    image_source, annotation_source, tasks, settings = job
+    counts, crops, names, skipped, truncated, wholes = Counter(), [], [], [], [], []
     for task in tasks:
         photo_counts = Counter()
         try:
-            photo_crops, photo_names = _dog_decode_photo(image_source, annotation_source, task, margin, size,
-                                                         photo_counts)
-        except Exception as exc:  # any unreadable file (truncated JPEG, not an image) is a counted skip
+            photo_crops, photo_names, whole = _dog_decode_photo(image_source, annotation_source, task, settings,
+                                                                photo_counts)
+        except Exception as exc:  # any unreadable file (truncated JPEG, not an image, a broken link) is a counted skip
             counts["skipped_files"] += 1
             skipped.append((task[0], f"{type(exc).__name__}: {exc}"))
             continue
         counts.update(photo_counts)
         crops.extend(photo_crops)
         names.extend(photo_names)
+        if photo_counts["truncated"]:
+            truncated.append(task[0])
+        if whole is not None:
+            wholes.append(whole)
+    size = settings.size
     stacked = np.stack(crops) if crops else np.zeros((0, 3, size, size), np.uint8)
-    return stacked, names, counts, skipped
+    photos = np.stack(wholes) if wholes else np.zeros((0, 3, size, size), np.uint8)
+    return stacked, names, counts, skipped, truncated, photos
 
 
 # ---- the loader -----------------------------------------------------------------------------------------
 
 @dataclass
 class DogData:
-    """Every dog crop of the data set, decoded once."""
-    images: torch.Tensor          # uint8 N x 3 x size x size, contiguous
+    """Every dog crop of the data set, decoded once (and, when asked for, every whole photo at 64x64)."""
+    images: torch.Tensor          # uint8 N x 3 x size x size, contiguous: the training crops
     labels: torch.Tensor          # int64 N, index into breeds
     breeds: list[str]             # label id -> breed name, sorted by name
     counts: dict = field(default_factory=dict)  # photos, samples, multi_dog_photos, centre_crops, skipped_*, ...
     seconds: float = 0.0          # load time
+    # uint8 P x 3 x size x size, one per decoded photo, squashed with Lanczos and not EXIF-rotated: Kaggle's MiFID
+    # reference (load_dogs(whole_photos=True)); None otherwise. Scoring only: training never moves it to a GPU.
+    photos: torch.Tensor | None = None
 
 
 def _dog_worker_count(workers: int) -> int:
@@ -399,54 +576,81 @@ def _dog_pick_subset(names: list[str], max_images: int) -> list[str]:
     return [names[i] for i in picks]
 
 
+def _dog_warn_about_annotations(photo_ids: list[str], by_id: dict, annotation_source: str) -> None:
+    """One line when photos lack annotations (all of them: the names do not match) or an id sits in several folders."""
+    matched = sum(photo_id in by_id for photo_id in photo_ids)
+    if matched == 0:
+        example = next(iter(by_id), "none")
+        log("data", f"warning: {len(by_id)} annotated ids in {annotation_source} but none matches any of the "
+            f"{len(photo_ids)} photo names (photo {photo_ids[0]!r}, annotation {example!r}): every photo is "
+            f"centre-cropped and labelled by its name's wnid, if any")
+    elif matched < len(photo_ids):
+        log("data", f"warning: {len(photo_ids) - matched} of {len(photo_ids)} photos have no annotation file; "
+            f"they are centre-cropped")
+    shared = [photo_id for photo_id in photo_ids if len(by_id.get(photo_id, ())) > 1]
+    if shared:
+        folders = " and ".join(name.rsplit("/", 2)[-2] for name, _ in by_id[shared[0]])
+        log("data", f"warning: {len(shared)} photo ids have annotation files in several folders (e.g. {shared[0]} in "
+            f"{folders}); the boxes of every file are kept")
+
+
 def load_dogs(data_dir: str, crop_margin: float = 0.0, max_images: int = 0, workers: int = 0,
-              size: int = 64) -> DogData:
+              size: int = 64, min_box: int = 0, whole_photos: bool = False) -> DogData:
     """Decode every photo under data_dir once and crop every annotated dog to size x size uint8.
 
     Photos without a usable box are centre-cropped; their label is the breed of the folder their wnid belongs to,
     else the most common breed of the set (or the single breed "dog" when there are no annotations at all).
+    min_box > 0 drops dogs whose box is smaller (see _dog_min_side); a photo that loses every dog gives no crop.
+    whole_photos: also keep every photo squashed to size x size (DogData.photos, Kaggle's MiFID reference).
     """
     start = time.time()
     data_dir = os.fspath(data_dir)
     image_source, annotation_source = find_kaggle_layout(data_dir)
     image_names = _dog_pick_subset([n for n in _dog_source_files(image_source, recursive=False)
                                     if _dog_is_image_name(n)], max_images)
+    photo_ids = [os.path.splitext(name.rsplit("/", 1)[-1])[0] for name in image_names]
     if annotation_source is None:
         log("data", f"warning: no Annotation folder or zip found near {image_source}; "
             f"every photo is centre-cropped and labelled 'dog'")
         by_id, by_wnid = {}, {}
     else:
         by_id, by_wnid = _dog_annotation_index(annotation_source)
+        if image_names:
+            _dog_warn_about_annotations(photo_ids, by_id, annotation_source)
 
     tasks = []
-    for name in image_names:
-        photo_id = os.path.splitext(name.rsplit("/", 1)[-1])[0]
-        annotation_name, folder_breed = by_id.get(photo_id, (None, by_wnid.get(photo_id.split("_", 1)[0])))
-        tasks.append((name, annotation_name, folder_breed))
+    for name, photo_id in zip(image_names, photo_ids):
+        entries = tuple(by_id.get(photo_id, ()))
+        fallback_breed = entries[0][1] if entries else by_wnid.get(photo_id.split("_", 1)[0])
+        tasks.append((name, entries, fallback_breed))
 
     processes = _dog_worker_count(workers)
     if len(tasks) < DOG_POOL_MIN_PHOTOS and workers == 0:
         processes = 1
     # ~8 chunks per process balances the load; chunks of at least 16 keep the pickling overhead small.
     chunk = max(16, min(512, -(-len(tasks) // (processes * 8))))
-    jobs = [(image_source, annotation_source, tasks[i:i + chunk], crop_margin, size)
-            for i in range(0, len(tasks), chunk)]
+    settings = DogCropSettings(margin=crop_margin, size=size, min_box=min_box, whole_photos=whole_photos)
+    jobs = [(image_source, annotation_source, tasks[i:i + chunk], settings) for i in range(0, len(tasks), chunk)]
     processes = min(processes, len(jobs))
     results, processes = _dog_run_jobs(jobs, processes)
 
     counts = Counter()
-    names, skipped = [], []
-    for _, chunk_names, chunk_counts, chunk_skipped in results:
+    names, skipped, truncated = [], [], []
+    for _, chunk_names, chunk_counts, chunk_skipped, chunk_truncated, _ in results:
         names.extend(chunk_names)
         counts.update(chunk_counts)
         skipped.extend(chunk_skipped)
+        truncated.extend(chunk_truncated)
     for file_name, reason in skipped[:DOG_SKIP_LOG_LIMIT]:
         log("data", f"skipped unreadable {file_name}: {reason}")
     if len(skipped) > DOG_SKIP_LOG_LIMIT:
         log("data", f"... and {len(skipped) - DOG_SKIP_LOG_LIMIT} more unreadable files")
+    if truncated:
+        log("data", f"{len(truncated)} JPEGs lack their end marker but decode whole; kept (e.g. {truncated[0]})")
     if not names:
         raise DataError(f"no usable dog images in {image_source}: {len(tasks)} photos found, "
-                        f"{counts['skipped_files']} unreadable")
+                        f"{counts['skipped_files']} unreadable, {counts['tiny_only_photos']} with only dogs "
+                        f"under --min-box {min_box} px")
 
     known = Counter(n for n in names if n)
     fallback_breed = known.most_common(1)[0][0] if known else "dog"
@@ -456,24 +660,33 @@ def load_dogs(data_dir: str, crop_margin: float = 0.0, max_images: int = 0, work
     labels = torch.tensor([breed_id[n] for n in names], dtype=torch.int64)
     # Copy chunk by chunk into one tensor, dropping each chunk: peak memory stays near one copy of the set.
     images = torch.empty((len(names), 3, size, size), dtype=torch.uint8)
-    row = 0
-    for i, (chunk_images, *_) in enumerate(results):
+    n_photos = sum(len(result[5]) for result in results)
+    photos = torch.empty((n_photos, 3, size, size), dtype=torch.uint8) if whole_photos else None
+    row, photo_row = 0, 0
+    for i, (chunk_images, *_, chunk_photos) in enumerate(results):
         images[row:row + len(chunk_images)] = torch.from_numpy(chunk_images)
         row += len(chunk_images)
+        if photos is not None:
+            photos[photo_row:photo_row + len(chunk_photos)] = torch.from_numpy(chunk_photos)
+            photo_row += len(chunk_photos)
         results[i] = None
 
     summary = {"photos": len(tasks), "samples": len(names), "breeds": len(breeds)}
-    for key in ("multi_dog_photos", "centre_crops", "skipped_files", "skipped_boxes", "clipped_boxes",
-                "no_annotation", "bad_xml", "rescaled_annotations", "draft_decodes"):
+    for key in ("multi_dog_photos", "centre_crops", "skipped_files", "truncated", "skipped_boxes", "clipped_boxes",
+                "tiny_boxes", "tiny_only_photos", "no_annotation", "bad_xml", "duplicate_boxes",
+                "rescaled_annotations", "exif_transposed", "size_fallback"):
         summary[key] = counts.get(key, 0)
+    summary["whole_photos"] = n_photos if whole_photos else 0
     summary["decode_processes"] = processes
     seconds = time.time() - start
     how = f"{processes} processes" if processes > 1 else "in-process"
-    log("data", f"{summary['photos']} photos -> {summary['samples']} dogs of {len(breeds)} breeds in "
-        f"{seconds:.1f}s ({how}) from {image_source}: "
-        + ", ".join(f"{k} {v}" for k, v in summary.items()
-                    if k not in ("photos", "samples", "breeds", "decode_processes")))
-    return DogData(images=images, labels=labels, breeds=breeds, counts=summary, seconds=seconds)
+    notes = ", ".join(f"{k} {v}" for k, v in summary.items()
+                      if v and k not in ("photos", "samples", "breeds", "decode_processes", "whole_photos"))
+    log("data", f"{summary['photos']} photos -> {summary['samples']} dogs of {len(breeds)} breeds"
+        + (f" + {n_photos} whole photos ({size}x{size} Lanczos)" if whole_photos else "")
+        + f" in {seconds:.1f}s ({how}) from {image_source}; min_box {min_box} px"
+        + (f"; {notes}" if notes else ""))
+    return DogData(images=images, labels=labels, breeds=breeds, counts=summary, seconds=seconds, photos=photos)
 
 
 if __name__ == "__main__":

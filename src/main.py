@@ -134,11 +134,14 @@ def run(cfg: Config, start: float) -> int:
         log("main", f"dogkernel: recipe {cfg.recipe}, device {device}, out {out_dir}, budget {cfg.time_budget}")
         log("main", f"config (differs from defaults): {config_diff(cfg)}")
     cfg, resume = open_resume(cfg, out_dir)  # settled once, before anything below uses the config
-    data = load_dogs(data_dir, crop_margin=cfg.crop_margin, max_images=cfg.max_images, workers=cfg.decode_workers)
+    extractor = open_extractor(cfg, device) if dist.is_main else None
+    # the whole photos are decoded only where they are scored: rank 0, with a backbone, against --fid-reference photos
+    data = load_dogs(data_dir, crop_margin=cfg.crop_margin, max_images=cfg.max_images, workers=cfg.decode_workers,
+                     min_box=cfg.min_box, whole_photos=extractor is not None and cfg.fid_reference == "photos")
     n_classes = len(data.breeds)
     check_resume_fits_data(resume, n_classes)
-    extractor = open_extractor(cfg, device) if dist.is_main else None
-    real_feats = real_features(extractor, data, out_dir) if extractor is not None else None
+    real_feats = real_features(extractor, data, out_dir, cfg.fid_reference) if extractor is not None else None
+    data.photos = None  # their features are computed: the ~250 MB of whole-photo pixels are not needed again
     plan_reserve(cfg, deadline, n_classes, device, extractor)
     fid_fn = make_training_fid(cfg, extractor, real_feats, device) if extractor is not None else None
 

@@ -1,8 +1,9 @@
 """Kaggle's MiFID (memorization-informed FID) with a choice of backbone, the submission validator and a CLI.
 
-Follows the competition's released scoring code: features of 64x64 RGB images, FID with scipy's sqrtm and its
-1e-6 fallback, memorization distance = mean over generated images of the minimum of 1 - |cos| to the training
-set, thresholded at eps; MiFID = FID / (d_thr + 1e-15).
+Follows the competition's released scoring code (its MiFIDEvaluator): every image, generated or real, opened with
+PIL and squashed to 64x64 with Lanczos (Image.ANTIALIAS), features of those, FID with scipy's sqrtm and its 1e-6
+fallback, memorization distance = mean over generated images of the minimum of 1 - |cos| to the reference set,
+thresholded at eps; MiFID = FID / (d_thr + 1e-14). Kaggle's reference set was the whole photos of all-dogs/.
 
     python -m src.mifid --gen images.zip --real DIR --backbone inception --weights pt_inception-2015-12-05-6726825d.pth
     python -m src.mifid --validate images.zip
@@ -23,7 +24,6 @@ import zipfile
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from scipy import linalg
 
@@ -32,11 +32,11 @@ from src.console import log
 from src.efficientnet import EFFNET_LITE0_DIM, EfficientNetLite0
 from src.inception import FID_INCEPTION_DIM, FIDInceptionV3
 
-MIFID_IMAGE_SIZE = 64          # every image is brought to 64x64 before the backbone, as on Kaggle
+MIFID_IMAGE_SIZE = 64          # every image is squashed to 64x64 (PIL Lanczos) before the backbone, as on Kaggle
 MIFID_SUBMISSION_COUNT = 10000
 MIFID_SQRTM_OFFSET = 1e-6      # added to both covariances when sqrtm(s1 s2) is not finite
 MIFID_IMAG_ATOL = 1e-3         # largest imaginary part tolerated on the diagonal of sqrtm(s1 s2)
-MIFID_DENOM_EPS = 1e-15        # MiFID = FID / (d_thr + this)
+MIFID_DENOM_EPS = 1e-14        # MiFID = FID / (d_thr + this): the evaluator's fid_epsilon
 MIFID_MEM_BLOCK = 4096         # rows per block of the memorization distance: 4096^2 float64 = 128 MiB
 MIFID_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -57,12 +57,18 @@ class SubmissionError(ValueError):
 
 
 
+def lanczos_square(image: Image.Image, size: int = MIFID_IMAGE_SIZE) -> np.ndarray:
+    """An RGB PIL image squashed to size x size as Kaggle's evaluator did (resize with Image.ANTIALIAS, i.e.
+    Lanczos; a no-op at size) -> uint8 3 x size x size."""
+    return np.asarray(image.resize((size, size), Image.LANCZOS), dtype=np.uint8).transpose(2, 0, 1)
+
+
 def resize_images_uint8(images: torch.Tensor, size: int = MIFID_IMAGE_SIZE) -> torch.Tensor:
-    """uint8 N x 3 x H x W -> uint8 N x 3 x size x size, bilinear (align_corners=False), rounded; no-op at size."""
+    """uint8 N x 3 x H x W -> uint8 N x 3 x size x size with PIL's Lanczos (lanczos_square); no-op at size."""
     if images.shape[-2:] == (size, size):
         return images
-    resized = F.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False)
-    return resized.round_().clamp_(0, 255).to(torch.uint8)
+    arrays = [lanczos_square(Image.fromarray(image.permute(1, 2, 0).numpy(), "RGB"), size) for image in images.cpu()]
+    return torch.from_numpy(np.stack(arrays))
 
 
 @contextlib.contextmanager
@@ -262,16 +268,19 @@ def mifid_score(gen_feats, real_feats, eps: float, real_stats=None, mem_feats=No
     return dict(fid=fid, d=d, d_thr=d_thr, mifid=fid / (d_thr + MIFID_DENOM_EPS), eps=float(eps))
 
 
-def _mifid_content_key(images: torch.Tensor, extractor: FeatureExtractor) -> str:
+def _mifid_content_key(images: torch.Tensor, extractor: FeatureExtractor, kind: str) -> str:
     digest = hashlib.sha256()
-    digest.update(f"{extractor.name}|{extractor.weights_id}|{tuple(images.shape)}|{images.dtype}|".encode())
+    digest.update(f"{kind}|{extractor.name}|{extractor.weights_id}|{tuple(images.shape)}|{images.dtype}|".encode())
     digest.update(memoryview(images.detach().cpu().contiguous().numpy()).cast("B"))
     return digest.hexdigest()[:24]
 
 
-def cached_real_features(extractor: FeatureExtractor, real_uint8: torch.Tensor, cache_dir: str) -> torch.Tensor:
-    """extractor(real_uint8), kept in cache_dir under a hash of the images, the backbone and its weights."""
-    path = os.path.join(cache_dir, f"real_features_{extractor.name}_{_mifid_content_key(real_uint8, extractor)}.pt")
+def cached_real_features(extractor: FeatureExtractor, real_uint8: torch.Tensor, cache_dir: str,
+                         kind: str = "images") -> torch.Tensor:
+    """extractor(real_uint8), kept in cache_dir under the reference kind ("photos", "crops", ...) and a hash of the
+    kind, the images, the backbone and its weights."""
+    key = _mifid_content_key(real_uint8, extractor, kind)
+    path = os.path.join(cache_dir, f"real_features_{extractor.name}_{kind}_{key}.pt")
     if os.path.exists(path):
         try:
             feats = torch.load(path, map_location="cpu", weights_only=True)
@@ -286,7 +295,8 @@ def cached_real_features(extractor: FeatureExtractor, real_uint8: torch.Tensor, 
     os.makedirs(cache_dir, exist_ok=True)
     with atomic_path(path) as tmp_path:
         torch.save(feats, tmp_path)
-    log("mifid", f"real features of {len(real_uint8)} images ({extractor.name}) in {time.time() - start:.1f}s -> {path}")
+    log("mifid", f"real features of {len(real_uint8)} {kind} ({extractor.name}) in {time.time() - start:.1f}s "
+        f"-> {path}")
     return feats
 
 
@@ -333,8 +343,9 @@ def validate_submission(path: str) -> None:
 
 
 def load_image_folder(path: str, size: int = MIFID_IMAGE_SIZE) -> torch.Tensor:
-    """Every image file under path (recursive, sorted) as uint8 N x 3 x size x size RGB, bilinear-resized;
-    undecodable files are skipped and counted."""
+    """Every image file under path (recursive, sorted) as uint8 N x 3 x size x size RGB, squashed with Lanczos as
+    Kaggle's evaluator read all-dogs/; undecodable files (and links or pipes that are no plain file) are skipped
+    and counted."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"image folder not found: {path}")
     files = []
@@ -344,13 +355,14 @@ def load_image_folder(path: str, size: int = MIFID_IMAGE_SIZE) -> torch.Tensor:
     images, skipped = [], []
     for file in files:
         try:
+            if not os.path.isfile(file):  # a broken link or a pipe named .jpg: opening a pipe would block
+                raise OSError("not a regular file")
             with Image.open(file) as image:
-                array = np.asarray(image.convert("RGB"))
+                array = lanczos_square(image.convert("RGB"), size)
         except Exception:  # corrupt or truncated file: counted and reported below
             skipped.append(file)
             continue
-        tensor = torch.from_numpy(array.transpose(2, 0, 1).copy())
-        images.append(resize_images_uint8(tensor[None], size)[0])
+        images.append(torch.from_numpy(array.copy()))
     if skipped:
         log("mifid", f"{path}: skipped {len(skipped)} undecodable files (e.g. {skipped[0]})")
     if not images:

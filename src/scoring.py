@@ -17,6 +17,8 @@ from src.generate import generate_images
 from src.mifid import cached_real_features, feature_stats, frechet_distance, mifid_score, read_images_zip
 
 TRUNCATION_CANDIDATES = (0.0, 2.0, 1.5, 1.0)
+# What each --fid-reference compares generated images with (named in every log line with a figure).
+FID_REFERENCE_NAMES = {"photos": "whole photos", "crops": "training crops"}
 
 
 
@@ -42,16 +44,33 @@ def reserve_for_scoring(cfg: Config, extractor) -> float:
     return seconds_per_image(extractor) * n_generated + (20.0 if training_fid else 0.0)
 
 
-def real_features(extractor, data, out_dir: str) -> torch.Tensor:
-    """The training crops' features, computed once per run (or read from the cache of an earlier run)."""
-    return cached_real_features(extractor, data.images, os.path.join(out_dir, "cache"))
+def fid_reference_label(reference: str, n: int) -> str:
+    """'whole photos (20,579)': the reference a figure was measured against, for the log."""
+    return f"{FID_REFERENCE_NAMES[reference]} ({n:,})"
+
+
+def real_features(extractor, data, out_dir: str, reference: str) -> torch.Tensor:
+    """Features of the MiFID reference, computed once per run (or read from the cache of an earlier run):
+    "photos", every whole photo squashed to 64x64 (DogData.photos: Kaggle's reference for FID and memorization),
+    or "crops", the training crops (DogData.images)."""
+    if reference not in FID_REFERENCE_NAMES:
+        raise ValueError(f"unknown FID reference {reference!r}; choose one of {', '.join(FID_REFERENCE_NAMES)}")
+    if reference == "photos" and data.photos is None:
+        raise ValueError("the whole-photo reference needs the photos: load_dogs(..., whole_photos=True)")
+    real_img = data.photos if reference == "photos" else data.images
+    log("score", f"MiFID reference: {fid_reference_label(reference, len(real_img))} "
+        f"(in-run FID, truncation search and the final MiFID)")
+    return cached_real_features(extractor, real_img, os.path.join(out_dir, "cache"), kind=reference)
 
 
 def make_training_fid(cfg: Config, extractor, real_feats: torch.Tensor, device):
-    """fid_fn(G_ema) -> FID of cfg.fid_samples generated images against the training crops, or None when off."""
+    """fid_fn(G_ema) -> FID of cfg.fid_samples generated images against the reference features (cfg.fid_reference),
+    or None when off."""
     if parse_duration(cfg.fid_every) <= 0:
         return None
     real_mu, real_sigma = feature_stats(real_feats)
+    log("score", f"in-run FID: {cfg.fid_samples} images of G_ema vs "
+        f"{fid_reference_label(cfg.fid_reference, len(real_feats))}")
 
     def fid_fn(G_ema) -> float:
         standing_bn_stats_(G_ema, seed=cfg.seed)
@@ -123,20 +142,24 @@ def pick_truncation(cfg: Config, G_ema, extractor, real_feats: torch.Tensor, dev
         gen_img = generate_images(G_ema, cfg.fid_samples, device, truncation=truncation, seed=cfg.seed + 2)
         scores[truncation] = mifid_score(extractor(gen_img), real_feats, eps, device=extractor.device)
         result = scores[truncation]
-        log("score", f"truncation {truncation or 'off'}: FID {result['fid']:.2f}  d {result['d']:.3f}  MiFID {result['mifid']:.2f}")
+        log("score", f"truncation {truncation or 'off'}: FID {result['fid']:.2f}  d {result['d']:.3f}  "
+            f"MiFID {result['mifid']:.2f} vs {fid_reference_label(cfg.fid_reference, len(real_feats))}")
     best = min(scores, key=lambda t: scores[t]["mifid"])
-    log("score", f"truncation search picked {best or 'off'} ({extractor.name}, {cfg.fid_samples} images each)")
+    log("score", f"truncation search picked {best or 'off'} ({extractor.name}, {cfg.fid_samples} images each, "
+        f"vs {FID_REFERENCE_NAMES[cfg.fid_reference]})")
     return best
 
 
 def report_mifid(cfg: Config, extractor, zip_path: str, real_feats: torch.Tensor, out_dir: str) -> dict:
-    """MiFID of the submitted zip itself (read back and validated) against the training crops; OUT/mifid.json."""
+    """MiFID of the submitted zip itself (read back and validated) against the reference (cfg.fid_reference);
+    OUT/mifid.json."""
     start = time.time()
     gen_img = read_images_zip(zip_path, expect_n=cfg.n_images)
     result = mifid_score(extractor(gen_img), real_feats, cfg.mifid_eps or extractor.default_eps,
                          device=extractor.device)
-    result["backbone"] = extractor.name
+    result.update(backbone=extractor.name, reference=cfg.fid_reference, n_reference=len(real_feats))
     atomic_write_text(os.path.join(out_dir, "mifid.json"), json.dumps(result, indent=2))
     log("score", f"{extractor.name}: FID {result['fid']:.2f}  d {result['d']:.4f}  d_thr {result['d_thr']:.4f}  "
-        f"MiFID {result['mifid']:.2f}  ({time.time() - start:.0f}s)")
+        f"MiFID {result['mifid']:.2f} vs {fid_reference_label(cfg.fid_reference, len(real_feats))}  "
+        f"({time.time() - start:.0f}s)")
     return result

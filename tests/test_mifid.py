@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy import linalg
 
+import src.efficientnet as efficientnet_module
 from src.efficientnet import EfficientNetLite0
 from src.mifid import (FeatureExtractor, SubmissionError, cached_real_features, feature_stats, find_fid_weights,
                        frechet_distance, load_feature_extractor, load_image_folder, memorization_distance,
@@ -138,6 +139,7 @@ def test_copies_of_training_images_are_penalised():
     result = mifid_score(gen, real, eps=0.1)
     assert 0.0 <= result["d"] < 1e-12 and result["d_thr"] == result["d"]
     assert result["fid"] > 0.01
+    assert result["mifid"] == result["fid"] / (result["d"] + 1e-14)  # the evaluator's fid_epsilon
     assert result["mifid"] > 1e10 * result["fid"]
 
 
@@ -183,10 +185,13 @@ def test_mifid_score_uses_precomputed_stats_and_a_separate_memorization_set():
 
 # ---- extractor plumbing -------------------------------------------------------------------------------------
 
-def test_resize_is_bilinear_to_64_and_a_no_op_at_64():
+def test_resize_is_pils_lanczos_to_64_and_a_no_op_at_64():
+    # Kaggle's evaluator: Image.open(path).resize((64, 64), Image.ANTIALIAS); ANTIALIAS is Lanczos
     images = torch.from_numpy(np.stack([rgb(i, 96).transpose(2, 0, 1) for i in range(2)]))
-    expected = F.interpolate(images.float(), size=(64, 64), mode="bilinear", align_corners=False).round().to(torch.uint8)
-    assert torch.equal(resize_images_uint8(images), expected)
+    expected = [np.asarray(Image.fromarray(rgb(i, 96)).resize((64, 64), Image.LANCZOS)) for i in range(2)]
+    assert torch.equal(resize_images_uint8(images), torch.from_numpy(np.stack(expected).transpose(0, 3, 1, 2)))
+    bilinear = F.interpolate(images.float(), size=(64, 64), mode="bilinear", align_corners=False).round()
+    assert (resize_images_uint8(images).float() - bilinear).abs().mean() > 5  # the old path was far from it
     small = images[:, :, :64, :64]
     assert resize_images_uint8(small) is small
 
@@ -259,6 +264,11 @@ def test_real_features_are_cached_by_content_and_weights(tmp_path):
     assert torch.equal(cached_real_features(extractor, images, str(tmp_path)), first)
     assert extractor.calls == 3
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporary files
+    # the reference kind is part of the key: the same pixels as "crops" and as "photos" are two cache entries
+    as_crops = cached_real_features(extractor, images, str(tmp_path), kind="crops")
+    as_photos = cached_real_features(extractor, images, str(tmp_path), kind="photos")
+    assert extractor.calls == 5 and torch.equal(as_crops, as_photos)
+    assert len(list(tmp_path.glob("real_features_efficientnet-lite0_photos_*.pt"))) == 1
 
 
 def test_load_image_folder_recurses_converts_resizes_and_skips_corrupt_files(tmp_path, capsys):
@@ -272,8 +282,8 @@ def test_load_image_folder_recurses_converts_resizes_and_skips_corrupt_files(tmp
     images = load_image_folder(str(tmp_path))
     assert images.shape == (3, 3, 64, 64) and images.dtype == torch.uint8
     # os.walk order, sorted: the root's own files, then Annotation/ (no images), then all-dogs/
-    big = torch.from_numpy(rgb(2, 128).transpose(2, 0, 1).copy())[None]
-    assert torch.equal(images[0], resize_images_uint8(big)[0])
+    big = np.asarray(Image.fromarray(rgb(2, 128)).resize((64, 64), Image.LANCZOS)).transpose(2, 0, 1)
+    assert torch.equal(images[0], torch.from_numpy(big.copy()))
     assert (images[2] == 200).all()  # the RGBA PNG named .jpg, alpha dropped
     assert "skipped 1 undecodable files" in capsys.readouterr().out
     with pytest.raises(ValueError, match="no decodable images"):
@@ -354,32 +364,6 @@ def dev_pack_images(n: int) -> list[np.ndarray]:
     return out
 
 
-def test_cli_scores_a_zip_with_the_offline_backbone(tmp_path, capsys):
-    weights = SHARED / "weights" / "efficientnet-lite0.pth"
-    real = dev_pack_images(48)
-    if not weights.exists():
-        pytest.skip(f"shared material not found: {weights}")
-    # --real: all 48 crops; --mem-ref: the 32 that the zip's 16 images were not copied from
-    (tmp_path / "real" / "all-dogs").mkdir(parents=True)
-    (tmp_path / "mem").mkdir()
-    for i, image in enumerate(real):
-        Image.fromarray(image).save(tmp_path / "real" / "all-dogs" / f"{i:03d}.png")
-        if i >= 16:
-            Image.fromarray(image).save(tmp_path / "mem" / f"{i:03d}.png")
-    gen_zip = write_zip(tmp_path / "gen.zip", {f"{i}.png": png_bytes(real[i]) for i in range(16)})
-    argv = ["--gen", gen_zip, "--real", str(tmp_path / "real"), "--mem-ref", str(tmp_path / "mem"),
-            "--weights", str(weights), "--backbone", "efficientnet-lite0", "--device", "cpu", "--eps", "0.01", "--json"]
-    assert mifid_cli(argv) == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert (result["backbone"], result["n_gen"], result["n_real"], result["n_mem"]) == ("efficientnet-lite0", 16, 48, 32)
-    assert result["eps"] == 0.01 and result["d"] > 0.01 and result["d_thr"] == 1.0
-    assert result["fid"] > 0 and result["mifid"] == pytest.approx(result["fid"])
-    # the same images through the extractor in other batches: copies are at distance ~0 from their originals
-    extractor = load_feature_extractor("efficientnet-lite0", str(weights), "cpu")
-    gen_feats = extractor(read_images_zip(gen_zip, expect_n=16))
-    assert memorization_distance(gen_feats, extractor(load_image_folder(str(tmp_path / "real")))) < 1e-5
-
-
 def test_cli_missing_weights_is_a_clear_error(tmp_path, capsys):
     gen_zip = write_zip(tmp_path / "gen.zip", {"0.png": png_bytes(rgb(0))})
     assert mifid_cli(["--gen", gen_zip, "--real", str(tmp_path), "--weights", str(tmp_path / "none.pth")]) == 1
@@ -387,3 +371,74 @@ def test_cli_missing_weights_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         mifid_cli(["--gen", gen_zip, "--real", str(tmp_path)])
     assert "give --weights FILE" in capsys.readouterr().err
+
+
+def independent_fid(gen: np.ndarray, real: np.ndarray) -> float:
+    """FID by another road than src.mifid's: tr sqrtm(S1 S2) of two sample covariances is the nuclear norm of
+    A1 A2^T / sqrt((n1 - 1)(n2 - 1)) (A: the centred samples), an SVD of an n1 x n2 matrix instead of a D x D sqrtm."""
+    centred_gen, centred_real = gen - gen.mean(0), real - real.mean(0)
+    diff = gen.mean(0) - real.mean(0)
+    trace_gen = (centred_gen ** 2).sum() / (len(gen) - 1)
+    trace_real = (centred_real ** 2).sum() / (len(real) - 1)
+    cross = centred_gen @ centred_real.T / np.sqrt((len(gen) - 1) * (len(real) - 1))
+    return float(diff @ diff + trace_gen + trace_real - 2 * np.linalg.svd(cross, compute_uv=False).sum())
+
+
+def test_independent_fid_is_the_closed_form():
+    rng = np.random.default_rng(7)
+    gen, real = rng.normal(size=(30, 12)), rng.normal(size=(40, 12)) * 2 + 1
+    mu1, s1 = feature_stats(gen)
+    mu2, s2 = feature_stats(real)
+    assert independent_fid(gen, real) == pytest.approx(frechet_distance(mu1, s1, mu2, s2), rel=1e-10)
+
+
+def test_cli_on_full_size_photos_matches_an_independent_lanczos_reference(tmp_path, capsys, monkeypatch):
+    """`python -m src.mifid --real DIR` on Kaggle-size photos agrees with a reference built here from Kaggle's own
+    recipe (Image.open(path).resize((64, 64), Image.ANTIALIAS)), the network called directly and FID computed by
+    another road; the torch-bilinear reference the project used before does not. --mem-ref and --eps are honoured.
+
+    What is checked is the image path and the arithmetic, not the network: both sides run the same
+    efficientnet-lite0 at a 64 px input (no upsampling to 224, 12x fewer operations) to keep the test fast.
+    """
+    weights, sample = SHARED / "weights" / "efficientnet-lite0.pth", SHARED / "data" / "full_res_sample.tar"
+    if not (weights.exists() and sample.exists()):
+        pytest.skip("shared material not found: efficientnet-lite0.pth and full_res_sample.tar")
+    monkeypatch.setattr(efficientnet_module, "EFFNET_LITE0_INPUT_SIZE", 64)
+    with tarfile.open(sample) as tar:
+        tar.extractall(tmp_path / "full", filter="data")
+    real_dir = tmp_path / "full" / "all-dogs"
+    crops = dev_pack_images(148)
+    gen, mem = crops[:100], crops[100:]  # --mem-ref: 48 crops the zip's images were not copied from
+    gen_zip = write_zip(tmp_path / "gen.zip", {f"{i}.png": png_bytes(image) for i, image in enumerate(gen)})
+    (tmp_path / "mem").mkdir()
+    for i, image in enumerate(mem):
+        Image.fromarray(image).save(tmp_path / "mem" / f"{i:03d}.png")
+    argv = ["--gen", gen_zip, "--real", str(real_dir), "--mem-ref", str(tmp_path / "mem"), "--weights", str(weights),
+            "--backbone", "efficientnet-lite0", "--device", "cpu", "--eps", "0.01", "--json"]
+    assert mifid_cli(argv) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (result["backbone"], result["n_gen"], result["n_real"], result["n_mem"]) == ("efficientnet-lite0", 100, 80, 48)
+    assert result["eps"] == 0.01 and result["d"] > 0.01 and result["d_thr"] == 1.0
+    assert result["mifid"] == pytest.approx(result["fid"] / (1.0 + 1e-14))
+
+    model = EfficientNetLite0().eval()
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    photos = [Image.open(path).convert("RGB") for path in sorted(real_dir.iterdir())]
+    kaggle = torch.from_numpy(np.stack([np.asarray(photo.resize((64, 64), Image.LANCZOS)) for photo in photos]))
+    bilinear = torch.cat([F.interpolate(torch.from_numpy(np.array(photo)).permute(2, 0, 1)[None].float(),
+                                        size=(64, 64), mode="bilinear", align_corners=False).round()
+                          for photo in photos])
+    with torch.no_grad():
+        gen_feats, mem_feats, kaggle_feats, bilinear_feats = (
+            model.features(images.float() / 255).double().numpy()
+            for images in (torch.from_numpy(np.stack(gen)).permute(0, 3, 1, 2),
+                           torch.from_numpy(np.stack(mem)).permute(0, 3, 1, 2), kaggle.permute(0, 3, 1, 2), bilinear))
+    reference = independent_fid(gen_feats, kaggle_feats)
+    assert abs(result["fid"] - reference) <= 1e-4 * reference, (result["fid"], reference)  # the issue asks 0.5 %
+    assert abs(independent_fid(gen_feats, bilinear_feats) - reference) > 1e-3 * reference
+    assert result["d"] == pytest.approx(kaggle_memorization_reference(gen_feats, mem_feats), abs=1e-6)
+    # the same images through the extractor in other batches and by another reader: copies are at distance ~0
+    extractor = load_feature_extractor("efficientnet-lite0", str(weights), "cpu")
+    copies = extractor(read_images_zip(gen_zip, expect_n=100)[:4])
+    assert memorization_distance(copies, extractor(load_image_folder(str(tmp_path / "mem")))) > 0.01
+    assert memorization_distance(copies, torch.from_numpy(gen_feats[:6]).float()) < 1e-5
