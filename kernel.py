@@ -212,6 +212,9 @@ class Config:
     d_sn: bool = model_shape(True)      # spectral norm in D
     pixel_norm: bool = model_shape(False)  # pixelwise feature normalisation in G (ProGAN)
     mbstd: bool = model_shape(False)    # minibatch standard deviation channel in D's last block
+    # DCGAN only: G draws at 32x32 and repeats each pixel 2x2, D judges the 2x2-averaged image (a quarter of the work
+    # per image, for CPU runs such as the demo); 64 draws every pixel
+    draw_res: int = model_shape(64, choices=(32, 64))
     # ---- losses -----------------------------------------------------------------------------------
     loss: str = from_ckpt("hinge", choices=("hinge", "bce", "ls", "rals", "wgan-gp"))  # see losses.GAN_LOSSES
     aux_weight: float = from_ckpt(1.0)  # weight of the auxiliary breed-classification loss (cond=acgan)
@@ -290,8 +293,12 @@ DEMO_RECIPE = "cgan"
 # Hinge + translation/cutout DiffAugment: on the 115 demo crops BCE collapsed to one image (with or without colour
 # augmentation); this kept variety in the same 25 s (grids compared by eye).
 DEMO_OVERRIDES: dict = dict(time_budget="45s", device="cpu", g_ch=16, d_ch=16, shared_dim=32, z_dim=64,
-                            batch_size=32, loss="hinge", diffaug="translation,cutout", status_every="3s",
+                            batch_size=16, loss="hinge", diffaug="translation,cutout", status_every="3s",
                             grid_every="10s", ckpt_every="15s")
+# The demo's DCGAN learns shapes only after ~1,000 rounds: it draws at 32x32 (a quarter of the work per image) with
+# batches of 16, at lr 1e-3 with Adam beta1 0 (scripts/learning_bench.py, 1,200 rounds: FID 228 vs 330-420 for the
+# 64x64 DCGAN at lr 2e-4 in the same seconds; BENCHMARKS.md).
+DEMO_DCGAN_OVERRIDES: dict = dict(draw_res=32, lr_g=1e-3, lr_d=1e-3, beta1=0.0)
 
 
 def parse_duration(text: str | float | int) -> float:
@@ -361,7 +368,10 @@ def make_config(overrides: dict | None = None) -> Config:
     unknown = set(overrides) - {f.name for f in dataclasses.fields(Config)}
     if unknown:
         raise ConfigError(f"unknown config keys: {', '.join(sorted(unknown))}")
-    demo = DEMO_OVERRIDES if overrides.get("demo") else {}
+    demo = {}
+    if overrides.get("demo"):
+        dcgan = RECIPES[recipe].get("arch", Config.arch) == "dcgan"
+        demo = {**DEMO_OVERRIDES, **(DEMO_DCGAN_OVERRIDES if dcgan else {})}
     cfg = Config(**{**RECIPES[recipe], **demo, "recipe": recipe, **overrides})
     validate_config(cfg)
     return cfg
@@ -1025,17 +1035,22 @@ class ResNetDiscriminator(nn.Module):
 
 
 class DCGANGenerator(nn.Module):
-    """Radford et al. G: [z, label embedding] -> Linear -> 4x4x8ch -> ConvTranspose 8ch->4ch->2ch->1ch -> 3, tanh."""
+    """Radford et al. G: [z, label embedding] -> Linear -> 4x4x8ch -> ConvTranspose 8ch->4ch->2ch->1ch -> 3, tanh.
+
+    draw_res 32 draws at 32x32 (4x4x4ch -> 4ch->2ch->1ch -> 3) and repeats each pixel 2x2 up to 64x64: a quarter of
+    the work per image, for CPU runs such as the demo."""
 
     def __init__(self, z_dim: int, n_classes: int, ch: int, conditional: bool, label_dim: int, attn_res: int,
-                 sn: bool, pixel_norm: bool):
+                 sn: bool, pixel_norm: bool, draw_res: int = MODEL_IMG_SIZE):
         super().__init__()
+        self.upscale = MODEL_IMG_SIZE // draw_res
         self.z_dim = z_dim
         self.n_classes = n_classes
         self.conditional = conditional
         self.label_embed = nn.Embedding(n_classes, label_dim) if conditional else None
         in_dim = z_dim + (label_dim if conditional else 0)
-        channels = [8 * ch, 4 * ch, 2 * ch, ch]
+        n_ups = int(math.log2(draw_res // 4))  # 4x4 -> draw_res in doublings: the last one is out_conv
+        channels = [ch * 2 ** (n_ups - 1 - i) for i in range(n_ups)]
         self.stem = sn_linear(in_dim, channels[0] * 4 * 4, bias=pixel_norm, sn=sn)
         self.stem_norm = PixelNorm() if pixel_norm else nn.BatchNorm2d(channels[0])
         self.pixel_norm = pixel_norm
@@ -1058,22 +1073,27 @@ class DCGANGenerator(nn.Module):
             h = block(h)
             if str(i) in self.attn:
                 h = self.attn[str(i)](h)
-        return torch.tanh(self.out_conv(h))
+        img = torch.tanh(self.out_conv(h))
+        return F.interpolate(img, scale_factor=self.upscale, mode="nearest") if self.upscale > 1 else img
 
 
 class DCGANDiscriminator(nn.Module):
     """Radford et al. D: strided convs 3->ch->2ch->4ch->8ch with LeakyReLU(0.2) (BN from the second conv on,
     dropped when D is spectrally normalised as in SN-DCGAN), then the 4x4x8ch features, flattened, go to the head
-    (the DCGAN's final 4x4 valid conv is exactly a linear layer on them)."""
+    (the DCGAN's final 4x4 valid conv is exactly a linear layer on them). draw_res 32 judges the 2x2-averaged image
+    (exactly what a 32x32 G drew) with one block fewer."""
 
-    def __init__(self, n_classes: int, ch: int, cond: str, attn_res: int, sn: bool, mbstd: bool):
+    def __init__(self, n_classes: int, ch: int, cond: str, attn_res: int, sn: bool, mbstd: bool,
+                 draw_res: int = MODEL_IMG_SIZE):
         super().__init__()
         self.cond = cond
-        self.label_map = LabelMap(n_classes, MODEL_IMG_SIZE) if cond == "concat" else None
-        channels = [3 + (1 if cond == "concat" else 0), ch, 2 * ch, 4 * ch, 8 * ch]
+        self.downscale = MODEL_IMG_SIZE // draw_res
+        self.label_map = LabelMap(n_classes, draw_res) if cond == "concat" else None
+        n_downs = int(math.log2(draw_res // 4))
+        channels = [3 + (1 if cond == "concat" else 0)] + [ch * 2 ** i for i in range(n_downs)]
         self.blocks = nn.ModuleList()
         self.attn = nn.ModuleDict()
-        res = MODEL_IMG_SIZE
+        res = draw_res
         for i in range(len(channels) - 1):
             self.blocks.append(DCGANDownBlock(channels[i], channels[i + 1], sn=sn, batch_norm=i > 0 and not sn))
             res //= 2
@@ -1084,7 +1104,7 @@ class DCGANDiscriminator(nn.Module):
 
     def forward(self, img: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         _check_d_inputs(img, y, self.cond in ("projection", "concat"))
-        h = img
+        h = F.avg_pool2d(img, self.downscale) if self.downscale > 1 else img
         if self.label_map is not None:
             h = torch.cat([h, self.label_map(y).to(h.dtype)], dim=1)
         for i, block in enumerate(self.blocks):
@@ -1136,6 +1156,8 @@ def build_models(cfg: Config, n_classes: int) -> tuple[nn.Module, nn.Module]:
         raise ValueError(f"--attn-res {cfg.attn_res}: choose 0 (off) or one of {', '.join(map(str, ATTN_RESOLUTIONS))}")
     n_classes = max(n_classes, 1)
     if cfg.arch == "resnet":
+        if cfg.draw_res != MODEL_IMG_SIZE:
+            raise ValueError(f"--draw-res {cfg.draw_res} is a DCGAN option (the ResNet G draws at 64): use --arch dcgan")
         if cfg.pixel_norm:
             raise ValueError("--pixel-norm is a DCGAN option (the ResNet G uses batch norm): use --arch dcgan")
         G = ResNetGenerator(cfg.z_dim, n_classes, cfg.g_ch, conditional, cfg.shared_dim, cfg.hier_z,
@@ -1146,8 +1168,8 @@ def build_models(cfg: Config, n_classes: int) -> tuple[nn.Module, nn.Module]:
         # the DCGAN label embedding is shared_dim wide when set, else as wide as z
         label_dim = cfg.shared_dim if cfg.shared_dim > 0 else cfg.z_dim
         G = DCGANGenerator(cfg.z_dim, n_classes, cfg.g_ch, conditional, label_dim, cfg.attn_res, cfg.g_sn,
-                           cfg.pixel_norm)
-        D = DCGANDiscriminator(n_classes, cfg.d_ch, cfg.cond, cfg.attn_res, cfg.d_sn, cfg.mbstd)
+                           cfg.pixel_norm, cfg.draw_res)
+        D = DCGANDiscriminator(n_classes, cfg.d_ch, cfg.cond, cfg.attn_res, cfg.d_sn, cfg.mbstd, cfg.draw_res)
         scheme = "normal"
     init_weights_(G, scheme)
     init_weights_(D, scheme)
@@ -3131,8 +3153,8 @@ def make_training_fid(cfg: Config, extractor, real_feats: torch.Tensor, device):
     if parse_duration(cfg.fid_every) <= 0:
         return None
     real_mu, real_sigma = feature_stats(real_feats)
-    log("score", f"in-run FID: {cfg.fid_samples} images of G_ema vs "
-        f"{fid_reference_label(cfg.fid_reference, len(real_feats))}")
+    reference = fid_reference_label(cfg.fid_reference, len(real_feats))
+    log("score", f"in-run FID: {cfg.fid_samples} images of G_ema vs {reference}")
 
     def fid_fn(G_ema) -> float:
         standing_bn_stats_(G_ema, seed=cfg.seed)
@@ -3140,6 +3162,7 @@ def make_training_fid(cfg: Config, extractor, real_feats: torch.Tensor, device):
         gen_mu, gen_sigma = feature_stats(extractor(gen_img))
         return frechet_distance(gen_mu, gen_sigma, real_mu, real_sigma)
 
+    fid_fn.reference = reference  # FidTracker names it in every FID line
     return fid_fn
 
 
@@ -3181,8 +3204,9 @@ class FidTracker:
         if self.best is None or fid < self.best:
             self.best, self.best_kimg = fid, kimg
             self.best_G_ema = ckpt_cpu_copy(G_ema.state_dict())
+        reference = getattr(self.fid_fn, "reference", "")
         log("train", f"FID {fid:.2f} at {kimg:.1f} kimg ({time.time() - start:.0f}s); best {self.best:.2f} "
-            f"at {self.best_kimg:.1f} kimg")
+            f"at {self.best_kimg:.1f} kimg{' (vs ' + reference + ')' if reference else ''}")
         return {"fid": fid, "fid_s": time.time() - start}
 
     def state_dict(self) -> dict:

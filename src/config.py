@@ -73,6 +73,9 @@ class Config:
     d_sn: bool = model_shape(True)      # spectral norm in D
     pixel_norm: bool = model_shape(False)  # pixelwise feature normalisation in G (ProGAN)
     mbstd: bool = model_shape(False)    # minibatch standard deviation channel in D's last block
+    # DCGAN only: G draws at 32x32 and repeats each pixel 2x2, D judges the 2x2-averaged image (a quarter of the work
+    # per image, for CPU runs such as the demo); 64 draws every pixel
+    draw_res: int = model_shape(64, choices=(32, 64))
     # ---- losses -----------------------------------------------------------------------------------
     loss: str = from_ckpt("hinge", choices=("hinge", "bce", "ls", "rals", "wgan-gp"))  # see losses.GAN_LOSSES
     aux_weight: float = from_ckpt(1.0)  # weight of the auxiliary breed-classification loss (cond=acgan)
@@ -151,8 +154,12 @@ DEMO_RECIPE = "cgan"
 # Hinge + translation/cutout DiffAugment: on the 115 demo crops BCE collapsed to one image (with or without colour
 # augmentation); this kept variety in the same 25 s (grids compared by eye).
 DEMO_OVERRIDES: dict = dict(time_budget="45s", device="cpu", g_ch=16, d_ch=16, shared_dim=32, z_dim=64,
-                            batch_size=32, loss="hinge", diffaug="translation,cutout", status_every="3s",
+                            batch_size=16, loss="hinge", diffaug="translation,cutout", status_every="3s",
                             grid_every="10s", ckpt_every="15s")
+# The demo's DCGAN learns shapes only after ~1,000 rounds: it draws at 32x32 (a quarter of the work per image) with
+# batches of 16, at lr 1e-3 with Adam beta1 0 (scripts/learning_bench.py, 1,200 rounds: FID 228 vs 330-420 for the
+# 64x64 DCGAN at lr 2e-4 in the same seconds; BENCHMARKS.md).
+DEMO_DCGAN_OVERRIDES: dict = dict(draw_res=32, lr_g=1e-3, lr_d=1e-3, beta1=0.0)
 
 
 def parse_duration(text: str | float | int) -> float:
@@ -222,7 +229,10 @@ def make_config(overrides: dict | None = None) -> Config:
     unknown = set(overrides) - {f.name for f in dataclasses.fields(Config)}
     if unknown:
         raise ConfigError(f"unknown config keys: {', '.join(sorted(unknown))}")
-    demo = DEMO_OVERRIDES if overrides.get("demo") else {}
+    demo = {}
+    if overrides.get("demo"):
+        dcgan = RECIPES[recipe].get("arch", Config.arch) == "dcgan"
+        demo = {**DEMO_OVERRIDES, **(DEMO_DCGAN_OVERRIDES if dcgan else {})}
     cfg = Config(**{**RECIPES[recipe], **demo, "recipe": recipe, **overrides})
     validate_config(cfg)
     return cfg

@@ -1,6 +1,8 @@
 """Generators and discriminators of every recipe (ResNet SNGAN/SAGAN/BigGAN family and DCGAN), built from Config."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -129,17 +131,22 @@ class ResNetDiscriminator(nn.Module):
 
 
 class DCGANGenerator(nn.Module):
-    """Radford et al. G: [z, label embedding] -> Linear -> 4x4x8ch -> ConvTranspose 8ch->4ch->2ch->1ch -> 3, tanh."""
+    """Radford et al. G: [z, label embedding] -> Linear -> 4x4x8ch -> ConvTranspose 8ch->4ch->2ch->1ch -> 3, tanh.
+
+    draw_res 32 draws at 32x32 (4x4x4ch -> 4ch->2ch->1ch -> 3) and repeats each pixel 2x2 up to 64x64: a quarter of
+    the work per image, for CPU runs such as the demo."""
 
     def __init__(self, z_dim: int, n_classes: int, ch: int, conditional: bool, label_dim: int, attn_res: int,
-                 sn: bool, pixel_norm: bool):
+                 sn: bool, pixel_norm: bool, draw_res: int = MODEL_IMG_SIZE):
         super().__init__()
+        self.upscale = MODEL_IMG_SIZE // draw_res
         self.z_dim = z_dim
         self.n_classes = n_classes
         self.conditional = conditional
         self.label_embed = nn.Embedding(n_classes, label_dim) if conditional else None
         in_dim = z_dim + (label_dim if conditional else 0)
-        channels = [8 * ch, 4 * ch, 2 * ch, ch]
+        n_ups = int(math.log2(draw_res // 4))  # 4x4 -> draw_res in doublings: the last one is out_conv
+        channels = [ch * 2 ** (n_ups - 1 - i) for i in range(n_ups)]
         self.stem = sn_linear(in_dim, channels[0] * 4 * 4, bias=pixel_norm, sn=sn)
         self.stem_norm = PixelNorm() if pixel_norm else nn.BatchNorm2d(channels[0])
         self.pixel_norm = pixel_norm
@@ -162,22 +169,27 @@ class DCGANGenerator(nn.Module):
             h = block(h)
             if str(i) in self.attn:
                 h = self.attn[str(i)](h)
-        return torch.tanh(self.out_conv(h))
+        img = torch.tanh(self.out_conv(h))
+        return F.interpolate(img, scale_factor=self.upscale, mode="nearest") if self.upscale > 1 else img
 
 
 class DCGANDiscriminator(nn.Module):
     """Radford et al. D: strided convs 3->ch->2ch->4ch->8ch with LeakyReLU(0.2) (BN from the second conv on,
     dropped when D is spectrally normalised as in SN-DCGAN), then the 4x4x8ch features, flattened, go to the head
-    (the DCGAN's final 4x4 valid conv is exactly a linear layer on them)."""
+    (the DCGAN's final 4x4 valid conv is exactly a linear layer on them). draw_res 32 judges the 2x2-averaged image
+    (exactly what a 32x32 G drew) with one block fewer."""
 
-    def __init__(self, n_classes: int, ch: int, cond: str, attn_res: int, sn: bool, mbstd: bool):
+    def __init__(self, n_classes: int, ch: int, cond: str, attn_res: int, sn: bool, mbstd: bool,
+                 draw_res: int = MODEL_IMG_SIZE):
         super().__init__()
         self.cond = cond
-        self.label_map = LabelMap(n_classes, MODEL_IMG_SIZE) if cond == "concat" else None
-        channels = [3 + (1 if cond == "concat" else 0), ch, 2 * ch, 4 * ch, 8 * ch]
+        self.downscale = MODEL_IMG_SIZE // draw_res
+        self.label_map = LabelMap(n_classes, draw_res) if cond == "concat" else None
+        n_downs = int(math.log2(draw_res // 4))
+        channels = [3 + (1 if cond == "concat" else 0)] + [ch * 2 ** i for i in range(n_downs)]
         self.blocks = nn.ModuleList()
         self.attn = nn.ModuleDict()
-        res = MODEL_IMG_SIZE
+        res = draw_res
         for i in range(len(channels) - 1):
             self.blocks.append(DCGANDownBlock(channels[i], channels[i + 1], sn=sn, batch_norm=i > 0 and not sn))
             res //= 2
@@ -188,7 +200,7 @@ class DCGANDiscriminator(nn.Module):
 
     def forward(self, img: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         _check_d_inputs(img, y, self.cond in ("projection", "concat"))
-        h = img
+        h = F.avg_pool2d(img, self.downscale) if self.downscale > 1 else img
         if self.label_map is not None:
             h = torch.cat([h, self.label_map(y).to(h.dtype)], dim=1)
         for i, block in enumerate(self.blocks):
@@ -240,6 +252,8 @@ def build_models(cfg: Config, n_classes: int) -> tuple[nn.Module, nn.Module]:
         raise ValueError(f"--attn-res {cfg.attn_res}: choose 0 (off) or one of {', '.join(map(str, ATTN_RESOLUTIONS))}")
     n_classes = max(n_classes, 1)
     if cfg.arch == "resnet":
+        if cfg.draw_res != MODEL_IMG_SIZE:
+            raise ValueError(f"--draw-res {cfg.draw_res} is a DCGAN option (the ResNet G draws at 64): use --arch dcgan")
         if cfg.pixel_norm:
             raise ValueError("--pixel-norm is a DCGAN option (the ResNet G uses batch norm): use --arch dcgan")
         G = ResNetGenerator(cfg.z_dim, n_classes, cfg.g_ch, conditional, cfg.shared_dim, cfg.hier_z,
@@ -250,8 +264,8 @@ def build_models(cfg: Config, n_classes: int) -> tuple[nn.Module, nn.Module]:
         # the DCGAN label embedding is shared_dim wide when set, else as wide as z
         label_dim = cfg.shared_dim if cfg.shared_dim > 0 else cfg.z_dim
         G = DCGANGenerator(cfg.z_dim, n_classes, cfg.g_ch, conditional, label_dim, cfg.attn_res, cfg.g_sn,
-                           cfg.pixel_norm)
-        D = DCGANDiscriminator(n_classes, cfg.d_ch, cfg.cond, cfg.attn_res, cfg.d_sn, cfg.mbstd)
+                           cfg.pixel_norm, cfg.draw_res)
+        D = DCGANDiscriminator(n_classes, cfg.d_ch, cfg.cond, cfg.attn_res, cfg.d_sn, cfg.mbstd, cfg.draw_res)
         scheme = "normal"
     init_weights_(G, scheme)
     init_weights_(D, scheme)

@@ -69,8 +69,8 @@ def make_training_fid(cfg: Config, extractor, real_feats: torch.Tensor, device):
     if parse_duration(cfg.fid_every) <= 0:
         return None
     real_mu, real_sigma = feature_stats(real_feats)
-    log("score", f"in-run FID: {cfg.fid_samples} images of G_ema vs "
-        f"{fid_reference_label(cfg.fid_reference, len(real_feats))}")
+    reference = fid_reference_label(cfg.fid_reference, len(real_feats))
+    log("score", f"in-run FID: {cfg.fid_samples} images of G_ema vs {reference}")
 
     def fid_fn(G_ema) -> float:
         standing_bn_stats_(G_ema, seed=cfg.seed)
@@ -78,6 +78,7 @@ def make_training_fid(cfg: Config, extractor, real_feats: torch.Tensor, device):
         gen_mu, gen_sigma = feature_stats(extractor(gen_img))
         return frechet_distance(gen_mu, gen_sigma, real_mu, real_sigma)
 
+    fid_fn.reference = reference  # FidTracker names it in every FID line
     return fid_fn
 
 
@@ -119,8 +120,9 @@ class FidTracker:
         if self.best is None or fid < self.best:
             self.best, self.best_kimg = fid, kimg
             self.best_G_ema = ckpt_cpu_copy(G_ema.state_dict())
+        reference = getattr(self.fid_fn, "reference", "")
         log("train", f"FID {fid:.2f} at {kimg:.1f} kimg ({time.time() - start:.0f}s); best {self.best:.2f} "
-            f"at {self.best_kimg:.1f} kimg")
+            f"at {self.best_kimg:.1f} kimg{' (vs ' + reference + ')' if reference else ''}")
         return {"fid": fid, "fid_s": time.time() - start}
 
     def state_dict(self) -> dict:
