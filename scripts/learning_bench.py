@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from src.budget import Deadline  # noqa: E402
 from src.config import parse_config  # noqa: E402
 from src.data import load_dogs  # noqa: E402
+from src.ema import ema_update  # noqa: E402
 from src.generate import generate_images  # noqa: E402
 from src.mifid import cached_real_features, feature_stats, frechet_distance, load_feature_extractor  # noqa: E402
 from src.synthetic import make_tiny_dataset  # noqa: E402
@@ -55,6 +56,8 @@ def main() -> int:
     parser.add_argument("--n-fid", type=int, default=1000, help="generated images for the FID")
     parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "dogkernel_bench"))
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--also-g-stats", action="store_true",
+                        help="also the FID of G_ema sampled with G's batch-norm statistics (before standing stats)")
     args, kernel_flags = parser.parse_known_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -68,8 +71,15 @@ def main() -> int:
     start = time.time()
     result = train(cfg, data, Deadline(10 ** 7), out_dir, "cpu", max_steps=args.rounds)
     train_s = time.time() - start
-    gen_img = generate_images(result.G_ema, args.n_fid, "cpu", seed=cfg.seed + 1)
-    fid = frechet_distance(*feature_stats(extractor(gen_img)), *real_stats)
+    def fid_of(G_ema) -> float:
+        gen_img = generate_images(G_ema, args.n_fid, "cpu", seed=cfg.seed + 1)
+        return frechet_distance(*feature_stats(extractor(gen_img)), *real_stats)
+
+    fid = fid_of(result.G_ema)
+    if args.also_g_stats and result.fid.best_G_ema is None:
+        # what G_ema carried before standing statistics: every buffer copied from G by the EMA step
+        ema_update(result.G_ema, result.G, 1.0)
+        print(f"RESULT with G's batch-norm statistics (the code before standing stats): FID {fid_of(result.G_ema):.1f}")
     print(f"RESULT rounds {result.progress.step}  kimg {result.progress.images_seen / 1000:.1f}  "
           f"train {train_s:.1f}s ({result.progress.step / train_s:.2f} rounds/s)  FID {fid:.1f}  "
           f"({args.n_fid} G_ema images vs {len(data.images)} training crops); grid {out_dir}/samples/latest.png",
