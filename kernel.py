@@ -5,7 +5,6 @@
 #   In a Kaggle notebook: paste this file into a cell and run it (Kaggle's paths and a safe 9-hour budget are the defaults).
 #   From a shell:        python kernel.py --data-dir DIR --time-budget 30m --out OUT   (python kernel.py --help lists every flag)
 #   Demo (CPU, tiny):    python kernel.py --demo
-from __future__ import annotations
 import argparse
 import colorsys
 import contextlib
@@ -21,9 +20,11 @@ import multiprocessing
 import numpy as np
 import os
 import random
+import re
+import secrets
+import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 import torch
@@ -81,20 +82,87 @@ class Deadline:
         return min(1.0, max(0.0, (time.time() - train_start) / span))
 
 
+# The reserve is what the output stages measured at start-up, times this: short probes on a shared machine
+# scatter by about +-20 % from the real run.
+RESERVE_SAFETY = 1.25
+# How far past the end of the budget an output stage may run before it is abandoned (a few seconds, as promised).
+OVERRUN_GRACE_S = 3.0
+
+
+class BudgetError(ValueError):
+    """--time-budget cannot hold this run on this device; the message names the smallest budget that can."""
+
+
+class OutOfTime(RuntimeError):
+    """An output stage was abandoned because the run passed the end of its budget; its old files are kept."""
+
+
+def reserve_margin(budget_s: float) -> float:
+    """Head-room on top of the measured reserve: 3 s plus 1 % of the budget, at most 2 minutes."""
+    return min(120.0, 3.0 + 0.01 * budget_s)
+
+
+def budget_flag_text(seconds: float) -> str:
+    """Whole seconds as a --time-budget value: '50s', '2m30s', '7m', '1h10m'."""
+    seconds = int(math.ceil(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    text = (f"{hours}h" if hours else "") + (f"{minutes}m" if minutes else "") + (f"{secs}s" if secs else "")
+    return text or "0s"
+
+
+def smallest_budget(needed_s: float) -> float:
+    """The smallest budget b with b >= needed_s + reserve_margin(b), rounded up to a value easy to type
+    (10 s steps up to 2 minutes, whole minutes up to an hour, then 10-minute steps)."""
+    budget = (needed_s + 3.0) / 0.99
+    if reserve_margin(budget) >= 120.0:
+        budget = needed_s + 120.0
+    step = 10.0 if budget <= 120 else 60.0 if budget <= 3600 else 600.0
+    return math.ceil(budget / step - 1e-9) * step
+
+
+def deadline_check(deadline: "Deadline", what: str, grace_s: float = OVERRUN_GRACE_S):
+    """A check for long output loops to call between batches: raises OutOfTime once the run is more than
+    grace_s past the end of its budget, so the stage stops instead of overrunning by minutes."""
+    def check() -> None:
+        late = time.time() - deadline.end
+        if late > grace_s:
+            raise OutOfTime(f"{what} ran {late:.0f}s past the end of the {budget_flag_text(deadline.end - deadline.start)} "
+                            f"budget and was stopped")
+    return check
+
+
 # ====================================================================================================
 # src/atomic.py
 # Atomic file output: a reader sees the old file or the whole new one, never a half-written one.
 # ====================================================================================================
+# The temporary names atomic_path uses: ".<target name>.<8 characters>.tmp" beside the target. Eight lowercase
+# letters, digits or underscores also match the names of tempfile.mkstemp, which earlier versions used.
+ATOMIC_TMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+
+
+def _atomic_create_tmp(folder: str, name: str) -> str:
+    # O_EXCL with mode 0o666: the kernel applies the umask, so the finished file gets the mode any new file gets
+    # here (0644 under umask 022), not mkstemp's 0600
+    while True:
+        tmp_path = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp_path
+        except FileExistsError:
+            continue
+
+
 @contextlib.contextmanager
 def atomic_path(path: str):
     """Yield a temporary path beside `path`; on success fsync it and rename it over `path`.
 
-    On an exception the temporary file is removed and `path` is left untouched.
+    On an exception (or KeyboardInterrupt / a stop signal) the temporary file is removed and `path` is left
+    untouched. A process killed outright leaves the temporary behind: remove_stale_tmp_files() clears it.
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    os.close(fd)
+    tmp_path = _atomic_create_tmp(folder, os.path.basename(path))
     try:
         yield tmp_path
         with open(tmp_path, "rb") as f:
@@ -115,6 +183,27 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
 def atomic_write_text(path: str, text: str) -> None:
     """Write `text` (UTF-8) to `path` atomically."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def remove_stale_tmp_files(folder: str) -> list[str]:
+    """Delete the temporary files atomic_path left in `folder` when a run was killed mid-write; returns their paths.
+
+    Only names of atomic_path's form are touched; a missing folder is nothing to clean.
+    """
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    removed = []
+    for name in sorted(names):
+        path = os.path.join(folder, name)
+        if ATOMIC_TMP_NAME.match(name) and os.path.isfile(path):
+            try:
+                os.remove(path)
+                removed.append(path)
+            except OSError:
+                pass  # not ours to fight over: the next atomic write uses a fresh name anyway
+    return removed
 
 
 # ====================================================================================================
@@ -260,10 +349,19 @@ DEMO_OVERRIDES: dict = dict(time_budget="45s", device="cpu", g_ch=16, d_ch=16, s
 
 
 def parse_duration(text: str | float | int) -> float:
-    """'90s', '20m', '8h', '8h30m', '1h2m3s' or a bare number of seconds -> seconds."""
+    """'90s', '20m', '8h', '8h30m', '1h2m3s' or a bare number of seconds -> seconds (finite, not negative)."""
     if isinstance(text, (int, float)):
-        return float(text)
-    s = str(text).strip().lower()
+        seconds = float(text)
+    else:
+        seconds = _read_duration(str(text))
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"duration {text!r} must be a finite number of seconds, 0 or more: use e.g. 90s, 20m, 8h or 8h30m")
+    return seconds
+
+
+def _read_duration(text: str) -> float:
+    # the number or h/m/s form of parse_duration, before the range check
+    s = text.strip().lower()
     try:
         return float(s)
     except ValueError:
@@ -297,9 +395,10 @@ def _flag_type(default):
     return type(default) if not isinstance(default, bool) else None
 
 
-def build_arg_parser() -> argparse.ArgumentParser:
+def build_arg_parser() -> "argparse.ArgumentParser":
     """One flag per Config field (--time-budget for time_budget); booleans also get --no-X."""
     parser = argparse.ArgumentParser(
+        prog="kernel.py",  # in a notebook sys.argv[0] is Jupyter's launcher
         description="dogkernel: train a GAN on the Kaggle dogs and write images.zip",
         allow_abbrev=False,
         epilog="Each flag sets the Config field of the same name (see class Config for what it does); "
@@ -317,7 +416,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def make_config(overrides: dict | None = None) -> Config:
+def make_config(overrides: dict | None = None) -> "Config":
     """Config from the recipe named in overrides, then the explicit overrides on top."""
     overrides = dict(overrides or {})
     recipe = overrides.get("recipe", DEMO_RECIPE if overrides.get("demo") else Config.recipe)
@@ -332,7 +431,7 @@ def make_config(overrides: dict | None = None) -> Config:
     return cfg
 
 
-def validate_config(cfg: Config) -> None:
+def validate_config(cfg: "Config") -> None:
     """Reject settings that cannot work, with the flag's name in the message."""
     for f in dataclasses.fields(Config):
         allowed = f.metadata["choices"]
@@ -344,21 +443,46 @@ def validate_config(cfg: Config) -> None:
             parse_duration(getattr(cfg, name))
         except ValueError as error:
             raise ConfigError(f"--{name.replace('_', '-')}: {error}") from None
+    if parse_duration(cfg.time_budget) <= 0:
+        raise ConfigError(f"--time-budget must be more than 0, got {cfg.time_budget!r}: use e.g. 90s, 20m or 8h30m")
+    for f in dataclasses.fields(Config):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
     positive = ("batch_size", "z_dim", "g_ch", "d_ch", "n_dis", "g_steps", "n_images")
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    not_negative = ("max_images", "decode_workers", "fid_samples", "crop_margin", "truncation", "mifid_eps")
+    for name in not_negative:
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(cfg, name)}")
     if cfg.hier_z and cfg.arch != "resnet":
         raise ConfigError("--hier-z needs --arch resnet")
 
 
-def parse_config(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
-    """Config from command-line flags. In a notebook, unknown arguments (Jupyter's `-f kernel.json`) are ignored;
-    from a shell they are an error, so a mistyped flag is not silently dropped."""
+def strip_jupyter_args(argv: list[str]) -> list[str]:
+    """argv without the kernel's own `-f FILE` / `--f=FILE` that Jupyter puts in sys.argv; everything else stays."""
+    kept, index = [], 0
+    while index < len(argv):
+        if argv[index] == "-f" and index + 1 < len(argv):
+            index += 2
+            continue
+        if not argv[index].startswith("--f="):
+            kept.append(argv[index])
+        index += 1
+    return kept
+
+
+def parse_config(argv: list[str] | None = None) -> "tuple[Config, argparse.Namespace]":
+    """Config from command-line flags. In a notebook only Jupyter's own `-f kernel.json` is dropped; any other
+    unknown argument is an error there too, so a mistyped flag is never silently ignored.
+    `--help` and argparse's errors raise SystemExit after printing (main turns that into a return code)."""
     parser = build_arg_parser()
-    args, unknown = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-    if unknown and not running_in_notebook():
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if running_in_notebook():
+        argv = strip_jupyter_args(argv)
+    args = parser.parse_args(argv)
     extras = argparse.Namespace(report=getattr(args, "report", None))
     overrides = {k: v for k, v in vars(args).items() if k != "report"}
     return make_config(overrides), extras
@@ -369,7 +493,7 @@ def fields_with_role(role: str) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(Config) if f.metadata["resume"] == role)
 
 
-def config_diff(cfg: Config) -> dict:
+def config_diff(cfg: "Config") -> dict:
     """Fields that differ from the plain Config defaults: what a recipe and the flags changed."""
     base = Config()
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(Config)
@@ -391,7 +515,7 @@ def running_in_notebook() -> bool:
 # One way to print progress: `log(tag, message)` writes '[tag] message' and flushes.
 #
 # Under torchrun every rank runs the same code; only rank 0 prints, except errors (`error=True`, to stderr),
-# so a failure on any rank is still seen.
+# so a failure on any rank is still seen. quiet_other_ranks() extends that to Python's warnings.
 # ====================================================================================================
 def is_rank_zero() -> bool:
     """True unless torchrun started this process as a rank other than 0 (RANK is set before any import)."""
@@ -404,6 +528,13 @@ def log(tag: str, message: str, *, error: bool = False) -> None:
         print(f"[{tag}] {message}", file=sys.stderr, flush=True)
     elif is_rank_zero():
         print(f"[{tag}] {message}", flush=True)
+
+
+def quiet_other_ranks() -> None:
+    """On a torchrun rank other than 0, drop Python warnings too (torch's and the libraries'): rank 0 shows them
+    once, and the other ranks print errors only."""
+    if not is_rank_zero():
+        warnings.filterwarnings("ignore")
 
 
 # ====================================================================================================
@@ -421,7 +552,7 @@ class SpectralNormFp32(nn.Module):
     buffers themselves for backward.
     """
 
-    def __init__(self, weight: torch.Tensor, dim: int = 0, eps: float = 1e-12, warmup_iters: int = 15):
+    def __init__(self, weight: "torch.Tensor", dim: int = 0, eps: float = 1e-12, warmup_iters: int = 15):
         super().__init__()
         self.dim = dim
         self.eps = eps
@@ -430,32 +561,32 @@ class SpectralNormFp32(nn.Module):
         self.register_buffer("v", F.normalize(weight.new_empty(cols, dtype=torch.float32).normal_(), dim=0, eps=eps))
         self.reset_vectors(weight, warmup_iters)
 
-    def _matrix(self, weight: torch.Tensor) -> torch.Tensor:
+    def _matrix(self, weight: "torch.Tensor") -> "torch.Tensor":
         # sigma of the [out, in * k * k] matrix; ConvTranspose keeps its output channels on dim 1
         if self.dim != 0:
             weight = weight.movedim(self.dim, 0)
         return weight.flatten(1)
 
     @torch.no_grad()
-    def _power_iteration(self, weight_mat: torch.Tensor, n_iters: int) -> None:
+    def _power_iteration(self, weight_mat: "torch.Tensor", n_iters: int) -> None:
         # u <- W v / |W v|, v <- W^T u / |W^T u|; updated in place so DataParallel replicas and DDP see them
         for _ in range(n_iters):
             self.u.copy_(F.normalize(weight_mat @ self.v.float(), dim=0, eps=self.eps))
             self.v.copy_(F.normalize(weight_mat.t() @ self.u.float(), dim=0, eps=self.eps))
 
     @torch.no_grad()
-    def reset_vectors(self, weight: torch.Tensor, n_iters: int = 15) -> None:
+    def reset_vectors(self, weight: "torch.Tensor", n_iters: int = 15) -> None:
         """Re-seed u, v for a freshly initialised weight."""
         self._power_iteration(self._matrix(weight).float(), n_iters)
 
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+    def forward(self, weight: "torch.Tensor") -> "torch.Tensor":
         with torch.autocast(device_type=weight.device.type, enabled=False):
             weight_mat = self._matrix(weight).float()
             sigma = torch.dot(self.u, weight_mat @ self.v)  # sigma = u^T W v
             return (weight.float() / sigma).to(weight.dtype)
 
 
-def spectral_norm_layers(model: nn.Module) -> list:
+def spectral_norm_layers(model: "nn.Module") -> list:
     """[(SpectralNormFp32, original weight)] of every spectral-normalised weight of `model`, collected once
     (walking the modules every step costs ~0.7 ms for the default G and D)."""
     layers = []
@@ -474,7 +605,7 @@ def spectral_norm_power_iteration_(layers: list) -> None:
         sn._power_iteration(sn._matrix(weight).float(), 1)
 
 
-def with_sn(module: nn.Module, enabled: bool = True) -> nn.Module:
+def with_sn(module: "nn.Module", enabled: bool = True) -> "nn.Module":
     """Register SpectralNormFp32 on module.weight when enabled; returns the module."""
     if not enabled:
         return module
@@ -484,15 +615,15 @@ def with_sn(module: nn.Module, enabled: bool = True) -> nn.Module:
 
 
 def sn_conv2d(in_ch: int, out_ch: int, kernel: int, stride: int = 1, padding: int = 0, bias: bool = True,
-              sn: bool = True) -> nn.Module:
+              sn: bool = True) -> "nn.Module":
     return with_sn(nn.Conv2d(in_ch, out_ch, kernel, stride, padding, bias=bias), sn)
 
 
-def sn_linear(in_features: int, out_features: int, bias: bool = True, sn: bool = True) -> nn.Module:
+def sn_linear(in_features: int, out_features: int, bias: bool = True, sn: bool = True) -> "nn.Module":
     return with_sn(nn.Linear(in_features, out_features, bias=bias), sn)
 
 
-def sn_embedding(n_classes: int, dim: int, sn: bool = True) -> nn.Module:
+def sn_embedding(n_classes: int, dim: int, sn: bool = True) -> "nn.Module":
     return with_sn(nn.Embedding(n_classes, dim), sn)
 
 
@@ -523,8 +654,8 @@ class ConditionalBatchNorm2d(nn.Module):
             if embed is not None:
                 embed.weight.zero_()
 
-    def forward(self, x: torch.Tensor, cond_vec: torch.Tensor | None = None,
-                y: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: "torch.Tensor", cond_vec: "torch.Tensor | None" = None,
+                y: "torch.Tensor | None" = None) -> "torch.Tensor":
         out = self.bn(x)
         if self.gain_linear is None and self.gain_embed is None:
             return out
@@ -556,7 +687,7 @@ class SelfAttention2d(nn.Module):
         self.o = sn_conv2d(ch // 2, ch, 1, bias=False, sn=sn)
         self.gamma = nn.Parameter(torch.zeros(()))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
         b, c, h, w = x.shape
         theta = self.theta(x).reshape(b, c // 8, h * w)
         phi = F.max_pool2d(self.phi(x), 2).reshape(b, c // 8, h * w // 4)
@@ -578,7 +709,7 @@ class MinibatchStdDev(nn.Module):
         self.group_size = group_size
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
         b, c, h, w = x.shape
         group = math.gcd(b, self.group_size)
         grouped = x.float().reshape(group, b // group, c, h, w)
@@ -595,7 +726,7 @@ class PixelNorm(nn.Module):
         super().__init__()
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
         return x * torch.rsqrt(x.pow(2).mean(dim=1, keepdim=True) + self.eps)
 
 
@@ -614,8 +745,8 @@ class GBlock(nn.Module):
         self.conv2 = sn_conv2d(out_ch, out_ch, 3, padding=1, sn=sn)
         self.conv_sc = sn_conv2d(in_ch, out_ch, 1, sn=sn)
 
-    def forward(self, x: torch.Tensor, cond_vec: torch.Tensor | None = None,
-                y: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: "torch.Tensor", cond_vec: "torch.Tensor | None" = None,
+                y: "torch.Tensor | None" = None) -> "torch.Tensor":
         h = F.relu(self.bn1(x, cond_vec, y))
         h = self.conv1(F.interpolate(h, scale_factor=2, mode="nearest"))
         h = self.conv2(F.relu(self.bn2(h, cond_vec, y)))
@@ -638,7 +769,7 @@ class DBlock(nn.Module):
         self.conv2 = sn_conv2d(out_ch, out_ch, 3, padding=1, sn=sn)
         self.conv_sc = sn_conv2d(in_ch, out_ch, 1, sn=sn) if (in_ch != out_ch or downsample) else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
         h = F.relu(x) if self.preactivation else x
         h = self.conv2(F.relu(self.conv1(h)))
         shortcut = x
@@ -659,7 +790,7 @@ class DCGANUpBlock(nn.Module):
         self.norm = PixelNorm() if pixel_norm else nn.BatchNorm2d(out_ch)
         self.pixel_norm = pixel_norm
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
         h = self.conv(x)
         return self.norm(F.relu(h)) if self.pixel_norm else F.relu(self.norm(h))
 
@@ -672,7 +803,7 @@ class DCGANDownBlock(nn.Module):
         self.conv = sn_conv2d(in_ch, out_ch, 4, 2, 1, bias=not batch_norm, sn=sn)
         self.bn = nn.BatchNorm2d(out_ch) if batch_norm else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
         h = self.conv(x)
         if self.bn is not None:
             h = self.bn(h)
@@ -687,7 +818,7 @@ class LabelMap(nn.Module):
         self.size = size
         self.embed = nn.Embedding(n_classes, size * size)
 
-    def forward(self, y: torch.Tensor) -> torch.Tensor:
+    def forward(self, y: "torch.Tensor") -> "torch.Tensor":
         return self.embed(y).reshape(-1, 1, self.size, self.size)
 
 
@@ -701,7 +832,7 @@ class DiscriminatorHead(nn.Module):
         self.proj = sn_embedding(n_classes, feat_dim, sn=sn) if cond == "projection" else None
         self.cls = sn_linear(feat_dim, n_classes, sn=sn) if cond == "acgan" else None
 
-    def forward(self, h: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, h: "torch.Tensor", y: "torch.Tensor | None") -> "tuple[torch.Tensor, torch.Tensor | None]":
         adv_logit = self.adv(h).squeeze(1)
         if self.proj is not None:
             adv_logit = adv_logit + (self.proj(y) * h).sum(dim=1)  # projection discriminator
@@ -725,7 +856,7 @@ def hier_z_sizes(z_dim: int, n_slots: int) -> list[int]:
     return [base + 1] * extra + [base] * (n_slots - extra)
 
 
-def _check_g_inputs(z: torch.Tensor, y: torch.Tensor | None, z_dim: int, conditional: bool) -> None:
+def _check_g_inputs(z: "torch.Tensor", y: "torch.Tensor | None", z_dim: int, conditional: bool) -> None:
     # shape checks only (no host sync): a wrong z or missing y fails here, not deep inside a conv
     if z.dim() != 2 or z.shape[1] != z_dim:
         raise ValueError(f"G expects z of shape [B, {z_dim}], got {list(z.shape)}")
@@ -734,7 +865,7 @@ def _check_g_inputs(z: torch.Tensor, y: torch.Tensor | None, z_dim: int, conditi
                          f"{None if y is None else list(y.shape)}")
 
 
-def _check_d_inputs(img: torch.Tensor, y: torch.Tensor | None, uses_labels: bool) -> None:
+def _check_d_inputs(img: "torch.Tensor", y: "torch.Tensor | None", uses_labels: bool) -> None:
     if img.dim() != 4 or tuple(img.shape[1:]) != (3, MODEL_IMG_SIZE, MODEL_IMG_SIZE):
         raise ValueError(f"D expects images of shape [B, 3, {MODEL_IMG_SIZE}, {MODEL_IMG_SIZE}], got {list(img.shape)}")
     if uses_labels and (y is None or y.shape != img.shape[:1]):
@@ -777,7 +908,7 @@ class ResNetGenerator(nn.Module):
         self.out_bn = nn.BatchNorm2d(channels[-1])
         self.out_conv = sn_conv2d(channels[-1], 3, 3, padding=1, sn=sn)
 
-    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, z: "torch.Tensor", y: "torch.Tensor | None" = None) -> "torch.Tensor":
         _check_g_inputs(z, y, self.z_dim, self.conditional)
         z_chunks = torch.split(z, self.z_sizes, dim=1)
         shared = self.shared(y) if self.shared is not None else None
@@ -815,7 +946,7 @@ class ResNetDiscriminator(nn.Module):
         self.mbstd = MinibatchStdDev() if mbstd else None
         self.head = DiscriminatorHead(channels[-1], n_classes, cond, sn=sn)
 
-    def forward(self, img: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, img: "torch.Tensor", y: "torch.Tensor | None" = None) -> "tuple[torch.Tensor, torch.Tensor | None]":
         _check_d_inputs(img, y, self.cond in ("projection", "concat"))
         h = img
         if self.label_map is not None:
@@ -855,7 +986,7 @@ class DCGANGenerator(nn.Module):
                 self.attn[str(i)] = SelfAttention2d(channels[i + 1], sn=sn)
         self.out_conv = with_sn(nn.ConvTranspose2d(channels[-1], 3, 4, 2, 1), sn)
 
-    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, z: "torch.Tensor", y: "torch.Tensor | None" = None) -> "torch.Tensor":
         _check_g_inputs(z, y, self.z_dim, self.conditional)
         g_in = torch.cat([z, self.label_embed(y).to(z.dtype)], dim=1) if self.label_embed is not None else z
         h = self.stem(g_in).reshape(z.shape[0], -1, 4, 4)
@@ -888,7 +1019,7 @@ class DCGANDiscriminator(nn.Module):
         self.mbstd = MinibatchStdDev() if mbstd else None
         self.head = DiscriminatorHead((channels[-1] + (1 if mbstd else 0)) * 4 * 4, n_classes, cond, sn=sn)
 
-    def forward(self, img: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, img: "torch.Tensor", y: "torch.Tensor | None" = None) -> "tuple[torch.Tensor, torch.Tensor | None]":
         _check_d_inputs(img, y, self.cond in ("projection", "concat"))
         h = img
         if self.label_map is not None:
@@ -903,7 +1034,7 @@ class DCGANDiscriminator(nn.Module):
 
 
 @torch.no_grad()
-def init_weights_(model: nn.Module, scheme: str) -> None:
+def init_weights_(model: "nn.Module", scheme: str) -> None:
     """Initialise conv/linear/embedding weights in place.
 
     "ortho": orthogonal weights, zero biases (BigGAN; used for the ResNet family).
@@ -933,7 +1064,7 @@ def init_weights_(model: nn.Module, scheme: str) -> None:
             module.bias.zero_()
 
 
-def build_models(cfg: Config, n_classes: int) -> tuple[nn.Module, nn.Module]:
+def build_models(cfg: "Config", n_classes: int) -> "tuple[nn.Module, nn.Module]":
     """(G, D) for cfg.arch / cfg.cond and the widths in cfg, initialised as their papers."""
     conditional = cfg.cond != "none"
     if conditional and n_classes < 1:
@@ -960,12 +1091,12 @@ def build_models(cfg: Config, n_classes: int) -> tuple[nn.Module, nn.Module]:
     return G, D
 
 
-def count_params(module: nn.Module) -> int:
+def count_params(module: "nn.Module") -> int:
     """Trainable parameters (a spectrally normalised weight counts once: its u, v are buffers)."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
-def describe_models(G: nn.Module, D: nn.Module) -> str:
+def describe_models(G: "nn.Module", D: "nn.Module") -> str:
     """One line for the start-up banner: 'G ResNetGenerator 11.44M params | D ResNetDiscriminator 19.67M params'."""
     return (f"G {type(G).__name__} {count_params(G) / 1e6:.2f}M params | "
             f"D {type(D).__name__} {count_params(D) / 1e6:.2f}M params")
@@ -1063,7 +1194,7 @@ def resolve_resume_path(resume: str, out_dir: str) -> str | None:
     return resume
 
 
-def merge_resumed_config(cfg: Config, saved: dict) -> Config:
+def merge_resumed_config(cfg: "Config", saved: dict) -> "Config":
     """The config a resumed run uses: each field by its resume role in Config (this_run / from_ckpt / model_shape).
 
     Fields the checkpoint does not know (added since it was written) keep this run's value.
@@ -1083,7 +1214,7 @@ def merge_resumed_config(cfg: Config, saved: dict) -> Config:
     return dataclasses.replace(cfg, **from_ckpt)
 
 
-def load_generator_from_checkpoint(path: str, cfg: Config, n_classes: int, device) -> torch.nn.Module:
+def load_generator_from_checkpoint(path: str, cfg: "Config", n_classes: int, device) -> "torch.nn.Module":
     """G_ema (the best-FID one when the run kept one) from a checkpoint, built with the checkpoint's model config."""
     state = load_checkpoint(path)
     if state["n_classes"] != n_classes:
@@ -1121,7 +1252,7 @@ def _dog_source_is_zip(source: str) -> bool:
 _DOG_ZIP_HANDLES: dict = {}
 
 
-def _dog_zip(source: str) -> zipfile.ZipFile:
+def _dog_zip(source: str) -> "zipfile.ZipFile":
     key = (os.getpid(), source)
     if key not in _DOG_ZIP_HANDLES:
         _DOG_ZIP_HANDLES[key] = zipfile.ZipFile(source)
@@ -1299,7 +1430,7 @@ def _dog_annotation_index(source: str) -> tuple[dict[str, tuple[str, str]], dict
 
 # ---- decoding one photo into its dog crops --------------------------------------------------------------
 
-def _dog_to_rgb(img: Image.Image) -> Image.Image:
+def _dog_to_rgb(img: "Image.Image") -> "Image.Image":
     """Any PIL mode -> RGB: alpha composited on white, 16-bit scaled down to 8 bits, CMYK/palette/grey converted."""
     if img.mode == "RGB":
         return img
@@ -1340,7 +1471,7 @@ def _dog_usable_boxes(boxes, xml_size, img_size, margin, counts) -> list[tuple[s
     return usable
 
 
-def _dog_apply_draft(img: Image.Image, regions, size: int) -> float:
+def _dog_apply_draft(img: "Image.Image", regions, size: int) -> float:
     """Let libjpeg decode at 1/2, 1/4 or 1/8 scale when every region keeps >= size pixels; returns that scale."""
     if img.format not in ("JPEG", "MPO"):
         return 1.0
@@ -1356,7 +1487,7 @@ def _dog_apply_draft(img: Image.Image, regions, size: int) -> float:
     return 1.0 / used
 
 
-def _dog_crop_resize(img: Image.Image, region, scale: float, size: int) -> np.ndarray:
+def _dog_crop_resize(img: "Image.Image", region, scale: float, size: int) -> "np.ndarray":
     """Crop the region (full-resolution coordinates) from the possibly draft-scaled image -> 3 x size x size uint8."""
     w, h = img.size
     x0, y0, x1, y1 = (v * scale for v in region)
@@ -1431,8 +1562,8 @@ def _dog_decode_chunk(job):
 @dataclass
 class DogData:
     """Every dog crop of the data set, decoded once."""
-    images: torch.Tensor          # uint8 N x 3 x size x size, contiguous
-    labels: torch.Tensor          # int64 N, index into breeds
+    images: "torch.Tensor"          # uint8 N x 3 x size x size, contiguous
+    labels: "torch.Tensor"          # int64 N, index into breeds
     breeds: list[str]             # label id -> breed name, sorted by name
     counts: dict = field(default_factory=dict)  # photos, samples, multi_dog_photos, centre_crops, skipped_*, ...
     seconds: float = 0.0          # load time
@@ -1458,16 +1589,69 @@ def _dog_pool_context():
 
 
 def _dog_run_jobs(jobs, processes: int):
-    """Chunk results in order: a process pool when asked for, else (or if the pool fails) in this process."""
+    """Chunk results in order: worker processes when asked for, else (or if they fail) in this process.
+
+    Forked workers each take every processes-th job and answer on a pipe of their own, so they share no lock: a stop
+    signal (SIGTERM to the whole process group, a terminal's Ctrl-C) or a worker killed outright can leave nothing
+    waiting forever, and no worker prints a traceback. Without fork, a multiprocessing pool does the work.
+    """
     context = _dog_pool_context() if processes > 1 else None
     if processes > 1 and context is None:
         log("data", "no 'fork' start method and the code lives in __main__; decoding in-process")
     elif context is not None:
+        import signal
+        stop_signals = {signal.SIGINT, signal.SIGTERM}
+
+        def decode_share(share, writer, signal_mask):
+            # in a forked worker: Ctrl-C is for the parent to handle, SIGTERM ends the worker at once
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, signal_mask)
+            for index in share:
+                writer.send((index, _dog_decode_chunk(jobs[index])))
+            writer.close()
+
+        workers = []
         try:
-            with context.Pool(processes) as pool:
-                return list(pool.imap(_dog_decode_chunk, jobs)), processes
+            if context.get_start_method() != "fork":
+                with context.Pool(processes) as pool:
+                    return pool.map(_dog_decode_chunk, jobs), processes
+            results, readers = [None] * len(jobs), []
+            # Stop signals wait while the workers are set up: a handler raising inside multiprocessing's fork
+            # bookkeeping would be swallowed there ("Exception ignored in ...") and the stop lost.
+            signal_mask = signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+            try:
+                for first in range(processes):
+                    reader, writer = context.Pipe(duplex=False)
+                    worker = context.Process(target=decode_share, daemon=True,
+                                             args=(range(first, len(jobs), processes), writer, signal_mask))
+                    worker.start()
+                    writer.close()  # only the worker writes: its end closing is this reader's EOF
+                    workers.append(worker)
+                    readers.append(reader)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, signal_mask)
+            while readers:
+                # a timeout: a signal the kernel hands to another thread runs its Python handler only when the
+                # main thread wakes, and an endless wait would never wake
+                for reader in multiprocessing.connection.wait(readers, timeout=0.2):
+                    try:
+                        index, result = reader.recv()
+                        results[index] = result
+                    except EOFError:
+                        readers.remove(reader)
+                        reader.close()
+            if any(result is None for result in results):
+                raise RuntimeError("a decode worker ended before its share was done")
+            return results, processes
         except Exception as exc:
             log("data", f"decode pool failed ({type(exc).__name__}: {exc}); decoding in-process")
+        finally:
+            # on success the workers have finished; on an error or a stop signal they are ended here
+            for worker in workers:
+                if worker.is_alive():
+                    worker.kill()
+                worker.join()
     return [_dog_decode_chunk(job) for job in jobs], 1
 
 
@@ -1480,7 +1664,7 @@ def _dog_pick_subset(names: list[str], max_images: int) -> list[str]:
 
 
 def load_dogs(data_dir: str, crop_margin: float = 0.0, max_images: int = 0, workers: int = 0,
-              size: int = 64) -> DogData:
+              size: int = 64) -> "DogData":
     """Decode every photo under data_dir once and crop every annotated dog to size x size uint8.
 
     Photos without a usable box are centre-cropped; their label is the breed of the folder their wnid belongs to,
@@ -1568,11 +1752,11 @@ class DistInfo:
     rank: int
     world_size: int
     local_rank: int
-    device: torch.device
+    device: "torch.device"
     is_main: bool       # rank 0: the only process that writes files and prints status
 
 
-def dist_resolve_device(device: str = "auto") -> torch.device:
+def dist_resolve_device(device: str = "auto") -> "torch.device":
     """'auto' -> cuda when available else cpu; 'cuda' / 'cuda:N' must exist."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -1582,7 +1766,7 @@ def dist_resolve_device(device: str = "auto") -> torch.device:
     return resolved
 
 
-def setup_distributed(device: str = "auto") -> DistInfo:
+def setup_distributed(device: str = "auto") -> "DistInfo":
     """Join the torchrun process group when WORLD_SIZE > 1 (nccl on CUDA, gloo on CPU), else a single process.
 
     Under torchrun each rank uses cuda:LOCAL_RANK (or the CPU when there is no GPU or --device cpu).
@@ -1611,7 +1795,7 @@ def cleanup_distributed() -> None:
         torch_dist.destroy_process_group()
 
 
-def current_dist_info(device: torch.device | str) -> DistInfo:
+def current_dist_info(device: "torch.device | str") -> "DistInfo":
     """The rank and world size of this process as the process group knows them (1 process when there is none)."""
     device = torch.device(device)
     if torch_dist.is_available() and torch_dist.is_initialized():
@@ -1621,7 +1805,7 @@ def current_dist_info(device: torch.device | str) -> DistInfo:
     return DistInfo(rank=0, world_size=1, local_rank=0, device=device, is_main=True)
 
 
-def any_rank_flags(flags: list[bool], device: torch.device, world_size: int) -> list[bool]:
+def any_rank_flags(flags: list[bool], device: "torch.device", world_size: int) -> list[bool]:
     """Element-wise OR of boolean flags over all ranks (one tiny all-reduce), so every rank takes the same branch.
 
     Used for the stop / tick / snapshot decisions: if rank 0's clock says stop, or any rank caught SIGTERM,
@@ -1634,7 +1818,7 @@ def any_rank_flags(flags: list[bool], device: torch.device, world_size: int) -> 
     return [bool(v) for v in flag_tensor.tolist()]
 
 
-def mean_over_ranks(values: torch.Tensor, world_size: int) -> torch.Tensor:
+def mean_over_ranks(values: "torch.Tensor", world_size: int) -> "torch.Tensor":
     """The mean of a tensor over ranks (SUM / world_size: gloo has no AVG)."""
     if world_size <= 1:
         return values
@@ -1643,7 +1827,7 @@ def mean_over_ranks(values: torch.Tensor, world_size: int) -> torch.Tensor:
     return summed / world_size
 
 
-def wrap_ddp(module: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
+def wrap_ddp(module: "torch.nn.Module", info: "DistInfo") -> "torch.nn.Module":
     """DistributedDataParallel around `module` when world_size > 1 (else the module itself).
 
     DDP's default buffer sync (broadcast_buffers=True) is relied on: rank 0's buffers (spectral norm's u/v,
@@ -1657,7 +1841,7 @@ def wrap_ddp(module: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
     return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
 
 
-def sync_buffers(module: torch.nn.Module, world_size: int) -> None:
+def sync_buffers(module: "torch.nn.Module", world_size: int) -> None:
     """Copy rank 0's buffers (running stats, power-iteration vectors) to every rank."""
     if world_size <= 1:
         return
@@ -1669,7 +1853,7 @@ def sync_buffers(module: torch.nn.Module, world_size: int) -> None:
 # src/generate.py
 # Generation: latents, balanced breed labels, 10,000 images from G_ema, and the submission zip.
 # ====================================================================================================
-def sample_z(n: int, z_dim: int, device, truncation: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_z(n: int, z_dim: int, device, truncation: float = 0.0, generator: "torch.Generator | None" = None) -> "torch.Tensor":
     """Standard normal latents; with truncation > 0 every |z_i| > truncation is redrawn (BigGAN's truncation trick)."""
     z = torch.randn(n, z_dim, generator=generator, device="cpu" if generator is not None else device)
     if truncation > 0:
@@ -1682,70 +1866,208 @@ def sample_z(n: int, z_dim: int, device, truncation: float = 0.0, generator: tor
     return z.to(device)
 
 
-def balanced_labels(n: int, n_classes: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
+def balanced_labels(n: int, n_classes: int, device, generator: "torch.Generator | None" = None) -> "torch.Tensor":
     """n labels with every class appearing n // n_classes or one more times, in shuffled order."""
     labels = torch.arange(n) % max(1, n_classes)
     order = torch.randperm(n, generator=generator)
     return labels[order].to(device)
 
 
-def to_uint8(img: torch.Tensor) -> torch.Tensor:
+def to_uint8(img: "torch.Tensor") -> "torch.Tensor":
     """[-1, 1] float images -> uint8 0..255 (round to nearest), on the CPU."""
     return ((img.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
 
 
+# Batch sizes generation may use, smallest first. Which is faster depends on the model and the device: on a CPU the
+# default model runs ~30 % faster per image at 64 than at 500 (cache), a tiny one ~6x slower at 64 (per-op overhead
+# with 2 threads). measure_generation_seconds() times them and the run uses the faster.
+GENERATE_BATCH_CANDIDATES = (64, 500)
+# A larger candidate is timed (one batch, its warm-up included: a cost that errs high) only when that batch takes
+# at most this many seconds at the smaller's speed.
+GENERATE_PROBE_S = 3.0
+# Images per forward when the caller has not measured (training-time FID, the truncation search).
+GENERATE_BATCH = {"cpu": 64, "cuda": 500}
+# PNGs encoded per round of the zip writer's thread pool; the deadline and stop checks run between rounds.
+ZIP_CHUNK = 500
+# Bytes one 64 x 64 RGB PNG of pure noise takes in a stored zip (incompressible pixels, filter bytes, PNG and zip
+# headers): an upper bound for the free-space check.
+ZIP_BYTES_PER_IMAGE_MAX = 3 * 64 * 64 + 64 + 400
+
+
+def generation_batch_size(device) -> int:
+    """Images per forward when generating on this device (see GENERATE_BATCH)."""
+    return GENERATE_BATCH.get(torch.device(device).type, 500)
+
+
 @torch.no_grad()
-def generate_images(G_ema: torch.nn.Module, n: int, device, batch_size: int = 500, truncation: float = 0.0,
-                    seed: int = 0) -> torch.Tensor:
-    """n images (uint8 N x 3 x 64 x 64, CPU) from G_ema, breeds balanced, fixed seed -> same images."""
+def generate_images(G_ema: "torch.nn.Module", n: int, device, batch_size: int | None = None, truncation: float = 0.0,
+                    seed: int = 0, stop_check=None) -> "torch.Tensor":
+    """n images (uint8 N x 3 x 64 x 64, CPU) from G_ema, breeds balanced, fixed seed -> same images.
+
+    stop_check (optional) is called before every batch; it raises to abandon the generation (e.g. OutOfTime).
+    """
+    batch_size = batch_size or generation_batch_size(device)
     generator = torch.Generator().manual_seed(seed)
     labels = balanced_labels(n, G_ema.n_classes, "cpu", generator)
+    # every latent drawn up front (10,000 x 128 floats: 5 MB): the images do not depend on the batch size
+    latents = sample_z(n, G_ema.z_dim, "cpu", truncation, generator)
     G_ema.eval()
     chunks = []
     for start in range(0, n, batch_size):
+        if stop_check is not None:
+            stop_check()
         y = labels[start:start + batch_size].to(device)
-        z = sample_z(len(y), G_ema.z_dim, device, truncation, generator)
+        z = latents[start:start + batch_size].to(device)
         chunks.append(to_uint8(G_ema(z, y)))
     return torch.cat(chunks)
 
 
-def encode_png(img_chw: np.ndarray) -> bytes:
+def encode_png(img_chw: "np.ndarray") -> bytes:
     """One uint8 3 x H x W array -> PNG bytes (fast compression: the zip is stored, not deflated)."""
     buffer = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(img_chw.transpose(1, 2, 0)), "RGB").save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
 
 
-def write_images_zip(images: torch.Tensor, path: str, workers: int = 0) -> float:
+def _zip_entry(index: int) -> "zipfile.ZipInfo":
+    # a fixed timestamp: the same images give a byte-identical zip
+    return zipfile.ZipInfo(f"{index}.png", date_time=(2019, 6, 1, 0, 0, 0))
+
+
+def _zip_workers(workers: int) -> int:
+    return workers or min(8, os.cpu_count() or 1)
+
+
+def write_images_zip(images: "torch.Tensor", path: str, workers: int = 0, stop_check=None) -> float:
     """Write uint8 N x 3 x 64 x 64 images as 0.png .. N-1.png into `path` atomically; returns seconds taken.
 
-    PNGs are already compressed, so entries are stored; encoding runs in threads (PIL releases the GIL in zlib).
+    PNGs are already compressed, so entries are stored; encoding runs in threads (PIL releases the GIL in zlib),
+    ZIP_CHUNK images at a time. stop_check (optional) is called between chunks and may raise to abandon the zip;
+    whatever ends it early (that, an error, a stop signal), the temporary file goes and an old `path` stays whole.
     """
     start = time.time()
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"write_images_zip needs uint8 N x 3 x H x W images, got {images.dtype} {tuple(images.shape)}")
     array = images.numpy()
-    with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
-        png_bytes = list(pool.map(encode_png, array, chunksize=64))
-    with atomic_path(path) as tmp_path:
-        with zipfile.ZipFile(tmp_path, "w", compression=zipfile.ZIP_STORED) as archive:
-            for index, data in enumerate(png_bytes):
-                # a fixed timestamp: the same images give a byte-identical zip
-                archive.writestr(zipfile.ZipInfo(f"{index}.png", date_time=(2019, 6, 1, 0, 0, 0)), data)
+    pool = ThreadPoolExecutor(max_workers=_zip_workers(workers))
+    try:
+        with atomic_path(path) as tmp_path:
+            with zipfile.ZipFile(tmp_path, "w", compression=zipfile.ZIP_STORED) as archive:
+                for chunk_start in range(0, len(array), ZIP_CHUNK):
+                    if stop_check is not None:
+                        stop_check()
+                    chunk = array[chunk_start:chunk_start + ZIP_CHUNK]
+                    for index, data in enumerate(pool.map(encode_png, chunk), chunk_start):
+                        archive.writestr(_zip_entry(index), data)
+    finally:
+        # an abandoned chunk's queued encodings are dropped, not waited for
+        pool.shutdown(wait=True, cancel_futures=True)
     return time.time() - start
 
 
-def estimate_output_seconds(G: torch.nn.Module, n: int, device, batch_size: int = 500) -> float:
-    """Time one generation batch and the PNG encoding of it, scaled to n images: the reserve kept after training."""
-    probe = min(n, batch_size)
-    start = time.time()
-    images = generate_images(G, probe, device, batch_size=probe)
-    generate_s = time.time() - start
-    start = time.time()
-    for img in images.numpy()[:100]:
-        encode_png(img)
-    encode_s = (time.time() - start) / min(100, probe) * n / min(8, os.cpu_count() or 1)
-    return generate_s * n / probe + encode_s
+def measure_generation_seconds(G: "torch.nn.Module", device) -> "dict[int, tuple[float, torch.Tensor]]":
+    """{batch size: (seconds per image, the images)} of generate_images for GENERATE_BATCH_CANDIDATES on this device.
+    The smallest is timed after a warm-up on a few images (first calls pay for allocations and kernel selection);
+    a larger one, in one batch, only when that costs at most GENERATE_PROBE_S by the fastest speed so far."""
+    timed: "dict[int, tuple[float, torch.Tensor]]" = {}
+    for batch_size in GENERATE_BATCH_CANDIDATES:
+        if not timed:
+            generate_images(G, min(8, batch_size), device, batch_size=min(8, batch_size))
+        elif batch_size * min(per_image for per_image, _ in timed.values()) > GENERATE_PROBE_S:
+            break
+        start = time.time()
+        images = generate_images(G, batch_size, device, batch_size=batch_size)
+        timed[batch_size] = ((time.time() - start) / batch_size, images)
+    return timed
+
+
+def measure_zip_seconds(images: "torch.Tensor", workers: int = 0) -> float:
+    """Seconds per image write_images_zip spends on encoding (in its thread pool) and storing an entry, measured
+    in memory on `images` and on as many noise images, averaged: an untrained G's smooth images encode faster than
+    a trained G's, pure noise slower (PNG sizes: ~4, ~9 and 12.4 KB)."""
+    noise = torch.randint(0, 256, tuple(images.shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    per_image = []
+    with ThreadPoolExecutor(max_workers=_zip_workers(workers)) as pool:
+        for probe in (images.numpy(), noise.numpy()):
+            start = time.time()
+            with zipfile.ZipFile(io.BytesIO(), "w", compression=zipfile.ZIP_STORED) as archive:
+                for index, data in enumerate(pool.map(encode_png, probe)):
+                    archive.writestr(_zip_entry(index), data)
+            per_image.append((time.time() - start) / max(1, len(probe)))
+    return sum(per_image) / len(per_image)
+
+
+# ====================================================================================================
+# src/interrupt.py
+# SIGTERM and Ctrl-C outside the training loop: the stage in progress unwinds cleanly and the run ends in one line.
+#
+# The training loop catches the same signals itself (it finishes its step, saves a checkpoint and returns, so the
+# zip still gets written). Around everything else (data decoding, measuring, generation, the zip, scoring) a signal
+# raises RunInterrupted in the main thread: `with` blocks and `finally` clauses run (atomic writes delete their
+# temporary file, the old images.zip stays), and main() prints which stage was stopped.
+# ====================================================================================================
+# Functions of the pipeline, outermost first, and what a stop inside each of them means for the outputs.
+INTERRUPT_STAGES = {
+    "load_dogs": "while loading the data; nothing was written",
+    "real_features": "while computing the real images' features; nothing was written",
+    "plan_reserve": "while measuring the output time; nothing was written",
+    "train": "while setting up or wrapping up training; ckpt.pt is the last complete checkpoint",
+    "fallback_generator": "before images.zip was written; any previous images.zip is kept",
+    "pick_truncation": "while choosing the truncation; any previous images.zip is kept",
+    "write_submission": "while writing images.zip; any previous images.zip is kept and no temporary file is left",
+    "report_mifid": "while scoring; images.zip is complete",
+    "write_plots": "while drawing the plots; images.zip is complete",
+}
+
+
+class RunInterrupted(BaseException):
+    """SIGTERM/SIGINT outside training. A BaseException, like KeyboardInterrupt, so `except Exception` handlers
+    (the decode pool's fallback, a failing grid) do not swallow it."""
+
+    def __init__(self, signum: int, stage: str):
+        self.signum, self.stage = signum, stage
+        super().__init__(f"stopped by {signal.Signals(signum).name} {stage}".rstrip())
+
+
+def interrupt_stage_of(frame) -> str:
+    """What the outermost pipeline function on the stack was doing when the signal came (see INTERRUPT_STAGES)."""
+    stage = ""
+    while frame is not None:
+        stage = INTERRUPT_STAGES.get(frame.f_code.co_name, stage)
+        frame = frame.f_back
+    return stage
+
+
+@contextlib.contextmanager
+def signals_interrupt_run():
+    """While inside: SIGTERM and SIGINT raise RunInterrupted in this process's main thread.
+
+    Processes forked meanwhile (the decode pool) inherit the handler: there SIGINT is ignored (the parent decides,
+    and a terminal's Ctrl-C reaches the whole group) and SIGTERM ends the worker quietly.
+    Outside the main thread (signals cannot be caught there) this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    owner = os.getpid()
+
+    def on_signal(signum, frame):
+        if os.getpid() != owner:
+            # SystemExit, not os._exit: a worker stopped inside the pool's queue lock must release it on the way
+            # out (the parent's pool.terminate() takes that lock), and multiprocessing prints no traceback for it
+            if signum == signal.SIGTERM:
+                raise SystemExit(128 + signum)
+            return
+        raise RunInterrupted(signum, interrupt_stage_of(frame))
+
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    for signum in previous:
+        signal.signal(signum, on_signal)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
 
 # ====================================================================================================
@@ -1779,7 +2101,7 @@ class EffNetSameConv2d(nn.Conv2d):
     def __init__(self, in_ch: int, out_ch: int, kernel_size: int, stride: int = 1, groups: int = 1):
         super().__init__(in_ch, out_ch, kernel_size, stride=stride, padding=0, groups=groups, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
         pad_h = _effnet_same_pad(x.shape[-2], self.kernel_size[0], self.stride[0])
         pad_w = _effnet_same_pad(x.shape[-1], self.kernel_size[1], self.stride[1])
         if pad_h[0] == pad_h[1] and pad_w[0] == pad_w[1]:
@@ -1795,7 +2117,7 @@ def _effnet_same_pad(size: int, kernel: int, stride: int) -> tuple[int, int]:
     return total // 2, total - total // 2
 
 
-def _effnet_bn(channels: int) -> nn.BatchNorm2d:
+def _effnet_bn(channels: int) -> "nn.BatchNorm2d":
     return nn.BatchNorm2d(channels, eps=EFFNET_BN_EPS, momentum=EFFNET_BN_MOMENTUM)
 
 
@@ -1815,7 +2137,7 @@ class EffNetLiteBlock(nn.Module):
         self._bn2 = _effnet_bn(out_ch)
         self.has_skip = stride == 1 and in_ch == out_ch
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
         h = x
         if self.has_expand:
             h = F.relu6(self._bn0(self._expand_conv(h)), inplace=True)
@@ -1841,7 +2163,7 @@ class EfficientNetLite0(nn.Module):
         self._bn1 = _effnet_bn(EFFNET_LITE0_DIM)
         self._fc = nn.Linear(EFFNET_LITE0_DIM, num_classes)
 
-    def features(self, x01: torch.Tensor) -> torch.Tensor:
+    def features(self, x01: "torch.Tensor") -> "torch.Tensor":
         """Pooled head activations: bilinear resize to 224, scale (x*255 - 127) / 128, trunk, mean."""
         x = F.interpolate(x01, size=(EFFNET_LITE0_INPUT_SIZE, EFFNET_LITE0_INPUT_SIZE),
                           mode="bilinear", align_corners=False)
@@ -1852,7 +2174,7 @@ class EfficientNetLite0(nn.Module):
         x = F.relu6(self._bn1(self._conv_head(x)), inplace=True)
         return x.mean(dim=(2, 3))
 
-    def forward(self, x01: torch.Tensor) -> torch.Tensor:
+    def forward(self, x01: "torch.Tensor") -> "torch.Tensor":
         """ImageNet logits (standard 1000-class order); dropout is a no-op at inference."""
         return self._fc(self.features(x01))
 
@@ -1877,11 +2199,11 @@ class FIDConvBN(nn.Module):
         self.conv = nn.Conv2d(in_ch, out_ch, kernel_size, stride=stride, padding=padding, bias=False)
         self.bn = nn.BatchNorm2d(out_ch, eps=0.001)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
         return F.relu(self.bn(self.conv(x)))
 
 
-def _fid_tf_avg_pool(x: torch.Tensor) -> torch.Tensor:
+def _fid_tf_avg_pool(x: "torch.Tensor") -> "torch.Tensor":
     # TensorFlow's 3x3 average pool divides by the number of real (non-padded) pixels.
     return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
 
@@ -1899,7 +2221,7 @@ class FIDInceptionA(nn.Module):
         self.branch3x3dbl_3 = FIDConvBN(96, 96, 3, padding=1)
         self.branch_pool = FIDConvBN(in_ch, pool_features, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
         b1 = self.branch1x1(x)
         b5 = self.branch5x5_2(self.branch5x5_1(x))
         b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
@@ -1917,7 +2239,7 @@ class FIDInceptionB(nn.Module):
         self.branch3x3dbl_2 = FIDConvBN(64, 96, 3, padding=1)
         self.branch3x3dbl_3 = FIDConvBN(96, 96, 3, stride=2)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
         b3 = self.branch3x3(x)
         b3d = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
         bp = F.max_pool2d(x, kernel_size=3, stride=2)
@@ -1941,7 +2263,7 @@ class FIDInceptionC(nn.Module):
         self.branch7x7dbl_5 = FIDConvBN(c7, 192, (1, 7), padding=(0, 3))
         self.branch_pool = FIDConvBN(in_ch, 192, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
         b1 = self.branch1x1(x)
         b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
         b7d = self.branch7x7dbl_1(x)
@@ -1963,7 +2285,7 @@ class FIDInceptionD(nn.Module):
         self.branch7x7x3_3 = FIDConvBN(192, 192, (7, 1), padding=(3, 0))
         self.branch7x7x3_4 = FIDConvBN(192, 192, 3, stride=2)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
         b3 = self.branch3x3_2(self.branch3x3_1(x))
         b7 = self.branch7x7x3_1(x)
         for layer in (self.branch7x7x3_2, self.branch7x7x3_3, self.branch7x7x3_4):
@@ -1990,7 +2312,7 @@ class FIDInceptionE(nn.Module):
         self.branch3x3dbl_3b = FIDConvBN(384, 384, (3, 1), padding=(1, 0))
         self.branch_pool = FIDConvBN(in_ch, 192, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
         b1 = self.branch1x1(x)
         b3 = self.branch3x3_1(x)
         b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
@@ -2027,7 +2349,7 @@ class FIDInceptionV3(nn.Module):
         self.Mixed_7c = FIDInceptionE(2048, pool="max")
         self.fc = nn.Linear(FID_INCEPTION_DIM, 1008)
 
-    def features(self, x01: torch.Tensor) -> torch.Tensor:
+    def features(self, x01: "torch.Tensor") -> "torch.Tensor":
         """pool_3 activations: bilinear resize to 299, scale [0,1] -> [-1,1], trunk, global mean."""
         x = F.interpolate(x01, size=(FID_INCEPTION_INPUT_SIZE, FID_INCEPTION_INPUT_SIZE),
                           mode="bilinear", align_corners=False)
@@ -2041,7 +2363,7 @@ class FIDInceptionV3(nn.Module):
             x = block(x)
         return x.mean(dim=(2, 3))
 
-    def forward(self, x01: torch.Tensor) -> torch.Tensor:
+    def forward(self, x01: "torch.Tensor") -> "torch.Tensor":
         """Logits over the graph's 1008 classes (only for sanity checks; FID uses `features`)."""
         return self.fc(self.features(x01))
 
@@ -2082,7 +2404,7 @@ class SubmissionError(ValueError):
 
 
 
-def resize_images_uint8(images: torch.Tensor, size: int = MIFID_IMAGE_SIZE) -> torch.Tensor:
+def resize_images_uint8(images: "torch.Tensor", size: int = MIFID_IMAGE_SIZE) -> "torch.Tensor":
     """uint8 N x 3 x H x W -> uint8 N x 3 x size x size, bilinear (align_corners=False), rounded; no-op at size."""
     if images.shape[-2:] == (size, size):
         return images
@@ -2091,7 +2413,7 @@ def resize_images_uint8(images: torch.Tensor, size: int = MIFID_IMAGE_SIZE) -> t
 
 
 @contextlib.contextmanager
-def _mifid_fp32(device: torch.device):
+def _mifid_fp32(device: "torch.device"):
     """Full fp32 inside: no autocast from a caller, no TF32 convolutions or matmuls on CUDA."""
     saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
     try:
@@ -2107,7 +2429,7 @@ def _mifid_fp32(device: torch.device):
 class FeatureExtractor:
     """Callable: uint8 N x 3 x H x W images (RGB 0..255) -> float32 CPU N x dim features of one backbone."""
 
-    def __init__(self, name: str, model: torch.nn.Module, device, weights_id: str, batch_size: int = 0):
+    def __init__(self, name: str, model: "torch.nn.Module", device, weights_id: str, batch_size: int = 0):
         if name not in MIFID_BACKBONES:
             raise ValueError(f"unknown MiFID backbone {name!r}; choose one of {', '.join(MIFID_BACKBONES)}")
         spec = MIFID_BACKBONES[name]
@@ -2120,7 +2442,7 @@ class FeatureExtractor:
         for param in self.model.parameters():
             param.requires_grad_(False)
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+    def __call__(self, images: "torch.Tensor") -> "torch.Tensor":
         if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4 \
                 or images.shape[1] != 3:
             got = f"{images.dtype} {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
@@ -2134,7 +2456,7 @@ class FeatureExtractor:
         return feats
 
 
-def _mifid_resolve_device(device) -> torch.device:
+def _mifid_resolve_device(device) -> "torch.device":
     if device in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -2148,7 +2470,7 @@ def _mifid_file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def load_feature_extractor(backbone: str, weights_path: str, device="auto") -> FeatureExtractor:
+def load_feature_extractor(backbone: str, weights_path: str, device="auto") -> "FeatureExtractor":
     """Backbone ("inception" | "efficientnet-lite0" | "auto": from the state-dict keys) with weights loaded strictly."""
     if not weights_path or not os.path.isfile(weights_path):
         raise FileNotFoundError(
@@ -2198,14 +2520,14 @@ def find_fid_weights(search_root: str = "/kaggle/input") -> tuple[str, str] | No
     return None
 
 
-def _mifid_float64(feats) -> np.ndarray:
+def _mifid_float64(feats) -> "np.ndarray":
     array = feats.detach().cpu().numpy() if isinstance(feats, torch.Tensor) else np.asarray(feats)
     if array.ndim != 2:
         raise ValueError(f"features must be a 2-D N x D array, got shape {array.shape}")
     return array.astype(np.float64)
 
 
-def feature_stats(feats) -> tuple[np.ndarray, np.ndarray]:
+def feature_stats(feats) -> "tuple[np.ndarray, np.ndarray]":
     """(mu, sigma) in float64: mean and np.cov(rowvar=False) of N x D features."""
     array = _mifid_float64(feats)
     if len(array) < 2:
@@ -2213,7 +2535,7 @@ def feature_stats(feats) -> tuple[np.ndarray, np.ndarray]:
     return np.mean(array, axis=0), np.cov(array, rowvar=False)
 
 
-def _mifid_sqrtm(matrix: np.ndarray) -> np.ndarray:
+def _mifid_sqrtm(matrix: "np.ndarray") -> "np.ndarray":
     # scipy >= 1.16 deprecates disp=False; the plain call returns the same matrix on old and new scipy.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -2242,7 +2564,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
-def _mifid_unit_rows(feats, device) -> torch.Tensor:
+def _mifid_unit_rows(feats, device) -> "torch.Tensor":
     # Kaggle: drop rows whose sum is 0, then L2-normalise (nan -> 0) in float64
     rows = torch.as_tensor(_mifid_float64(feats), device=device)
     rows = rows[rows.sum(dim=1) != 0]
@@ -2287,14 +2609,14 @@ def mifid_score(gen_feats, real_feats, eps: float, real_stats=None, mem_feats=No
     return dict(fid=fid, d=d, d_thr=d_thr, mifid=fid / (d_thr + MIFID_DENOM_EPS), eps=float(eps))
 
 
-def _mifid_content_key(images: torch.Tensor, extractor: FeatureExtractor) -> str:
+def _mifid_content_key(images: "torch.Tensor", extractor: "FeatureExtractor") -> str:
     digest = hashlib.sha256()
     digest.update(f"{extractor.name}|{extractor.weights_id}|{tuple(images.shape)}|{images.dtype}|".encode())
     digest.update(memoryview(images.detach().cpu().contiguous().numpy()).cast("B"))
     return digest.hexdigest()[:24]
 
 
-def cached_real_features(extractor: FeatureExtractor, real_uint8: torch.Tensor, cache_dir: str) -> torch.Tensor:
+def cached_real_features(extractor: "FeatureExtractor", real_uint8: "torch.Tensor", cache_dir: str) -> "torch.Tensor":
     """extractor(real_uint8), kept in cache_dir under a hash of the images, the backbone and its weights."""
     path = os.path.join(cache_dir, f"real_features_{extractor.name}_{_mifid_content_key(real_uint8, extractor)}.pt")
     if os.path.exists(path):
@@ -2316,7 +2638,7 @@ def cached_real_features(extractor: FeatureExtractor, real_uint8: torch.Tensor, 
 
 
 def read_images_zip(path: str, expect_n: int | None = MIFID_SUBMISSION_COUNT,
-                    size: int = MIFID_IMAGE_SIZE) -> torch.Tensor:
+                    size: int = MIFID_IMAGE_SIZE) -> "torch.Tensor":
     """uint8 N x 3 x size x size from a submission zip; SubmissionError unless every entry is a size x size
     RGB PNG and (expect_n given) there are exactly expect_n of them. Folders inside the zip are ignored."""
     if not os.path.isfile(path):
@@ -2357,7 +2679,7 @@ def validate_submission(path: str) -> None:
     read_images_zip(path, expect_n=MIFID_SUBMISSION_COUNT, size=MIFID_IMAGE_SIZE)
 
 
-def load_image_folder(path: str, size: int = MIFID_IMAGE_SIZE) -> torch.Tensor:
+def load_image_folder(path: str, size: int = MIFID_IMAGE_SIZE) -> "torch.Tensor":
     """Every image file under path (recursive, sorted) as uint8 N x 3 x size x size RGB, bilinear-resized;
     undecodable files are skipped and counted."""
     if not os.path.isdir(path):
@@ -2443,6 +2765,72 @@ def mifid_cli(argv: list[str] | None = None) -> int:
 
 
 # ====================================================================================================
+# src/preflight.py
+# Start-up checks of the output folder, so a run does not find out after its whole budget that it cannot write.
+# ====================================================================================================
+# Subfolders of OUT that atomic writes go to (grids, the real-feature cache) besides OUT itself.
+OUT_SUBFOLDERS = ("samples", "cache")
+# Bytes written (and fsynced) to time the disk: enough to get past the page cache's first gulp, quick anywhere.
+WRITE_PROBE_BYTES = 8 * 2**20
+# Room kept free beyond the zip and the checkpoint: sample grids, stats.jsonl, plots, mifid.json.
+OUT_SPARE_BYTES = 32 * 2**20
+
+
+class OutputError(RuntimeError):
+    """--out cannot take this run's files (not a folder, not writable, too little free space); says what to do."""
+
+
+def prepare_out_dir(out_dir: str) -> None:
+    """Create OUT if needed and prove it writable (a probe file created and removed); remove the temporary files a
+    killed run left there. Raises OutputError with one clear line otherwise."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise OutputError(f"--out {out_dir} is a file, not a folder: pass a folder (it is created if missing)")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = os.path.join(out_dir, f".dogkernel-write-test-{os.getpid()}")
+        with open(probe, "wb") as f:
+            f.write(b"ok")
+        os.remove(probe)
+    except OSError as error:
+        raise OutputError(f"--out {out_dir} is not writable ({error.strerror or error}): pass a folder this "
+                          f"process can write to") from None
+    removed = []
+    for folder in (out_dir, *(os.path.join(out_dir, name) for name in OUT_SUBFOLDERS)):
+        removed += remove_stale_tmp_files(folder)
+    if removed:
+        log("main", f"removed {len(removed)} temporary file(s) an interrupted run left: "
+            f"{', '.join(os.path.basename(p) for p in removed)}")
+
+
+def measure_write_speed(out_dir: str, n_bytes: int = WRITE_PROBE_BYTES) -> float:
+    """Bytes per second written and fsynced in OUT (the zip and checkpoint writes end with an fsync)."""
+    probe = os.path.join(out_dir, f".dogkernel-speed-test-{os.getpid()}")
+    block = os.urandom(2**20)  # random: a compressing file system cannot shrink it
+    start = time.time()
+    try:
+        with open(probe, "wb") as f:
+            for _ in range(max(1, n_bytes // len(block))):
+                f.write(block)
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        if os.path.exists(probe):
+            os.remove(probe)
+    return max(1, n_bytes // len(block)) * len(block) / max(1e-6, time.time() - start)
+
+
+def check_free_space(out_dir: str, need: dict[str, int]) -> None:
+    """Raise OutputError unless OUT's disk has room for every file in `need` ({name: bytes}) written anew beside its
+    old version (atomic writes keep the old file until the new one is whole), plus OUT_SPARE_BYTES."""
+    total = sum(need.values()) + OUT_SPARE_BYTES
+    free = shutil.disk_usage(out_dir).free
+    if free < total:
+        parts = ", ".join(f"{name} ~{size / 2**20:.0f} MiB" for name, size in need.items())
+        raise OutputError(f"--out {out_dir} has {free / 2**20:.0f} MiB free, this run needs ~{total / 2**20:.0f} MiB "
+                          f"({parts}, plus samples and logs): free some space or pass another --out")
+
+
+# ====================================================================================================
 # src/report.py
 # Plots of a run from OUT/stats.jsonl: losses, D outputs, FID and speed (matplotlib when installed).
 # ====================================================================================================
@@ -2483,9 +2871,10 @@ def write_plots(out_dir: str) -> list[str]:
         log("report", f"{stats_path} has no status records: nothing to plot")
         return []
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        # A Figure with its own Agg canvas, not pyplot: pyplot would switch the backend of the whole process,
+        # and in a notebook every later cell would lose its inline plots.
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError:
         log("report", "matplotlib is not installed: plots skipped (stats.jsonl has the numbers)")
         return []
@@ -2494,7 +2883,9 @@ def write_plots(out_dir: str) -> list[str]:
               ("D outputs (logits)", [("d_real", "D(x)"), ("d_fake", "D(G(z))")]),
               ("FID of G_ema", [("fid", "FID")]),
               ("speed", [("images_per_s", "images/s")])]
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    fig = Figure(figsize=(11, 7))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, 2)
     for ax, (title, series) in zip(axes.flat, panels):
         for key, label in series:
             kimg, values = _report_series(records, key)
@@ -2510,7 +2901,6 @@ def write_plots(out_dir: str) -> list[str]:
     path = os.path.join(out_dir, PLOTS_NAME)
     with atomic_path(path) as tmp_path:
         fig.savefig(tmp_path, format="png", dpi=90)
-    plt.close(fig)
     log("report", f"wrote {path}")
     return [path]
 
@@ -2533,7 +2923,7 @@ def seconds_per_image(extractor) -> float:
     return (time.time() - start) / len(probe)
 
 
-def reserve_for_scoring(cfg: Config, extractor) -> float:
+def reserve_for_scoring(cfg: "Config", extractor) -> float:
     """Seconds the end of the run needs for MiFID (and the truncation search): features of the generated images.
 
     The real images' features are computed before training (real_features), so they need no reserve.
@@ -2545,12 +2935,12 @@ def reserve_for_scoring(cfg: Config, extractor) -> float:
     return seconds_per_image(extractor) * n_generated + (20.0 if training_fid else 0.0)
 
 
-def real_features(extractor, data, out_dir: str) -> torch.Tensor:
+def real_features(extractor, data, out_dir: str) -> "torch.Tensor":
     """The training crops' features, computed once per run (or read from the cache of an earlier run)."""
     return cached_real_features(extractor, data.images, os.path.join(out_dir, "cache"))
 
 
-def make_training_fid(cfg: Config, extractor, real_feats: torch.Tensor, device):
+def make_training_fid(cfg: "Config", extractor, real_feats: "torch.Tensor", device):
     """fid_fn(G_ema) -> FID of cfg.fid_samples generated images against the training crops, or None when off."""
     if parse_duration(cfg.fid_every) <= 0:
         return None
@@ -2564,7 +2954,7 @@ def make_training_fid(cfg: Config, extractor, real_feats: torch.Tensor, device):
     return fid_fn
 
 
-def pick_truncation(cfg: Config, G_ema, extractor, real_feats: torch.Tensor, device) -> float:
+def pick_truncation(cfg: "Config", G_ema, extractor, real_feats: "torch.Tensor", device) -> float:
     """cfg.truncation, or with --truncation-search the candidate with the lowest MiFID on cfg.fid_samples images."""
     if not cfg.truncation_search:
         return cfg.truncation
@@ -2580,7 +2970,7 @@ def pick_truncation(cfg: Config, G_ema, extractor, real_feats: torch.Tensor, dev
     return best
 
 
-def report_mifid(cfg: Config, extractor, zip_path: str, real_feats: torch.Tensor, out_dir: str) -> dict:
+def report_mifid(cfg: "Config", extractor, zip_path: str, real_feats: "torch.Tensor", out_dir: str) -> dict:
     """MiFID of the submitted zip itself (read back and validated) against the training crops; OUT/mifid.json."""
     start = time.time()
     gen_img = read_images_zip(zip_path, expect_n=cfg.n_images)
@@ -2591,6 +2981,108 @@ def report_mifid(cfg: Config, extractor, zip_path: str, real_feats: torch.Tensor
     log("score", f"{extractor.name}: FID {result['fid']:.2f}  d {result['d']:.4f}  d_thr {result['d_thr']:.4f}  "
         f"MiFID {result['mifid']:.2f}  ({time.time() - start:.0f}s)")
     return result
+
+
+# ====================================================================================================
+# src/reserve.py
+# The reserve: what the end of training, generation, the zip and scoring will take, measured at start-up on this
+# device with the run's own models, and the refusal of a budget that cannot hold them.
+# ====================================================================================================
+# Training must get at least this many rounds, or the run is refused: a zip from an untrained G is noise.
+MIN_TRAIN_ROUNDS = 2
+# Images G_ema draws after the training window: the last 8 x 8 sample grid and the 4 x 10 interpolation strip.
+TAIL_IMAGES = 64 + 40
+
+
+@dataclass
+class OutputPlan:
+    """Seconds measured at start-up (before the safety factor) for what comes after the training window."""
+    output_s: float      # generate n_images, encode them and write images.zip
+    generate_batch: int  # the faster batch size for generating on this device
+    tail_s: float        # the end of training: its last round, the last grid and strip, the last checkpoint
+    scoring_s: float     # MiFID and the truncation search (0 without a backbone)
+    mifid_s: float       # the part of scoring_s that scores the finished zip
+    round_s: float       # one training round
+
+
+@torch.no_grad()
+def measure_d_seconds(D: "torch.nn.Module", images: "torch.Tensor", device) -> float:
+    """Seconds per image of one D forward on `images` (uint8, CPU), after a warm-up on a few of them."""
+    real_img = images.to(device).float() / 127.5 - 1
+    labels = torch.zeros(len(real_img), dtype=torch.long, device=device)
+    D.eval()
+    D(real_img[:4], labels[:4])
+    start = time.time()
+    logits, _ = D(real_img, labels)
+    logits.float().sum().item()  # waits for the device
+    return (time.time() - start) / len(real_img)
+
+
+def training_round_seconds(cfg: "Config", gen_s: float, d_s: float) -> float:
+    """One training round from forward times per image: a forward and its backward cost ~3 forwards; D sees a real
+    and a fake batch per D step and a fake one per G step; the first G step reuses the D step's fakes when n_dis=1.
+    The loop checks its deadline between rounds, so the last round can run this far past the training window."""
+    n_dis = max(cfg.n_dis, cfg.n_dis_max if cfg.dis_loss_limit > 0 else 0)
+    g_forwards = n_dis + cfg.g_steps - (1 if n_dis == 1 else 0)
+    d_forwards = 2 * n_dis + cfg.g_steps
+    return 3 * cfg.batch_size * (g_forwards * gen_s + d_forwards * d_s)
+
+
+def checkpoint_bytes(G: "torch.nn.Module", D: "torch.nn.Module") -> int:
+    """Size of ckpt.pt: G, G_ema, the best G_ema and G's two Adam moments; D and its two moments; 1 MiB for the rest."""
+    def size(module):
+        return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+    return 5 * size(G) + 3 * size(D) + 2**20
+
+
+def mifid_share(cfg: "Config") -> float:
+    """The fraction of the scoring reserve that scores the zip itself (the rest: truncation search, final FID)."""
+    searched = len(TRUNCATION_CANDIDATES) * cfg.fid_samples if cfg.truncation_search else 0
+    return cfg.n_images / (cfg.n_images + searched + cfg.fid_samples)
+
+
+def plan_reserve(cfg: "Config", deadline: "Deadline", n_classes: int, device: "torch.device", extractor,
+                 out_dir: str) -> "OutputPlan":
+    """Measure the output stages with the run's models (untrained: same shapes, same speed), check the disk has
+    room for images.zip and ckpt.pt, and keep the reserve back from training. Raises BudgetError, naming the
+    smallest budget that fits, when training would not get MIN_TRAIN_ROUNDS rounds."""
+    probe_G, probe_D = build_models(cfg, n_classes)
+    probe_G, probe_D = probe_G.to(device), probe_D.to(device)
+    timed = measure_generation_seconds(probe_G, device)
+    generate_batch = min(timed, key=lambda batch_size: timed[batch_size][0])
+    gen_s, probe_img = timed[generate_batch]
+    # a training batch is nearer the smallest candidate, whose speed the round estimate takes
+    round_gen_s = timed[min(timed)][0]
+    zip_s = measure_zip_seconds(probe_img[:64])
+    d_s = measure_d_seconds(probe_D, probe_img[:64], device)
+    write_speed = measure_write_speed(out_dir)
+    zip_bytes, ckpt_bytes = cfg.n_images * ZIP_BYTES_PER_IMAGE_MAX, checkpoint_bytes(probe_G, probe_D)
+    del probe_G, probe_D, probe_img, timed
+    check_free_space(out_dir, {"images.zip": zip_bytes, "ckpt.pt": ckpt_bytes})
+
+    round_s = training_round_seconds(cfg, round_gen_s, d_s)
+    scoring_s = reserve_for_scoring(cfg, extractor) if extractor is not None else 0.0
+    plan = OutputPlan(output_s=cfg.n_images * (gen_s + zip_s) + zip_bytes / write_speed, generate_batch=generate_batch,
+                      tail_s=round_s + TAIL_IMAGES * round_gen_s + ckpt_bytes / write_speed,
+                      scoring_s=scoring_s, mifid_s=scoring_s * mifid_share(cfg), round_s=round_s)
+    budget_s = deadline.end - deadline.start
+    measured_s = RESERVE_SAFETY * (plan.output_s + plan.tail_s + plan.scoring_s)
+    deadline.reserve(measured_s + reserve_margin(budget_s))
+    min_train_s = MIN_TRAIN_ROUNDS * round_s
+    log("main", f"budget {format_duration(budget_s)}: start-up took {format_duration(deadline.elapsed())}, reserving "
+        f"{format_duration(deadline.reserve_s)} (images {format_duration(plan.output_s)}, end of training "
+        f"{format_duration(plan.tail_s)}{f', MiFID {format_duration(plan.scoring_s)}' if extractor else ''}, "
+        f"x{RESERVE_SAFETY} + margin), training gets {format_duration(max(0.0, deadline.train_remaining()))}")
+    if deadline.train_remaining() < min_train_s:
+        fitting = smallest_budget(deadline.elapsed() + measured_s + min_train_s)
+        scoring = f", MiFID ~{format_duration(plan.scoring_s)}" if extractor is not None else ""
+        lighter = "a lighter model, e.g. --recipe cgan, or " if cfg.arch == "resnet" else ""
+        raise BudgetError(
+            f"--time-budget {budget_flag_text(budget_s)} is too small for this model on {device}: start-up took "
+            f"{format_duration(deadline.elapsed())}, {cfg.n_images} images take ~{format_duration(plan.output_s)} "
+            f"to generate and zip here{scoring}, a training round ~{format_duration(round_s)}; give --time-budget "
+            f"{budget_flag_text(fitting)} or more (or {lighter}fewer --n-images for a local test)")
+    return plan
 
 
 # ====================================================================================================
@@ -2619,7 +3111,7 @@ def _synth_breed(i: int) -> tuple[str, tuple, tuple]:
     return f"Breed{i:03d}_synth", body, tuple(c * 2 // 3 for c in body)
 
 
-def _synth_background(rng: np.random.Generator, width: int, height: int) -> Image.Image:
+def _synth_background(rng: "np.random.Generator", width: int, height: int) -> "Image.Image":
     """Muted vertical gradient (sky to ground) with grain: texture for D to see, unlike any dog colour."""
     top = rng.uniform(120, 220, 3)
     bottom = rng.uniform(40, 140, 3)
@@ -2628,7 +3120,7 @@ def _synth_background(rng: np.random.Generator, width: int, height: int) -> Imag
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
 
 
-def _synth_draw_dog(draw: ImageDraw.ImageDraw, rng: np.random.Generator, x: float, y: float, body_w: float,
+def _synth_draw_dog(draw: "ImageDraw.ImageDraw", rng: "np.random.Generator", x: float, y: float, body_w: float,
                     body_colour, head_colour, facing_right: bool) -> tuple[int, int, int, int]:
     """Body ellipse, head, ears, legs and tail with (x, y) the body's top-left; returns the dog's box."""
     body_h = body_w * rng.uniform(0.45, 0.6)
@@ -2716,24 +3208,24 @@ def make_tiny_dataset(root: str, n_images: int = 96, n_breeds: int = 4, seed: in
 # Images are [B, C, H, W] in [-1, 1]. Ranges as in the paper: brightness +U(-0.5, 0.5), saturation x U(0, 2),
 # contrast x U(0.5, 1.5), translation up to 1/8 of the image with zero padding, cutout of a square half the image.
 # ====================================================================================================
-def rand_brightness(x: torch.Tensor) -> torch.Tensor:
+def rand_brightness(x: "torch.Tensor") -> "torch.Tensor":
     # x + U(-0.5, 0.5), one offset per image
     return x + (torch.rand(x.shape[0], 1, 1, 1, device=x.device, dtype=x.dtype) - 0.5)
 
 
-def rand_saturation(x: torch.Tensor) -> torch.Tensor:
+def rand_saturation(x: "torch.Tensor") -> "torch.Tensor":
     # scale each pixel's deviation from its channel mean by U(0, 2)
     x_mean = x.mean(dim=1, keepdim=True)
     return (x - x_mean) * (torch.rand(x.shape[0], 1, 1, 1, device=x.device, dtype=x.dtype) * 2.0) + x_mean
 
 
-def rand_contrast(x: torch.Tensor) -> torch.Tensor:
+def rand_contrast(x: "torch.Tensor") -> "torch.Tensor":
     # scale the deviation from the image mean by U(0.5, 1.5)
     x_mean = x.mean(dim=(1, 2, 3), keepdim=True)
     return (x - x_mean) * (torch.rand(x.shape[0], 1, 1, 1, device=x.device, dtype=x.dtype) + 0.5) + x_mean
 
 
-def translate_images(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+def translate_images(x: "torch.Tensor", dy: "torch.Tensor", dx: "torch.Tensor") -> "torch.Tensor":
     """Move image b by (dy[b], dx[b]) whole pixels (positive: down, right), filling with zeros.
 
     out[b, :, i, j] = x[b, :, i - dy[b], j - dx[b]], or 0 where that falls outside the image.
@@ -2748,7 +3240,7 @@ def translate_images(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor) -> tor
     return (moved * inside[..., None].to(x.dtype)).permute(0, 3, 1, 2)
 
 
-def rand_translation(x: torch.Tensor, ratio: float = 0.125) -> torch.Tensor:
+def rand_translation(x: "torch.Tensor", ratio: float = 0.125) -> "torch.Tensor":
     # integer shifts uniform in [-ratio * size, ratio * size] per image and axis
     b, _, h, w = x.shape
     max_dy, max_dx = int(h * ratio + 0.5), int(w * ratio + 0.5)
@@ -2757,7 +3249,7 @@ def rand_translation(x: torch.Tensor, ratio: float = 0.125) -> torch.Tensor:
     return translate_images(x, dy, dx)
 
 
-def rand_cutout(x: torch.Tensor, ratio: float = 0.5) -> torch.Tensor:
+def rand_cutout(x: "torch.Tensor", ratio: float = 0.5) -> "torch.Tensor":
     # zero a (ratio * size)^2 square centred anywhere in the image (clipped by the border), one per image
     b, _, h, w = x.shape
     size_h, size_w = int(h * ratio + 0.5), int(w * ratio + 0.5)
@@ -2789,7 +3281,7 @@ def parse_diffaug_policy(policy: str) -> list[str]:
     return names
 
 
-def diff_augment(x: torch.Tensor, policy: str) -> torch.Tensor:
+def diff_augment(x: "torch.Tensor", policy: str) -> "torch.Tensor":
     """Apply the policy's ops in order, the same way to real and fake batches (D only ever sees augmented images)."""
     for name in parse_diffaug_policy(policy):
         for fn in AUGMENT_FNS[name]:
@@ -2797,13 +3289,13 @@ def diff_augment(x: torch.Tensor, policy: str) -> torch.Tensor:
     return x
 
 
-def random_flip(x: torch.Tensor) -> torch.Tensor:
+def random_flip(x: "torch.Tensor") -> "torch.Tensor":
     """Mirror each image left-right with probability 1/2."""
     flip = torch.rand(x.shape[0], 1, 1, 1, device=x.device) < 0.5
     return torch.where(flip, x.flip(3), x)
 
 
-def uint8_to_unit(img_uint8: torch.Tensor) -> torch.Tensor:
+def uint8_to_unit(img_uint8: "torch.Tensor") -> "torch.Tensor":
     """uint8 [0, 255] images -> float32 in [-1, 1] (x / 127.5 - 1), keeping the device and memory layout."""
     if img_uint8.dtype != torch.uint8:
         raise TypeError(f"uint8_to_unit expects a uint8 tensor, got {img_uint8.dtype}")
@@ -2830,7 +3322,7 @@ def ema_beta_at(step: int, beta: float, rampup: float) -> float:
 
 
 @torch.no_grad()
-def ema_update(G_ema: torch.nn.Module, G: torch.nn.Module, beta: float) -> None:
+def ema_update(G_ema: "torch.nn.Module", G: "torch.nn.Module", beta: float) -> None:
     """G_ema <- beta * G_ema + (1 - beta) * G for parameters (one fused lerp); buffers are copied from G."""
     ema_params = list(G_ema.parameters())
     params = list(G.parameters())
@@ -2854,7 +3346,7 @@ def ema_update(G_ema: torch.nn.Module, G: torch.nn.Module, beta: float) -> None:
 LossTarget = torch.Tensor | float
 
 
-def _loss_target(target: LossTarget, like: torch.Tensor) -> torch.Tensor:
+def _loss_target(target: "LossTarget", like: "torch.Tensor") -> "torch.Tensor":
     # a float target becomes a tensor shaped like the logits; a tensor target is used as given, in fp32
     if isinstance(target, torch.Tensor):
         return target.to(device=like.device, dtype=torch.float32)
@@ -2862,51 +3354,51 @@ def _loss_target(target: LossTarget, like: torch.Tensor) -> torch.Tensor:
 
 
 # ---- hinge (Lim & Ye; SNGAN, SAGAN, BigGAN) ------------------------------------------------------------
-def d_hinge_loss(real_logit, fake_logit, real_target: LossTarget = 1.0, fake_target: LossTarget = 0.0) -> torch.Tensor:
+def d_hinge_loss(real_logit, fake_logit, real_target: "LossTarget" = 1.0, fake_target: "LossTarget" = 0.0) -> "torch.Tensor":
     # L_D = E[relu(1 - D(x))] + E[relu(1 + D(G(z)))]
     return F.relu(1.0 - real_logit.float()).mean() + F.relu(1.0 + fake_logit.float()).mean()
 
 
-def g_hinge_loss(real_logit, fake_logit) -> torch.Tensor:
+def g_hinge_loss(real_logit, fake_logit) -> "torch.Tensor":
     # L_G = -E[D(G(z))]
     return -fake_logit.float().mean()
 
 
 # ---- non-saturating BCE (Goodfellow et al.; DCGAN) -------------------------------------------------------
-def d_bce_loss(real_logit, fake_logit, real_target: LossTarget = 1.0, fake_target: LossTarget = 0.0) -> torch.Tensor:
+def d_bce_loss(real_logit, fake_logit, real_target: "LossTarget" = 1.0, fake_target: "LossTarget" = 0.0) -> "torch.Tensor":
     # L_D = BCE(sigmoid(D(x)), t_real) + BCE(sigmoid(D(G(z))), t_fake); soft/noisy targets t in [0, 1]
     real_logit, fake_logit = real_logit.float(), fake_logit.float()
     return (F.binary_cross_entropy_with_logits(real_logit, _loss_target(real_target, real_logit))
             + F.binary_cross_entropy_with_logits(fake_logit, _loss_target(fake_target, fake_logit)))
 
 
-def g_bce_loss(real_logit, fake_logit) -> torch.Tensor:
+def g_bce_loss(real_logit, fake_logit) -> "torch.Tensor":
     # L_G = BCE(sigmoid(D(G(z))), 1) = E[softplus(-D(G(z)))]  (non-saturating)
     return F.softplus(-fake_logit.float()).mean()
 
 
 # ---- least squares (Mao et al., LSGAN with a=0, b=c=1) -----------------------------------------------------
-def d_ls_loss(real_logit, fake_logit, real_target: LossTarget = 1.0, fake_target: LossTarget = 0.0) -> torch.Tensor:
+def d_ls_loss(real_logit, fake_logit, real_target: "LossTarget" = 1.0, fake_target: "LossTarget" = 0.0) -> "torch.Tensor":
     # L_D = 1/2 E[(D(x) - t_real)^2] + 1/2 E[(D(G(z)) - t_fake)^2]
     real_logit, fake_logit = real_logit.float(), fake_logit.float()
     return 0.5 * ((real_logit - _loss_target(real_target, real_logit)).pow(2).mean()
                   + (fake_logit - _loss_target(fake_target, fake_logit)).pow(2).mean())
 
 
-def g_ls_loss(real_logit, fake_logit) -> torch.Tensor:
+def g_ls_loss(real_logit, fake_logit) -> "torch.Tensor":
     # L_G = 1/2 E[(D(G(z)) - 1)^2]
     return 0.5 * (fake_logit.float() - 1.0).pow(2).mean()
 
 
 # ---- relativistic average least squares (Jolicoeur-Martineau) ----------------------------------------------
-def d_rals_loss(real_logit, fake_logit, real_target: LossTarget = 1.0, fake_target: LossTarget = 0.0) -> torch.Tensor:
+def d_rals_loss(real_logit, fake_logit, real_target: "LossTarget" = 1.0, fake_target: "LossTarget" = 0.0) -> "torch.Tensor":
     # L_D = 1/2 (E[(D(x) - E D(G(z)) - 1)^2] + E[(D(G(z)) - E D(x) + 1)^2])
     real_logit, fake_logit = real_logit.float(), fake_logit.float()
     return 0.5 * ((real_logit - fake_logit.mean() - 1.0).pow(2).mean()
                   + (fake_logit - real_logit.mean() + 1.0).pow(2).mean())
 
 
-def g_rals_loss(real_logit, fake_logit) -> torch.Tensor:
+def g_rals_loss(real_logit, fake_logit) -> "torch.Tensor":
     # L_G = 1/2 (E[(D(G(z)) - E D(x) - 1)^2] + E[(D(x) - E D(G(z)) + 1)^2])
     real_logit, fake_logit = real_logit.float(), fake_logit.float()
     return 0.5 * ((fake_logit - real_logit.mean() - 1.0).pow(2).mean()
@@ -2914,18 +3406,18 @@ def g_rals_loss(real_logit, fake_logit) -> torch.Tensor:
 
 
 # ---- Wasserstein (Arjovsky et al.; add gradient_penalty for WGAN-GP) ---------------------------------------
-def d_wgan_loss(real_logit, fake_logit, real_target: LossTarget = 1.0, fake_target: LossTarget = 0.0) -> torch.Tensor:
+def d_wgan_loss(real_logit, fake_logit, real_target: "LossTarget" = 1.0, fake_target: "LossTarget" = 0.0) -> "torch.Tensor":
     # L_D = E[D(G(z))] - E[D(x)]
     return fake_logit.float().mean() - real_logit.float().mean()
 
 
-def g_wgan_loss(real_logit, fake_logit) -> torch.Tensor:
+def g_wgan_loss(real_logit, fake_logit) -> "torch.Tensor":
     # L_G = -E[D(G(z))]
     return -fake_logit.float().mean()
 
 
-def gradient_penalty(D, real_img: torch.Tensor, fake_img: torch.Tensor, labels: torch.Tensor | None,
-                     weight: float = 10.0) -> torch.Tensor:
+def gradient_penalty(D, real_img: "torch.Tensor", fake_img: "torch.Tensor", labels: "torch.Tensor | None",
+                     weight: float = 10.0) -> "torch.Tensor":
     """WGAN-GP (Gulrajani et al.): weight * E[(||grad_x_hat D(x_hat)||_2 - 1)^2], x_hat = a x + (1 - a) G(z),
     a ~ U[0, 1] per sample. Interpolates in fp32; create_graph=True so the penalty trains D.
 
@@ -2941,14 +3433,14 @@ def gradient_penalty(D, real_img: torch.Tensor, fake_img: torch.Tensor, labels: 
     return weight * (grad_norm - 1.0).pow(2).mean()
 
 
-def aux_class_loss(class_logits: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
+def aux_class_loss(class_logits: "torch.Tensor | None", labels: "torch.Tensor") -> "torch.Tensor":
     """ACGAN's auxiliary breed loss: cross-entropy(class_logits, labels); a 0 tensor when D has no classifier."""
     if class_logits is None:
         return torch.zeros((), device=labels.device)
     return F.cross_entropy(class_logits.float(), labels)
 
 
-def noisy_labels(n: int, low: float, high: float, device, generator: torch.Generator | None = None) -> torch.Tensor:
+def noisy_labels(n: int, low: float, high: float, device, generator: "torch.Generator | None" = None) -> "torch.Tensor":
     """n targets uniform in [low, high] (the Kaggle kernels' real 0.9-1.0, fake 0.0-0.1)."""
     if low > high:
         raise ValueError(f"noisy label range is empty: low {low} > high {high}")
@@ -2972,7 +3464,7 @@ GAN_LOSSES = {
 class Precision:
     """How the training step runs on this device."""
     device_type: str            # "cuda" | "cpu" | ...
-    dtype: torch.dtype | None   # autocast dtype; None: plain fp32
+    dtype: "torch.dtype | None"   # autocast dtype; None: plain fp32
     use_scaler: bool            # fp16 needs a loss scaler (one per optimiser)
     channels_last: bool         # NHWC activations and weights
 
@@ -2981,7 +3473,7 @@ class Precision:
         return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.dtype, "fp32")
 
 
-def choose_precision(amp: str, device: torch.device | str, channels_last: bool = True) -> Precision:
+def choose_precision(amp: str, device: "torch.device | str", channels_last: bool = True) -> "Precision":
     """auto: bf16 autocast on CUDA sm >= 8.0, fp16 + GradScaler below (P100, T4), fp32 on the CPU.
 
     An explicit amp the device cannot run falls back with a one-line note.
@@ -3003,21 +3495,21 @@ def choose_precision(amp: str, device: torch.device | str, channels_last: bool =
                      channels_last=bool(channels_last) and on_cuda)
 
 
-def precision_autocast(precision: Precision):
+def precision_autocast(precision: "Precision"):
     """The autocast context of the forward passes (a no-op in fp32)."""
     if precision.dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=precision.device_type, dtype=precision.dtype)
 
 
-def autocast_disabled(precision: Precision):
+def autocast_disabled(precision: "Precision"):
     """A context that turns autocast off (e.g. for the double-backward of a gradient penalty)."""
     if precision.dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=precision.device_type, enabled=False)
 
 
-def make_grad_scaler(precision: Precision):
+def make_grad_scaler(precision: "Precision"):
     """A GradScaler (enabled only for fp16); a disabled one passes losses and steps straight through."""
     if not hasattr(torch.amp, "GradScaler"):  # torch < 2.3 (older Kaggle images)
         return torch.cuda.amp.GradScaler(enabled=precision.use_scaler)
@@ -3025,21 +3517,21 @@ def make_grad_scaler(precision: Precision):
                                 enabled=precision.use_scaler)
 
 
-def make_adam(params, lr: float, betas: tuple[float, float], precision: Precision) -> torch.optim.Adam:
+def make_adam(params, lr: float, betas: tuple[float, float], precision: "Precision") -> "torch.optim.Adam":
     """Adam with the fused CUDA kernel on the GPU, the foreach implementation elsewhere."""
     if precision.device_type == "cuda":
         return torch.optim.Adam(params, lr=lr, betas=betas, fused=True)
     return torch.optim.Adam(params, lr=lr, betas=betas, foreach=True)
 
 
-def to_memory_format(x: torch.Tensor, precision: Precision) -> torch.Tensor:
+def to_memory_format(x: "torch.Tensor", precision: "Precision") -> "torch.Tensor":
     """NCHW -> channels_last when the setup uses it (4-d tensors only)."""
     if precision.channels_last and x.dim() == 4:
         return x.contiguous(memory_format=torch.channels_last)
     return x
 
 
-def place_module(module: torch.nn.Module, device, precision: Precision) -> torch.nn.Module:
+def place_module(module: "torch.nn.Module", device, precision: "Precision") -> "torch.nn.Module":
     """Move a model to the device in the setup's memory format."""
     module = module.to(device)
     if precision.channels_last:
@@ -3069,7 +3561,7 @@ STATS_NAME = "stats.jsonl"
 
 
 
-def device_name(device: torch.device) -> str:
+def device_name(device: "torch.device") -> str:
     """'cuda:0 (Tesla T4, sm 7.5)' or 'cpu (N threads)'."""
     device = torch.device(device)
     if device.type == "cuda":
@@ -3079,7 +3571,7 @@ def device_name(device: torch.device) -> str:
     return f"{device.type} ({torch.get_num_threads()} threads)"
 
 
-def print_banner(cfg: Config, device, precision: Precision, data, deadline, G, D, world_size: int = 1,
+def print_banner(cfg: "Config", device, precision: "Precision", data, deadline, G, D, world_size: int = 1,
                  resumed_from: str | None = None) -> None:
     """What this run is: device and dtype, recipe and changed settings, the data, the models and the time plan."""
     layout = "channels_last" if precision.channels_last else "NCHW"
@@ -3116,7 +3608,7 @@ def append_stats(path: str, record: dict) -> None:
         f.flush()
 
 
-def make_grid_latents(z_dim: int, n_classes: int, seed: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def make_grid_latents(z_dim: int, n_classes: int, seed: int, device) -> "tuple[torch.Tensor, torch.Tensor]":
     """The fixed grid_z [64, z_dim] and labels balanced over the breeds, from their own generator (seed)."""
     generator = torch.Generator().manual_seed(seed)
     grid_z = sample_z(GRID_SIZE, z_dim, device, generator=generator)
@@ -3124,7 +3616,7 @@ def make_grid_latents(z_dim: int, n_classes: int, seed: int, device) -> tuple[to
     return grid_z, grid_y
 
 
-def tile_images(images: torch.Tensor, nrow: int, padding: int = 2, pad_value: float = 1.0) -> torch.Tensor:
+def tile_images(images: "torch.Tensor", nrow: int, padding: int = 2, pad_value: float = 1.0) -> "torch.Tensor":
     """[B, C, H, W] -> one [C, rows * (H + p) + p, nrow * (W + p) + p] image, row-major, like torchvision's make_grid."""
     b, c, h, w = images.shape
     ncol = min(nrow, b)
@@ -3136,7 +3628,7 @@ def tile_images(images: torch.Tensor, nrow: int, padding: int = 2, pad_value: fl
     return grid
 
 
-def grid_png_bytes(images: torch.Tensor, nrow: int) -> bytes:
+def grid_png_bytes(images: "torch.Tensor", nrow: int) -> bytes:
     """Images in [-1, 1] -> one PNG of a grid (fast zlib level: grids are written often and read by eye)."""
     grid = tile_images(images.detach().float().cpu().clamp(-1, 1), nrow=nrow)
     array = ((grid + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
@@ -3146,8 +3638,8 @@ def grid_png_bytes(images: torch.Tensor, nrow: int) -> bytes:
 
 
 @torch.no_grad()
-def save_sample_grid(G_ema: torch.nn.Module, grid_z: torch.Tensor, grid_y: torch.Tensor, out_dir: str, kimg: float,
-                     precision: Precision | None = None) -> str:
+def save_sample_grid(G_ema: "torch.nn.Module", grid_z: "torch.Tensor", grid_y: "torch.Tensor", out_dir: str, kimg: float,
+                     precision: "Precision | None" = None) -> str:
     """8x8 grid from the fixed latents into OUT/samples/grid_<kimg>.png and OUT/samples/latest.png; returns the path."""
     with precision_autocast(precision) if precision is not None else contextlib.nullcontext():
         images = G_ema(grid_z, grid_y)
@@ -3160,7 +3652,7 @@ def save_sample_grid(G_ema: torch.nn.Module, grid_z: torch.Tensor, grid_y: torch
     return path
 
 
-def _slerp(z0: torch.Tensor, z1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def _slerp(z0: "torch.Tensor", z1: "torch.Tensor", t: "torch.Tensor") -> "torch.Tensor":
     # spherical interpolation: sin((1-t) w) / sin w * z0 + sin(t w) / sin w * z1, w the angle between z0 and z1
     cos_w = (torch.nn.functional.normalize(z0, dim=-1) * torch.nn.functional.normalize(z1, dim=-1)).sum(-1, keepdim=True)
     w = torch.acos(cos_w.clamp(-1 + 1e-7, 1 - 1e-7))
@@ -3168,7 +3660,7 @@ def _slerp(z0: torch.Tensor, z1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def save_interpolation_strip(G_ema: torch.nn.Module, path: str, n_rows: int = 4, steps: int = 10, seed: int = 0,
+def save_interpolation_strip(G_ema: "torch.nn.Module", path: str, n_rows: int = 4, steps: int = 10, seed: int = 0,
                              device=None) -> str:
     """n_rows rows of `steps` images: G_ema along a slerp between two latents, one breed per row."""
     device = device or next(G_ema.parameters()).device
@@ -3252,20 +3744,20 @@ OOM_ERRORS = (torch.cuda.OutOfMemoryError,) + ((torch.OutOfMemoryError,) if hasa
 
 @dataclass
 class TrainResult:
-    G_ema: torch.nn.Module       # eval mode, on the device; the best-FID state when training-time FID ran
+    G_ema: "torch.nn.Module"       # eval mode, on the device; the best-FID state when training-time FID ran
     steps: int                   # rounds done (each: n_dis D steps + g_steps G steps), over all sessions
     images_seen: int             # real images shown to D, over all sessions and ranks
     stop_reason: str             # "deadline" | "signal" | "max_steps" | "error: ..."
     best_fid: float | None
-    cfg: Config                  # the config trained (the checkpoint's when resumed)
-    G: torch.nn.Module
-    D: torch.nn.Module
+    cfg: "Config"                  # the config trained (the checkpoint's when resumed)
+    G: "torch.nn.Module"
+    D: "torch.nn.Module"
     n_classes: int
     batch_size: int              # final global batch (an OOM halves it)
     rollbacks: int
     fid_history: list            # [[kimg, fid], ...]
-    grid_z: torch.Tensor
-    grid_y: torch.Tensor
+    grid_z: "torch.Tensor"
+    grid_y: "torch.Tensor"
     checkpoint_path: str
     stats_path: str
     train_seconds: float         # training wall-clock over all sessions
@@ -3291,15 +3783,15 @@ class LoopState:
 class GanNets:
     """The modules and optimisers of a run. G, D, G_ema are the plain modules (saved, EMA'd); G_train/D_train are
     the paths gradients flow through (DDP and/or compiled), G_fwd/D_fwd the same modules without DDP."""
-    G: torch.nn.Module
-    D: torch.nn.Module
-    G_ema: torch.nn.Module
-    G_train: torch.nn.Module
-    D_train: torch.nn.Module
-    G_fwd: torch.nn.Module
-    D_fwd: torch.nn.Module
-    opt_g: torch.optim.Optimizer
-    opt_d: torch.optim.Optimizer
+    G: "torch.nn.Module"
+    D: "torch.nn.Module"
+    G_ema: "torch.nn.Module"
+    G_train: "torch.nn.Module"
+    D_train: "torch.nn.Module"
+    G_fwd: "torch.nn.Module"
+    D_fwd: "torch.nn.Module"
+    opt_g: "torch.optim.Optimizer"
+    opt_d: "torch.optim.Optimizer"
     scaler_g: object             # torch.amp.GradScaler (disabled unless fp16)
     scaler_d: object
     sn_G: list                   # spectral_norm_layers(G), (D): advanced once per optimiser step
@@ -3309,12 +3801,12 @@ class GanNets:
 class DeviceSampler:
     """Batches of the uint8 dataset held on the device, in a fresh device-side permutation every epoch."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+    def __init__(self, images: "torch.Tensor", labels: "torch.Tensor"):
         self.images, self.labels = images, labels
         self.order = torch.randperm(len(images), device=images.device)
         self.cursor = 0
 
-    def next(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def next(self, batch_size: int) -> "tuple[torch.Tensor, torch.Tensor]":
         # the last partial batch of an epoch is dropped: every batch has the same shape
         if self.cursor + batch_size > len(self.order):
             self.order = torch.randperm(len(self.images), device=self.images.device)
@@ -3331,7 +3823,7 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_gan_nets(cfg: Config, n_classes: int, device, precision: Precision, dist_info: DistInfo) -> GanNets:
+def build_gan_nets(cfg: "Config", n_classes: int, device, precision: "Precision", dist_info: "DistInfo") -> "GanNets":
     """G, D (initialised by the models module), G_ema, the DDP / compiled call paths, Adam and grad scalers."""
     G, D = build_models(cfg, n_classes)
     G, D = place_module(G, device, precision).train(), place_module(D, device, precision).train()
@@ -3352,7 +3844,7 @@ def build_gan_nets(cfg: Config, n_classes: int, device, precision: Precision, di
                    sn_G=spectral_norm_layers(G), sn_D=spectral_norm_layers(D))
 
 
-def training_snapshot(nets: GanNets, state: LoopState) -> dict:
+def training_snapshot(nets: "GanNets", state: "LoopState") -> dict:
     """A CPU copy of everything the optimisation changes: the rollback point and the core of a checkpoint."""
     return ckpt_cpu_copy({"G": nets.G.state_dict(), "D": nets.D.state_dict(), "G_ema": nets.G_ema.state_dict(),
                           "opt_g": nets.opt_g.state_dict(), "opt_d": nets.opt_d.state_dict(),
@@ -3360,7 +3852,7 @@ def training_snapshot(nets: GanNets, state: LoopState) -> dict:
                           "progress": dataclasses.asdict(state)})
 
 
-def restore_training_snapshot(nets: GanNets, snapshot: dict) -> None:
+def restore_training_snapshot(nets: "GanNets", snapshot: dict) -> None:
     """Load models, optimisers and scalers from a snapshot or checkpoint (copies: the snapshot stays reusable)."""
     nets.G.load_state_dict(snapshot["G"])
     nets.D.load_state_dict(snapshot["D"])
@@ -3374,7 +3866,7 @@ def restore_training_snapshot(nets: GanNets, snapshot: dict) -> None:
         nets.scaler_d.load_state_dict(snapshot["scaler_d"])
 
 
-def current_lrs(cfg: Config, state: LoopState) -> tuple[float, float]:
+def current_lrs(cfg: "Config", state: "LoopState") -> tuple[float, float]:
     """(lr_g, lr_d) = base lr * (batch / lr_ref_batch when set) * rollback scale * schedule factor."""
     scale = state.lr_scale * (state.batch_size / cfg.lr_ref_batch if cfg.lr_ref_batch > 0 else 1.0)
     progress = math.floor(state.schedule_progress * LR_PROGRESS_STEPS) / LR_PROGRESS_STEPS
@@ -3382,12 +3874,12 @@ def current_lrs(cfg: Config, state: LoopState) -> tuple[float, float]:
     return cfg.lr_g * scale * factor, cfg.lr_d * scale * factor
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+def set_lr(optimizer: "torch.optim.Optimizer", lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
 
 
-def _prepare_real(img_uint8: torch.Tensor, cfg: Config, precision: Precision) -> torch.Tensor:
+def _prepare_real(img_uint8: "torch.Tensor", cfg: "Config", precision: "Precision") -> "torch.Tensor":
     # uint8 -> [-1, 1] on the device, random mirror (real images only)
     real_img = uint8_to_unit(img_uint8)
     if cfg.flip:
@@ -3395,14 +3887,14 @@ def _prepare_real(img_uint8: torch.Tensor, cfg: Config, precision: Precision) ->
     return to_memory_format(real_img, precision)
 
 
-def _augment_for_d(img: torch.Tensor, cfg: Config, precision: Precision) -> torch.Tensor:
+def _augment_for_d(img: "torch.Tensor", cfg: "Config", precision: "Precision") -> "torch.Tensor":
     # DiffAugment: the same policy on real and fake, differentiable so G learns through it
     if cfg.diffaug:
         img = to_memory_format(diff_augment(img, cfg.diffaug), precision)
     return img
 
 
-def _optimizer_step(loss: torch.Tensor, optimizer, scaler) -> None:
+def _optimizer_step(loss: "torch.Tensor", optimizer, scaler) -> None:
     # scale (fp16 only) -> backward -> unscale + inf check + step -> update the scale
     scaler.scale(loss).backward()
     scaler.step(optimizer)
@@ -3410,8 +3902,8 @@ def _optimizer_step(loss: torch.Tensor, optimizer, scaler) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def gan_round(nets: GanNets, sampler: DeviceSampler, cfg: Config, precision: Precision, batch_size: int,
-              n_dis: int, n_classes: int) -> torch.Tensor:
+def gan_round(nets: "GanNets", sampler: "DeviceSampler", cfg: "Config", precision: "Precision", batch_size: int,
+              n_dis: int, n_classes: int) -> "torch.Tensor":
     """n_dis D steps then cfg.g_steps G steps on one rank's batch; returns device sums
     [D loss, mean D(x), mean D(G(z)), G loss] over the steps (nothing is read back to the host)."""
     d_loss_fn, g_loss_fn = GAN_LOSSES[cfg.loss]
@@ -3503,7 +3995,7 @@ def _restore_signals(previous: dict) -> None:
         signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
 
-def _free_cuda_memory(device: torch.device) -> None:
+def _free_cuda_memory(device: "torch.device") -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -3522,8 +4014,8 @@ def _due_time(now: float, every_s: float) -> float:
     return now + every_s if every_s > 0 else math.inf
 
 
-def train(cfg: Config, data, deadline: Deadline, out_dir: str, device, fid_fn=None, *,
-          max_steps: int = 0) -> TrainResult:
+def train(cfg: "Config", data, deadline: "Deadline", out_dir: str, device, fid_fn=None, *,
+          max_steps: int = 0) -> "TrainResult":
     """Train G and D on `data` until the deadline's training window ends, a signal, or max_steps rounds (tests).
 
     Resumes from cfg.resume ('auto': OUT/ckpt.pt when present). Rank 0 prints the banner and status, and writes
@@ -3812,14 +4304,14 @@ def train(cfg: Config, data, deadline: Deadline, out_dir: str, device, fid_fn=No
 # ====================================================================================================
 KAGGLE_OUT = "/kaggle/working"
 KAGGLE_INPUT = "/kaggle/input"
+# Below this many dog crops a GAN has nothing to learn from (and a batch of one breaks batch statistics).
+MIN_TRAIN_IMAGES = 2
 
 
-
-
-def resolve_paths(cfg: Config) -> tuple[str, str]:
+def resolve_paths(cfg: "Config") -> tuple[str, str]:
     """(data_dir, out_dir): explicit flags first, then Kaggle's folders, then ./out; --demo makes its own data."""
     out_dir = cfg.out or (KAGGLE_OUT if on_kaggle() else "out")
-    os.makedirs(out_dir, exist_ok=True)
+    prepare_out_dir(out_dir)
     if cfg.demo:
         data_dir = make_tiny_dataset(os.path.join(out_dir, "demo_data"))
         log("main", f"demo: generated a tiny dataset in {data_dir}")
@@ -3832,24 +4324,29 @@ def resolve_paths(cfg: Config) -> tuple[str, str]:
                     "(a folder with all-dogs/ and Annotation/), or --demo for the built-in tiny dataset")
 
 
-def plan_reserve(cfg: Config, deadline: Deadline, n_classes: int, device: torch.device, extractor) -> None:
-    """Keep back what generation, zipping and scoring will take (measured on an untrained G), with head-room."""
-    probe_G, _ = build_models(cfg, n_classes)
-    output_s = estimate_output_seconds(probe_G.to(device), cfg.n_images, device)
-    del probe_G
-    scoring_s = reserve_for_scoring(cfg, extractor) if extractor is not None else 0.0
-    # 1.5x and a fixed margin: the estimates are short probes, and Kaggle kills a kernel at 9 h sharp.
-    margin_s = min(120.0, 5.0 + 0.01 * (deadline.end - deadline.start))
-    deadline.reserve(1.5 * (output_s + scoring_s) + margin_s)
-    log("main", f"budget {format_duration(deadline.end - deadline.start)}: start-up took {format_duration(deadline.elapsed())}, "
-        f"reserving {format_duration(deadline.reserve_s)} for generation/zip{'/MiFID' if extractor else ''}, "
-        f"training gets {format_duration(max(0.0, deadline.train_remaining()))}")
-    if deadline.train_remaining() <= 0:
-        log("main", "WARNING: the budget is too small to train a single step; images.zip will come from the untrained "
-            "generator. Give a larger --time-budget.")
+def fit_batch_to_data(cfg: "Config", n_images: int, world_size: int) -> "Config":
+    """cfg with a batch no larger than the data (each rank draws its share from the whole set), said in one line;
+    DataError when there are too few images to train on at all."""
+    if n_images < MIN_TRAIN_IMAGES:
+        raise DataError(f"only {n_images} dog image(s) could be loaded; training needs at least {MIN_TRAIN_IMAGES}")
+    largest = n_images * world_size
+    if cfg.batch_size <= largest:
+        return cfg
+    log("main", f"only {n_images} dog images, fewer than one batch of {cfg.batch_size}: this run uses batches of "
+        f"{largest}")
+    return dataclasses.replace(cfg, batch_size=largest)
 
 
-def open_extractor(cfg: Config, device: torch.device):
+def fits_in_time(deadline: "Deadline", seconds: float, what: str) -> bool:
+    """True when `seconds` of work still fit before the deadline, else one line saying `what` is skipped."""
+    if deadline.remaining() >= seconds:
+        return True
+    log("main", f"skipping {what}: it needs ~{format_duration(seconds)}, {format_duration(max(0.0, deadline.remaining()))} "
+        f"of the budget are left")
+    return False
+
+
+def open_extractor(cfg: "Config", device: "torch.device"):
     """The MiFID backbone if weights are given or found under /kaggle/input, else None (MiFID skipped, said once)."""
     weights, backbone = cfg.fid_weights, cfg.fid_backbone
     if not weights:
@@ -3862,19 +4359,33 @@ def open_extractor(cfg: Config, device: torch.device):
     return load_feature_extractor(backbone, weights, device)
 
 
-def write_submission(G_ema, cfg: Config, out_dir: str, device: torch.device, truncation: float) -> str:
-    """10,000 balanced images from G_ema into OUT/images.zip (atomic: the old zip stays until the new one is whole)."""
-    start = time.time()
-    images = generate_images(G_ema, cfg.n_images, device, truncation=truncation, seed=cfg.seed)
-    generate_s = time.time() - start
+def write_submission(G_ema, cfg: "Config", out_dir: str, device: "torch.device", truncation: float,
+                     deadline: "Deadline", batch_size: int | None = None) -> str | None:
+    """10,000 balanced images from G_ema into OUT/images.zip (atomic: the old zip stays until the new one is whole).
+
+    Generation and zipping stop a few seconds past the deadline rather than overrun it; a full disk or a lost
+    deadline is one line and None, and the previous images.zip (if any) is kept.
+    """
     zip_path = os.path.join(out_dir, "images.zip")
-    zip_s = write_images_zip(images, zip_path)
+    stop_check = deadline_check(deadline, "writing images.zip")
+    log("main", f"generating {cfg.n_images} images into {zip_path} ({format_duration(max(0.0, deadline.remaining()))} "
+        f"of the budget left)")
+    start = time.time()
+    try:
+        images = generate_images(G_ema, cfg.n_images, device, batch_size=batch_size, truncation=truncation,
+                                 seed=cfg.seed, stop_check=stop_check)
+        generate_s = time.time() - start
+        zip_s = write_images_zip(images, zip_path, stop_check=stop_check)
+    except (OutOfTime, OSError) as error:
+        kept = "the previous images.zip is kept" if os.path.exists(zip_path) else "no images.zip was written"
+        log("main", f"could not write {zip_path}: {error}; {kept}", error=True)
+        return None
     log("main", f"wrote {zip_path}: {len(images)} PNG 64x64 (generate {generate_s:.1f}s, zip {zip_s:.1f}s, "
         f"{os.path.getsize(zip_path) / 2**20:.1f} MiB)")
     return zip_path
 
 
-def fallback_generator(cfg: Config, n_classes: int, out_dir: str, device: torch.device):
+def fallback_generator(cfg: "Config", n_classes: int, out_dir: str, device: "torch.device"):
     """When training failed: G_ema from the last checkpoint if there is one, else an untrained G, so a zip still comes out."""
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     if os.path.exists(ckpt_path) and os.path.abspath(ckpt_path) != os.path.abspath(cfg.resume or ""):
@@ -3901,7 +4412,7 @@ def show_inline(out_dir: str) -> None:
             display(ShowImage(filename=path))
 
 
-def run(cfg: Config, start: float) -> int:
+def run(cfg: "Config", start: float) -> int:
     """The whole job; returns the process exit code (0: images.zip written after a clean run)."""
     deadline = Deadline(parse_duration(cfg.time_budget), start)
     dist = setup_distributed(cfg.device)
@@ -3911,10 +4422,11 @@ def run(cfg: Config, start: float) -> int:
         log("main", f"dogkernel: recipe {cfg.recipe}, device {device}, out {out_dir}, budget {cfg.time_budget}")
         log("main", f"config (differs from defaults): {config_diff(cfg)}")
     data = load_dogs(data_dir, crop_margin=cfg.crop_margin, max_images=cfg.max_images, workers=cfg.decode_workers)
+    cfg = fit_batch_to_data(cfg, len(data.images), dist.world_size)
     n_classes = len(data.breeds)
     extractor = open_extractor(cfg, device) if dist.is_main else None
     real_feats = real_features(extractor, data, out_dir) if extractor is not None else None
-    plan_reserve(cfg, deadline, n_classes, device, extractor)
+    plan = plan_reserve(cfg, deadline, n_classes, device, extractor, out_dir)
     fid_fn = make_training_fid(cfg, extractor, real_feats, device) if extractor is not None else None
 
     exit_code, G_ema = 0, None
@@ -3936,9 +4448,11 @@ def run(cfg: Config, start: float) -> int:
     if G_ema is None:
         G_ema = fallback_generator(cfg, n_classes, out_dir, device)
 
-    truncation = pick_truncation(cfg, G_ema, extractor, real_feats, device) if extractor is not None else cfg.truncation
-    zip_path = write_submission(G_ema, cfg, out_dir, device, truncation)
-    if extractor is not None:
+    truncation = (pick_truncation(cfg, G_ema, extractor, real_feats, device)
+                  if extractor is not None and search_fits(cfg, deadline, plan) else cfg.truncation)
+    zip_path = write_submission(G_ema, cfg, out_dir, device, truncation, deadline, plan.generate_batch)
+    exit_code = exit_code if zip_path else 1
+    if zip_path and extractor is not None and fits_in_time(deadline, plan.mifid_s, "MiFID of images.zip"):
         report_mifid(cfg, extractor, zip_path, real_feats, out_dir)
     write_plots(out_dir)
     show_inline(out_dir)
@@ -3947,19 +4461,37 @@ def run(cfg: Config, start: float) -> int:
     return exit_code
 
 
+def search_fits(cfg: "Config", deadline: "Deadline", plan: "OutputPlan") -> bool:
+    """The truncation search runs only when it, the zip and the MiFID after it all still fit."""
+    return not cfg.truncation_search or fits_in_time(deadline, plan.scoring_s + plan.output_s, "the truncation search")
+
+
+def exit_code_of(request: "SystemExit") -> int:
+    """The return code argparse meant by SystemExit (0 after --help, 2 after a bad flag)."""
+    return request.code if isinstance(request.code, int) else (0 if request.code is None else 2)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Parse flags and run; bad input ends with one clear line instead of a traceback."""
+    """Parse flags and run; bad input ends with one clear line instead of a traceback, and so does a stop signal."""
     start = time.time()  # the budget's clock (Python's start-up and imports happen before and are not counted)
+    quiet_other_ranks()
     try:
-        cfg, extras = parse_config(argv)
+        try:
+            cfg, extras = parse_config(argv)
+        except SystemExit as request:  # argparse already printed the help or the error
+            return exit_code_of(request)
         if extras.report:
             written = write_plots(extras.report)
             log("main", f"report: wrote {', '.join(written) or 'nothing'}")
             return 0
-        return run(cfg, start)
-    except (DataError, ConfigError, CheckpointError, FileNotFoundError) as error:
+        with signals_interrupt_run():
+            return run(cfg, start)
+    except (DataError, ConfigError, CheckpointError, FileNotFoundError, OutputError, BudgetError) as error:
         log("dogkernel", f"error: {error}", error=True)
         return 2
+    except RunInterrupted as stop:
+        log("dogkernel", str(stop), error=True)
+        return 128 + stop.signum
 
 
 def entry_point() -> None:
