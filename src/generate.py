@@ -46,6 +46,9 @@ GENERATE_BATCH_CANDIDATES = (64, 500)
 # A larger candidate is timed (one batch, its warm-up included: a cost that errs high) only when that batch takes
 # at most this many seconds at the smaller's speed.
 GENERATE_PROBE_S = 3.0
+# A smaller batch is used only when it timed this much faster per image than the largest timed one: small batches
+# times scatter most on a busy CPU (per-op overhead), and a large batch is never much slower elsewhere.
+GENERATE_BATCH_MARGIN = 0.25
 # Images per forward when the caller has not measured (training-time FID, the truncation search).
 GENERATE_BATCH = {"cpu": 64, "cuda": 500}
 # PNGs encoded per round of the zip writer's thread pool; the deadline and stop checks run between rounds.
@@ -140,6 +143,16 @@ def measure_generation_seconds(G: torch.nn.Module, device) -> dict[int, tuple[fl
         images = generate_images(G, batch_size, device, batch_size=batch_size)
         timed[batch_size] = ((time.time() - start) / batch_size, images)
     return timed
+
+
+def pick_generation_batch(timed: dict[int, tuple[float, torch.Tensor]]) -> int:
+    """The batch size to generate with, from measure_generation_seconds(): the largest timed one, unless a smaller
+    one was faster per image by more than GENERATE_BATCH_MARGIN."""
+    largest = max(timed)
+    fastest = min(timed, key=lambda batch_size: timed[batch_size][0])
+    if timed[fastest][0] < (1 - GENERATE_BATCH_MARGIN) * timed[largest][0]:
+        return fastest
+    return largest
 
 
 def measure_zip_seconds(images: torch.Tensor, workers: int = 0) -> float:

@@ -10,7 +10,8 @@ import torch
 from src.budget import (RESERVE_SAFETY, BudgetError, Deadline, budget_flag_text, reserve_margin, smallest_budget)
 from src.config import Config, format_duration
 from src.console import log
-from src.generate import ZIP_BYTES_PER_IMAGE_MAX, measure_generation_seconds, measure_zip_seconds
+from src.generate import (ZIP_BYTES_PER_IMAGE_MAX, measure_generation_seconds, measure_zip_seconds,
+                          pick_generation_batch)
 from src.models import build_models
 from src.preflight import check_free_space, measure_write_speed
 from src.scoring import TRUNCATION_CANDIDATES, reserve_for_scoring
@@ -76,7 +77,7 @@ def plan_reserve(cfg: Config, deadline: Deadline, n_classes: int, device: torch.
     probe_G, probe_D = build_models(cfg, n_classes)
     probe_G, probe_D = probe_G.to(device), probe_D.to(device)
     timed = measure_generation_seconds(probe_G, device)
-    generate_batch = min(timed, key=lambda batch_size: timed[batch_size][0])
+    generate_batch = pick_generation_batch(timed)
     gen_s, probe_img = timed[generate_batch]
     # a training batch is nearer the smallest candidate, whose speed the round estimate takes
     round_gen_s = timed[min(timed)][0]

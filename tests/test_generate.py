@@ -11,7 +11,7 @@ from PIL import Image
 
 import src.generate
 from src.generate import (ZIP_CHUNK, balanced_labels, generate_images, measure_generation_seconds,
-                          measure_zip_seconds, sample_z, to_uint8, write_images_zip)
+                          measure_zip_seconds, pick_generation_batch, sample_z, to_uint8, write_images_zip)
 
 
 class LabelColourG(torch.nn.Module):
@@ -140,3 +140,13 @@ def test_generation_timing_tries_the_larger_batch_only_when_cheap(monkeypatch):
 def test_zip_timing_is_per_image_and_positive():
     images = torch.randint(0, 256, (16, 3, 64, 64), dtype=torch.uint8)
     assert 0 < measure_zip_seconds(images) < 1.0
+
+
+@pytest.mark.parametrize("per_image, picked", [
+    ({64: 0.010, 500: 0.012}, 500),  # within the margin: the large batch, whose time scatters least
+    ({64: 0.008, 500: 0.012}, 64),   # clearly faster (by a third)
+    ({64: 0.010}, 64),               # the only one timed (the large one was too dear to time)
+])
+def test_the_large_batch_wins_unless_a_small_one_is_clearly_faster(per_image, picked):
+    timed = {size: (seconds, None) for size, seconds in per_image.items()}
+    assert pick_generation_batch(timed) == picked
