@@ -6,7 +6,7 @@ import shutil
 import time
 
 from src.atomic import remove_stale_tmp_files
-from src.console import log
+from src.console import is_rank_zero, log
 
 # Subfolders of OUT that atomic writes go to (grids, the real-feature cache) besides OUT itself.
 OUT_SUBFOLDERS = ("samples", "cache")
@@ -21,8 +21,8 @@ class OutputError(RuntimeError):
 
 
 def prepare_out_dir(out_dir: str) -> None:
-    """Create OUT if needed and prove it writable (a probe file created and removed); remove the temporary files a
-    killed run left there. Raises OutputError with one clear line otherwise."""
+    """Create OUT if needed and prove it writable (a probe file created and removed); on rank 0, remove the temporary
+    files a killed run left there. Raises OutputError with one clear line otherwise."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise OutputError(f"--out {out_dir} is a file, not a folder: pass a folder (it is created if missing)")
     try:
@@ -34,6 +34,8 @@ def prepare_out_dir(out_dir: str) -> None:
     except OSError as error:
         raise OutputError(f"--out {out_dir} is not writable ({error.strerror or error}): pass a folder this "
                           f"process can write to") from None
+    if not is_rank_zero():
+        return  # under torchrun only rank 0 writes files, so only it clears (a slow rank must not delete live ones)
     removed = []
     for folder in (out_dir, *(os.path.join(out_dir, name) for name in OUT_SUBFOLDERS)):
         removed += remove_stale_tmp_files(folder)
