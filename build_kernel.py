@@ -8,6 +8,10 @@ The bundle is src/main.py and every module it reaches through `from src.X import
 (ties by name), each under one banner. Imports of src/ are dropped (everything shares one namespace),
 third-party and standard-library imports are hoisted to the top once, and `if __name__ == "__main__":`
 blocks of modules are dropped. The output depends only on the sources, so a fresh build is byte-identical.
+
+kernel.py has no `from __future__ import annotations`: pasted into a notebook cell, that import would stay in force
+for every later cell of the notebook. The sources' annotations are quoted instead (those that name only builtins,
+`int | None`, `list[str]`, stay as they are), so they are never evaluated, exactly as under the import in src/.
 """
 from __future__ import annotations
 
@@ -17,6 +21,9 @@ import sys
 from pathlib import Path
 
 ALLOWED_TOP_LEVEL = {"torch", "torchvision", "numpy", "scipy", "PIL"}
+# Annotations made only of these names evaluate anywhere, so the bundle leaves them unquoted (readability).
+BUILTIN_ANNOTATION_NAMES = {"int", "float", "str", "bool", "bytes", "object", "dict", "list", "tuple", "set",
+                            "frozenset"}
 ENTRY_MODULE = "main"
 
 HEADER = '''#!/usr/bin/env python3
@@ -141,8 +148,61 @@ def bundle_order(modules: dict[str, tuple[str, ast.Module]], strict: bool = True
     return order
 
 
+def is_builtin_annotation(node: ast.expr) -> bool:
+    """An annotation that evaluates without any import: builtins, None, subscripts and `|` unions of them."""
+    if isinstance(node, ast.Name):
+        return node.id in BUILTIN_ANNOTATION_NAMES
+    if isinstance(node, ast.Constant):
+        return node.value is None or node.value is Ellipsis or isinstance(node.value, str)
+    if isinstance(node, ast.Subscript):
+        return is_builtin_annotation(node.value) and is_builtin_annotation(node.slice)
+    if isinstance(node, ast.Tuple):
+        return all(is_builtin_annotation(element) for element in node.elts)
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr):
+        return is_builtin_annotation(node.left) and is_builtin_annotation(node.right)
+    return False
+
+
+def annotation_nodes(tree: ast.Module) -> list[ast.expr]:
+    """Every annotation of the module: arguments and returns of every def, and annotated assignments."""
+    found: list[ast.expr] = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            args = node.args
+            every_arg = args.posonlyargs + args.args + args.kwonlyargs + [a for a in (args.vararg, args.kwarg) if a]
+            found += [a.annotation for a in every_arg if a.annotation is not None]
+            if node.returns is not None:
+                found.append(node.returns)
+        elif isinstance(node, ast.AnnAssign):
+            found.append(node.annotation)
+    return found
+
+
+def quote_annotations(text: str, tree: ast.Module) -> str:
+    """The module's text with every annotation that is not is_builtin_annotation() turned into a string literal
+    (`x: torch.Tensor | None` -> `x: "torch.Tensor | None"`), which Python stores without evaluating."""
+    data = text.encode("utf-8")  # ast's column offsets count UTF-8 bytes
+    line_starts = [0]
+    for line in data.splitlines(keepends=True):
+        line_starts.append(line_starts[-1] + len(line))
+    spans = []
+    for node in annotation_nodes(tree):
+        if not is_builtin_annotation(node):
+            quoted = ast.unparse(node)
+            if '"' in quoted:
+                raise BundleError(f"annotation {quoted!r} (line {node.lineno}) holds a double quote; it cannot be quoted")
+            spans.append((line_starts[node.lineno - 1] + node.col_offset,
+                          line_starts[node.end_lineno - 1] + node.end_col_offset, f'"{quoted}"'.encode("utf-8")))
+    for start, end, replacement in sorted(spans, reverse=True):
+        data = data[:start] + replacement + data[end:]
+    return data.decode("utf-8")
+
+
 def split_module(module: str, text: str, tree: ast.Module) -> tuple[list[str], str, str]:
-    """(hoisted import lines, docstring, body without imports, docstring and main guard) of one module."""
+    """(hoisted import lines, docstring, body without imports, docstring and main guard) of one module.
+
+    `from __future__ import annotations` is dropped (see the module docstring); other __future__ imports are refused.
+    """
     lines = text.splitlines()
     drop: set[int] = set()
     hoisted: list[str] = []
@@ -151,6 +211,12 @@ def split_module(module: str, text: str, tree: ast.Module) -> tuple[list[str], s
         span = range(node.lineno - 1, node.end_lineno)
         if index == 0 and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
             docstring = node.value.value.strip()
+            drop.update(span)
+        elif isinstance(node, ast.ImportFrom) and node.module == "__future__":
+            other = [a.name for a in node.names if a.name != "annotations"]
+            if other:
+                raise BundleError(f"src/{module}.py:{node.lineno}: `from __future__ import {', '.join(other)}` would "
+                                  f"leak into every later notebook cell; only `annotations` is handled")
             drop.update(span)
         elif isinstance(node, (ast.Import, ast.ImportFrom)):
             if not (isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "src"):
@@ -177,14 +243,14 @@ def build(src_dir: Path, strict: bool = True) -> str:
     imports: list[str] = []
     sections: list[str] = []
     for name in order:
-        hoisted, docstring, body = split_module(name, *modules[name])
+        text, tree = modules[name]
+        quoted = quote_annotations(text, tree)
+        hoisted, docstring, body = split_module(name, quoted, ast.parse(quoted))
         imports.extend(line for line in hoisted if line not in imports)
         banner = f"# {'=' * 100}\n# src/{name}.py" + "".join(f"\n# {line}".rstrip() for line in docstring.splitlines())
         sections.append(f"{banner}\n# {'=' * 100}\n{body}\n")
-    future = [line for line in imports if line.startswith("from __future__")]
-    others = [line for line in imports if not line.startswith("from __future__")]
     entry = '# ' + '=' * 100 + '\nif __name__ == "__main__":\n    entry_point()\n'
-    return HEADER + "\n".join(future + sorted(others, key=lambda l: (l.startswith("from"), l))) + "\n\n\n" \
+    return HEADER + "\n".join(sorted(imports, key=lambda l: (l.startswith("from"), l))) + "\n\n\n" \
         + "\n\n".join(sections) + "\n\n" + entry
 
 

@@ -5,7 +5,6 @@
 #   In a Kaggle notebook: paste this file into a cell and run it (Kaggle's paths and a safe 9-hour budget are the defaults).
 #   From a shell:        python kernel.py --data-dir DIR --time-budget 30m --out OUT   (python kernel.py --help lists every flag)
 #   Demo (CPU, tiny):    python kernel.py --demo
-from __future__ import annotations
 import argparse
 import colorsys
 import contextlib
@@ -22,10 +21,12 @@ import multiprocessing
 import numpy as np
 import os
 import random
+import re
+import secrets
+import shutil
 import signal
 import stat
 import sys
-import tempfile
 import threading
 import time
 import torch
@@ -107,20 +108,87 @@ class Every:
         return None if self.never else max(0.0, self.next - now)
 
 
+# The reserve is what the output stages measured at start-up, times this: short probes on a shared machine
+# scatter by about +-20 % from the real run.
+RESERVE_SAFETY = 1.25
+# How far past the end of the budget an output stage may run before it is abandoned (a few seconds, as promised).
+OVERRUN_GRACE_S = 3.0
+
+
+class BudgetError(ValueError):
+    """--time-budget cannot hold this run on this device; the message names the smallest budget that can."""
+
+
+class OutOfTime(RuntimeError):
+    """An output stage was abandoned because the run passed the end of its budget; its old files are kept."""
+
+
+def reserve_margin(budget_s: float) -> float:
+    """Head-room on top of the measured reserve: 3 s plus 1 % of the budget, at most 2 minutes."""
+    return min(120.0, 3.0 + 0.01 * budget_s)
+
+
+def budget_flag_text(seconds: float) -> str:
+    """Whole seconds as a --time-budget value: '50s', '2m30s', '7m', '1h10m'."""
+    seconds = int(math.ceil(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    text = (f"{hours}h" if hours else "") + (f"{minutes}m" if minutes else "") + (f"{secs}s" if secs else "")
+    return text or "0s"
+
+
+def smallest_budget(needed_s: float) -> float:
+    """The smallest budget b with b >= needed_s + reserve_margin(b), rounded up to a value easy to type
+    (10 s steps up to 2 minutes, whole minutes up to an hour, then 10-minute steps)."""
+    budget = (needed_s + 3.0) / 0.99
+    if reserve_margin(budget) >= 120.0:
+        budget = needed_s + 120.0
+    step = 10.0 if budget <= 120 else 60.0 if budget <= 3600 else 600.0
+    return math.ceil(budget / step - 1e-9) * step
+
+
+def deadline_check(deadline: "Deadline", what: str, grace_s: float = OVERRUN_GRACE_S):
+    """A check for long output loops to call between batches: raises OutOfTime once the run is more than
+    grace_s past the end of its budget, so the stage stops instead of overrunning by minutes."""
+    def check() -> None:
+        late = time.time() - deadline.end
+        if late > grace_s:
+            raise OutOfTime(f"{what} ran {late:.0f}s past the end of the {budget_flag_text(deadline.end - deadline.start)} "
+                            f"budget and was stopped")
+    return check
+
+
 # ====================================================================================================
 # src/atomic.py
 # Atomic file output: a reader sees the old file or the whole new one, never a half-written one.
 # ====================================================================================================
+# The temporary names atomic_path uses: ".<target name>.<8 characters>.tmp" beside the target. Eight lowercase
+# letters, digits or underscores also match the names of tempfile.mkstemp, which earlier versions used.
+ATOMIC_TMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+
+
+def _atomic_create_tmp(folder: str, name: str) -> str:
+    # O_EXCL with mode 0o666: the kernel applies the umask, so the finished file gets the mode any new file gets
+    # here (0644 under umask 022), not mkstemp's 0600
+    while True:
+        tmp_path = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp_path
+        except FileExistsError:
+            continue
+
+
 @contextlib.contextmanager
 def atomic_path(path: str):
     """Yield a temporary path beside `path`; on success fsync it and rename it over `path`.
 
-    On an exception the temporary file is removed and `path` is left untouched.
+    On an exception (or KeyboardInterrupt / a stop signal) the temporary file is removed and `path` is left
+    untouched. A process killed outright leaves the temporary behind: remove_stale_tmp_files() clears it.
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    os.close(fd)
+    tmp_path = _atomic_create_tmp(folder, os.path.basename(path))
     try:
         yield tmp_path
         with open(tmp_path, "rb") as f:
@@ -141,6 +209,27 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
 def atomic_write_text(path: str, text: str) -> None:
     """Write `text` (UTF-8) to `path` atomically."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def remove_stale_tmp_files(folder: str) -> list[str]:
+    """Delete the temporary files atomic_path left in `folder` when a run was killed mid-write; returns their paths.
+
+    Only names of atomic_path's form are touched; a missing folder is nothing to clean.
+    """
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    removed = []
+    for name in sorted(names):
+        path = os.path.join(folder, name)
+        if ATOMIC_TMP_NAME.match(name) and os.path.isfile(path):
+            try:
+                os.remove(path)
+                removed.append(path)
+            except OSError:
+                pass  # not ours to fight over: the next atomic write uses a fresh name anyway
+    return removed
 
 
 # ====================================================================================================
@@ -302,10 +391,19 @@ DEMO_DCGAN_OVERRIDES: dict = dict(draw_res=32, lr_g=1e-3, lr_d=1e-3, beta1=0.0)
 
 
 def parse_duration(text: str | float | int) -> float:
-    """'90s', '20m', '8h', '8h30m', '1h2m3s' or a bare number of seconds -> seconds."""
+    """'90s', '20m', '8h', '8h30m', '1h2m3s' or a bare number of seconds -> seconds (finite, not negative)."""
     if isinstance(text, (int, float)):
-        return float(text)
-    s = str(text).strip().lower()
+        seconds = float(text)
+    else:
+        seconds = _read_duration(str(text))
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"duration {text!r} must be a finite number of seconds, 0 or more: use e.g. 90s, 20m, 8h or 8h30m")
+    return seconds
+
+
+def _read_duration(text: str) -> float:
+    # the number or h/m/s form of parse_duration, before the range check
+    s = text.strip().lower()
     try:
         return float(s)
     except ValueError:
@@ -339,9 +437,10 @@ def _flag_type(default):
     return type(default) if not isinstance(default, bool) else None
 
 
-def build_arg_parser() -> argparse.ArgumentParser:
+def build_arg_parser() -> "argparse.ArgumentParser":
     """One flag per Config field (--time-budget for time_budget); booleans also get --no-X."""
     parser = argparse.ArgumentParser(
+        prog="kernel.py",  # in a notebook sys.argv[0] is Jupyter's launcher
         description="dogkernel: train a GAN on the Kaggle dogs and write images.zip",
         allow_abbrev=False,
         epilog="Each flag sets the Config field of the same name (see class Config for what it does); "
@@ -359,7 +458,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def make_config(overrides: dict | None = None) -> Config:
+def make_config(overrides: dict | None = None) -> "Config":
     """Config from the recipe named in overrides, then the explicit overrides on top."""
     overrides = dict(overrides or {})
     recipe = overrides.get("recipe", DEMO_RECIPE if overrides.get("demo") else Config.recipe)
@@ -377,7 +476,7 @@ def make_config(overrides: dict | None = None) -> Config:
     return cfg
 
 
-def validate_config(cfg: Config) -> None:
+def validate_config(cfg: "Config") -> None:
     """Reject settings that cannot work, with the flag's name in the message."""
     for f in dataclasses.fields(Config):
         allowed = f.metadata["choices"]
@@ -389,23 +488,46 @@ def validate_config(cfg: Config) -> None:
             parse_duration(getattr(cfg, name))
         except ValueError as error:
             raise ConfigError(f"--{name.replace('_', '-')}: {error}") from None
+    if parse_duration(cfg.time_budget) <= 0:
+        raise ConfigError(f"--time-budget must be more than 0, got {cfg.time_budget!r}: use e.g. 90s, 20m or 8h30m")
+    for f in dataclasses.fields(Config):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
     positive = ("batch_size", "z_dim", "g_ch", "d_ch", "n_dis", "g_steps", "n_images")
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    if cfg.min_box < 0:
-        raise ConfigError(f"--min-box must be 0 (keep every box) or positive, got {cfg.min_box}")
+    not_negative = ("max_images", "decode_workers", "fid_samples", "crop_margin", "truncation", "mifid_eps", "min_box")
+    for name in not_negative:
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(cfg, name)}")
     if cfg.hier_z and cfg.arch != "resnet":
         raise ConfigError("--hier-z needs --arch resnet")
 
 
-def parse_config(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
-    """Config from command-line flags. In a notebook, unknown arguments (Jupyter's `-f kernel.json`) are ignored;
-    from a shell they are an error, so a mistyped flag is not silently dropped."""
+def strip_jupyter_args(argv: list[str]) -> list[str]:
+    """argv without the kernel's own `-f FILE` / `--f=FILE` that Jupyter puts in sys.argv; everything else stays."""
+    kept, index = [], 0
+    while index < len(argv):
+        if argv[index] == "-f" and index + 1 < len(argv):
+            index += 2
+            continue
+        if not argv[index].startswith("--f="):
+            kept.append(argv[index])
+        index += 1
+    return kept
+
+
+def parse_config(argv: list[str] | None = None) -> "tuple[Config, argparse.Namespace]":
+    """Config from command-line flags. In a notebook only Jupyter's own `-f kernel.json` is dropped; any other
+    unknown argument is an error there too, so a mistyped flag is never silently ignored.
+    `--help` and argparse's errors raise SystemExit after printing (main turns that into a return code)."""
     parser = build_arg_parser()
-    args, unknown = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-    if unknown and not running_in_notebook():
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if running_in_notebook():
+        argv = strip_jupyter_args(argv)
+    args = parser.parse_args(argv)
     extras = argparse.Namespace(report=getattr(args, "report", None))
     overrides = {k: v for k, v in vars(args).items() if k != "report"}
     return make_config(overrides), extras
@@ -416,7 +538,7 @@ def fields_with_role(role: str) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(Config) if f.metadata["resume"] == role)
 
 
-def config_diff(cfg: Config) -> dict:
+def config_diff(cfg: "Config") -> dict:
     """Fields that differ from the plain Config defaults: what a recipe and the flags changed."""
     base = Config()
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(Config)
@@ -438,7 +560,7 @@ def running_in_notebook() -> bool:
 # One way to print progress: `log(tag, message)` writes '[tag] message' and flushes.
 #
 # Under torchrun every rank runs the same code; only rank 0 prints, except errors (`error=True`, to stderr),
-# so a failure on any rank is still seen.
+# so a failure on any rank is still seen. quiet_other_ranks() extends that to Python's warnings.
 # ====================================================================================================
 def is_rank_zero() -> bool:
     """True unless torchrun started this process as a rank other than 0 (RANK is set before any import)."""
@@ -453,11 +575,18 @@ def log(tag: str, message: str, *, error: bool = False) -> None:
         print(f"[{tag}] {message}", flush=True)
 
 
+def quiet_other_ranks() -> None:
+    """On a torchrun rank other than 0, drop Python warnings too (torch's and the libraries'): rank 0 shows them
+    once, and the other ranks print errors only."""
+    if not is_rank_zero():
+        warnings.filterwarnings("ignore")
+
+
 # ====================================================================================================
 # src/generate.py
 # Generation: latents, balanced breed labels, 10,000 images from G_ema, and the submission zip.
 # ====================================================================================================
-def sample_z(n: int, z_dim: int, device, truncation: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_z(n: int, z_dim: int, device, truncation: float = 0.0, generator: "torch.Generator | None" = None) -> "torch.Tensor":
     """Standard normal latents; with truncation > 0 every |z_i| > truncation is redrawn (BigGAN's truncation trick)."""
     z = torch.randn(n, z_dim, generator=generator, device="cpu" if generator is not None else device)
     if truncation > 0:
@@ -470,70 +599,148 @@ def sample_z(n: int, z_dim: int, device, truncation: float = 0.0, generator: tor
     return z.to(device)
 
 
-def balanced_labels(n: int, n_classes: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
+def balanced_labels(n: int, n_classes: int, device, generator: "torch.Generator | None" = None) -> "torch.Tensor":
     """n labels with every class appearing n // n_classes or one more times, in shuffled order."""
     labels = torch.arange(n) % max(1, n_classes)
     order = torch.randperm(n, generator=generator)
     return labels[order].to(device)
 
 
-def to_uint8(img: torch.Tensor) -> torch.Tensor:
+def to_uint8(img: "torch.Tensor") -> "torch.Tensor":
     """[-1, 1] float images -> uint8 0..255 (round to nearest), on the CPU."""
     return ((img.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
 
 
+# Batch sizes generation may use, smallest first. Which is faster depends on the model and the device: on a CPU the
+# default model runs ~30 % faster per image at 64 than at 500 (cache), a tiny one ~6x slower at 64 (per-op overhead
+# with 2 threads). measure_generation_seconds() times them and the run uses the faster.
+GENERATE_BATCH_CANDIDATES = (64, 500)
+# A larger candidate is timed (one batch, its warm-up included: a cost that errs high) only when that batch takes
+# at most this many seconds at the smaller's speed.
+GENERATE_PROBE_S = 3.0
+# A smaller batch is used only when it timed this much faster per image than the largest timed one: small batches
+# times scatter most on a busy CPU (per-op overhead), and a large batch is never much slower elsewhere.
+GENERATE_BATCH_MARGIN = 0.25
+# Images per forward when the caller has not measured (training-time FID, the truncation search).
+GENERATE_BATCH = {"cpu": 64, "cuda": 500}
+# PNGs encoded per round of the zip writer's thread pool; the deadline and stop checks run between rounds.
+ZIP_CHUNK = 500
+# Bytes one 64 x 64 RGB PNG of pure noise takes in a stored zip (incompressible pixels, filter bytes, PNG and zip
+# headers): an upper bound for the free-space check.
+ZIP_BYTES_PER_IMAGE_MAX = 3 * 64 * 64 + 64 + 400
+
+
+def generation_batch_size(device) -> int:
+    """Images per forward when generating on this device (see GENERATE_BATCH)."""
+    return GENERATE_BATCH.get(torch.device(device).type, 500)
+
+
 @torch.no_grad()
-def generate_images(G_ema: torch.nn.Module, n: int, device, batch_size: int = 500, truncation: float = 0.0,
-                    seed: int = 0) -> torch.Tensor:
-    """n images (uint8 N x 3 x 64 x 64, CPU) from G_ema, breeds balanced, fixed seed -> same images."""
+def generate_images(G_ema: "torch.nn.Module", n: int, device, batch_size: int | None = None, truncation: float = 0.0,
+                    seed: int = 0, stop_check=None) -> "torch.Tensor":
+    """n images (uint8 N x 3 x 64 x 64, CPU) from G_ema, breeds balanced, fixed seed -> same images.
+
+    stop_check (optional) is called before every batch; it raises to abandon the generation (e.g. OutOfTime).
+    """
+    batch_size = batch_size or generation_batch_size(device)
     generator = torch.Generator().manual_seed(seed)
     labels = balanced_labels(n, G_ema.n_classes, "cpu", generator)
+    # every latent drawn up front (10,000 x 128 floats: 5 MB): the images do not depend on the batch size
+    latents = sample_z(n, G_ema.z_dim, "cpu", truncation, generator)
     G_ema.eval()
     chunks = []
     for start in range(0, n, batch_size):
+        if stop_check is not None:
+            stop_check()
         y = labels[start:start + batch_size].to(device)
-        z = sample_z(len(y), G_ema.z_dim, device, truncation, generator)
+        z = latents[start:start + batch_size].to(device)
         chunks.append(to_uint8(G_ema(z, y)))
     return torch.cat(chunks)
 
 
-def encode_png(img_chw: np.ndarray) -> bytes:
+def encode_png(img_chw: "np.ndarray") -> bytes:
     """One uint8 3 x H x W array -> PNG bytes (fast compression: the zip is stored, not deflated)."""
     buffer = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(img_chw.transpose(1, 2, 0)), "RGB").save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
 
 
-def write_images_zip(images: torch.Tensor, path: str, workers: int = 0) -> float:
+def _zip_entry(index: int) -> "zipfile.ZipInfo":
+    # a fixed timestamp: the same images give a byte-identical zip
+    return zipfile.ZipInfo(f"{index}.png", date_time=(2019, 6, 1, 0, 0, 0))
+
+
+def _zip_workers(workers: int) -> int:
+    return workers or min(8, os.cpu_count() or 1)
+
+
+def write_images_zip(images: "torch.Tensor", path: str, workers: int = 0, stop_check=None) -> float:
     """Write uint8 N x 3 x 64 x 64 images as 0.png .. N-1.png into `path` atomically; returns seconds taken.
 
-    PNGs are already compressed, so entries are stored; encoding runs in threads (PIL releases the GIL in zlib).
+    PNGs are already compressed, so entries are stored; encoding runs in threads (PIL releases the GIL in zlib),
+    ZIP_CHUNK images at a time. stop_check (optional) is called between chunks and may raise to abandon the zip;
+    whatever ends it early (that, an error, a stop signal), the temporary file goes and an old `path` stays whole.
     """
     start = time.time()
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"write_images_zip needs uint8 N x 3 x H x W images, got {images.dtype} {tuple(images.shape)}")
     array = images.numpy()
-    with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
-        png_bytes = list(pool.map(encode_png, array, chunksize=64))
-    with atomic_path(path) as tmp_path:
-        with zipfile.ZipFile(tmp_path, "w", compression=zipfile.ZIP_STORED) as archive:
-            for index, data in enumerate(png_bytes):
-                # a fixed timestamp: the same images give a byte-identical zip
-                archive.writestr(zipfile.ZipInfo(f"{index}.png", date_time=(2019, 6, 1, 0, 0, 0)), data)
+    pool = ThreadPoolExecutor(max_workers=_zip_workers(workers))
+    try:
+        with atomic_path(path) as tmp_path:
+            with zipfile.ZipFile(tmp_path, "w", compression=zipfile.ZIP_STORED) as archive:
+                for chunk_start in range(0, len(array), ZIP_CHUNK):
+                    if stop_check is not None:
+                        stop_check()
+                    chunk = array[chunk_start:chunk_start + ZIP_CHUNK]
+                    for index, data in enumerate(pool.map(encode_png, chunk), chunk_start):
+                        archive.writestr(_zip_entry(index), data)
+    finally:
+        # an abandoned chunk's queued encodings are dropped, not waited for
+        pool.shutdown(wait=True, cancel_futures=True)
     return time.time() - start
 
 
-def estimate_output_seconds(G: torch.nn.Module, n: int, device, batch_size: int = 500) -> float:
-    """Time one generation batch and the PNG encoding of it, scaled to n images: the reserve kept after training."""
-    probe = min(n, batch_size)
-    start = time.time()
-    images = generate_images(G, probe, device, batch_size=probe)
-    generate_s = time.time() - start
-    start = time.time()
-    for img in images.numpy()[:100]:
-        encode_png(img)
-    encode_s = (time.time() - start) / min(100, probe) * n / min(8, os.cpu_count() or 1)
-    return generate_s * n / probe + encode_s
+def measure_generation_seconds(G: "torch.nn.Module", device) -> "dict[int, tuple[float, torch.Tensor]]":
+    """{batch size: (seconds per image, the images)} of generate_images for GENERATE_BATCH_CANDIDATES on this device.
+    The smallest is timed after a warm-up on a few images (first calls pay for allocations and kernel selection);
+    a larger one, in one batch, only when that costs at most GENERATE_PROBE_S by the fastest speed so far."""
+    timed: "dict[int, tuple[float, torch.Tensor]]" = {}
+    for batch_size in GENERATE_BATCH_CANDIDATES:
+        if not timed:
+            generate_images(G, min(8, batch_size), device, batch_size=min(8, batch_size))
+        elif batch_size * min(per_image for per_image, _ in timed.values()) > GENERATE_PROBE_S:
+            break
+        start = time.time()
+        images = generate_images(G, batch_size, device, batch_size=batch_size)
+        timed[batch_size] = ((time.time() - start) / batch_size, images)
+    return timed
+
+
+def pick_generation_batch(timed: "dict[int, tuple[float, torch.Tensor]]") -> int:
+    """The batch size to generate with, from measure_generation_seconds(): the largest timed one, unless a smaller
+    one was faster per image by more than GENERATE_BATCH_MARGIN."""
+    largest = max(timed)
+    fastest = min(timed, key=lambda batch_size: timed[batch_size][0])
+    if timed[fastest][0] < (1 - GENERATE_BATCH_MARGIN) * timed[largest][0]:
+        return fastest
+    return largest
+
+
+def measure_zip_seconds(images: "torch.Tensor", workers: int = 0) -> float:
+    """Seconds per image write_images_zip spends on encoding (in its thread pool) and storing an entry, measured
+    in memory on `images` and on as many noise images, averaged: an untrained G's smooth images encode faster than
+    a trained G's, pure noise slower (PNG sizes: ~4, ~9 and 12.4 KB)."""
+    noise = torch.randint(0, 256, tuple(images.shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    per_image = []
+    with ThreadPoolExecutor(max_workers=_zip_workers(workers)) as pool:
+        for probe in (images.numpy(), noise.numpy()):
+            start = time.time()
+            with zipfile.ZipFile(io.BytesIO(), "w", compression=zipfile.ZIP_STORED) as archive:
+                for index, data in enumerate(pool.map(encode_png, probe)):
+                    archive.writestr(_zip_entry(index), data)
+            per_image.append((time.time() - start) / max(1, len(probe)))
+    return sum(per_image) / len(per_image)
 
 
 # ====================================================================================================
@@ -557,7 +764,7 @@ def ema_beta_at(step: int, beta: float, rampup: float) -> float:
 
 
 @torch.no_grad()
-def ema_update(G_ema: torch.nn.Module, G: torch.nn.Module, beta: float) -> None:
+def ema_update(G_ema: "torch.nn.Module", G: "torch.nn.Module", beta: float) -> None:
     """G_ema <- beta * G_ema + (1 - beta) * G for parameters (one fused lerp); buffers are copied from G."""
     ema_params = list(G_ema.parameters())
     params = list(G.parameters())
@@ -578,8 +785,8 @@ STANDING_STATS_BATCH = 64
 
 
 @torch.no_grad()
-def standing_bn_stats_(G_ema: torch.nn.Module, batches: int = STANDING_STATS_BATCHES,
-                       batch_size: int = STANDING_STATS_BATCH, seed: int = 0) -> torch.nn.Module:
+def standing_bn_stats_(G_ema: "torch.nn.Module", batches: int = STANDING_STATS_BATCHES,
+                       batch_size: int = STANDING_STATS_BATCH, seed: int = 0) -> "torch.nn.Module":
     """BigGAN's "standing statistics": G_ema's batch-norm running mean/var recomputed from its own outputs.
 
     The EMA averages G's weights, but the BN buffers it carries describe G's current weights, not the averaged ones;
@@ -625,7 +832,7 @@ class SpectralNormFp32(nn.Module):
     buffers themselves for backward.
     """
 
-    def __init__(self, weight: torch.Tensor, dim: int = 0, eps: float = 1e-12, warmup_iters: int = 15):
+    def __init__(self, weight: "torch.Tensor", dim: int = 0, eps: float = 1e-12, warmup_iters: int = 15):
         super().__init__()
         self.dim = dim
         self.eps = eps
@@ -634,32 +841,32 @@ class SpectralNormFp32(nn.Module):
         self.register_buffer("v", F.normalize(weight.new_empty(cols, dtype=torch.float32).normal_(), dim=0, eps=eps))
         self.reset_vectors(weight, warmup_iters)
 
-    def _matrix(self, weight: torch.Tensor) -> torch.Tensor:
+    def _matrix(self, weight: "torch.Tensor") -> "torch.Tensor":
         # sigma of the [out, in * k * k] matrix; ConvTranspose keeps its output channels on dim 1
         if self.dim != 0:
             weight = weight.movedim(self.dim, 0)
         return weight.flatten(1)
 
     @torch.no_grad()
-    def _power_iteration(self, weight_mat: torch.Tensor, n_iters: int) -> None:
+    def _power_iteration(self, weight_mat: "torch.Tensor", n_iters: int) -> None:
         # u <- W v / |W v|, v <- W^T u / |W^T u|; updated in place so DataParallel replicas and DDP see them
         for _ in range(n_iters):
             self.u.copy_(F.normalize(weight_mat @ self.v.float(), dim=0, eps=self.eps))
             self.v.copy_(F.normalize(weight_mat.t() @ self.u.float(), dim=0, eps=self.eps))
 
     @torch.no_grad()
-    def reset_vectors(self, weight: torch.Tensor, n_iters: int = 15) -> None:
+    def reset_vectors(self, weight: "torch.Tensor", n_iters: int = 15) -> None:
         """Re-seed u, v for a freshly initialised weight."""
         self._power_iteration(self._matrix(weight).float(), n_iters)
 
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+    def forward(self, weight: "torch.Tensor") -> "torch.Tensor":
         with torch.autocast(device_type=weight.device.type, enabled=False):
             weight_mat = self._matrix(weight).float()
             sigma = torch.dot(self.u, weight_mat @ self.v)  # sigma = u^T W v
             return (weight.float() / sigma).to(weight.dtype)
 
 
-def spectral_norm_layers(model: nn.Module) -> list:
+def spectral_norm_layers(model: "nn.Module") -> list:
     """[(SpectralNormFp32, original weight)] of every spectral-normalised weight of `model`, collected once
     (walking the modules every step costs ~0.7 ms for the default G and D)."""
     layers = []
@@ -678,7 +885,7 @@ def spectral_norm_power_iteration_(layers: list) -> None:
         sn._power_iteration(sn._matrix(weight).float(), 1)
 
 
-def with_sn(module: nn.Module, enabled: bool = True) -> nn.Module:
+def with_sn(module: "nn.Module", enabled: bool = True) -> "nn.Module":
     """Register SpectralNormFp32 on module.weight when enabled; returns the module."""
     if not enabled:
         return module
@@ -688,15 +895,15 @@ def with_sn(module: nn.Module, enabled: bool = True) -> nn.Module:
 
 
 def sn_conv2d(in_ch: int, out_ch: int, kernel: int, stride: int = 1, padding: int = 0, bias: bool = True,
-              sn: bool = True) -> nn.Module:
+              sn: bool = True) -> "nn.Module":
     return with_sn(nn.Conv2d(in_ch, out_ch, kernel, stride, padding, bias=bias), sn)
 
 
-def sn_linear(in_features: int, out_features: int, bias: bool = True, sn: bool = True) -> nn.Module:
+def sn_linear(in_features: int, out_features: int, bias: bool = True, sn: bool = True) -> "nn.Module":
     return with_sn(nn.Linear(in_features, out_features, bias=bias), sn)
 
 
-def sn_embedding(n_classes: int, dim: int, sn: bool = True) -> nn.Module:
+def sn_embedding(n_classes: int, dim: int, sn: bool = True) -> "nn.Module":
     return with_sn(nn.Embedding(n_classes, dim), sn)
 
 
@@ -727,8 +934,8 @@ class ConditionalBatchNorm2d(nn.Module):
             if embed is not None:
                 embed.weight.zero_()
 
-    def forward(self, x: torch.Tensor, cond_vec: torch.Tensor | None = None,
-                y: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: "torch.Tensor", cond_vec: "torch.Tensor | None" = None,
+                y: "torch.Tensor | None" = None) -> "torch.Tensor":
         out = self.bn(x)
         if self.gain_linear is None and self.gain_embed is None:
             return out
@@ -760,7 +967,7 @@ class SelfAttention2d(nn.Module):
         self.o = sn_conv2d(ch // 2, ch, 1, bias=False, sn=sn)
         self.gamma = nn.Parameter(torch.zeros(()))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
         b, c, h, w = x.shape
         theta = self.theta(x).reshape(b, c // 8, h * w)
         phi = F.max_pool2d(self.phi(x), 2).reshape(b, c // 8, h * w // 4)
@@ -782,7 +989,7 @@ class MinibatchStdDev(nn.Module):
         self.group_size = group_size
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
         b, c, h, w = x.shape
         group = math.gcd(b, self.group_size)
         grouped = x.float().reshape(group, b // group, c, h, w)
@@ -799,7 +1006,7 @@ class PixelNorm(nn.Module):
         super().__init__()
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
         return x * torch.rsqrt(x.pow(2).mean(dim=1, keepdim=True) + self.eps)
 
 
@@ -818,8 +1025,8 @@ class GBlock(nn.Module):
         self.conv2 = sn_conv2d(out_ch, out_ch, 3, padding=1, sn=sn)
         self.conv_sc = sn_conv2d(in_ch, out_ch, 1, sn=sn)
 
-    def forward(self, x: torch.Tensor, cond_vec: torch.Tensor | None = None,
-                y: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: "torch.Tensor", cond_vec: "torch.Tensor | None" = None,
+                y: "torch.Tensor | None" = None) -> "torch.Tensor":
         h = F.relu(self.bn1(x, cond_vec, y))
         h = self.conv1(F.interpolate(h, scale_factor=2, mode="nearest"))
         h = self.conv2(F.relu(self.bn2(h, cond_vec, y)))
@@ -842,7 +1049,7 @@ class DBlock(nn.Module):
         self.conv2 = sn_conv2d(out_ch, out_ch, 3, padding=1, sn=sn)
         self.conv_sc = sn_conv2d(in_ch, out_ch, 1, sn=sn) if (in_ch != out_ch or downsample) else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
         h = F.relu(x) if self.preactivation else x
         h = self.conv2(F.relu(self.conv1(h)))
         shortcut = x
@@ -863,7 +1070,7 @@ class DCGANUpBlock(nn.Module):
         self.norm = PixelNorm() if pixel_norm else nn.BatchNorm2d(out_ch)
         self.pixel_norm = pixel_norm
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
         h = self.conv(x)
         return self.norm(F.relu(h)) if self.pixel_norm else F.relu(self.norm(h))
 
@@ -876,7 +1083,7 @@ class DCGANDownBlock(nn.Module):
         self.conv = sn_conv2d(in_ch, out_ch, 4, 2, 1, bias=not batch_norm, sn=sn)
         self.bn = nn.BatchNorm2d(out_ch) if batch_norm else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
         h = self.conv(x)
         if self.bn is not None:
             h = self.bn(h)
@@ -891,7 +1098,7 @@ class LabelMap(nn.Module):
         self.size = size
         self.embed = nn.Embedding(n_classes, size * size)
 
-    def forward(self, y: torch.Tensor) -> torch.Tensor:
+    def forward(self, y: "torch.Tensor") -> "torch.Tensor":
         return self.embed(y).reshape(-1, 1, self.size, self.size)
 
 
@@ -905,7 +1112,7 @@ class DiscriminatorHead(nn.Module):
         self.proj = sn_embedding(n_classes, feat_dim, sn=sn) if cond == "projection" else None
         self.cls = sn_linear(feat_dim, n_classes, sn=sn) if cond == "acgan" else None
 
-    def forward(self, h: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, h: "torch.Tensor", y: "torch.Tensor | None") -> "tuple[torch.Tensor, torch.Tensor | None]":
         adv_logit = self.adv(h).squeeze(1)
         if self.proj is not None:
             adv_logit = adv_logit + (self.proj(y) * h).sum(dim=1)  # projection discriminator
@@ -929,7 +1136,7 @@ def hier_z_sizes(z_dim: int, n_slots: int) -> list[int]:
     return [base + 1] * extra + [base] * (n_slots - extra)
 
 
-def _check_g_inputs(z: torch.Tensor, y: torch.Tensor | None, z_dim: int, conditional: bool) -> None:
+def _check_g_inputs(z: "torch.Tensor", y: "torch.Tensor | None", z_dim: int, conditional: bool) -> None:
     # shape checks only (no host sync): a wrong z or missing y fails here, not deep inside a conv
     if z.dim() != 2 or z.shape[1] != z_dim:
         raise ValueError(f"G expects z of shape [B, {z_dim}], got {list(z.shape)}")
@@ -938,7 +1145,7 @@ def _check_g_inputs(z: torch.Tensor, y: torch.Tensor | None, z_dim: int, conditi
                          f"{None if y is None else list(y.shape)}")
 
 
-def _check_d_inputs(img: torch.Tensor, y: torch.Tensor | None, uses_labels: bool) -> None:
+def _check_d_inputs(img: "torch.Tensor", y: "torch.Tensor | None", uses_labels: bool) -> None:
     if img.dim() != 4 or tuple(img.shape[1:]) != (3, MODEL_IMG_SIZE, MODEL_IMG_SIZE):
         raise ValueError(f"D expects images of shape [B, 3, {MODEL_IMG_SIZE}, {MODEL_IMG_SIZE}], got {list(img.shape)}")
     if uses_labels and (y is None or y.shape != img.shape[:1]):
@@ -981,7 +1188,7 @@ class ResNetGenerator(nn.Module):
         self.out_bn = nn.BatchNorm2d(channels[-1])
         self.out_conv = sn_conv2d(channels[-1], 3, 3, padding=1, sn=sn)
 
-    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, z: "torch.Tensor", y: "torch.Tensor | None" = None) -> "torch.Tensor":
         _check_g_inputs(z, y, self.z_dim, self.conditional)
         z_chunks = torch.split(z, self.z_sizes, dim=1)
         shared = self.shared(y) if self.shared is not None else None
@@ -1019,7 +1226,7 @@ class ResNetDiscriminator(nn.Module):
         self.mbstd = MinibatchStdDev() if mbstd else None
         self.head = DiscriminatorHead(channels[-1], n_classes, cond, sn=sn)
 
-    def forward(self, img: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, img: "torch.Tensor", y: "torch.Tensor | None" = None) -> "tuple[torch.Tensor, torch.Tensor | None]":
         _check_d_inputs(img, y, self.cond in ("projection", "concat"))
         h = img
         if self.label_map is not None:
@@ -1064,7 +1271,7 @@ class DCGANGenerator(nn.Module):
                 self.attn[str(i)] = SelfAttention2d(channels[i + 1], sn=sn)
         self.out_conv = with_sn(nn.ConvTranspose2d(channels[-1], 3, 4, 2, 1), sn)
 
-    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, z: "torch.Tensor", y: "torch.Tensor | None" = None) -> "torch.Tensor":
         _check_g_inputs(z, y, self.z_dim, self.conditional)
         g_in = torch.cat([z, self.label_embed(y).to(z.dtype)], dim=1) if self.label_embed is not None else z
         h = self.stem(g_in).reshape(z.shape[0], -1, 4, 4)
@@ -1102,7 +1309,7 @@ class DCGANDiscriminator(nn.Module):
         self.mbstd = MinibatchStdDev() if mbstd else None
         self.head = DiscriminatorHead((channels[-1] + (1 if mbstd else 0)) * 4 * 4, n_classes, cond, sn=sn)
 
-    def forward(self, img: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, img: "torch.Tensor", y: "torch.Tensor | None" = None) -> "tuple[torch.Tensor, torch.Tensor | None]":
         _check_d_inputs(img, y, self.cond in ("projection", "concat"))
         h = F.avg_pool2d(img, self.downscale) if self.downscale > 1 else img
         if self.label_map is not None:
@@ -1117,7 +1324,7 @@ class DCGANDiscriminator(nn.Module):
 
 
 @torch.no_grad()
-def init_weights_(model: nn.Module, scheme: str) -> None:
+def init_weights_(model: "nn.Module", scheme: str) -> None:
     """Initialise conv/linear/embedding weights in place.
 
     "ortho": orthogonal weights, zero biases (BigGAN; used for the ResNet family).
@@ -1147,7 +1354,7 @@ def init_weights_(model: nn.Module, scheme: str) -> None:
             module.bias.zero_()
 
 
-def build_models(cfg: Config, n_classes: int) -> tuple[nn.Module, nn.Module]:
+def build_models(cfg: "Config", n_classes: int) -> "tuple[nn.Module, nn.Module]":
     """(G, D) for cfg.arch / cfg.cond and the widths in cfg, initialised as their papers."""
     conditional = cfg.cond != "none"
     if conditional and n_classes < 1:
@@ -1176,12 +1383,12 @@ def build_models(cfg: Config, n_classes: int) -> tuple[nn.Module, nn.Module]:
     return G, D
 
 
-def count_params(module: nn.Module) -> int:
+def count_params(module: "nn.Module") -> int:
     """Trainable parameters (a spectrally normalised weight counts once: its u, v are buffers)."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
-def describe_models(G: nn.Module, D: nn.Module) -> str:
+def describe_models(G: "nn.Module", D: "nn.Module") -> str:
     """One line for the start-up banner: 'G ResNetGenerator 11.44M params | D ResNetDiscriminator 19.67M params'."""
     return (f"G {type(G).__name__} {count_params(G) / 1e6:.2f}M params | "
             f"D {type(D).__name__} {count_params(D) / 1e6:.2f}M params")
@@ -1199,11 +1406,11 @@ class DistInfo:
     rank: int
     world_size: int
     local_rank: int
-    device: torch.device
+    device: "torch.device"
     is_main: bool       # rank 0: the only process that writes files and prints status
 
 
-def dist_resolve_device(device: str = "auto") -> torch.device:
+def dist_resolve_device(device: str = "auto") -> "torch.device":
     """'auto' -> cuda when available else cpu; 'cuda' / 'cuda:N' must exist."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -1213,7 +1420,7 @@ def dist_resolve_device(device: str = "auto") -> torch.device:
     return resolved
 
 
-def setup_distributed(device: str = "auto") -> DistInfo:
+def setup_distributed(device: str = "auto") -> "DistInfo":
     """Join the torchrun process group when WORLD_SIZE > 1 (nccl on CUDA, gloo on CPU), else a single process.
 
     Under torchrun each rank uses cuda:LOCAL_RANK (or the CPU when there is no GPU or --device cpu).
@@ -1242,7 +1449,7 @@ def cleanup_distributed() -> None:
         torch_dist.destroy_process_group()
 
 
-def current_dist_info(device: torch.device | str) -> DistInfo:
+def current_dist_info(device: "torch.device | str") -> "DistInfo":
     """The rank and world size of this process as the process group knows them (1 process when there is none)."""
     device = torch.device(device)
     if torch_dist.is_available() and torch_dist.is_initialized():
@@ -1252,7 +1459,7 @@ def current_dist_info(device: torch.device | str) -> DistInfo:
     return DistInfo(rank=0, world_size=1, local_rank=0, device=device, is_main=True)
 
 
-def any_rank_flags(flags: list[bool], device: torch.device, world_size: int) -> list[bool]:
+def any_rank_flags(flags: list[bool], device: "torch.device", world_size: int) -> list[bool]:
     """Element-wise OR of boolean flags over all ranks (one tiny all-reduce), so every rank takes the same branch.
 
     Used for the stop / tick / snapshot decisions: if rank 0's clock says stop, or any rank caught SIGTERM,
@@ -1265,7 +1472,7 @@ def any_rank_flags(flags: list[bool], device: torch.device, world_size: int) -> 
     return [bool(v) for v in flag_tensor.tolist()]
 
 
-def mean_over_ranks(values: torch.Tensor, world_size: int) -> torch.Tensor:
+def mean_over_ranks(values: "torch.Tensor", world_size: int) -> "torch.Tensor":
     """The mean of a tensor over ranks (SUM / world_size: gloo has no AVG)."""
     if world_size <= 1:
         return values
@@ -1274,7 +1481,7 @@ def mean_over_ranks(values: torch.Tensor, world_size: int) -> torch.Tensor:
     return summed / world_size
 
 
-def wrap_ddp(module: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
+def wrap_ddp(module: "torch.nn.Module", info: "DistInfo") -> "torch.nn.Module":
     """DistributedDataParallel around `module` when world_size > 1 (else the module itself).
 
     DDP's default buffer sync (broadcast_buffers=True) is relied on: rank 0's buffers (spectral norm's u/v,
@@ -1288,7 +1495,7 @@ def wrap_ddp(module: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
     return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
 
 
-def sync_buffers(module: torch.nn.Module, world_size: int) -> None:
+def sync_buffers(module: "torch.nn.Module", world_size: int) -> None:
     """Copy rank 0's buffers (running stats, power-iteration vectors) to every rank."""
     if world_size <= 1:
         return
@@ -1304,7 +1511,7 @@ def sync_buffers(module: torch.nn.Module, world_size: int) -> None:
 class Precision:
     """How the training step runs on this device."""
     device_type: str            # "cuda" | "cpu" | ...
-    dtype: torch.dtype | None   # autocast dtype; None: plain fp32
+    dtype: "torch.dtype | None"   # autocast dtype; None: plain fp32
     use_scaler: bool            # fp16 needs a loss scaler (one per optimiser)
     channels_last: bool         # NHWC activations and weights
 
@@ -1313,7 +1520,7 @@ class Precision:
         return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.dtype, "fp32")
 
 
-def choose_precision(amp: str, device: torch.device | str, channels_last: bool = True) -> Precision:
+def choose_precision(amp: str, device: "torch.device | str", channels_last: bool = True) -> "Precision":
     """auto: bf16 autocast on CUDA sm >= 8.0, fp16 + GradScaler below (P100, T4), fp32 on the CPU.
 
     An explicit amp the device cannot run falls back with a one-line note.
@@ -1335,21 +1542,21 @@ def choose_precision(amp: str, device: torch.device | str, channels_last: bool =
                      channels_last=bool(channels_last) and on_cuda)
 
 
-def precision_autocast(precision: Precision):
+def precision_autocast(precision: "Precision"):
     """The autocast context of the forward passes (a no-op in fp32)."""
     if precision.dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=precision.device_type, dtype=precision.dtype)
 
 
-def autocast_disabled(precision: Precision):
+def autocast_disabled(precision: "Precision"):
     """A context that turns autocast off (e.g. for the double-backward of a gradient penalty)."""
     if precision.dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=precision.device_type, enabled=False)
 
 
-def make_grad_scaler(precision: Precision):
+def make_grad_scaler(precision: "Precision"):
     """A GradScaler (enabled only for fp16); a disabled one passes losses and steps straight through."""
     if not hasattr(torch.amp, "GradScaler"):  # torch < 2.3 (older Kaggle images)
         return torch.cuda.amp.GradScaler(enabled=precision.use_scaler)
@@ -1357,21 +1564,21 @@ def make_grad_scaler(precision: Precision):
                                 enabled=precision.use_scaler)
 
 
-def make_adam(params, lr: float, betas: tuple[float, float], precision: Precision) -> torch.optim.Adam:
+def make_adam(params, lr: float, betas: tuple[float, float], precision: "Precision") -> "torch.optim.Adam":
     """Adam with the fused CUDA kernel on the GPU, the foreach implementation elsewhere."""
     if precision.device_type == "cuda":
         return torch.optim.Adam(params, lr=lr, betas=betas, fused=True)
     return torch.optim.Adam(params, lr=lr, betas=betas, foreach=True)
 
 
-def to_memory_format(x: torch.Tensor, precision: Precision) -> torch.Tensor:
+def to_memory_format(x: "torch.Tensor", precision: "Precision") -> "torch.Tensor":
     """NCHW -> channels_last when the setup uses it (4-d tensors only)."""
     if precision.channels_last and x.dim() == 4:
         return x.contiguous(memory_format=torch.channels_last)
     return x
 
 
-def place_module(module: torch.nn.Module, device, precision: Precision) -> torch.nn.Module:
+def place_module(module: "torch.nn.Module", device, precision: "Precision") -> "torch.nn.Module":
     """Move a model to the device in the setup's memory format."""
     module = module.to(device)
     if precision.channels_last:
@@ -1412,22 +1619,22 @@ class LoopState:
 class GanNets:
     """The modules and optimisers of a run. G, D, G_ema are the plain modules (saved, EMA'd); G_train/D_train are
     the paths gradients flow through (DDP and/or compiled), G_fwd/D_fwd the same modules without DDP."""
-    G: torch.nn.Module
-    D: torch.nn.Module
-    G_ema: torch.nn.Module
-    G_train: torch.nn.Module
-    D_train: torch.nn.Module
-    G_fwd: torch.nn.Module
-    D_fwd: torch.nn.Module
-    opt_g: torch.optim.Optimizer
-    opt_d: torch.optim.Optimizer
+    G: "torch.nn.Module"
+    D: "torch.nn.Module"
+    G_ema: "torch.nn.Module"
+    G_train: "torch.nn.Module"
+    D_train: "torch.nn.Module"
+    G_fwd: "torch.nn.Module"
+    D_fwd: "torch.nn.Module"
+    opt_g: "torch.optim.Optimizer"
+    opt_d: "torch.optim.Optimizer"
     scaler_g: object             # torch.amp.GradScaler (disabled unless fp16)
     scaler_d: object
     sn_G: list                   # spectral_norm_layers(G), (D): advanced once per optimiser step
     sn_D: list
 
 
-def build_gan_nets(cfg: Config, n_classes: int, device, precision: Precision, dist_info: DistInfo) -> GanNets:
+def build_gan_nets(cfg: "Config", n_classes: int, device, precision: "Precision", dist_info: "DistInfo") -> "GanNets":
     """G, D (initialised by the models module), G_ema, the DDP / compiled call paths, Adam and grad scalers."""
     G, D = build_models(cfg, n_classes)
     G, D = place_module(G, device, precision).train(), place_module(D, device, precision).train()
@@ -1503,7 +1710,7 @@ def restore_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(cuda_states)
 
 
-def training_snapshot(nets: GanNets, state: LoopState) -> dict:
+def training_snapshot(nets: "GanNets", state: "LoopState") -> dict:
     """A CPU copy of everything the optimisation changes: the rollback point and the core of a checkpoint."""
     return ckpt_cpu_copy({"G": nets.G.state_dict(), "D": nets.D.state_dict(), "G_ema": nets.G_ema.state_dict(),
                           "opt_g": nets.opt_g.state_dict(), "opt_d": nets.opt_d.state_dict(),
@@ -1511,7 +1718,7 @@ def training_snapshot(nets: GanNets, state: LoopState) -> dict:
                           "progress": dataclasses.asdict(state)})
 
 
-def restore_training_snapshot(nets: GanNets, snapshot: dict) -> LoopState:
+def restore_training_snapshot(nets: "GanNets", snapshot: dict) -> "LoopState":
     """Load models, optimisers and scalers from a snapshot or checkpoint (copies: the snapshot stays reusable);
     returns the snapshot's counters."""
     nets.G.load_state_dict(snapshot["G"])
@@ -1527,7 +1734,7 @@ def restore_training_snapshot(nets: GanNets, snapshot: dict) -> LoopState:
     return LoopState(**snapshot["progress"])
 
 
-def write_training_checkpoint(path: str, nets: GanNets, state: LoopState, reason: str, **extra) -> None:
+def write_training_checkpoint(path: str, nets: "GanNets", state: "LoopState", reason: str, **extra) -> None:
     """Save the run to `path` atomically (snapshot + `extra`: config, grid, FID history, RNG); a failed write is
     logged and the previous checkpoint stays."""
     ckpt = training_snapshot(nets, state)
@@ -1577,7 +1784,7 @@ def resolve_resume_path(resume: str, out_dir: str) -> str | None:
     return resume
 
 
-def merge_resumed_config(cfg: Config, saved: dict) -> Config:
+def merge_resumed_config(cfg: "Config", saved: dict) -> "Config":
     """The config a resumed run uses: each field by its resume role in Config (this_run / from_ckpt / model_shape).
 
     Fields the checkpoint does not know (added since it was written) keep this run's value.
@@ -1597,7 +1804,7 @@ def merge_resumed_config(cfg: Config, saved: dict) -> Config:
     return dataclasses.replace(cfg, **from_ckpt)
 
 
-def open_resume(cfg: Config, out_dir: str) -> tuple[Config, dict | None]:
+def open_resume(cfg: "Config", out_dir: str) -> "tuple[Config, dict | None]":
     """Settle --resume before anything uses the config: (the config this run trains with, the checkpoint or None).
 
     A missing, damaged or foreign checkpoint raises CheckpointError here, before the data is decoded and before any
@@ -1627,7 +1834,7 @@ def check_resume_fits_data(saved: dict | None, n_classes: int) -> None:
                               f"use the same data, or pass --resume \"\" to start fresh")
 
 
-def load_generator_from_checkpoint(path: str, cfg: Config, n_classes: int, device) -> torch.nn.Module:
+def load_generator_from_checkpoint(path: str, cfg: "Config", n_classes: int, device) -> "torch.nn.Module":
     """G_ema (the best-FID one when the run kept one) from a checkpoint, built with the checkpoint's model config."""
     state = load_checkpoint(path)
     if state["progress"]["step"] == 0:
@@ -1674,7 +1881,7 @@ class EffNetSameConv2d(nn.Conv2d):
     def __init__(self, in_ch: int, out_ch: int, kernel_size: int, stride: int = 1, groups: int = 1):
         super().__init__(in_ch, out_ch, kernel_size, stride=stride, padding=0, groups=groups, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
         pad_h = _effnet_same_pad(x.shape[-2], self.kernel_size[0], self.stride[0])
         pad_w = _effnet_same_pad(x.shape[-1], self.kernel_size[1], self.stride[1])
         if pad_h[0] == pad_h[1] and pad_w[0] == pad_w[1]:
@@ -1690,7 +1897,7 @@ def _effnet_same_pad(size: int, kernel: int, stride: int) -> tuple[int, int]:
     return total // 2, total - total // 2
 
 
-def _effnet_bn(channels: int) -> nn.BatchNorm2d:
+def _effnet_bn(channels: int) -> "nn.BatchNorm2d":
     return nn.BatchNorm2d(channels, eps=EFFNET_BN_EPS, momentum=EFFNET_BN_MOMENTUM)
 
 
@@ -1710,7 +1917,7 @@ class EffNetLiteBlock(nn.Module):
         self._bn2 = _effnet_bn(out_ch)
         self.has_skip = stride == 1 and in_ch == out_ch
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
         h = x
         if self.has_expand:
             h = F.relu6(self._bn0(self._expand_conv(h)), inplace=True)
@@ -1736,7 +1943,7 @@ class EfficientNetLite0(nn.Module):
         self._bn1 = _effnet_bn(EFFNET_LITE0_DIM)
         self._fc = nn.Linear(EFFNET_LITE0_DIM, num_classes)
 
-    def features(self, x01: torch.Tensor) -> torch.Tensor:
+    def features(self, x01: "torch.Tensor") -> "torch.Tensor":
         """Pooled head activations: bilinear resize to 224, scale (x*255 - 127) / 128, trunk, mean."""
         x = F.interpolate(x01, size=(EFFNET_LITE0_INPUT_SIZE, EFFNET_LITE0_INPUT_SIZE),
                           mode="bilinear", align_corners=False)
@@ -1747,7 +1954,7 @@ class EfficientNetLite0(nn.Module):
         x = F.relu6(self._bn1(self._conv_head(x)), inplace=True)
         return x.mean(dim=(2, 3))
 
-    def forward(self, x01: torch.Tensor) -> torch.Tensor:
+    def forward(self, x01: "torch.Tensor") -> "torch.Tensor":
         """ImageNet logits (standard 1000-class order); dropout is a no-op at inference."""
         return self._fc(self.features(x01))
 
@@ -1772,11 +1979,11 @@ class FIDConvBN(nn.Module):
         self.conv = nn.Conv2d(in_ch, out_ch, kernel_size, stride=stride, padding=padding, bias=False)
         self.bn = nn.BatchNorm2d(out_ch, eps=0.001)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
         return F.relu(self.bn(self.conv(x)))
 
 
-def _fid_tf_avg_pool(x: torch.Tensor) -> torch.Tensor:
+def _fid_tf_avg_pool(x: "torch.Tensor") -> "torch.Tensor":
     # TensorFlow's 3x3 average pool divides by the number of real (non-padded) pixels.
     return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
 
@@ -1794,7 +2001,7 @@ class FIDInceptionA(nn.Module):
         self.branch3x3dbl_3 = FIDConvBN(96, 96, 3, padding=1)
         self.branch_pool = FIDConvBN(in_ch, pool_features, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
         b1 = self.branch1x1(x)
         b5 = self.branch5x5_2(self.branch5x5_1(x))
         b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
@@ -1812,7 +2019,7 @@ class FIDInceptionB(nn.Module):
         self.branch3x3dbl_2 = FIDConvBN(64, 96, 3, padding=1)
         self.branch3x3dbl_3 = FIDConvBN(96, 96, 3, stride=2)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
         b3 = self.branch3x3(x)
         b3d = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
         bp = F.max_pool2d(x, kernel_size=3, stride=2)
@@ -1836,7 +2043,7 @@ class FIDInceptionC(nn.Module):
         self.branch7x7dbl_5 = FIDConvBN(c7, 192, (1, 7), padding=(0, 3))
         self.branch_pool = FIDConvBN(in_ch, 192, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
         b1 = self.branch1x1(x)
         b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
         b7d = self.branch7x7dbl_1(x)
@@ -1858,7 +2065,7 @@ class FIDInceptionD(nn.Module):
         self.branch7x7x3_3 = FIDConvBN(192, 192, (7, 1), padding=(3, 0))
         self.branch7x7x3_4 = FIDConvBN(192, 192, 3, stride=2)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
         b3 = self.branch3x3_2(self.branch3x3_1(x))
         b7 = self.branch7x7x3_1(x)
         for layer in (self.branch7x7x3_2, self.branch7x7x3_3, self.branch7x7x3_4):
@@ -1885,7 +2092,7 @@ class FIDInceptionE(nn.Module):
         self.branch3x3dbl_3b = FIDConvBN(384, 384, (3, 1), padding=(1, 0))
         self.branch_pool = FIDConvBN(in_ch, 192, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
         b1 = self.branch1x1(x)
         b3 = self.branch3x3_1(x)
         b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
@@ -1922,7 +2129,7 @@ class FIDInceptionV3(nn.Module):
         self.Mixed_7c = FIDInceptionE(2048, pool="max")
         self.fc = nn.Linear(FID_INCEPTION_DIM, 1008)
 
-    def features(self, x01: torch.Tensor) -> torch.Tensor:
+    def features(self, x01: "torch.Tensor") -> "torch.Tensor":
         """pool_3 activations: bilinear resize to 299, scale [0,1] -> [-1,1], trunk, global mean."""
         x = F.interpolate(x01, size=(FID_INCEPTION_INPUT_SIZE, FID_INCEPTION_INPUT_SIZE),
                           mode="bilinear", align_corners=False)
@@ -1936,7 +2143,7 @@ class FIDInceptionV3(nn.Module):
             x = block(x)
         return x.mean(dim=(2, 3))
 
-    def forward(self, x01: torch.Tensor) -> torch.Tensor:
+    def forward(self, x01: "torch.Tensor") -> "torch.Tensor":
         """Logits over the graph's 1008 classes (only for sanity checks; FID uses `features`)."""
         return self.fc(self.features(x01))
 
@@ -1978,13 +2185,13 @@ class SubmissionError(ValueError):
 
 
 
-def lanczos_square(image: Image.Image, size: int = MIFID_IMAGE_SIZE) -> np.ndarray:
+def lanczos_square(image: "Image.Image", size: int = MIFID_IMAGE_SIZE) -> "np.ndarray":
     """An RGB PIL image squashed to size x size as Kaggle's evaluator did (resize with Image.ANTIALIAS, i.e.
     Lanczos; a no-op at size) -> uint8 3 x size x size."""
     return np.asarray(image.resize((size, size), Image.LANCZOS), dtype=np.uint8).transpose(2, 0, 1)
 
 
-def resize_images_uint8(images: torch.Tensor, size: int = MIFID_IMAGE_SIZE) -> torch.Tensor:
+def resize_images_uint8(images: "torch.Tensor", size: int = MIFID_IMAGE_SIZE) -> "torch.Tensor":
     """uint8 N x 3 x H x W -> uint8 N x 3 x size x size with PIL's Lanczos (lanczos_square); no-op at size."""
     if images.shape[-2:] == (size, size):
         return images
@@ -1993,7 +2200,7 @@ def resize_images_uint8(images: torch.Tensor, size: int = MIFID_IMAGE_SIZE) -> t
 
 
 @contextlib.contextmanager
-def _mifid_fp32(device: torch.device):
+def _mifid_fp32(device: "torch.device"):
     """Full fp32 inside: no autocast from a caller, no TF32 convolutions or matmuls on CUDA."""
     saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
     try:
@@ -2009,7 +2216,7 @@ def _mifid_fp32(device: torch.device):
 class FeatureExtractor:
     """Callable: uint8 N x 3 x H x W images (RGB 0..255) -> float32 CPU N x dim features of one backbone."""
 
-    def __init__(self, name: str, model: torch.nn.Module, device, weights_id: str, batch_size: int = 0):
+    def __init__(self, name: str, model: "torch.nn.Module", device, weights_id: str, batch_size: int = 0):
         if name not in MIFID_BACKBONES:
             raise ValueError(f"unknown MiFID backbone {name!r}; choose one of {', '.join(MIFID_BACKBONES)}")
         spec = MIFID_BACKBONES[name]
@@ -2022,7 +2229,7 @@ class FeatureExtractor:
         for param in self.model.parameters():
             param.requires_grad_(False)
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+    def __call__(self, images: "torch.Tensor") -> "torch.Tensor":
         if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4 \
                 or images.shape[1] != 3:
             got = f"{images.dtype} {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
@@ -2036,7 +2243,7 @@ class FeatureExtractor:
         return feats
 
 
-def _mifid_resolve_device(device) -> torch.device:
+def _mifid_resolve_device(device) -> "torch.device":
     if device in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -2050,7 +2257,7 @@ def _mifid_file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def load_feature_extractor(backbone: str, weights_path: str, device="auto") -> FeatureExtractor:
+def load_feature_extractor(backbone: str, weights_path: str, device="auto") -> "FeatureExtractor":
     """Backbone ("inception" | "efficientnet-lite0" | "auto": from the state-dict keys) with weights loaded strictly."""
     if not weights_path or not os.path.isfile(weights_path):
         raise FileNotFoundError(
@@ -2100,14 +2307,14 @@ def find_fid_weights(search_root: str = "/kaggle/input") -> tuple[str, str] | No
     return None
 
 
-def _mifid_float64(feats) -> np.ndarray:
+def _mifid_float64(feats) -> "np.ndarray":
     array = feats.detach().cpu().numpy() if isinstance(feats, torch.Tensor) else np.asarray(feats)
     if array.ndim != 2:
         raise ValueError(f"features must be a 2-D N x D array, got shape {array.shape}")
     return array.astype(np.float64)
 
 
-def feature_stats(feats) -> tuple[np.ndarray, np.ndarray]:
+def feature_stats(feats) -> "tuple[np.ndarray, np.ndarray]":
     """(mu, sigma) in float64: mean and np.cov(rowvar=False) of N x D features."""
     array = _mifid_float64(feats)
     if len(array) < 2:
@@ -2115,7 +2322,7 @@ def feature_stats(feats) -> tuple[np.ndarray, np.ndarray]:
     return np.mean(array, axis=0), np.cov(array, rowvar=False)
 
 
-def _mifid_sqrtm(matrix: np.ndarray) -> np.ndarray:
+def _mifid_sqrtm(matrix: "np.ndarray") -> "np.ndarray":
     # scipy >= 1.16 deprecates disp=False; the plain call returns the same matrix on old and new scipy.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -2144,7 +2351,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
-def _mifid_unit_rows(feats, device) -> torch.Tensor:
+def _mifid_unit_rows(feats, device) -> "torch.Tensor":
     # Kaggle: drop rows whose sum is 0, then L2-normalise (nan -> 0) in float64
     rows = torch.as_tensor(_mifid_float64(feats), device=device)
     rows = rows[rows.sum(dim=1) != 0]
@@ -2189,15 +2396,15 @@ def mifid_score(gen_feats, real_feats, eps: float, real_stats=None, mem_feats=No
     return dict(fid=fid, d=d, d_thr=d_thr, mifid=fid / (d_thr + MIFID_DENOM_EPS), eps=float(eps))
 
 
-def _mifid_content_key(images: torch.Tensor, extractor: FeatureExtractor, kind: str) -> str:
+def _mifid_content_key(images: "torch.Tensor", extractor: "FeatureExtractor", kind: str) -> str:
     digest = hashlib.sha256()
     digest.update(f"{kind}|{extractor.name}|{extractor.weights_id}|{tuple(images.shape)}|{images.dtype}|".encode())
     digest.update(memoryview(images.detach().cpu().contiguous().numpy()).cast("B"))
     return digest.hexdigest()[:24]
 
 
-def cached_real_features(extractor: FeatureExtractor, real_uint8: torch.Tensor, cache_dir: str,
-                         kind: str = "images") -> torch.Tensor:
+def cached_real_features(extractor: "FeatureExtractor", real_uint8: "torch.Tensor", cache_dir: str,
+                         kind: str = "images") -> "torch.Tensor":
     """extractor(real_uint8), kept in cache_dir under the reference kind ("photos", "crops", ...) and a hash of the
     kind, the images, the backbone and its weights."""
     key = _mifid_content_key(real_uint8, extractor, kind)
@@ -2222,7 +2429,7 @@ def cached_real_features(extractor: FeatureExtractor, real_uint8: torch.Tensor, 
 
 
 def read_images_zip(path: str, expect_n: int | None = MIFID_SUBMISSION_COUNT,
-                    size: int = MIFID_IMAGE_SIZE) -> torch.Tensor:
+                    size: int = MIFID_IMAGE_SIZE) -> "torch.Tensor":
     """uint8 N x 3 x size x size from a submission zip; SubmissionError unless every entry is a size x size
     RGB PNG and (expect_n given) there are exactly expect_n of them. Folders inside the zip are ignored."""
     if not os.path.isfile(path):
@@ -2263,7 +2470,7 @@ def validate_submission(path: str) -> None:
     read_images_zip(path, expect_n=MIFID_SUBMISSION_COUNT, size=MIFID_IMAGE_SIZE)
 
 
-def load_image_folder(path: str, size: int = MIFID_IMAGE_SIZE) -> torch.Tensor:
+def load_image_folder(path: str, size: int = MIFID_IMAGE_SIZE) -> "torch.Tensor":
     """Every image file under path (recursive, sorted) as uint8 N x 3 x size x size RGB, squashed with Lanczos as
     Kaggle's evaluator read all-dogs/; undecodable files (and links or pipes that are no plain file) are skipped
     and counted."""
@@ -2400,7 +2607,7 @@ def _dog_source_is_zip(source: str) -> bool:
 _DOG_ZIP_HANDLES: dict = {}
 
 
-def _dog_zip(source: str) -> zipfile.ZipFile:
+def _dog_zip(source: str) -> "zipfile.ZipFile":
     key = (os.getpid(), source)
     if key not in _DOG_ZIP_HANDLES:
         try:
@@ -2410,7 +2617,7 @@ def _dog_zip(source: str) -> zipfile.ZipFile:
     return _DOG_ZIP_HANDLES[key]
 
 
-def _dog_entry_is_file(entry: os.DirEntry) -> bool:
+def _dog_entry_is_file(entry: "os.DirEntry") -> bool:
     try:
         return entry.is_file()
     except OSError:  # a symlink loop raises instead of answering
@@ -2617,7 +2824,7 @@ def _dog_read_annotations(annotation_source, entries, counts) -> list[tuple[str,
 
 # ---- decoding one photo into its dog crops and its whole-photo image ------------------------------------
 
-def _dog_to_rgb(img: Image.Image) -> Image.Image:
+def _dog_to_rgb(img: "Image.Image") -> "Image.Image":
     """Any PIL mode -> RGB: alpha composited on white, 16-bit scaled down to 8 bits, CMYK/palette/grey converted."""
     if img.mode == "RGB":
         return img
@@ -2667,7 +2874,7 @@ def _dog_jpeg_scans_complete(data: bytes) -> bool:
     return bool(coverage) and all(bit == 0 for bits in coverage.values() for bit in bits)
 
 
-def _dog_load_truncated_jpeg(data: bytes) -> Image.Image:
+def _dog_load_truncated_jpeg(data: bytes) -> "Image.Image":
     """A JPEG that stops early, decoded as far as it goes; OSError unless the whole picture came out."""
     if not _dog_jpeg_scans_complete(data):
         raise OSError("image file is truncated: scans are missing")
@@ -2686,7 +2893,7 @@ def _dog_load_truncated_jpeg(data: bytes) -> Image.Image:
     return img
 
 
-def _dog_open_image(data: bytes, counts) -> Image.Image:
+def _dog_open_image(data: bytes, counts) -> "Image.Image":
     """The decoded photo; a JPEG that lacks only its end marker is decoded anyway and counted as truncated."""
     img = Image.open(io.BytesIO(data))
     try:
@@ -2736,7 +2943,7 @@ def _dog_min_side(min_box: int, frame_size) -> float:
     return min(float(min_box), DOG_MIN_BOX_PHOTO_FRACTION * min(frame_size))
 
 
-def _dog_box_regions(boxes, frame_size, sx: float, sy: float, settings: DogCropSettings, counts):
+def _dog_box_regions(boxes, frame_size, sx: float, sy: float, settings: "DogCropSettings", counts):
     """[(name, region)] of the boxes in the frame's pixels, widened by the margin and clipped; boxes with no pixels
     in the photo (skipped_boxes) or a shortest side under the minimum (tiny_boxes) are dropped and counted."""
     img_w, img_h = frame_size
@@ -2759,13 +2966,13 @@ def _dog_box_regions(boxes, frame_size, sx: float, sy: float, settings: DogCropS
     return regions
 
 
-def _dog_square(img: Image.Image, size: int) -> np.ndarray:
+def _dog_square(img: "Image.Image", size: int) -> "np.ndarray":
     """RGB, squashed to size x size exactly as Kaggle's evaluator squashed every image (lanczos_square)
     -> 3 x size x size uint8; aspect not kept: the whole dog fills the square."""
     return np.ascontiguousarray(lanczos_square(_dog_to_rgb(img), size))
 
 
-def _dog_crop_resize(img: Image.Image, region, size: int) -> np.ndarray:
+def _dog_crop_resize(img: "Image.Image", region, size: int) -> "np.ndarray":
     """Crop the region -> 3 x size x size uint8."""
     w, h = img.size
     x0, y0, x1, y1 = region
@@ -2782,7 +2989,7 @@ def _dog_centre_region(img_size) -> tuple[float, float, float, float]:
     return (left, top, left + side, top + side)
 
 
-def _dog_decode_photo(image_source, annotation_source, task, settings: DogCropSettings, counts):
+def _dog_decode_photo(image_source, annotation_source, task, settings: "DogCropSettings", counts):
     """One photo -> ([3 x size x size uint8 crops], [breed name or None per crop], whole photo or None).
 
     Raises on unreadable files. `counts` is this photo's own Counter. The whole photo is the stored pixels as PIL
@@ -2859,14 +3066,14 @@ def _dog_decode_chunk(job):
 @dataclass
 class DogData:
     """Every dog crop of the data set, decoded once (and, when asked for, every whole photo at 64x64)."""
-    images: torch.Tensor          # uint8 N x 3 x size x size, contiguous: the training crops
-    labels: torch.Tensor          # int64 N, index into breeds
+    images: "torch.Tensor"          # uint8 N x 3 x size x size, contiguous: the training crops
+    labels: "torch.Tensor"          # int64 N, index into breeds
     breeds: list[str]             # label id -> breed name, sorted by name
     counts: dict = field(default_factory=dict)  # photos, samples, multi_dog_photos, centre_crops, skipped_*, ...
     seconds: float = 0.0          # load time
     # uint8 P x 3 x size x size, one per decoded photo, squashed with Lanczos and not EXIF-rotated: Kaggle's MiFID
     # reference (load_dogs(whole_photos=True)); None otherwise. Scoring only: training never moves it to a GPU.
-    photos: torch.Tensor | None = None
+    photos: "torch.Tensor | None" = None
 
 
 def _dog_worker_count(workers: int) -> int:
@@ -2889,16 +3096,69 @@ def _dog_pool_context():
 
 
 def _dog_run_jobs(jobs, processes: int):
-    """Chunk results in order: a process pool when asked for, else (or if the pool fails) in this process."""
+    """Chunk results in order: worker processes when asked for, else (or if they fail) in this process.
+
+    Forked workers each take every processes-th job and answer on a pipe of their own, so they share no lock: a stop
+    signal (SIGTERM to the whole process group, a terminal's Ctrl-C) or a worker killed outright can leave nothing
+    waiting forever, and no worker prints a traceback. Without fork, a multiprocessing pool does the work.
+    """
     context = _dog_pool_context() if processes > 1 else None
     if processes > 1 and context is None:
         log("data", "no 'fork' start method and the code lives in __main__; decoding in-process")
     elif context is not None:
+        import signal
+        stop_signals = {signal.SIGINT, signal.SIGTERM}
+
+        def decode_share(share, writer, signal_mask):
+            # in a forked worker: Ctrl-C is for the parent to handle, SIGTERM ends the worker at once
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, signal_mask)
+            for index in share:
+                writer.send((index, _dog_decode_chunk(jobs[index])))
+            writer.close()
+
+        workers = []
         try:
-            with context.Pool(processes) as pool:
-                return list(pool.imap(_dog_decode_chunk, jobs)), processes
+            if context.get_start_method() != "fork":
+                with context.Pool(processes) as pool:
+                    return pool.map(_dog_decode_chunk, jobs), processes
+            results, readers = [None] * len(jobs), []
+            # Stop signals wait while the workers are set up: a handler raising inside multiprocessing's fork
+            # bookkeeping would be swallowed there ("Exception ignored in ...") and the stop lost.
+            signal_mask = signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+            try:
+                for first in range(processes):
+                    reader, writer = context.Pipe(duplex=False)
+                    worker = context.Process(target=decode_share, daemon=True,
+                                             args=(range(first, len(jobs), processes), writer, signal_mask))
+                    worker.start()
+                    writer.close()  # only the worker writes: its end closing is this reader's EOF
+                    workers.append(worker)
+                    readers.append(reader)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, signal_mask)
+            while readers:
+                # a timeout: a signal the kernel hands to another thread runs its Python handler only when the
+                # main thread wakes, and an endless wait would never wake
+                for reader in multiprocessing.connection.wait(readers, timeout=0.2):
+                    try:
+                        index, result = reader.recv()
+                        results[index] = result
+                    except EOFError:
+                        readers.remove(reader)
+                        reader.close()
+            if any(result is None for result in results):
+                raise RuntimeError("a decode worker ended before its share was done")
+            return results, processes
         except Exception as exc:
             log("data", f"decode pool failed ({type(exc).__name__}: {exc}); decoding in-process")
+        finally:
+            # on success the workers have finished; on an error or a stop signal they are ended here
+            for worker in workers:
+                if worker.is_alive():
+                    worker.kill()
+                worker.join()
     return [_dog_decode_chunk(job) for job in jobs], 1
 
 
@@ -2929,7 +3189,7 @@ def _dog_warn_about_annotations(photo_ids: list[str], by_id: dict, annotation_so
 
 
 def load_dogs(data_dir: str, crop_margin: float = 0.0, max_images: int = 0, workers: int = 0,
-              size: int = 64, min_box: int = 0, whole_photos: bool = False) -> DogData:
+              size: int = 64, min_box: int = 0, whole_photos: bool = False) -> "DogData":
     """Decode every photo under data_dir once and crop every annotated dog to size x size uint8.
 
     Photos without a usable box are centre-cropped; their label is the breed of the folder their wnid belongs to,
@@ -3024,6 +3284,147 @@ def load_dogs(data_dir: str, crop_margin: float = 0.0, max_images: int = 0, work
 
 
 # ====================================================================================================
+# src/interrupt.py
+# SIGTERM and Ctrl-C outside the training loop: the stage in progress unwinds cleanly and the run ends in one line.
+#
+# The training loop catches the same signals itself (it finishes its step, saves a checkpoint and returns, so the
+# zip still gets written). Around everything else (data decoding, measuring, generation, the zip, scoring) a signal
+# raises RunInterrupted in the main thread: `with` blocks and `finally` clauses run (atomic writes delete their
+# temporary file, the old images.zip stays), and main() prints which stage was stopped.
+# ====================================================================================================
+# Functions of the pipeline, outermost first, and what a stop inside each of them means for the outputs.
+INTERRUPT_STAGES = {
+    "load_dogs": "while loading the data; nothing was written",
+    "real_features": "while computing the real images' features; nothing was written",
+    "plan_reserve": "while measuring the output time; nothing was written",
+    "train": "while setting up or wrapping up training; ckpt.pt is the last complete checkpoint",
+    "fallback_generator": "before images.zip was written; any previous images.zip is kept",
+    "pick_truncation": "while choosing the truncation; any previous images.zip is kept",
+    "write_submission": "while writing images.zip; any previous images.zip is kept and no temporary file is left",
+    "report_mifid": "while scoring; images.zip is complete",
+    "write_plots": "while drawing the plots; images.zip is complete",
+}
+
+
+class RunInterrupted(BaseException):
+    """SIGTERM/SIGINT outside training. A BaseException, like KeyboardInterrupt, so `except Exception` handlers
+    (the decode pool's fallback, a failing grid) do not swallow it."""
+
+    def __init__(self, signum: int, stage: str):
+        self.signum, self.stage = signum, stage
+        super().__init__(f"stopped by {signal.Signals(signum).name} {stage}".rstrip())
+
+
+def interrupt_stage_of(frame) -> str:
+    """What the outermost pipeline function on the stack was doing when the signal came (see INTERRUPT_STAGES)."""
+    stage = ""
+    while frame is not None:
+        stage = INTERRUPT_STAGES.get(frame.f_code.co_name, stage)
+        frame = frame.f_back
+    return stage
+
+
+@contextlib.contextmanager
+def signals_interrupt_run():
+    """While inside: SIGTERM and SIGINT raise RunInterrupted in this process's main thread.
+
+    Processes forked meanwhile (the decode pool) inherit the handler: there SIGINT is ignored (the parent decides,
+    and a terminal's Ctrl-C reaches the whole group) and SIGTERM ends the worker quietly.
+    Outside the main thread (signals cannot be caught there) this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    owner = os.getpid()
+
+    def on_signal(signum, frame):
+        if os.getpid() != owner:
+            # SystemExit, not os._exit: a worker stopped inside the pool's queue lock must release it on the way
+            # out (the parent's pool.terminate() takes that lock), and multiprocessing prints no traceback for it
+            if signum == signal.SIGTERM:
+                raise SystemExit(128 + signum)
+            return
+        raise RunInterrupted(signum, interrupt_stage_of(frame))
+
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    for signum in previous:
+        signal.signal(signum, on_signal)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+
+# ====================================================================================================
+# src/preflight.py
+# Start-up checks of the output folder, so a run does not find out after its whole budget that it cannot write.
+# ====================================================================================================
+# Subfolders of OUT that atomic writes go to (grids, the real-feature cache) besides OUT itself.
+OUT_SUBFOLDERS = ("samples", "cache")
+# Bytes written (and fsynced) to time the disk: enough to get past the page cache's first gulp, quick anywhere.
+WRITE_PROBE_BYTES = 8 * 2**20
+# Room kept free beyond the zip and the checkpoint: sample grids, stats.jsonl, plots, mifid.json.
+OUT_SPARE_BYTES = 32 * 2**20
+
+
+class OutputError(RuntimeError):
+    """--out cannot take this run's files (not a folder, not writable, too little free space); says what to do."""
+
+
+def prepare_out_dir(out_dir: str) -> None:
+    """Create OUT if needed and prove it writable (a probe file created and removed); on rank 0, remove the temporary
+    files a killed run left there. Raises OutputError with one clear line otherwise."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise OutputError(f"--out {out_dir} is a file, not a folder: pass a folder (it is created if missing)")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = os.path.join(out_dir, f".dogkernel-write-test-{os.getpid()}")
+        with open(probe, "wb") as f:
+            f.write(b"ok")
+        os.remove(probe)
+    except OSError as error:
+        raise OutputError(f"--out {out_dir} is not writable ({error.strerror or error}): pass a folder this "
+                          f"process can write to") from None
+    if not is_rank_zero():
+        return  # under torchrun only rank 0 writes files, so only it clears (a slow rank must not delete live ones)
+    removed = []
+    for folder in (out_dir, *(os.path.join(out_dir, name) for name in OUT_SUBFOLDERS)):
+        removed += remove_stale_tmp_files(folder)
+    if removed:
+        log("main", f"removed {len(removed)} temporary file(s) an interrupted run left: "
+            f"{', '.join(os.path.basename(p) for p in removed)}")
+
+
+def measure_write_speed(out_dir: str, n_bytes: int = WRITE_PROBE_BYTES) -> float:
+    """Bytes per second written and fsynced in OUT (the zip and checkpoint writes end with an fsync)."""
+    probe = os.path.join(out_dir, f".dogkernel-speed-test-{os.getpid()}")
+    block = os.urandom(2**20)  # random: a compressing file system cannot shrink it
+    start = time.time()
+    try:
+        with open(probe, "wb") as f:
+            for _ in range(max(1, n_bytes // len(block))):
+                f.write(block)
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        if os.path.exists(probe):
+            os.remove(probe)
+    return max(1, n_bytes // len(block)) * len(block) / max(1e-6, time.time() - start)
+
+
+def check_free_space(out_dir: str, need: dict[str, int]) -> None:
+    """Raise OutputError unless OUT's disk has room for every file in `need` ({name: bytes}) written anew beside its
+    old version (atomic writes keep the old file until the new one is whole), plus OUT_SPARE_BYTES."""
+    total = sum(need.values()) + OUT_SPARE_BYTES
+    free = shutil.disk_usage(out_dir).free
+    if free < total:
+        parts = ", ".join(f"{name} ~{size / 2**20:.0f} MiB" for name, size in need.items())
+        raise OutputError(f"--out {out_dir} has {free / 2**20:.0f} MiB free, this run needs ~{total / 2**20:.0f} MiB "
+                          f"({parts}, plus samples and logs): free some space or pass another --out")
+
+
+# ====================================================================================================
 # src/report.py
 # Plots of a run from OUT/stats.jsonl: losses, D outputs, FID and speed (matplotlib when installed).
 # ====================================================================================================
@@ -3064,9 +3465,10 @@ def write_plots(out_dir: str) -> list[str]:
         log("report", f"{stats_path} has no status records: nothing to plot")
         return []
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        # A Figure with its own Agg canvas, not pyplot: pyplot would switch the backend of the whole process,
+        # and in a notebook every later cell would lose its inline plots.
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError:
         log("report", "matplotlib is not installed: plots skipped (stats.jsonl has the numbers)")
         return []
@@ -3075,7 +3477,9 @@ def write_plots(out_dir: str) -> list[str]:
               ("D outputs (logits)", [("d_real", "D(x)"), ("d_fake", "D(G(z))")]),
               ("FID of G_ema", [("fid", "FID")]),
               ("speed", [("images_per_s", "images/s")])]
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    fig = Figure(figsize=(11, 7))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, 2)
     for ax, (title, series) in zip(axes.flat, panels):
         for key, label in series:
             kimg, values = _report_series(records, key)
@@ -3091,7 +3495,6 @@ def write_plots(out_dir: str) -> list[str]:
     path = os.path.join(out_dir, PLOTS_NAME)
     with atomic_path(path) as tmp_path:
         fig.savefig(tmp_path, format="png", dpi=90)
-    plt.close(fig)
     log("report", f"wrote {path}")
     return [path]
 
@@ -3116,7 +3519,7 @@ def seconds_per_image(extractor) -> float:
     return (time.time() - start) / len(probe)
 
 
-def reserve_for_scoring(cfg: Config, extractor) -> float:
+def reserve_for_scoring(cfg: "Config", extractor) -> float:
     """Seconds the end of the run needs for MiFID (and the truncation search): features of the generated images.
 
     The real images' features are computed before training (real_features), so they need no reserve.
@@ -3133,7 +3536,7 @@ def fid_reference_label(reference: str, n: int) -> str:
     return f"{FID_REFERENCE_NAMES[reference]} ({n:,})"
 
 
-def real_features(extractor, data, out_dir: str, reference: str) -> torch.Tensor:
+def real_features(extractor, data, out_dir: str, reference: str) -> "torch.Tensor":
     """Features of the MiFID reference, computed once per run (or read from the cache of an earlier run):
     "photos", every whole photo squashed to 64x64 (DogData.photos: Kaggle's reference for FID and memorization),
     or "crops", the training crops (DogData.images)."""
@@ -3147,7 +3550,7 @@ def real_features(extractor, data, out_dir: str, reference: str) -> torch.Tensor
     return cached_real_features(extractor, real_img, os.path.join(out_dir, "cache"), kind=reference)
 
 
-def make_training_fid(cfg: Config, extractor, real_feats: torch.Tensor, device):
+def make_training_fid(cfg: "Config", extractor, real_feats: "torch.Tensor", device):
     """fid_fn(G_ema) -> FID of cfg.fid_samples generated images against the reference features (cfg.fid_reference),
     or None when off."""
     if parse_duration(cfg.fid_every) <= 0:
@@ -3218,7 +3621,7 @@ class FidTracker:
         self.best_G_ema = saved.get("best_G_ema")
 
 
-def pick_truncation(cfg: Config, G_ema, extractor, real_feats: torch.Tensor, device) -> float:
+def pick_truncation(cfg: "Config", G_ema, extractor, real_feats: "torch.Tensor", device) -> float:
     """cfg.truncation, or with --truncation-search the candidate with the lowest MiFID on cfg.fid_samples images."""
     if not cfg.truncation_search:
         return cfg.truncation
@@ -3236,7 +3639,7 @@ def pick_truncation(cfg: Config, G_ema, extractor, real_feats: torch.Tensor, dev
     return best
 
 
-def report_mifid(cfg: Config, extractor, zip_path: str, real_feats: torch.Tensor, out_dir: str) -> dict:
+def report_mifid(cfg: "Config", extractor, zip_path: str, real_feats: "torch.Tensor", out_dir: str) -> dict:
     """MiFID of the submitted zip itself (read back and validated) against the reference (cfg.fid_reference);
     OUT/mifid.json."""
     start = time.time()
@@ -3249,6 +3652,108 @@ def report_mifid(cfg: Config, extractor, zip_path: str, real_feats: torch.Tensor
         f"MiFID {result['mifid']:.2f} vs {fid_reference_label(cfg.fid_reference, len(real_feats))}  "
         f"({time.time() - start:.0f}s)")
     return result
+
+
+# ====================================================================================================
+# src/reserve.py
+# The reserve: what the end of training, generation, the zip and scoring will take, measured at start-up on this
+# device with the run's own models, and the refusal of a budget that cannot hold them.
+# ====================================================================================================
+# Training must get at least this many rounds, or the run is refused: a zip from an untrained G is noise.
+MIN_TRAIN_ROUNDS = 2
+# Images G_ema draws after the training window: the last 8 x 8 sample grid and the 4 x 10 interpolation strip.
+TAIL_IMAGES = 64 + 40
+
+
+@dataclass
+class OutputPlan:
+    """Seconds measured at start-up (before the safety factor) for what comes after the training window."""
+    output_s: float      # generate n_images, encode them and write images.zip
+    generate_batch: int  # the faster batch size for generating on this device
+    tail_s: float        # the end of training: its last round, the last grid and strip, the last checkpoint
+    scoring_s: float     # MiFID and the truncation search (0 without a backbone)
+    mifid_s: float       # the part of scoring_s that scores the finished zip
+    round_s: float       # one training round
+
+
+@torch.no_grad()
+def measure_d_seconds(D: "torch.nn.Module", images: "torch.Tensor", device) -> float:
+    """Seconds per image of one D forward on `images` (uint8, CPU), after a warm-up on a few of them."""
+    real_img = images.to(device).float() / 127.5 - 1
+    labels = torch.zeros(len(real_img), dtype=torch.long, device=device)
+    D.eval()
+    D(real_img[:4], labels[:4])
+    start = time.time()
+    logits, _ = D(real_img, labels)
+    logits.float().sum().item()  # waits for the device
+    return (time.time() - start) / len(real_img)
+
+
+def training_round_seconds(cfg: "Config", gen_s: float, d_s: float) -> float:
+    """One training round from forward times per image: a forward and its backward cost ~3 forwards; D sees a real
+    and a fake batch per D step and a fake one per G step; the first G step reuses the D step's fakes when n_dis=1.
+    The loop checks its deadline between rounds, so the last round can run this far past the training window."""
+    n_dis = max(cfg.n_dis, cfg.n_dis_max if cfg.dis_loss_limit > 0 else 0)
+    g_forwards = n_dis + cfg.g_steps - (1 if n_dis == 1 else 0)
+    d_forwards = 2 * n_dis + cfg.g_steps
+    return 3 * cfg.batch_size * (g_forwards * gen_s + d_forwards * d_s)
+
+
+def checkpoint_bytes(G: "torch.nn.Module", D: "torch.nn.Module") -> int:
+    """Size of ckpt.pt: G, G_ema, the best G_ema and G's two Adam moments; D and its two moments; 1 MiB for the rest."""
+    def size(module):
+        return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+    return 5 * size(G) + 3 * size(D) + 2**20
+
+
+def mifid_share(cfg: "Config") -> float:
+    """The fraction of the scoring reserve that scores the zip itself (the rest: truncation search, final FID)."""
+    searched = len(TRUNCATION_CANDIDATES) * cfg.fid_samples if cfg.truncation_search else 0
+    return cfg.n_images / (cfg.n_images + searched + cfg.fid_samples)
+
+
+def plan_reserve(cfg: "Config", deadline: "Deadline", n_classes: int, device: "torch.device", extractor,
+                 out_dir: str) -> "OutputPlan":
+    """Measure the output stages with the run's models (untrained: same shapes, same speed), check the disk has
+    room for images.zip and ckpt.pt, and keep the reserve back from training. Raises BudgetError, naming the
+    smallest budget that fits, when training would not get MIN_TRAIN_ROUNDS rounds."""
+    probe_G, probe_D = build_models(cfg, n_classes)
+    probe_G, probe_D = probe_G.to(device), probe_D.to(device)
+    timed = measure_generation_seconds(probe_G, device)
+    generate_batch = pick_generation_batch(timed)
+    gen_s, probe_img = timed[generate_batch]
+    # a training batch is nearer the smallest candidate, whose speed the round estimate takes
+    round_gen_s = timed[min(timed)][0]
+    zip_s = measure_zip_seconds(probe_img[:64])
+    d_s = measure_d_seconds(probe_D, probe_img[:64], device)
+    write_speed = measure_write_speed(out_dir)
+    zip_bytes, ckpt_bytes = cfg.n_images * ZIP_BYTES_PER_IMAGE_MAX, checkpoint_bytes(probe_G, probe_D)
+    del probe_G, probe_D, probe_img, timed
+    check_free_space(out_dir, {"images.zip": zip_bytes, "ckpt.pt": ckpt_bytes})
+
+    round_s = training_round_seconds(cfg, round_gen_s, d_s)
+    scoring_s = reserve_for_scoring(cfg, extractor) if extractor is not None else 0.0
+    plan = OutputPlan(output_s=cfg.n_images * (gen_s + zip_s) + zip_bytes / write_speed, generate_batch=generate_batch,
+                      tail_s=round_s + TAIL_IMAGES * round_gen_s + ckpt_bytes / write_speed,
+                      scoring_s=scoring_s, mifid_s=scoring_s * mifid_share(cfg), round_s=round_s)
+    budget_s = deadline.end - deadline.start
+    measured_s = RESERVE_SAFETY * (plan.output_s + plan.tail_s + plan.scoring_s)
+    deadline.reserve(measured_s + reserve_margin(budget_s))
+    min_train_s = MIN_TRAIN_ROUNDS * round_s
+    log("main", f"budget {format_duration(budget_s)}: start-up took {format_duration(deadline.elapsed())}, reserving "
+        f"{format_duration(deadline.reserve_s)} (images {format_duration(plan.output_s)}, end of training "
+        f"{format_duration(plan.tail_s)}{f', MiFID {format_duration(plan.scoring_s)}' if extractor else ''}, "
+        f"x{RESERVE_SAFETY} + margin), training gets {format_duration(max(0.0, deadline.train_remaining()))}")
+    if deadline.train_remaining() < min_train_s:
+        fitting = smallest_budget(deadline.elapsed() + measured_s + min_train_s)
+        scoring = f", MiFID ~{format_duration(plan.scoring_s)}" if extractor is not None else ""
+        lighter = "a lighter model, e.g. --recipe cgan, or " if cfg.arch == "resnet" else ""
+        raise BudgetError(
+            f"--time-budget {budget_flag_text(budget_s)} is too small for this model on {device}: start-up took "
+            f"{format_duration(deadline.elapsed())}, {cfg.n_images} images take ~{format_duration(plan.output_s)} "
+            f"to generate and zip here{scoring}, a training round ~{format_duration(round_s)}; give --time-budget "
+            f"{budget_flag_text(fitting)} or more (or {lighter}fewer --n-images for a local test)")
+    return plan
 
 
 # ====================================================================================================
@@ -3277,7 +3782,7 @@ def _synth_breed(i: int) -> tuple[str, tuple, tuple]:
     return f"Breed{i:03d}_synth", body, tuple(c * 2 // 3 for c in body)
 
 
-def _synth_background(rng: np.random.Generator, width: int, height: int) -> Image.Image:
+def _synth_background(rng: "np.random.Generator", width: int, height: int) -> "Image.Image":
     """Muted vertical gradient (sky to ground) with grain: texture for D to see, unlike any dog colour."""
     top = rng.uniform(120, 220, 3)
     bottom = rng.uniform(40, 140, 3)
@@ -3286,7 +3791,7 @@ def _synth_background(rng: np.random.Generator, width: int, height: int) -> Imag
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
 
 
-def _synth_draw_dog(draw: ImageDraw.ImageDraw, rng: np.random.Generator, x: float, y: float, body_w: float,
+def _synth_draw_dog(draw: "ImageDraw.ImageDraw", rng: "np.random.Generator", x: float, y: float, body_w: float,
                     body_colour, head_colour, facing_right: bool) -> tuple[int, int, int, int]:
     """Body ellipse, head, ears, legs and tail with (x, y) the body's top-left; returns the dog's box."""
     body_h = body_w * rng.uniform(0.45, 0.6)
@@ -3374,24 +3879,24 @@ def make_tiny_dataset(root: str, n_images: int = 96, n_breeds: int = 4, seed: in
 # Images are [B, C, H, W] in [-1, 1]. Ranges as in the paper: brightness +U(-0.5, 0.5), saturation x U(0, 2),
 # contrast x U(0.5, 1.5), translation up to 1/8 of the image with zero padding, cutout of a square half the image.
 # ====================================================================================================
-def rand_brightness(x: torch.Tensor) -> torch.Tensor:
+def rand_brightness(x: "torch.Tensor") -> "torch.Tensor":
     # x + U(-0.5, 0.5), one offset per image
     return x + (torch.rand(x.shape[0], 1, 1, 1, device=x.device, dtype=x.dtype) - 0.5)
 
 
-def rand_saturation(x: torch.Tensor) -> torch.Tensor:
+def rand_saturation(x: "torch.Tensor") -> "torch.Tensor":
     # scale each pixel's deviation from its channel mean by U(0, 2)
     x_mean = x.mean(dim=1, keepdim=True)
     return (x - x_mean) * (torch.rand(x.shape[0], 1, 1, 1, device=x.device, dtype=x.dtype) * 2.0) + x_mean
 
 
-def rand_contrast(x: torch.Tensor) -> torch.Tensor:
+def rand_contrast(x: "torch.Tensor") -> "torch.Tensor":
     # scale the deviation from the image mean by U(0.5, 1.5)
     x_mean = x.mean(dim=(1, 2, 3), keepdim=True)
     return (x - x_mean) * (torch.rand(x.shape[0], 1, 1, 1, device=x.device, dtype=x.dtype) + 0.5) + x_mean
 
 
-def translate_images(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+def translate_images(x: "torch.Tensor", dy: "torch.Tensor", dx: "torch.Tensor") -> "torch.Tensor":
     """Move image b by (dy[b], dx[b]) whole pixels (positive: down, right), filling with zeros.
 
     out[b, :, i, j] = x[b, :, i - dy[b], j - dx[b]], or 0 where that falls outside the image.
@@ -3406,7 +3911,7 @@ def translate_images(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor) -> tor
     return (moved * inside[..., None].to(x.dtype)).permute(0, 3, 1, 2)
 
 
-def rand_translation(x: torch.Tensor, ratio: float = 0.125) -> torch.Tensor:
+def rand_translation(x: "torch.Tensor", ratio: float = 0.125) -> "torch.Tensor":
     # integer shifts uniform in [-ratio * size, ratio * size] per image and axis
     b, _, h, w = x.shape
     max_dy, max_dx = int(h * ratio + 0.5), int(w * ratio + 0.5)
@@ -3415,7 +3920,7 @@ def rand_translation(x: torch.Tensor, ratio: float = 0.125) -> torch.Tensor:
     return translate_images(x, dy, dx)
 
 
-def rand_cutout(x: torch.Tensor, ratio: float = 0.5) -> torch.Tensor:
+def rand_cutout(x: "torch.Tensor", ratio: float = 0.5) -> "torch.Tensor":
     # zero a (ratio * size)^2 square centred anywhere in the image (clipped by the border), one per image
     b, _, h, w = x.shape
     size_h, size_w = int(h * ratio + 0.5), int(w * ratio + 0.5)
@@ -3447,7 +3952,7 @@ def parse_diffaug_policy(policy: str) -> list[str]:
     return names
 
 
-def diff_augment(x: torch.Tensor, policy: str) -> torch.Tensor:
+def diff_augment(x: "torch.Tensor", policy: str) -> "torch.Tensor":
     """Apply the policy's ops in order, the same way to real and fake batches (D only ever sees augmented images)."""
     for name in parse_diffaug_policy(policy):
         for fn in AUGMENT_FNS[name]:
@@ -3455,13 +3960,13 @@ def diff_augment(x: torch.Tensor, policy: str) -> torch.Tensor:
     return x
 
 
-def random_flip(x: torch.Tensor) -> torch.Tensor:
+def random_flip(x: "torch.Tensor") -> "torch.Tensor":
     """Mirror each image left-right with probability 1/2."""
     flip = torch.rand(x.shape[0], 1, 1, 1, device=x.device) < 0.5
     return torch.where(flip, x.flip(3), x)
 
 
-def uint8_to_unit(img_uint8: torch.Tensor) -> torch.Tensor:
+def uint8_to_unit(img_uint8: "torch.Tensor") -> "torch.Tensor":
     """uint8 [0, 255] images -> float32 in [-1, 1] (x / 127.5 - 1), keeping the device and memory layout."""
     if img_uint8.dtype != torch.uint8:
         raise TypeError(f"uint8_to_unit expects a uint8 tensor, got {img_uint8.dtype}")
@@ -3480,7 +3985,7 @@ def uint8_to_unit(img_uint8: torch.Tensor) -> torch.Tensor:
 LossTarget = torch.Tensor | float
 
 
-def _loss_target(target: LossTarget, like: torch.Tensor) -> torch.Tensor:
+def _loss_target(target: "LossTarget", like: "torch.Tensor") -> "torch.Tensor":
     # a float target becomes a tensor shaped like the logits; a tensor target is used as given, in fp32
     if isinstance(target, torch.Tensor):
         return target.to(device=like.device, dtype=torch.float32)
@@ -3488,51 +3993,51 @@ def _loss_target(target: LossTarget, like: torch.Tensor) -> torch.Tensor:
 
 
 # ---- hinge (Lim & Ye; SNGAN, SAGAN, BigGAN) ------------------------------------------------------------
-def d_hinge_loss(real_logit, fake_logit, real_target: LossTarget = 1.0, fake_target: LossTarget = 0.0) -> torch.Tensor:
+def d_hinge_loss(real_logit, fake_logit, real_target: "LossTarget" = 1.0, fake_target: "LossTarget" = 0.0) -> "torch.Tensor":
     # L_D = E[relu(1 - D(x))] + E[relu(1 + D(G(z)))]
     return F.relu(1.0 - real_logit.float()).mean() + F.relu(1.0 + fake_logit.float()).mean()
 
 
-def g_hinge_loss(real_logit, fake_logit) -> torch.Tensor:
+def g_hinge_loss(real_logit, fake_logit) -> "torch.Tensor":
     # L_G = -E[D(G(z))]
     return -fake_logit.float().mean()
 
 
 # ---- non-saturating BCE (Goodfellow et al.; DCGAN) -------------------------------------------------------
-def d_bce_loss(real_logit, fake_logit, real_target: LossTarget = 1.0, fake_target: LossTarget = 0.0) -> torch.Tensor:
+def d_bce_loss(real_logit, fake_logit, real_target: "LossTarget" = 1.0, fake_target: "LossTarget" = 0.0) -> "torch.Tensor":
     # L_D = BCE(sigmoid(D(x)), t_real) + BCE(sigmoid(D(G(z))), t_fake); soft/noisy targets t in [0, 1]
     real_logit, fake_logit = real_logit.float(), fake_logit.float()
     return (F.binary_cross_entropy_with_logits(real_logit, _loss_target(real_target, real_logit))
             + F.binary_cross_entropy_with_logits(fake_logit, _loss_target(fake_target, fake_logit)))
 
 
-def g_bce_loss(real_logit, fake_logit) -> torch.Tensor:
+def g_bce_loss(real_logit, fake_logit) -> "torch.Tensor":
     # L_G = BCE(sigmoid(D(G(z))), 1) = E[softplus(-D(G(z)))]  (non-saturating)
     return F.softplus(-fake_logit.float()).mean()
 
 
 # ---- least squares (Mao et al., LSGAN with a=0, b=c=1) -----------------------------------------------------
-def d_ls_loss(real_logit, fake_logit, real_target: LossTarget = 1.0, fake_target: LossTarget = 0.0) -> torch.Tensor:
+def d_ls_loss(real_logit, fake_logit, real_target: "LossTarget" = 1.0, fake_target: "LossTarget" = 0.0) -> "torch.Tensor":
     # L_D = 1/2 E[(D(x) - t_real)^2] + 1/2 E[(D(G(z)) - t_fake)^2]
     real_logit, fake_logit = real_logit.float(), fake_logit.float()
     return 0.5 * ((real_logit - _loss_target(real_target, real_logit)).pow(2).mean()
                   + (fake_logit - _loss_target(fake_target, fake_logit)).pow(2).mean())
 
 
-def g_ls_loss(real_logit, fake_logit) -> torch.Tensor:
+def g_ls_loss(real_logit, fake_logit) -> "torch.Tensor":
     # L_G = 1/2 E[(D(G(z)) - 1)^2]
     return 0.5 * (fake_logit.float() - 1.0).pow(2).mean()
 
 
 # ---- relativistic average least squares (Jolicoeur-Martineau) ----------------------------------------------
-def d_rals_loss(real_logit, fake_logit, real_target: LossTarget = 1.0, fake_target: LossTarget = 0.0) -> torch.Tensor:
+def d_rals_loss(real_logit, fake_logit, real_target: "LossTarget" = 1.0, fake_target: "LossTarget" = 0.0) -> "torch.Tensor":
     # L_D = 1/2 (E[(D(x) - E D(G(z)) - 1)^2] + E[(D(G(z)) - E D(x) + 1)^2])
     real_logit, fake_logit = real_logit.float(), fake_logit.float()
     return 0.5 * ((real_logit - fake_logit.mean() - 1.0).pow(2).mean()
                   + (fake_logit - real_logit.mean() + 1.0).pow(2).mean())
 
 
-def g_rals_loss(real_logit, fake_logit) -> torch.Tensor:
+def g_rals_loss(real_logit, fake_logit) -> "torch.Tensor":
     # L_G = 1/2 (E[(D(G(z)) - E D(x) - 1)^2] + E[(D(x) - E D(G(z)) + 1)^2])
     real_logit, fake_logit = real_logit.float(), fake_logit.float()
     return 0.5 * ((fake_logit - real_logit.mean() - 1.0).pow(2).mean()
@@ -3540,18 +4045,18 @@ def g_rals_loss(real_logit, fake_logit) -> torch.Tensor:
 
 
 # ---- Wasserstein (Arjovsky et al.; add gradient_penalty for WGAN-GP) ---------------------------------------
-def d_wgan_loss(real_logit, fake_logit, real_target: LossTarget = 1.0, fake_target: LossTarget = 0.0) -> torch.Tensor:
+def d_wgan_loss(real_logit, fake_logit, real_target: "LossTarget" = 1.0, fake_target: "LossTarget" = 0.0) -> "torch.Tensor":
     # L_D = E[D(G(z))] - E[D(x)]
     return fake_logit.float().mean() - real_logit.float().mean()
 
 
-def g_wgan_loss(real_logit, fake_logit) -> torch.Tensor:
+def g_wgan_loss(real_logit, fake_logit) -> "torch.Tensor":
     # L_G = -E[D(G(z))]
     return -fake_logit.float().mean()
 
 
-def gradient_penalty(D, real_img: torch.Tensor, fake_img: torch.Tensor, labels: torch.Tensor | None,
-                     weight: float = 10.0) -> torch.Tensor:
+def gradient_penalty(D, real_img: "torch.Tensor", fake_img: "torch.Tensor", labels: "torch.Tensor | None",
+                     weight: float = 10.0) -> "torch.Tensor":
     """WGAN-GP (Gulrajani et al.): weight * E[(||grad_x_hat D(x_hat)||_2 - 1)^2], x_hat = a x + (1 - a) G(z),
     a ~ U[0, 1] per sample. Interpolates in fp32; create_graph=True so the penalty trains D.
 
@@ -3567,14 +4072,14 @@ def gradient_penalty(D, real_img: torch.Tensor, fake_img: torch.Tensor, labels: 
     return weight * (grad_norm - 1.0).pow(2).mean()
 
 
-def aux_class_loss(class_logits: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
+def aux_class_loss(class_logits: "torch.Tensor | None", labels: "torch.Tensor") -> "torch.Tensor":
     """ACGAN's auxiliary breed loss: cross-entropy(class_logits, labels); a 0 tensor when D has no classifier."""
     if class_logits is None:
         return torch.zeros((), device=labels.device)
     return F.cross_entropy(class_logits.float(), labels)
 
 
-def noisy_labels(n: int, low: float, high: float, device, generator: torch.Generator | None = None) -> torch.Tensor:
+def noisy_labels(n: int, low: float, high: float, device, generator: "torch.Generator | None" = None) -> "torch.Tensor":
     """n targets uniform in [low, high] (the Kaggle kernels' real 0.9-1.0, fake 0.0-0.1)."""
     if low > high:
         raise ValueError(f"noisy label range is empty: low {low} > high {high}")
@@ -3584,12 +4089,12 @@ def noisy_labels(n: int, low: float, high: float, device, generator: torch.Gener
 @dataclass(frozen=True)
 class GanLoss:
     """One GAN objective: its D and G losses and what D's step needs besides the logits."""
-    d_loss: Callable                 # d_loss(real_logit, fake_logit, real_target, fake_target)
-    g_loss: Callable                 # g_loss(real_logit, fake_logit)
+    d_loss: "Callable"                 # d_loss(real_logit, fake_logit, real_target, fake_target)
+    g_loss: "Callable"                 # g_loss(real_logit, fake_logit)
     noisy_targets: bool = False      # D's targets drawn from [real_label_min, 1] and [0, fake_label_max]
-    penalty: Callable | None = None  # an extra D term penalty(D, real_img, fake_img, labels, weight), run in fp32
+    penalty: "Callable | None" = None  # an extra D term penalty(D, real_img, fake_img, labels, weight), run in fp32
 
-    def d_targets(self, n: int, real_min: float, fake_max: float, device) -> tuple[LossTarget, LossTarget]:
+    def d_targets(self, n: int, real_min: float, fake_max: float, device) -> "tuple[LossTarget, LossTarget]":
         """(real_target, fake_target) for one D step of n images."""
         if not self.noisy_targets:
             return 1.0, 0.0
@@ -3615,7 +4120,7 @@ STATS_NAME = "stats.jsonl"
 
 
 
-def device_name(device: torch.device) -> str:
+def device_name(device: "torch.device") -> str:
     """'cuda:0 (Tesla T4, sm 7.5)' or 'cpu (N threads)'."""
     device = torch.device(device)
     if device.type == "cuda":
@@ -3625,7 +4130,7 @@ def device_name(device: torch.device) -> str:
     return f"{device.type} ({torch.get_num_threads()} threads)"
 
 
-def print_banner(cfg: Config, device, precision: Precision, data, deadline, G, D, world_size: int = 1,
+def print_banner(cfg: "Config", device, precision: "Precision", data, deadline, G, D, world_size: int = 1,
                  resumed_from: str | None = None) -> None:
     """What this run is: device and dtype, recipe and changed settings, the data, the models and the time plan."""
     layout = "channels_last" if precision.channels_last else "NCHW"
@@ -3653,13 +4158,13 @@ class TickMeter:
         self.d_steps = self.g_steps = self.images = 0
         self.start = now
 
-    def add(self, round_sums: torch.Tensor, d_steps: int, g_steps: int, images: int) -> None:
+    def add(self, round_sums: "torch.Tensor", d_steps: int, g_steps: int, images: int) -> None:
         self.sums += round_sums
         self.d_steps += d_steps
         self.g_steps += g_steps
         self.images += images
 
-    def read(self, now: float, weight_sum: torch.Tensor, world_size: int) -> dict:
+    def read(self, now: float, weight_sum: "torch.Tensor", world_size: int) -> dict:
         """Means over the tick's steps (and ranks), images/s and the weights' sum (a NaN/Inf check); then reset."""
         values = mean_over_ranks(torch.cat([self.sums, weight_sum.view(1)]), world_size).tolist()
         d_steps, g_steps = max(1, self.d_steps), max(1, self.g_steps)
@@ -3718,7 +4223,7 @@ def append_stats(path: str, record: dict) -> None:
         f.flush()
 
 
-def make_grid_latents(z_dim: int, n_classes: int, seed: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def make_grid_latents(z_dim: int, n_classes: int, seed: int, device) -> "tuple[torch.Tensor, torch.Tensor]":
     """The fixed grid_z [64, z_dim] and labels balanced over the breeds, from their own generator (seed)."""
     generator = torch.Generator().manual_seed(seed)
     grid_z = sample_z(GRID_SIZE, z_dim, device, generator=generator)
@@ -3726,7 +4231,7 @@ def make_grid_latents(z_dim: int, n_classes: int, seed: int, device) -> tuple[to
     return grid_z, grid_y
 
 
-def tile_images(images: torch.Tensor, nrow: int, padding: int = 2, pad_value: float = 1.0) -> torch.Tensor:
+def tile_images(images: "torch.Tensor", nrow: int, padding: int = 2, pad_value: float = 1.0) -> "torch.Tensor":
     """[B, C, H, W] -> one [C, rows * (H + p) + p, nrow * (W + p) + p] image, row-major, like torchvision's make_grid."""
     b, c, h, w = images.shape
     ncol = min(nrow, b)
@@ -3738,7 +4243,7 @@ def tile_images(images: torch.Tensor, nrow: int, padding: int = 2, pad_value: fl
     return grid
 
 
-def grid_png_bytes(images: torch.Tensor, nrow: int) -> bytes:
+def grid_png_bytes(images: "torch.Tensor", nrow: int) -> bytes:
     """Images in [-1, 1] -> one PNG of a grid (fast zlib level: grids are written often and read by eye)."""
     grid = tile_images(images.detach().float().cpu().clamp(-1, 1), nrow=nrow)
     array = ((grid + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
@@ -3748,8 +4253,8 @@ def grid_png_bytes(images: torch.Tensor, nrow: int) -> bytes:
 
 
 @torch.no_grad()
-def save_sample_grid(G_ema: torch.nn.Module, grid_z: torch.Tensor, grid_y: torch.Tensor, out_dir: str, kimg: float,
-                     precision: Precision | None = None) -> str:
+def save_sample_grid(G_ema: "torch.nn.Module", grid_z: "torch.Tensor", grid_y: "torch.Tensor", out_dir: str, kimg: float,
+                     precision: "Precision | None" = None) -> str:
     """8x8 grid from the fixed latents into OUT/samples/grid_<kimg>.png and OUT/samples/latest.png; returns the path."""
     with precision_autocast(precision) if precision is not None else contextlib.nullcontext():
         images = G_ema(grid_z, grid_y)
@@ -3762,7 +4267,7 @@ def save_sample_grid(G_ema: torch.nn.Module, grid_z: torch.Tensor, grid_y: torch
     return path
 
 
-def _slerp(z0: torch.Tensor, z1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def _slerp(z0: "torch.Tensor", z1: "torch.Tensor", t: "torch.Tensor") -> "torch.Tensor":
     # spherical interpolation: sin((1-t) w) / sin w * z0 + sin(t w) / sin w * z1, w the angle between z0 and z1
     cos_w = (torch.nn.functional.normalize(z0, dim=-1) * torch.nn.functional.normalize(z1, dim=-1)).sum(-1, keepdim=True)
     w = torch.acos(cos_w.clamp(-1 + 1e-7, 1 - 1e-7))
@@ -3770,7 +4275,7 @@ def _slerp(z0: torch.Tensor, z1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def save_interpolation_strip(G_ema: torch.nn.Module, path: str, n_rows: int = 4, steps: int = 10, seed: int = 0,
+def save_interpolation_strip(G_ema: "torch.nn.Module", path: str, n_rows: int = 4, steps: int = 10, seed: int = 0,
                              device=None) -> str:
     """n_rows rows of `steps` images: G_ema along a slerp between two latents, one breed per row."""
     device = device or next(G_ema.parameters()).device
@@ -3862,25 +4367,25 @@ class StopReason(str, enum.Enum):
 
 @dataclass
 class TrainResult:
-    G_ema: torch.nn.Module       # eval mode, on the device; the best-FID state when training-time FID ran
-    G: torch.nn.Module
-    D: torch.nn.Module
-    progress: LoopState          # counters at the end, over all sessions
-    stop_reason: StopReason
+    G_ema: "torch.nn.Module"       # eval mode, on the device; the best-FID state when training-time FID ran
+    G: "torch.nn.Module"
+    D: "torch.nn.Module"
+    progress: "LoopState"          # counters at the end, over all sessions
+    stop_reason: "StopReason"
     error: str                   # what went wrong when stop_reason is ERROR, else ""
-    fid: FidTracker              # training-time FID history and best
-    grid_z: torch.Tensor         # the fixed latents of the sample grids
+    fid: "FidTracker"              # training-time FID history and best
+    grid_z: "torch.Tensor"         # the fixed latents of the sample grids
 
 
 class DeviceSampler:
     """Batches of the uint8 dataset held on the device, in a fresh device-side permutation every epoch."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+    def __init__(self, images: "torch.Tensor", labels: "torch.Tensor"):
         self.images, self.labels = images, labels
         self.order = torch.randperm(len(images), device=images.device)
         self.cursor = 0
 
-    def next(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def next(self, batch_size: int) -> "tuple[torch.Tensor, torch.Tensor]":
         # the last partial batch of an epoch is dropped: every batch has the same shape
         if self.cursor + batch_size > len(self.order):
             self.order = torch.randperm(len(self.images), device=self.images.device)
@@ -3897,7 +4402,7 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def current_lrs(cfg: Config, state: LoopState) -> tuple[float, float]:
+def current_lrs(cfg: "Config", state: "LoopState") -> tuple[float, float]:
     """(lr_g, lr_d) = base lr * (batch / lr_ref_batch when set) * rollback scale * schedule factor."""
     scale = state.lr_scale * (state.batch_size / cfg.lr_ref_batch if cfg.lr_ref_batch > 0 else 1.0)
     progress = math.floor(state.schedule_progress * LR_PROGRESS_STEPS) / LR_PROGRESS_STEPS
@@ -3905,12 +4410,12 @@ def current_lrs(cfg: Config, state: LoopState) -> tuple[float, float]:
     return cfg.lr_g * scale * factor, cfg.lr_d * scale * factor
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+def set_lr(optimizer: "torch.optim.Optimizer", lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
 
 
-def _prepare_real(img_uint8: torch.Tensor, cfg: Config, precision: Precision) -> torch.Tensor:
+def _prepare_real(img_uint8: "torch.Tensor", cfg: "Config", precision: "Precision") -> "torch.Tensor":
     # uint8 -> [-1, 1] on the device, random mirror (real images only)
     real_img = uint8_to_unit(img_uint8)
     if cfg.flip:
@@ -3918,14 +4423,14 @@ def _prepare_real(img_uint8: torch.Tensor, cfg: Config, precision: Precision) ->
     return to_memory_format(real_img, precision)
 
 
-def _augment_for_d(img: torch.Tensor, cfg: Config, precision: Precision) -> torch.Tensor:
+def _augment_for_d(img: "torch.Tensor", cfg: "Config", precision: "Precision") -> "torch.Tensor":
     # DiffAugment: the same policy on real and fake, differentiable so G learns through it
     if cfg.diffaug:
         img = to_memory_format(diff_augment(img, cfg.diffaug), precision)
     return img
 
 
-def _optimizer_step(loss: torch.Tensor, optimizer, scaler) -> None:
+def _optimizer_step(loss: "torch.Tensor", optimizer, scaler) -> None:
     # scale (fp16 only) -> backward -> unscale + inf check + step -> update the scale
     scaler.scale(loss).backward()
     scaler.step(optimizer)
@@ -3933,8 +4438,8 @@ def _optimizer_step(loss: torch.Tensor, optimizer, scaler) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def gan_round(nets: GanNets, sampler: DeviceSampler, cfg: Config, precision: Precision, batch_size: int,
-              n_dis: int, n_classes: int) -> torch.Tensor:
+def gan_round(nets: "GanNets", sampler: "DeviceSampler", cfg: "Config", precision: "Precision", batch_size: int,
+              n_dis: int, n_classes: int) -> "torch.Tensor":
     """n_dis D steps then cfg.g_steps G steps on one rank's batch; returns device sums
     [D loss, mean D(x), mean D(G(z)), G loss] over the steps (nothing is read back to the host)."""
     loss = GAN_LOSSES[cfg.loss]
@@ -4002,17 +4507,17 @@ def gan_round(nets: GanNets, sampler: DeviceSampler, cfg: Config, precision: Pre
 @dataclass
 class RunParts:
     """What set_up_training builds for the loop."""
-    nets: GanNets
-    precision: Precision
-    state: LoopState
-    fid: FidTracker
-    sampler: DeviceSampler
-    grid_z: torch.Tensor
-    grid_y: torch.Tensor
+    nets: "GanNets"
+    precision: "Precision"
+    state: "LoopState"
+    fid: "FidTracker"
+    sampler: "DeviceSampler"
+    grid_z: "torch.Tensor"
+    grid_y: "torch.Tensor"
     n_classes: int
 
 
-def set_up_training(cfg: Config, data, device: torch.device, dist_info, fid_fn, resume: dict | None) -> RunParts:
+def set_up_training(cfg: "Config", data, device: "torch.device", dist_info, fid_fn, resume: dict | None) -> "RunParts":
     """Seeds, models and optimisers, the fixed grid latents and the device-resident data; a resumed run's state."""
     world = dist_info.world_size
     if cfg.batch_size < world:
@@ -4027,6 +4532,7 @@ def set_up_training(cfg: Config, data, device: torch.device, dist_info, fid_fn, 
     state, fid = LoopState(batch_size=cfg.batch_size, n_dis=cfg.n_dis), FidTracker(fid_fn)
     if resume is not None:
         state = restore_training_snapshot(nets, resume)
+        state.batch_size = min(state.batch_size, cfg.batch_size)  # main may have fitted the batch to smaller data
         grid_z, grid_y = resume["grid_z"].to(device), resume["grid_y"].to(device)
         fid.load_state_dict(resume.get("fid", {}))
         restore_rng_state(resume["rng"])
@@ -4069,18 +4575,18 @@ class RollbackGuard:
     """The last good training state in host memory: a tick with NaN/Inf goes back to it with halved learning rates,
     and a run that keeps diverging gives up there."""
 
-    def __init__(self, nets: GanNets, state: LoopState, now: float):
+    def __init__(self, nets: "GanNets", state: "LoopState", now: float):
         self.refresh(nets, state, now)
 
-    def refresh(self, nets: GanNets, state: LoopState, now: float) -> None:
+    def refresh(self, nets: "GanNets", state: "LoopState", now: float) -> None:
         self.snapshot, self.time = training_snapshot(nets, state), now
 
-    def restore(self, nets: GanNets, state: LoopState) -> None:
+    def restore(self, nets: "GanNets", state: "LoopState") -> None:
         """Weights and optimisers of the snapshot; the step counters go back too, the rest of `state` stays."""
         good = restore_training_snapshot(nets, self.snapshot)
         state.step, state.images_seen = good.step, good.images_seen
 
-    def recover(self, failure: Exception, nets: GanNets, state: LoopState) -> str:
+    def recover(self, failure: "Exception", nets: "GanNets", state: "LoopState") -> str:
         """After an exception in the loop: print it, restore the last good state; returns the error for the result."""
         traceback.print_exc()
         error = f"{type(failure).__name__}: {failure}"
@@ -4089,7 +4595,7 @@ class RollbackGuard:
         self.restore(nets, state)
         return error
 
-    def roll_back(self, nets: GanNets, state: LoopState, means: dict, status_log: StatusLog, now: float) -> str:
+    def roll_back(self, nets: "GanNets", state: "LoopState", means: dict, status_log: "StatusLog", now: float) -> str:
         """After NaN/Inf: restore and halve both lrs; returns why the run ends once the rollbacks run out, else ""."""
         state.rollbacks += 1
         self.restore(nets, state)
@@ -4107,8 +4613,8 @@ class RollbackGuard:
         return ""
 
 
-def _decide(now: float, step: int, max_steps: int, train_end: float, caught_signals: set, status_due: Every,
-            guard: RollbackGuard, device, world: int) -> tuple[StopReason | None, bool, bool]:
+def _decide(now: float, step: int, max_steps: int, train_end: float, caught_signals: set, status_due: "Every",
+            guard: "RollbackGuard", device, world: int) -> "tuple[StopReason | None, bool, bool]":
     """(why to stop or None, status tick due, rollback point due), the same on every rank: under DDP the ranks
     agree every DDP_SYNC_STEPS steps (one small all-reduce) and tick or stop only then."""
     stop = StopReason.MAX_STEPS if max_steps and step >= max_steps else None
@@ -4121,12 +4627,12 @@ def _decide(now: float, step: int, max_steps: int, train_end: float, caught_sign
     return stop, tick_now, refresh_now
 
 
-def _weight_sum(nets: GanNets) -> torch.Tensor:
+def _weight_sum(nets: "GanNets") -> "torch.Tensor":
     # one device scalar that is NaN/Inf as soon as any weight of G or D is
     return torch.stack([p.detach().float().sum() for m in (nets.G, nets.D) for p in m.parameters()]).sum()
 
 
-def _adapt_n_dis(state: LoopState, cfg: Config, d_loss: float) -> None:
+def _adapt_n_dis(state: "LoopState", cfg: "Config", d_loss: float) -> None:
     # one more D step per round while D's loss stays above the limit, back towards n_dis once it is below
     if cfg.dis_loss_limit > 0:
         if d_loss > cfg.dis_loss_limit:
@@ -4135,7 +4641,7 @@ def _adapt_n_dis(state: LoopState, cfg: Config, d_loss: float) -> None:
             state.n_dis -= 1
 
 
-def _save_grid(nets: GanNets, grid_z, grid_y, out_dir: str, kimg: float, precision: Precision) -> None:
+def _save_grid(nets: "GanNets", grid_z, grid_y, out_dir: str, kimg: float, precision: "Precision") -> None:
     # a full or read-only disk costs this grid, not the run
     try:
         save_sample_grid(nets.G_ema, grid_z, grid_y, out_dir, kimg, precision)
@@ -4143,7 +4649,7 @@ def _save_grid(nets: GanNets, grid_z, grid_y, out_dir: str, kimg: float, precisi
         log("train", f"WARNING: could not write the sample grid ({error})")
 
 
-def _save_interpolation_strip(nets: GanNets, out_dir: str, seed: int) -> None:
+def _save_interpolation_strip(nets: "GanNets", out_dir: str, seed: int) -> None:
     # a full or read-only disk costs this strip, not the run
     try:
         save_interpolation_strip(nets.G_ema, os.path.join(out_dir, "samples", "interpolation.png"), 4, 10, seed)
@@ -4151,7 +4657,7 @@ def _save_interpolation_strip(nets: GanNets, out_dir: str, seed: int) -> None:
         log("train", f"WARNING: could not write the interpolation strip ({error})")
 
 
-def _save_run(out_dir: str, cfg: Config, run: RunParts, train_seconds: float, reason: str) -> None:
+def _save_run(out_dir: str, cfg: "Config", run: "RunParts", train_seconds: float, reason: str) -> None:
     # everything a later session needs to continue, in OUT/ckpt.pt (rank 0 only)
     run.state.train_seconds = train_seconds
     write_training_checkpoint(os.path.join(out_dir, CKPT_NAME), run.nets, run.state, f"checkpoint ({reason})",
@@ -4159,7 +4665,7 @@ def _save_run(out_dir: str, cfg: Config, run: RunParts, train_seconds: float, re
                               grid_y=run.grid_y.cpu(), fid=run.fid.state_dict())
 
 
-def _halve_batch_after_oom(nets: GanNets, state: LoopState, device: torch.device, status_log: StatusLog) -> str:
+def _halve_batch_after_oom(nets: "GanNets", state: "LoopState", device: "torch.device", status_log: "StatusLog") -> str:
     """Free what the failed round held and halve the batch; returns the error that ends the run at batch 1, else ""."""
     nets.opt_g.zero_grad(set_to_none=True)
     nets.opt_d.zero_grad(set_to_none=True)
@@ -4176,8 +4682,8 @@ def _halve_batch_after_oom(nets: GanNets, state: LoopState, device: torch.device
     return ""
 
 
-def train(cfg: Config, data, deadline: Deadline, out_dir: str, device, fid_fn=None, *, resume: dict | None = None,
-          max_steps: int = 0) -> TrainResult:
+def train(cfg: "Config", data, deadline: "Deadline", out_dir: str, device, fid_fn=None, *, resume: dict | None = None,
+          max_steps: int = 0) -> "TrainResult":
     """Train G and D on `data` until the deadline's training window ends, a signal, or max_steps rounds (tests).
 
     `resume`: the checkpoint settled by checkpoint.open_resume (its config is already cfg). Rank 0 prints and writes
@@ -4318,14 +4824,14 @@ def train(cfg: Config, data, deadline: Deadline, out_dir: str, device, fid_fn=No
 # ====================================================================================================
 KAGGLE_OUT = "/kaggle/working"
 KAGGLE_INPUT = "/kaggle/input"
+# Below this many dog crops a GAN has nothing to learn from (and a batch of one breaks batch statistics).
+MIN_TRAIN_IMAGES = 2
 
 
-
-
-def resolve_paths(cfg: Config) -> tuple[str, str]:
+def resolve_paths(cfg: "Config") -> tuple[str, str]:
     """(data_dir, out_dir): explicit flags first, then Kaggle's folders, then ./out; --demo makes its own data."""
     out_dir = cfg.out or (KAGGLE_OUT if on_kaggle() else "out")
-    os.makedirs(out_dir, exist_ok=True)
+    prepare_out_dir(out_dir)
     if cfg.demo:
         data_dir = make_tiny_dataset(os.path.join(out_dir, "demo_data"))
         log("main", f"demo: generated a tiny dataset in {data_dir}")
@@ -4338,24 +4844,29 @@ def resolve_paths(cfg: Config) -> tuple[str, str]:
                     "(a folder with all-dogs/ and Annotation/), or --demo for the built-in tiny dataset")
 
 
-def plan_reserve(cfg: Config, deadline: Deadline, n_classes: int, device: torch.device, extractor) -> None:
-    """Keep back what generation, zipping and scoring will take (measured on an untrained G), with head-room."""
-    probe_G, _ = build_models(cfg, n_classes)
-    output_s = estimate_output_seconds(probe_G.to(device), cfg.n_images, device)
-    del probe_G
-    scoring_s = reserve_for_scoring(cfg, extractor) if extractor is not None else 0.0
-    # 1.5x and a fixed margin: the estimates are short probes, and Kaggle kills a kernel at 9 h sharp.
-    margin_s = min(120.0, 5.0 + 0.01 * (deadline.end - deadline.start))
-    deadline.reserve(1.5 * (output_s + scoring_s) + margin_s)
-    log("main", f"budget {format_duration(deadline.end - deadline.start)}: start-up took {format_duration(deadline.elapsed())}, "
-        f"reserving {format_duration(deadline.reserve_s)} for generation/zip{'/MiFID' if extractor else ''}, "
-        f"training gets {format_duration(max(0.0, deadline.train_remaining()))}")
-    if deadline.train_remaining() <= 0:
-        log("main", "WARNING: the budget is too small to train a single step; images.zip will come from the untrained "
-            "generator. Give a larger --time-budget.")
+def fit_batch_to_data(cfg: "Config", n_images: int, world_size: int) -> "Config":
+    """cfg with a batch no larger than the data (each rank draws its share from the whole set), said in one line;
+    DataError when there are too few images to train on at all."""
+    if n_images < MIN_TRAIN_IMAGES:
+        raise DataError(f"only {n_images} dog image(s) could be loaded; training needs at least {MIN_TRAIN_IMAGES}")
+    largest = n_images * world_size
+    if cfg.batch_size <= largest:
+        return cfg
+    log("main", f"only {n_images} dog images, fewer than one batch of {cfg.batch_size}: this run uses batches of "
+        f"{largest}")
+    return dataclasses.replace(cfg, batch_size=largest)
 
 
-def open_extractor(cfg: Config, device: torch.device):
+def fits_in_time(deadline: "Deadline", seconds: float, what: str) -> bool:
+    """True when `seconds` of work still fit before the deadline, else one line saying `what` is skipped."""
+    if deadline.remaining() >= seconds:
+        return True
+    log("main", f"skipping {what}: it needs ~{format_duration(seconds)}, {format_duration(max(0.0, deadline.remaining()))} "
+        f"of the budget are left")
+    return False
+
+
+def open_extractor(cfg: "Config", device: "torch.device"):
     """The MiFID backbone if weights are given or found under /kaggle/input, else None (MiFID skipped, said once)."""
     weights, backbone = cfg.fid_weights, cfg.fid_backbone
     if not weights:
@@ -4368,19 +4879,33 @@ def open_extractor(cfg: Config, device: torch.device):
     return load_feature_extractor(backbone, weights, device)
 
 
-def write_submission(G_ema, cfg: Config, out_dir: str, device: torch.device, truncation: float) -> str:
-    """10,000 balanced images from G_ema into OUT/images.zip (atomic: the old zip stays until the new one is whole)."""
-    start = time.time()
-    images = generate_images(G_ema, cfg.n_images, device, truncation=truncation, seed=cfg.seed)
-    generate_s = time.time() - start
+def write_submission(G_ema, cfg: "Config", out_dir: str, device: "torch.device", truncation: float,
+                     deadline: "Deadline", batch_size: int | None = None) -> str | None:
+    """10,000 balanced images from G_ema into OUT/images.zip (atomic: the old zip stays until the new one is whole).
+
+    Generation and zipping stop a few seconds past the deadline rather than overrun it; a full disk or a lost
+    deadline is one line and None, and the previous images.zip (if any) is kept.
+    """
     zip_path = os.path.join(out_dir, "images.zip")
-    zip_s = write_images_zip(images, zip_path)
+    stop_check = deadline_check(deadline, "writing images.zip")
+    log("main", f"generating {cfg.n_images} images into {zip_path} ({format_duration(max(0.0, deadline.remaining()))} "
+        f"of the budget left)")
+    start = time.time()
+    try:
+        images = generate_images(G_ema, cfg.n_images, device, batch_size=batch_size, truncation=truncation,
+                                 seed=cfg.seed, stop_check=stop_check)
+        generate_s = time.time() - start
+        zip_s = write_images_zip(images, zip_path, stop_check=stop_check)
+    except (OutOfTime, OSError) as error:
+        kept = "the previous images.zip is kept" if os.path.exists(zip_path) else "no images.zip was written"
+        log("main", f"could not write {zip_path}: {error}; {kept}", error=True)
+        return None
     log("main", f"wrote {zip_path}: {len(images)} PNG 64x64 (generate {generate_s:.1f}s, zip {zip_s:.1f}s, "
         f"{os.path.getsize(zip_path) / 2**20:.1f} MiB)")
     return zip_path
 
 
-def fallback_generator(cfg: Config, n_classes: int, out_dir: str, device: torch.device):
+def fallback_generator(cfg: "Config", n_classes: int, out_dir: str, device: "torch.device"):
     """When training failed: G_ema from OUT/ckpt.pt if it holds a trained one, else None (nothing to submit)."""
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     if not os.path.exists(ckpt_path):
@@ -4393,7 +4918,7 @@ def fallback_generator(cfg: Config, n_classes: int, out_dir: str, device: torch.
         return None
 
 
-def untrained_generator(cfg: Config, n_classes: int, out_dir: str, device: torch.device):
+def untrained_generator(cfg: "Config", n_classes: int, out_dir: str, device: "torch.device"):
     """An untrained G, only when OUT has no images.zip yet: an existing zip is only ever replaced by a trained G's."""
     if os.path.exists(os.path.join(out_dir, "images.zip")):
         log("main", f"no trained generator: {os.path.join(out_dir, 'images.zip')} is kept as it is")
@@ -4417,7 +4942,7 @@ def show_inline(out_dir: str) -> None:
             display(ShowImage(filename=path))
 
 
-def run(cfg: Config, start: float) -> int:
+def run(cfg: "Config", start: float) -> int:
     """The whole job; returns the process exit code (0: images.zip written after a clean run)."""
     deadline = Deadline(parse_duration(cfg.time_budget), start)
     dist = setup_distributed(cfg.device)
@@ -4431,11 +4956,12 @@ def run(cfg: Config, start: float) -> int:
     # the whole photos are decoded only where they are scored: rank 0, with a backbone, against --fid-reference photos
     data = load_dogs(data_dir, crop_margin=cfg.crop_margin, max_images=cfg.max_images, workers=cfg.decode_workers,
                      min_box=cfg.min_box, whole_photos=extractor is not None and cfg.fid_reference == "photos")
+    cfg = fit_batch_to_data(cfg, len(data.images), dist.world_size)
     n_classes = len(data.breeds)
     check_resume_fits_data(resume, n_classes)
     real_feats = real_features(extractor, data, out_dir, cfg.fid_reference) if extractor is not None else None
     data.photos = None  # their features are computed: the ~250 MB of whole-photo pixels are not needed again
-    plan_reserve(cfg, deadline, n_classes, device, extractor)
+    plan = plan_reserve(cfg, deadline, n_classes, device, extractor, out_dir)
     fid_fn = make_training_fid(cfg, extractor, real_feats, device) if extractor is not None else None
 
     exit_code, G_ema = 0, None
@@ -4459,9 +4985,11 @@ def run(cfg: Config, start: float) -> int:
         cleanup_distributed()
         return exit_code or 1
 
-    truncation = pick_truncation(cfg, G_ema, extractor, real_feats, device) if extractor is not None else cfg.truncation
-    zip_path = write_submission(G_ema, cfg, out_dir, device, truncation)
-    if extractor is not None:
+    truncation = (pick_truncation(cfg, G_ema, extractor, real_feats, device)
+                  if extractor is not None and search_fits(cfg, deadline, plan) else cfg.truncation)
+    zip_path = write_submission(G_ema, cfg, out_dir, device, truncation, deadline, plan.generate_batch)
+    exit_code = exit_code if zip_path else 1
+    if zip_path and extractor is not None and fits_in_time(deadline, plan.mifid_s, "MiFID of images.zip"):
         report_mifid(cfg, extractor, zip_path, real_feats, out_dir)
     write_plots(out_dir)
     show_inline(out_dir)
@@ -4470,19 +4998,37 @@ def run(cfg: Config, start: float) -> int:
     return exit_code
 
 
+def search_fits(cfg: "Config", deadline: "Deadline", plan: "OutputPlan") -> bool:
+    """The truncation search runs only when it, the zip and the MiFID after it all still fit."""
+    return not cfg.truncation_search or fits_in_time(deadline, plan.scoring_s + plan.output_s, "the truncation search")
+
+
+def exit_code_of(request: "SystemExit") -> int:
+    """The return code argparse meant by SystemExit (0 after --help, 2 after a bad flag)."""
+    return request.code if isinstance(request.code, int) else (0 if request.code is None else 2)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Parse flags and run; bad input ends with one clear line instead of a traceback."""
+    """Parse flags and run; bad input ends with one clear line instead of a traceback, and so does a stop signal."""
     start = time.time()  # the budget's clock (Python's start-up and imports happen before and are not counted)
+    quiet_other_ranks()
     try:
-        cfg, extras = parse_config(argv)
+        try:
+            cfg, extras = parse_config(argv)
+        except SystemExit as request:  # argparse already printed the help or the error
+            return exit_code_of(request)
         if extras.report:
             written = write_plots(extras.report)
             log("main", f"report: wrote {', '.join(written) or 'nothing'}")
             return 0
-        return run(cfg, start)
-    except (DataError, ConfigError, CheckpointError, FileNotFoundError) as error:
+        with signals_interrupt_run():
+            return run(cfg, start)
+    except (DataError, ConfigError, CheckpointError, FileNotFoundError, OutputError, BudgetError) as error:
         log("dogkernel", f"error: {error}", error=True)
         return 2
+    except RunInterrupted as stop:
+        log("dogkernel", str(stop), error=True)
+        return 128 + stop.signum
 
 
 def entry_point() -> None:

@@ -58,3 +58,53 @@ class Every:
     def left(self, now: float) -> float | None:
         """Seconds until the next event, None when it never comes."""
         return None if self.never else max(0.0, self.next - now)
+
+
+# The reserve is what the output stages measured at start-up, times this: short probes on a shared machine
+# scatter by about +-20 % from the real run.
+RESERVE_SAFETY = 1.25
+# How far past the end of the budget an output stage may run before it is abandoned (a few seconds, as promised).
+OVERRUN_GRACE_S = 3.0
+
+
+class BudgetError(ValueError):
+    """--time-budget cannot hold this run on this device; the message names the smallest budget that can."""
+
+
+class OutOfTime(RuntimeError):
+    """An output stage was abandoned because the run passed the end of its budget; its old files are kept."""
+
+
+def reserve_margin(budget_s: float) -> float:
+    """Head-room on top of the measured reserve: 3 s plus 1 % of the budget, at most 2 minutes."""
+    return min(120.0, 3.0 + 0.01 * budget_s)
+
+
+def budget_flag_text(seconds: float) -> str:
+    """Whole seconds as a --time-budget value: '50s', '2m30s', '7m', '1h10m'."""
+    seconds = int(math.ceil(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    text = (f"{hours}h" if hours else "") + (f"{minutes}m" if minutes else "") + (f"{secs}s" if secs else "")
+    return text or "0s"
+
+
+def smallest_budget(needed_s: float) -> float:
+    """The smallest budget b with b >= needed_s + reserve_margin(b), rounded up to a value easy to type
+    (10 s steps up to 2 minutes, whole minutes up to an hour, then 10-minute steps)."""
+    budget = (needed_s + 3.0) / 0.99
+    if reserve_margin(budget) >= 120.0:
+        budget = needed_s + 120.0
+    step = 10.0 if budget <= 120 else 60.0 if budget <= 3600 else 600.0
+    return math.ceil(budget / step - 1e-9) * step
+
+
+def deadline_check(deadline: Deadline, what: str, grace_s: float = OVERRUN_GRACE_S):
+    """A check for long output loops to call between batches: raises OutOfTime once the run is more than
+    grace_s past the end of its budget, so the stage stops instead of overrunning by minutes."""
+    def check() -> None:
+        late = time.time() - deadline.end
+        if late > grace_s:
+            raise OutOfTime(f"{what} ran {late:.0f}s past the end of the {budget_flag_text(deadline.end - deadline.start)} "
+                            f"budget and was stopped")
+    return check

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -163,10 +164,19 @@ DEMO_DCGAN_OVERRIDES: dict = dict(draw_res=32, lr_g=1e-3, lr_d=1e-3, beta1=0.0)
 
 
 def parse_duration(text: str | float | int) -> float:
-    """'90s', '20m', '8h', '8h30m', '1h2m3s' or a bare number of seconds -> seconds."""
+    """'90s', '20m', '8h', '8h30m', '1h2m3s' or a bare number of seconds -> seconds (finite, not negative)."""
     if isinstance(text, (int, float)):
-        return float(text)
-    s = str(text).strip().lower()
+        seconds = float(text)
+    else:
+        seconds = _read_duration(str(text))
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"duration {text!r} must be a finite number of seconds, 0 or more: use e.g. 90s, 20m, 8h or 8h30m")
+    return seconds
+
+
+def _read_duration(text: str) -> float:
+    # the number or h/m/s form of parse_duration, before the range check
+    s = text.strip().lower()
     try:
         return float(s)
     except ValueError:
@@ -203,6 +213,7 @@ def _flag_type(default):
 def build_arg_parser() -> argparse.ArgumentParser:
     """One flag per Config field (--time-budget for time_budget); booleans also get --no-X."""
     parser = argparse.ArgumentParser(
+        prog="kernel.py",  # in a notebook sys.argv[0] is Jupyter's launcher
         description="dogkernel: train a GAN on the Kaggle dogs and write images.zip",
         allow_abbrev=False,
         epilog="Each flag sets the Config field of the same name (see class Config for what it does); "
@@ -250,23 +261,46 @@ def validate_config(cfg: Config) -> None:
             parse_duration(getattr(cfg, name))
         except ValueError as error:
             raise ConfigError(f"--{name.replace('_', '-')}: {error}") from None
+    if parse_duration(cfg.time_budget) <= 0:
+        raise ConfigError(f"--time-budget must be more than 0, got {cfg.time_budget!r}: use e.g. 90s, 20m or 8h30m")
+    for f in dataclasses.fields(Config):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
     positive = ("batch_size", "z_dim", "g_ch", "d_ch", "n_dis", "g_steps", "n_images")
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    if cfg.min_box < 0:
-        raise ConfigError(f"--min-box must be 0 (keep every box) or positive, got {cfg.min_box}")
+    not_negative = ("max_images", "decode_workers", "fid_samples", "crop_margin", "truncation", "mifid_eps", "min_box")
+    for name in not_negative:
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(cfg, name)}")
     if cfg.hier_z and cfg.arch != "resnet":
         raise ConfigError("--hier-z needs --arch resnet")
 
 
+def strip_jupyter_args(argv: list[str]) -> list[str]:
+    """argv without the kernel's own `-f FILE` / `--f=FILE` that Jupyter puts in sys.argv; everything else stays."""
+    kept, index = [], 0
+    while index < len(argv):
+        if argv[index] == "-f" and index + 1 < len(argv):
+            index += 2
+            continue
+        if not argv[index].startswith("--f="):
+            kept.append(argv[index])
+        index += 1
+    return kept
+
+
 def parse_config(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
-    """Config from command-line flags. In a notebook, unknown arguments (Jupyter's `-f kernel.json`) are ignored;
-    from a shell they are an error, so a mistyped flag is not silently dropped."""
+    """Config from command-line flags. In a notebook only Jupyter's own `-f kernel.json` is dropped; any other
+    unknown argument is an error there too, so a mistyped flag is never silently ignored.
+    `--help` and argparse's errors raise SystemExit after printing (main turns that into a return code)."""
     parser = build_arg_parser()
-    args, unknown = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-    if unknown and not running_in_notebook():
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if running_in_notebook():
+        argv = strip_jupyter_args(argv)
+    args = parser.parse_args(argv)
     extras = argparse.Namespace(report=getattr(args, "report", None))
     overrides = {k: v for k, v in vars(args).items() if k != "report"}
     return make_config(overrides), extras

@@ -555,16 +555,69 @@ def _dog_pool_context():
 
 
 def _dog_run_jobs(jobs, processes: int):
-    """Chunk results in order: a process pool when asked for, else (or if the pool fails) in this process."""
+    """Chunk results in order: worker processes when asked for, else (or if they fail) in this process.
+
+    Forked workers each take every processes-th job and answer on a pipe of their own, so they share no lock: a stop
+    signal (SIGTERM to the whole process group, a terminal's Ctrl-C) or a worker killed outright can leave nothing
+    waiting forever, and no worker prints a traceback. Without fork, a multiprocessing pool does the work.
+    """
     context = _dog_pool_context() if processes > 1 else None
     if processes > 1 and context is None:
         log("data", "no 'fork' start method and the code lives in __main__; decoding in-process")
     elif context is not None:
+        import signal
+        stop_signals = {signal.SIGINT, signal.SIGTERM}
+
+        def decode_share(share, writer, signal_mask):
+            # in a forked worker: Ctrl-C is for the parent to handle, SIGTERM ends the worker at once
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, signal_mask)
+            for index in share:
+                writer.send((index, _dog_decode_chunk(jobs[index])))
+            writer.close()
+
+        workers = []
         try:
-            with context.Pool(processes) as pool:
-                return list(pool.imap(_dog_decode_chunk, jobs)), processes
+            if context.get_start_method() != "fork":
+                with context.Pool(processes) as pool:
+                    return pool.map(_dog_decode_chunk, jobs), processes
+            results, readers = [None] * len(jobs), []
+            # Stop signals wait while the workers are set up: a handler raising inside multiprocessing's fork
+            # bookkeeping would be swallowed there ("Exception ignored in ...") and the stop lost.
+            signal_mask = signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+            try:
+                for first in range(processes):
+                    reader, writer = context.Pipe(duplex=False)
+                    worker = context.Process(target=decode_share, daemon=True,
+                                             args=(range(first, len(jobs), processes), writer, signal_mask))
+                    worker.start()
+                    writer.close()  # only the worker writes: its end closing is this reader's EOF
+                    workers.append(worker)
+                    readers.append(reader)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, signal_mask)
+            while readers:
+                # a timeout: a signal the kernel hands to another thread runs its Python handler only when the
+                # main thread wakes, and an endless wait would never wake
+                for reader in multiprocessing.connection.wait(readers, timeout=0.2):
+                    try:
+                        index, result = reader.recv()
+                        results[index] = result
+                    except EOFError:
+                        readers.remove(reader)
+                        reader.close()
+            if any(result is None for result in results):
+                raise RuntimeError("a decode worker ended before its share was done")
+            return results, processes
         except Exception as exc:
             log("data", f"decode pool failed ({type(exc).__name__}: {exc}); decoding in-process")
+        finally:
+            # on success the workers have finished; on an error or a stop signal they are ended here
+            for worker in workers:
+                if worker.is_alive():
+                    worker.kill()
+                worker.join()
     return [_dog_decode_chunk(job) for job in jobs], 1
 
 

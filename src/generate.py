@@ -39,17 +39,49 @@ def to_uint8(img: torch.Tensor) -> torch.Tensor:
     return ((img.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
 
 
+# Batch sizes generation may use, smallest first. Which is faster depends on the model and the device: on a CPU the
+# default model runs ~30 % faster per image at 64 than at 500 (cache), a tiny one ~6x slower at 64 (per-op overhead
+# with 2 threads). measure_generation_seconds() times them and the run uses the faster.
+GENERATE_BATCH_CANDIDATES = (64, 500)
+# A larger candidate is timed (one batch, its warm-up included: a cost that errs high) only when that batch takes
+# at most this many seconds at the smaller's speed.
+GENERATE_PROBE_S = 3.0
+# A smaller batch is used only when it timed this much faster per image than the largest timed one: small batches
+# times scatter most on a busy CPU (per-op overhead), and a large batch is never much slower elsewhere.
+GENERATE_BATCH_MARGIN = 0.25
+# Images per forward when the caller has not measured (training-time FID, the truncation search).
+GENERATE_BATCH = {"cpu": 64, "cuda": 500}
+# PNGs encoded per round of the zip writer's thread pool; the deadline and stop checks run between rounds.
+ZIP_CHUNK = 500
+# Bytes one 64 x 64 RGB PNG of pure noise takes in a stored zip (incompressible pixels, filter bytes, PNG and zip
+# headers): an upper bound for the free-space check.
+ZIP_BYTES_PER_IMAGE_MAX = 3 * 64 * 64 + 64 + 400
+
+
+def generation_batch_size(device) -> int:
+    """Images per forward when generating on this device (see GENERATE_BATCH)."""
+    return GENERATE_BATCH.get(torch.device(device).type, 500)
+
+
 @torch.no_grad()
-def generate_images(G_ema: torch.nn.Module, n: int, device, batch_size: int = 500, truncation: float = 0.0,
-                    seed: int = 0) -> torch.Tensor:
-    """n images (uint8 N x 3 x 64 x 64, CPU) from G_ema, breeds balanced, fixed seed -> same images."""
+def generate_images(G_ema: torch.nn.Module, n: int, device, batch_size: int | None = None, truncation: float = 0.0,
+                    seed: int = 0, stop_check=None) -> torch.Tensor:
+    """n images (uint8 N x 3 x 64 x 64, CPU) from G_ema, breeds balanced, fixed seed -> same images.
+
+    stop_check (optional) is called before every batch; it raises to abandon the generation (e.g. OutOfTime).
+    """
+    batch_size = batch_size or generation_batch_size(device)
     generator = torch.Generator().manual_seed(seed)
     labels = balanced_labels(n, G_ema.n_classes, "cpu", generator)
+    # every latent drawn up front (10,000 x 128 floats: 5 MB): the images do not depend on the batch size
+    latents = sample_z(n, G_ema.z_dim, "cpu", truncation, generator)
     G_ema.eval()
     chunks = []
     for start in range(0, n, batch_size):
+        if stop_check is not None:
+            stop_check()
         y = labels[start:start + batch_size].to(device)
-        z = sample_z(len(y), G_ema.z_dim, device, truncation, generator)
+        z = latents[start:start + batch_size].to(device)
         chunks.append(to_uint8(G_ema(z, y)))
     return torch.cat(chunks)
 
@@ -61,33 +93,79 @@ def encode_png(img_chw: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def write_images_zip(images: torch.Tensor, path: str, workers: int = 0) -> float:
+def _zip_entry(index: int) -> zipfile.ZipInfo:
+    # a fixed timestamp: the same images give a byte-identical zip
+    return zipfile.ZipInfo(f"{index}.png", date_time=(2019, 6, 1, 0, 0, 0))
+
+
+def _zip_workers(workers: int) -> int:
+    return workers or min(8, os.cpu_count() or 1)
+
+
+def write_images_zip(images: torch.Tensor, path: str, workers: int = 0, stop_check=None) -> float:
     """Write uint8 N x 3 x 64 x 64 images as 0.png .. N-1.png into `path` atomically; returns seconds taken.
 
-    PNGs are already compressed, so entries are stored; encoding runs in threads (PIL releases the GIL in zlib).
+    PNGs are already compressed, so entries are stored; encoding runs in threads (PIL releases the GIL in zlib),
+    ZIP_CHUNK images at a time. stop_check (optional) is called between chunks and may raise to abandon the zip;
+    whatever ends it early (that, an error, a stop signal), the temporary file goes and an old `path` stays whole.
     """
     start = time.time()
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"write_images_zip needs uint8 N x 3 x H x W images, got {images.dtype} {tuple(images.shape)}")
     array = images.numpy()
-    with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
-        png_bytes = list(pool.map(encode_png, array, chunksize=64))
-    with atomic_path(path) as tmp_path:
-        with zipfile.ZipFile(tmp_path, "w", compression=zipfile.ZIP_STORED) as archive:
-            for index, data in enumerate(png_bytes):
-                # a fixed timestamp: the same images give a byte-identical zip
-                archive.writestr(zipfile.ZipInfo(f"{index}.png", date_time=(2019, 6, 1, 0, 0, 0)), data)
+    pool = ThreadPoolExecutor(max_workers=_zip_workers(workers))
+    try:
+        with atomic_path(path) as tmp_path:
+            with zipfile.ZipFile(tmp_path, "w", compression=zipfile.ZIP_STORED) as archive:
+                for chunk_start in range(0, len(array), ZIP_CHUNK):
+                    if stop_check is not None:
+                        stop_check()
+                    chunk = array[chunk_start:chunk_start + ZIP_CHUNK]
+                    for index, data in enumerate(pool.map(encode_png, chunk), chunk_start):
+                        archive.writestr(_zip_entry(index), data)
+    finally:
+        # an abandoned chunk's queued encodings are dropped, not waited for
+        pool.shutdown(wait=True, cancel_futures=True)
     return time.time() - start
 
 
-def estimate_output_seconds(G: torch.nn.Module, n: int, device, batch_size: int = 500) -> float:
-    """Time one generation batch and the PNG encoding of it, scaled to n images: the reserve kept after training."""
-    probe = min(n, batch_size)
-    start = time.time()
-    images = generate_images(G, probe, device, batch_size=probe)
-    generate_s = time.time() - start
-    start = time.time()
-    for img in images.numpy()[:100]:
-        encode_png(img)
-    encode_s = (time.time() - start) / min(100, probe) * n / min(8, os.cpu_count() or 1)
-    return generate_s * n / probe + encode_s
+def measure_generation_seconds(G: torch.nn.Module, device) -> dict[int, tuple[float, torch.Tensor]]:
+    """{batch size: (seconds per image, the images)} of generate_images for GENERATE_BATCH_CANDIDATES on this device.
+    The smallest is timed after a warm-up on a few images (first calls pay for allocations and kernel selection);
+    a larger one, in one batch, only when that costs at most GENERATE_PROBE_S by the fastest speed so far."""
+    timed: dict[int, tuple[float, torch.Tensor]] = {}
+    for batch_size in GENERATE_BATCH_CANDIDATES:
+        if not timed:
+            generate_images(G, min(8, batch_size), device, batch_size=min(8, batch_size))
+        elif batch_size * min(per_image for per_image, _ in timed.values()) > GENERATE_PROBE_S:
+            break
+        start = time.time()
+        images = generate_images(G, batch_size, device, batch_size=batch_size)
+        timed[batch_size] = ((time.time() - start) / batch_size, images)
+    return timed
+
+
+def pick_generation_batch(timed: dict[int, tuple[float, torch.Tensor]]) -> int:
+    """The batch size to generate with, from measure_generation_seconds(): the largest timed one, unless a smaller
+    one was faster per image by more than GENERATE_BATCH_MARGIN."""
+    largest = max(timed)
+    fastest = min(timed, key=lambda batch_size: timed[batch_size][0])
+    if timed[fastest][0] < (1 - GENERATE_BATCH_MARGIN) * timed[largest][0]:
+        return fastest
+    return largest
+
+
+def measure_zip_seconds(images: torch.Tensor, workers: int = 0) -> float:
+    """Seconds per image write_images_zip spends on encoding (in its thread pool) and storing an entry, measured
+    in memory on `images` and on as many noise images, averaged: an untrained G's smooth images encode faster than
+    a trained G's, pure noise slower (PNG sizes: ~4, ~9 and 12.4 KB)."""
+    noise = torch.randint(0, 256, tuple(images.shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    per_image = []
+    with ThreadPoolExecutor(max_workers=_zip_workers(workers)) as pool:
+        for probe in (images.numpy(), noise.numpy()):
+            start = time.time()
+            with zipfile.ZipFile(io.BytesIO(), "w", compression=zipfile.ZIP_STORED) as archive:
+                for index, data in enumerate(pool.map(encode_png, probe)):
+                    archive.writestr(_zip_entry(index), data)
+            per_image.append((time.time() - start) / max(1, len(probe)))
+    return sum(per_image) / len(per_image)

@@ -1,6 +1,7 @@
 """The pipeline: flags -> data -> training until the deadline -> 10,000 images in images.zip -> MiFID."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -8,31 +9,34 @@ import traceback
 
 import torch
 
-from src.budget import Deadline
+from src.budget import BudgetError, Deadline, OutOfTime, deadline_check
 from src.checkpoint import CheckpointError, check_resume_fits_data, load_generator_from_checkpoint, open_resume
 from src.config import (Config, ConfigError, config_diff, format_duration, on_kaggle, parse_config, parse_duration,
                         running_in_notebook)
-from src.console import log
+from src.console import log, quiet_other_ranks
 from src.data import DataError, load_dogs
 from src.distributed import cleanup_distributed, setup_distributed
-from src.generate import estimate_output_seconds, generate_images, write_images_zip
+from src.generate import generate_images, write_images_zip
+from src.interrupt import RunInterrupted, signals_interrupt_run
 from src.mifid import find_fid_weights, load_feature_extractor
 from src.models import build_models
+from src.preflight import OutputError, prepare_out_dir
 from src.report import write_plots
-from src.scoring import make_training_fid, pick_truncation, real_features, report_mifid, reserve_for_scoring
+from src.reserve import OutputPlan, plan_reserve
+from src.scoring import make_training_fid, pick_truncation, real_features, report_mifid
 from src.synthetic import make_tiny_dataset
 from src.train import StopReason, train
 
 KAGGLE_OUT = "/kaggle/working"
 KAGGLE_INPUT = "/kaggle/input"
-
-
+# Below this many dog crops a GAN has nothing to learn from (and a batch of one breaks batch statistics).
+MIN_TRAIN_IMAGES = 2
 
 
 def resolve_paths(cfg: Config) -> tuple[str, str]:
     """(data_dir, out_dir): explicit flags first, then Kaggle's folders, then ./out; --demo makes its own data."""
     out_dir = cfg.out or (KAGGLE_OUT if on_kaggle() else "out")
-    os.makedirs(out_dir, exist_ok=True)
+    prepare_out_dir(out_dir)
     if cfg.demo:
         data_dir = make_tiny_dataset(os.path.join(out_dir, "demo_data"))
         log("main", f"demo: generated a tiny dataset in {data_dir}")
@@ -45,21 +49,26 @@ def resolve_paths(cfg: Config) -> tuple[str, str]:
                     "(a folder with all-dogs/ and Annotation/), or --demo for the built-in tiny dataset")
 
 
-def plan_reserve(cfg: Config, deadline: Deadline, n_classes: int, device: torch.device, extractor) -> None:
-    """Keep back what generation, zipping and scoring will take (measured on an untrained G), with head-room."""
-    probe_G, _ = build_models(cfg, n_classes)
-    output_s = estimate_output_seconds(probe_G.to(device), cfg.n_images, device)
-    del probe_G
-    scoring_s = reserve_for_scoring(cfg, extractor) if extractor is not None else 0.0
-    # 1.5x and a fixed margin: the estimates are short probes, and Kaggle kills a kernel at 9 h sharp.
-    margin_s = min(120.0, 5.0 + 0.01 * (deadline.end - deadline.start))
-    deadline.reserve(1.5 * (output_s + scoring_s) + margin_s)
-    log("main", f"budget {format_duration(deadline.end - deadline.start)}: start-up took {format_duration(deadline.elapsed())}, "
-        f"reserving {format_duration(deadline.reserve_s)} for generation/zip{'/MiFID' if extractor else ''}, "
-        f"training gets {format_duration(max(0.0, deadline.train_remaining()))}")
-    if deadline.train_remaining() <= 0:
-        log("main", "WARNING: the budget is too small to train a single step; images.zip will come from the untrained "
-            "generator. Give a larger --time-budget.")
+def fit_batch_to_data(cfg: Config, n_images: int, world_size: int) -> Config:
+    """cfg with a batch no larger than the data (each rank draws its share from the whole set), said in one line;
+    DataError when there are too few images to train on at all."""
+    if n_images < MIN_TRAIN_IMAGES:
+        raise DataError(f"only {n_images} dog image(s) could be loaded; training needs at least {MIN_TRAIN_IMAGES}")
+    largest = n_images * world_size
+    if cfg.batch_size <= largest:
+        return cfg
+    log("main", f"only {n_images} dog images, fewer than one batch of {cfg.batch_size}: this run uses batches of "
+        f"{largest}")
+    return dataclasses.replace(cfg, batch_size=largest)
+
+
+def fits_in_time(deadline: Deadline, seconds: float, what: str) -> bool:
+    """True when `seconds` of work still fit before the deadline, else one line saying `what` is skipped."""
+    if deadline.remaining() >= seconds:
+        return True
+    log("main", f"skipping {what}: it needs ~{format_duration(seconds)}, {format_duration(max(0.0, deadline.remaining()))} "
+        f"of the budget are left")
+    return False
 
 
 def open_extractor(cfg: Config, device: torch.device):
@@ -75,13 +84,27 @@ def open_extractor(cfg: Config, device: torch.device):
     return load_feature_extractor(backbone, weights, device)
 
 
-def write_submission(G_ema, cfg: Config, out_dir: str, device: torch.device, truncation: float) -> str:
-    """10,000 balanced images from G_ema into OUT/images.zip (atomic: the old zip stays until the new one is whole)."""
-    start = time.time()
-    images = generate_images(G_ema, cfg.n_images, device, truncation=truncation, seed=cfg.seed)
-    generate_s = time.time() - start
+def write_submission(G_ema, cfg: Config, out_dir: str, device: torch.device, truncation: float,
+                     deadline: Deadline, batch_size: int | None = None) -> str | None:
+    """10,000 balanced images from G_ema into OUT/images.zip (atomic: the old zip stays until the new one is whole).
+
+    Generation and zipping stop a few seconds past the deadline rather than overrun it; a full disk or a lost
+    deadline is one line and None, and the previous images.zip (if any) is kept.
+    """
     zip_path = os.path.join(out_dir, "images.zip")
-    zip_s = write_images_zip(images, zip_path)
+    stop_check = deadline_check(deadline, "writing images.zip")
+    log("main", f"generating {cfg.n_images} images into {zip_path} ({format_duration(max(0.0, deadline.remaining()))} "
+        f"of the budget left)")
+    start = time.time()
+    try:
+        images = generate_images(G_ema, cfg.n_images, device, batch_size=batch_size, truncation=truncation,
+                                 seed=cfg.seed, stop_check=stop_check)
+        generate_s = time.time() - start
+        zip_s = write_images_zip(images, zip_path, stop_check=stop_check)
+    except (OutOfTime, OSError) as error:
+        kept = "the previous images.zip is kept" if os.path.exists(zip_path) else "no images.zip was written"
+        log("main", f"could not write {zip_path}: {error}; {kept}", error=True)
+        return None
     log("main", f"wrote {zip_path}: {len(images)} PNG 64x64 (generate {generate_s:.1f}s, zip {zip_s:.1f}s, "
         f"{os.path.getsize(zip_path) / 2**20:.1f} MiB)")
     return zip_path
@@ -138,11 +161,12 @@ def run(cfg: Config, start: float) -> int:
     # the whole photos are decoded only where they are scored: rank 0, with a backbone, against --fid-reference photos
     data = load_dogs(data_dir, crop_margin=cfg.crop_margin, max_images=cfg.max_images, workers=cfg.decode_workers,
                      min_box=cfg.min_box, whole_photos=extractor is not None and cfg.fid_reference == "photos")
+    cfg = fit_batch_to_data(cfg, len(data.images), dist.world_size)
     n_classes = len(data.breeds)
     check_resume_fits_data(resume, n_classes)
     real_feats = real_features(extractor, data, out_dir, cfg.fid_reference) if extractor is not None else None
     data.photos = None  # their features are computed: the ~250 MB of whole-photo pixels are not needed again
-    plan_reserve(cfg, deadline, n_classes, device, extractor)
+    plan = plan_reserve(cfg, deadline, n_classes, device, extractor, out_dir)
     fid_fn = make_training_fid(cfg, extractor, real_feats, device) if extractor is not None else None
 
     exit_code, G_ema = 0, None
@@ -166,9 +190,11 @@ def run(cfg: Config, start: float) -> int:
         cleanup_distributed()
         return exit_code or 1
 
-    truncation = pick_truncation(cfg, G_ema, extractor, real_feats, device) if extractor is not None else cfg.truncation
-    zip_path = write_submission(G_ema, cfg, out_dir, device, truncation)
-    if extractor is not None:
+    truncation = (pick_truncation(cfg, G_ema, extractor, real_feats, device)
+                  if extractor is not None and search_fits(cfg, deadline, plan) else cfg.truncation)
+    zip_path = write_submission(G_ema, cfg, out_dir, device, truncation, deadline, plan.generate_batch)
+    exit_code = exit_code if zip_path else 1
+    if zip_path and extractor is not None and fits_in_time(deadline, plan.mifid_s, "MiFID of images.zip"):
         report_mifid(cfg, extractor, zip_path, real_feats, out_dir)
     write_plots(out_dir)
     show_inline(out_dir)
@@ -177,19 +203,37 @@ def run(cfg: Config, start: float) -> int:
     return exit_code
 
 
+def search_fits(cfg: Config, deadline: Deadline, plan: OutputPlan) -> bool:
+    """The truncation search runs only when it, the zip and the MiFID after it all still fit."""
+    return not cfg.truncation_search or fits_in_time(deadline, plan.scoring_s + plan.output_s, "the truncation search")
+
+
+def exit_code_of(request: SystemExit) -> int:
+    """The return code argparse meant by SystemExit (0 after --help, 2 after a bad flag)."""
+    return request.code if isinstance(request.code, int) else (0 if request.code is None else 2)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Parse flags and run; bad input ends with one clear line instead of a traceback."""
+    """Parse flags and run; bad input ends with one clear line instead of a traceback, and so does a stop signal."""
     start = time.time()  # the budget's clock (Python's start-up and imports happen before and are not counted)
+    quiet_other_ranks()
     try:
-        cfg, extras = parse_config(argv)
+        try:
+            cfg, extras = parse_config(argv)
+        except SystemExit as request:  # argparse already printed the help or the error
+            return exit_code_of(request)
         if extras.report:
             written = write_plots(extras.report)
             log("main", f"report: wrote {', '.join(written) or 'nothing'}")
             return 0
-        return run(cfg, start)
-    except (DataError, ConfigError, CheckpointError, FileNotFoundError) as error:
+        with signals_interrupt_run():
+            return run(cfg, start)
+    except (DataError, ConfigError, CheckpointError, FileNotFoundError, OutputError, BudgetError) as error:
         log("dogkernel", f"error: {error}", error=True)
         return 2
+    except RunInterrupted as stop:
+        log("dogkernel", str(stop), error=True)
+        return 128 + stop.signum
 
 
 def entry_point() -> None:

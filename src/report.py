@@ -44,9 +44,10 @@ def write_plots(out_dir: str) -> list[str]:
         log("report", f"{stats_path} has no status records: nothing to plot")
         return []
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        # A Figure with its own Agg canvas, not pyplot: pyplot would switch the backend of the whole process,
+        # and in a notebook every later cell would lose its inline plots.
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError:
         log("report", "matplotlib is not installed: plots skipped (stats.jsonl has the numbers)")
         return []
@@ -55,7 +56,9 @@ def write_plots(out_dir: str) -> list[str]:
               ("D outputs (logits)", [("d_real", "D(x)"), ("d_fake", "D(G(z))")]),
               ("FID of G_ema", [("fid", "FID")]),
               ("speed", [("images_per_s", "images/s")])]
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    fig = Figure(figsize=(11, 7))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, 2)
     for ax, (title, series) in zip(axes.flat, panels):
         for key, label in series:
             kimg, values = _report_series(records, key)
@@ -71,7 +74,6 @@ def write_plots(out_dir: str) -> list[str]:
     path = os.path.join(out_dir, PLOTS_NAME)
     with atomic_path(path) as tmp_path:
         fig.savefig(tmp_path, format="png", dpi=90)
-    plt.close(fig)
     log("report", f"wrote {path}")
     return [path]
 

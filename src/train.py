@@ -222,6 +222,7 @@ def set_up_training(cfg: Config, data, device: torch.device, dist_info, fid_fn, 
     state, fid = LoopState(batch_size=cfg.batch_size, n_dis=cfg.n_dis), FidTracker(fid_fn)
     if resume is not None:
         state = restore_training_snapshot(nets, resume)
+        state.batch_size = min(state.batch_size, cfg.batch_size)  # main may have fitted the batch to smaller data
         grid_z, grid_y = resume["grid_z"].to(device), resume["grid_y"].to(device)
         fid.load_state_dict(resume.get("fid", {}))
         restore_rng_state(resume["rng"])

@@ -87,3 +87,67 @@ def test_bundle_hoists_imports_and_drops_main_guards(tmp_path):
     out.write_text(text)
     result = subprocess.run([sys.executable, str(out)], capture_output=True, text=True, cwd=tmp_path)
     assert result.stdout.strip() == '"/"'
+
+
+def test_kernel_leaves_no_future_import_for_later_notebook_cells():
+    """A notebook compiles each cell with the __future__ flags of the cells before it: kernel.py must set none."""
+    import __future__
+    import codeop
+    import types
+    text = (ROOT / "kernel.py").read_text()
+    assert "from __future__" not in text
+    cells = codeop.Compile()  # what IPython uses: it carries future flags from cell to cell
+    kernel_code = cells(text, "<pasted kernel cell>", "exec")
+    assert not cells.flags & __future__.annotations.compiler_flag
+    later_cell = cells("def later(x: undefined_name): pass\n", "<later cell>", "exec")
+    with pytest.raises(NameError, match="undefined_name"):  # annotations are evaluated again, as in a fresh notebook
+        exec(later_cell, {})
+    # and every definition of the bundle still runs without the import (its annotations are quoted)
+    cell_module = types.ModuleType("pasted_kernel_cell")
+    sys.modules[cell_module.__name__] = cell_module
+    try:
+        exec(kernel_code, cell_module.__dict__)
+    finally:
+        del sys.modules[cell_module.__name__]
+    assert callable(cell_module.__dict__["entry_point"])
+
+
+def test_annotations_are_quoted_unless_builtin(tmp_path):
+    source = """from __future__ import annotations
+import fractions
+from dataclasses import dataclass
+
+
+@dataclass
+class Later:
+    size: int | None = None
+    parent: Later | None = None
+
+
+def entry_point(x: fractions.Fraction = None, n: int = 3, *rest: Later, **named: dict[str, list[int]]) -> Later:
+    local: Later = Later()
+    return local
+"""
+    text = build_kernel.build(write_sources(tmp_path / "src", {"main.py": source}))
+    assert "from __future__" not in text
+    assert '    size: int | None = None\n    parent: "Later | None" = None\n' in text
+    assert ('def entry_point(x: "fractions.Fraction" = None, n: int = 3, *rest: "Later", '
+            '**named: dict[str, list[int]]) -> "Later":\n    local: "Later" = Later()') in text
+    out = tmp_path / "k.py"
+    out.write_text(text)
+    # the dataclass's reference to itself would raise NameError unquoted
+    result = subprocess.run([sys.executable, str(out)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_annotations_after_non_ascii_text_are_quoted_in_place(tmp_path):
+    src = write_sources(tmp_path / "src", {
+        "main.py": 'from __future__ import annotations\n\ndef entry_point(label="größe", x: Thing = None) -> Thing:\n'
+                   '    return x\n\nclass Thing:\n    pass\n'})
+    assert 'def entry_point(label="größe", x: "Thing" = None) -> "Thing":' in build_kernel.build(src)
+
+
+def test_other_future_imports_are_refused(tmp_path):
+    src = write_sources(tmp_path / "src", {"main.py": "from __future__ import generator_stop\n"})
+    with pytest.raises(build_kernel.BundleError, match="would leak into every later notebook cell"):
+        build_kernel.build(src)

@@ -4,7 +4,7 @@ import sys
 import pytest
 
 from src.config import (RECIPES, Config, ConfigError, config_diff, format_duration, make_config, parse_config,
-                        parse_duration)
+                        parse_duration, strip_jupyter_args)
 
 
 @pytest.mark.parametrize("text, seconds", [("90s", 90), ("20m", 1200), ("8h", 28800), ("8h30m", 30600),
@@ -13,7 +13,7 @@ def test_parse_duration_reads_every_documented_form(text, seconds):
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["", "h", "10x", "5m3", "1d"])
+@pytest.mark.parametrize("text", ["", "h", "10x", "5m3", "1d", "nan", "inf", "-inf", "-5", "1e400", float("nan"), -1])
 def test_parse_duration_rejects_garbage_with_an_example(text):
     with pytest.raises(ValueError, match="8h30m"):
         parse_duration(text)
@@ -56,6 +56,16 @@ def test_every_recipe_builds_a_valid_config():
     (["--loss", "wasserstein"], "--loss 'wasserstein': choose one of"),
     (["--time-budget", "soon"], "--time-budget"),
     (["--batch-size", "0"], "--batch-size must be positive"),
+    (["--time-budget", "nan"], "--time-budget: duration 'nan' must be a finite number of seconds, 0 or more"),
+    (["--time-budget", "inf"], "--time-budget: duration 'inf' must be a finite number"),
+    (["--time-budget", "-5"], "--time-budget: duration '-5' must be a finite number of seconds, 0 or more"),
+    (["--time-budget", "0"], "--time-budget must be more than 0, got '0'"),
+    (["--time-budget", "0h0m"], "--time-budget must be more than 0, got '0h0m'"),
+    (["--status-every=-1"], "--status-every: duration '-1' must be a finite number of seconds, 0 or more"),
+    (["--ckpt-every", "nan"], "--ckpt-every: duration 'nan' must be a finite number"),
+    (["--lr-g", "nan"], "--lr-g must be a finite number, got nan"),
+    (["--crop-margin=-inf"], "--crop-margin must be a finite number, got -inf"),
+    (["--fid-samples=-3"], "--fid-samples must be 0 or more, got -3"),
 ])
 def test_bad_values_name_the_flag(argv, message):
     with pytest.raises(ConfigError, match=message):
@@ -72,6 +82,26 @@ def test_jupyter_arguments_are_ignored_in_a_notebook(monkeypatch):
     monkeypatch.setitem(sys.modules, "ipykernel", object())
     cfg, _ = parse_config(["-f", "/root/.local/share/jupyter/runtime/kernel-1234.json"])
     assert cfg == Config()
+    cfg, _ = parse_config(["--f=/root/.local/share/jupyter/runtime/kernel-v2-77.json", "--time-budget", "1h"])
+    assert cfg.time_budget == "1h"
+
+
+def test_a_misspelt_flag_in_a_notebook_is_refused_not_dropped(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ipykernel", object())
+    with pytest.raises(SystemExit) as exit_request:
+        parse_config(["-f", "/root/.local/share/jupyter/runtime/kernel-1234.json", "--time-buget", "60s"])
+    assert exit_request.value.code == 2
+    assert "kernel.py: error: unrecognized arguments: --time-buget 60s" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, kept", [
+    (["-f", "k.json"], []),
+    (["--f=k.json", "--demo"], ["--demo"]),
+    (["--out", "-f", "k.json"], ["--out"]),
+    (["--demo", "-f"], ["--demo", "-f"]),  # a -f without its file is not Jupyter's: argparse refuses it
+])
+def test_strip_jupyter_args_drops_only_the_kernel_file(argv, kept):
+    assert strip_jupyter_args(argv) == kept
 
 
 def test_report_flag_is_not_a_config_field():

@@ -556,7 +556,10 @@ def test_worker_pool_gives_the_in_process_tensor(tiny_data_dir, monkeypatch):
 
 def test_pool_failure_falls_back_to_in_process(tiny_data_dir, monkeypatch, capsys):
     class BrokenContext:
-        def Pool(self, processes):
+        def get_start_method(self):
+            return "fork"
+
+        def Pipe(self, duplex=True):
             raise OSError("no semaphores here")
     monkeypatch.setattr(data_module, "_dog_pool_context", lambda: BrokenContext())
     data = load_dogs(tiny_data_dir, workers=2)

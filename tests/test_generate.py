@@ -9,7 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from src.generate import balanced_labels, generate_images, sample_z, to_uint8, write_images_zip
+import src.generate
+from src.generate import (ZIP_CHUNK, balanced_labels, generate_images, measure_generation_seconds,
+                          measure_zip_seconds, pick_generation_batch, sample_z, to_uint8, write_images_zip)
 
 
 class LabelColourG(torch.nn.Module):
@@ -82,3 +84,69 @@ def test_zip_failure_keeps_the_previous_zip(tmp_path):
 def test_zip_rejects_float_images(tmp_path):
     with pytest.raises(ValueError, match="uint8 N x 3 x H x W"):
         write_images_zip(torch.zeros(2, 3, 64, 64), str(tmp_path / "images.zip"))
+
+
+def test_images_do_not_depend_on_the_batch_size():
+    # the run picks its batch size by timing, so the same seed must give the same images at any batch size
+    small = generate_images(LabelColourG(), 30, "cpu", batch_size=7, seed=3, truncation=1.0)
+    whole = generate_images(LabelColourG(), 30, "cpu", batch_size=30, seed=3, truncation=1.0)
+    assert torch.equal(small, whole)
+
+
+class Abandon(Exception):
+    pass
+
+
+def stop_on_call(n):
+    calls = {"n": 0}
+
+    def check():
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise Abandon()
+    return check, calls
+
+
+def test_generation_checks_before_every_batch():
+    check, calls = stop_on_call(0)
+    generate_images(LabelColourG(), 30, "cpu", batch_size=7, stop_check=check)
+    assert calls["n"] == 5  # batches of 7, 7, 7, 7, 2
+    check, calls = stop_on_call(3)
+    with pytest.raises(Abandon):
+        generate_images(LabelColourG(), 30, "cpu", batch_size=7, stop_check=check)
+    assert calls["n"] == 3
+
+
+def test_zip_abandoned_between_chunks_keeps_the_previous_zip(tmp_path):
+    path = str(tmp_path / "images.zip")
+    write_images_zip(torch.zeros(3, 3, 64, 64, dtype=torch.uint8), path)
+    before = open(path, "rb").read()
+    check, calls = stop_on_call(2)  # after the first ZIP_CHUNK images are in
+    with pytest.raises(Abandon):
+        write_images_zip(torch.ones(ZIP_CHUNK + 10, 3, 64, 64, dtype=torch.uint8), path, stop_check=check)
+    assert calls["n"] == 2
+    assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["images.zip"]
+
+
+def test_generation_timing_tries_the_larger_batch_only_when_cheap(monkeypatch):
+    timed = measure_generation_seconds(LabelColourG(), "cpu")
+    assert sorted(timed) == [64, 500]  # the stand-in is fast: both candidates timed
+    for batch_size, (per_image, images) in timed.items():
+        assert per_image > 0 and images.shape == (batch_size, 3, 64, 64)
+    monkeypatch.setattr(src.generate, "GENERATE_PROBE_S", 0.0)  # now the 500 batch is too dear to time
+    assert sorted(measure_generation_seconds(LabelColourG(), "cpu")) == [64]
+
+
+def test_zip_timing_is_per_image_and_positive():
+    images = torch.randint(0, 256, (16, 3, 64, 64), dtype=torch.uint8)
+    assert 0 < measure_zip_seconds(images) < 1.0
+
+
+@pytest.mark.parametrize("per_image, picked", [
+    ({64: 0.010, 500: 0.012}, 500),  # within the margin: the large batch, whose time scatters least
+    ({64: 0.008, 500: 0.012}, 64),   # clearly faster (by a third)
+    ({64: 0.010}, 64),               # the only one timed (the large one was too dear to time)
+])
+def test_the_large_batch_wins_unless_a_small_one_is_clearly_faster(per_image, picked):
+    timed = {size: (seconds, None) for size, seconds in per_image.items()}
+    assert pick_generation_batch(timed) == picked

@@ -1,6 +1,7 @@
 """The bundled kernel.py, run alone (no src/ on the path) on a tiny dataset: a valid images.zip, in budget."""
 import io
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -10,6 +11,9 @@ import zipfile
 from pathlib import Path
 
 from PIL import Image
+
+from src.budget import OVERRUN_GRACE_S
+from src.config import parse_duration
 
 ROOT = Path(__file__).resolve().parents[1]
 # The conditional DCGAN generates 10,000 images on a CPU ~5x faster than the ResNet (the default model is tested in test_train).
@@ -46,6 +50,9 @@ def test_kernel_trains_and_writes_a_valid_zip_within_budget(tmp_path, tiny_data_
     assert (out / "samples" / "latest.png").exists() and (out / "stats.jsonl").exists() and (out / "ckpt.pt").exists()
     assert took < 40 + 10, f"the kernel took {took:.0f}s on a 40s budget"  # python start-up and import are outside its clock
     assert "training stopped (deadline)" in result.stdout
+    # on its own clock the run ends at most a few seconds past the budget
+    done = re.search(r"\[main\] done in (\S+) of 40.0s", result.stdout)
+    assert done and parse_duration(done.group(1)) <= 40 + OVERRUN_GRACE_S, result.stdout[-2000:]
 
 
 def test_kernel_missing_data_dir_is_one_clear_line(tmp_path):
@@ -54,12 +61,21 @@ def test_kernel_missing_data_dir_is_one_clear_line(tmp_path):
     assert "error:" in result.stderr and "nope" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_kernel_tiny_budget_still_writes_a_zip(tmp_path, tiny_data_dir):
+def test_kernel_refuses_a_budget_too_small_for_the_output_in_one_line(tmp_path, tiny_data_dir):
     out = tmp_path / "out"
+    out.mkdir()
+    (out / "images.zip").write_bytes(b"the previous submission")
     result = run_kernel(tmp_path, "--data-dir", str(tiny_data_dir), "--out", str(out), "--time-budget", "3s", *SMALL)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "too small to train" in result.stdout
-    assert_valid_submission(out / "images.zip")
+    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stdout
+    found = re.fullmatch(r"\[dogkernel\] error: --time-budget 3s is too small for this model on cpu: .*10000 images "
+                         r"take ~.* give --time-budget (\w+) or more \(or fewer --n-images for a local test\)", lines[0])
+    assert found, lines[0]
+    assert parse_duration(found.group(1)) > 3
+    # refused before training: the old zip is untouched and no checkpoint was written
+    assert (out / "images.zip").read_bytes() == b"the previous submission"
+    assert not (out / "ckpt.pt").exists()
 
 
 def test_sigterm_mid_run_saves_a_checkpoint_and_still_writes_the_zip(tmp_path, tiny_data_dir):

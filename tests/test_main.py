@@ -1,4 +1,6 @@
 """The pipeline around training: a failed or interrupted run still leaves a valid images.zip."""
+import re
+import sys
 import zipfile
 
 import pytest
@@ -112,3 +114,61 @@ def test_an_existing_zip_is_only_replaced_by_a_trained_generator(tmp_path, tiny_
         assert main(["--data-dir", tiny_data_dir, "--out", str(out), *SMALL]) == code
         assert "is kept as it is" in capsys.readouterr().out
         assert (out / "images.zip").read_bytes() == b"the previous submission"
+
+
+def test_fit_batch_to_data_by_hand(capsys):
+    from src.config import make_config
+    from src.data import DataError
+    from src.main import fit_batch_to_data
+    cfg = make_config({"batch_size": 64})
+    assert fit_batch_to_data(cfg, 500, 1) is cfg  # room for a batch: unchanged, nothing said
+    assert capsys.readouterr().out == ""
+    assert fit_batch_to_data(cfg, 5, 1).batch_size == 5
+    assert capsys.readouterr().out == "[main] only 5 dog images, fewer than one batch of 64: this run uses batches of 5\n"
+    assert fit_batch_to_data(cfg, 5, 2).batch_size == 10  # each of 2 ranks draws its 5 from the whole set
+    with pytest.raises(DataError, match="only 1 dog image\\(s\\) could be loaded; training needs at least 2"):
+        fit_batch_to_data(cfg, 1, 1)
+
+
+def test_fewer_images_than_a_batch_trains_on_a_smaller_batch(tmp_path, tiny_data_dir, capsys):
+    out = tmp_path / "out"
+    code = main(["--data-dir", tiny_data_dir, "--out", str(out), *SMALL, "--max-images", "3", "--time-budget", "6s"])
+    log = capsys.readouterr()
+    assert code == 0, log.err
+    found = re.search(r"\[main\] only (\d+) dog images, fewer than one batch of 16: this run uses batches of (\d+)\n",
+                      log.out)
+    assert found and found.group(1) == found.group(2) and int(found.group(1)) < 16
+    assert "Traceback" not in log.out + log.err and "training stopped (deadline)" in log.out
+    assert zip_count(out / "images.zip") == 200
+
+
+def test_help_and_bad_flags_in_a_notebook_end_without_systemexit(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ipykernel", object())
+    jupyter = ["/opt/conda/lib/python3.10/site-packages/ipykernel_launcher.py", "-f",
+               "/root/.local/share/jupyter/runtime/kernel-1234.json"]
+    monkeypatch.setattr(sys, "argv", [*jupyter, "--help"])
+    main_module.entry_point()  # no SystemExit: a notebook would print its traceback noise
+    captured = capsys.readouterr()
+    assert captured.out.startswith("usage: kernel.py [-h]") and "finished with exit code" not in captured.out
+    monkeypatch.setattr(sys, "argv", [*jupyter, "--time-buget", "60s"])
+    main_module.entry_point()
+    captured = capsys.readouterr()
+    assert "kernel.py: error: unrecognized arguments: --time-buget 60s" in captured.err
+    assert captured.out == "[dogkernel] finished with exit code 2\n"
+    monkeypatch.setattr(sys, "argv", [*jupyter, "--time-budget", "nan"])
+    main_module.entry_point()
+    captured = capsys.readouterr()
+    assert captured.err.startswith("[dogkernel] error: --time-budget: duration 'nan' must be a finite number")
+    assert captured.out == "[dogkernel] finished with exit code 2\n"
+
+
+def test_ranks_other_than_0_print_nothing_but_errors(tmp_path, tiny_data_dir, capsys, monkeypatch):
+    import warnings
+    monkeypatch.setenv("RANK", "1")  # what torchrun sets; WORLD_SIZE stays 1, so this process runs alone
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        assert main(["--data-dir", tiny_data_dir, "--out", str(tmp_path / "out"), *SMALL, "--time-budget", "5s",
+                     "--n-images", "100"]) == 0
+        warnings.warn("a library's warning on rank 1")
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""

@@ -46,6 +46,18 @@ def test_write_plots_draws_one_png(stats_dir):
         assert img.format == "PNG" and img.width > 500 and img.height > 400
 
 
+def test_write_plots_leaves_the_matplotlib_backend_alone(stats_dir):
+    """In a notebook the inline backend must survive the pasted cell: no pyplot, no matplotlib.use('Agg')."""
+    matplotlib = pytest.importorskip("matplotlib")
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        assert write_plots(stats_dir) == [os.path.join(stats_dir, "plots.png")]
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)
+
+
 def test_write_plots_without_matplotlib_is_a_note(stats_dir, monkeypatch, capsys):
     real_import = builtins.__import__
 
