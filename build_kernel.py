@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import ast
 import sys
+import textwrap
 from pathlib import Path
 
 ALLOWED_TOP_LEVEL = {"torch", "torchvision", "numpy", "scipy", "PIL"}
@@ -25,6 +26,11 @@ ALLOWED_TOP_LEVEL = {"torch", "torchvision", "numpy", "scipy", "PIL"}
 BUILTIN_ANNOTATION_NAMES = {"int", "float", "str", "bool", "bytes", "object", "dict", "list", "tuple", "set",
                             "frozenset"}
 ENTRY_MODULE = "main"
+# kernel.py reads in the order a run goes: settings, data, models, losses, training, output, metric, the pipeline.
+PIPELINE_ORDER = ["config", "console", "atomic", "data", "synthetic", "augment", "layers", "models", "losses",
+                  "precision", "distributed", "nets", "ema", "schedule", "budget", "checkpoint", "generate", "monitor",
+                  "report", "train", "inception", "efficientnet", "mifid", "scoring", "preflight", "reserve",
+                  "interrupt", "main"]
 
 HEADER = '''#!/usr/bin/env python3
 # dogkernel: train a GAN on the Kaggle "Generative Dog Images" data and write images.zip (10,000 PNG, 64x64).
@@ -107,23 +113,24 @@ def load_modules(src_dir: Path) -> dict[str, tuple[str, ast.Module]]:
 
 
 def bundle_order(modules: dict[str, tuple[str, ast.Module]], strict: bool = True) -> list[str]:
-    """The entry module and everything it reaches, dependencies first, ties broken by name.
+    """The entry module and everything it reaches, in pipeline order (PIPELINE_ORDER) as far as the imports allow:
+    a module always comes after the modules it imports from, and among those free to go next the earliest in the
+    pipeline goes first (modules not listed there: by name, after the listed ones).
 
     Not strict (--check during development): imports of modules that do not exist yet are reported, not fatal.
     """
     deps = {name: project_imports(tree, name) for name, (_, tree) in modules.items()}
-    order: list[str] = []
+    reached: list[str] = []
     visiting: list[str] = []
 
     def visit(name: str) -> None:
-        if name in order:
+        if name in reached:
             return
         if name not in modules:
             message = f"src/{visiting[-1]}.py imports src.{name}, which does not exist"
             if strict:
                 raise BundleError(message)
             print(f"build_kernel: note: {message} (yet)", file=sys.stderr)
-            order.append(name)
             return
         if name in visiting:
             raise BundleError("circular imports: " + " -> ".join(visiting + [name]))
@@ -131,20 +138,29 @@ def bundle_order(modules: dict[str, tuple[str, ast.Module]], strict: bool = True
         for dep in sorted(deps[name]):
             visit(dep)
         visiting.pop()
-        order.append(name)
+        reached.append(name)
 
     # --check also covers modules the entry does not reach yet (early development).
     for name in [ENTRY_MODULE] if strict else [ENTRY_MODULE] + sorted(modules):
         visit(name)
     # Every imported name must be defined by the module it is imported from.
-    order = [name for name in order if name in modules]
-    for name in order:
+    for name in reached:
         for dep, imported in deps[name].items():
             if dep not in modules:
                 continue
             missing = set(imported) - defined_names(modules[dep][1])
             if missing:
                 raise BundleError(f"src/{name}.py imports {', '.join(sorted(missing))} from src.{dep}, which does not define it")
+
+    def rank(name: str) -> tuple[int, str]:
+        return (PIPELINE_ORDER.index(name) if name in PIPELINE_ORDER else len(PIPELINE_ORDER), name)
+
+    order: list[str] = []
+    waiting = set(reached)
+    while waiting:
+        ready = [name for name in waiting if all(dep in order or dep not in modules for dep in deps[name])]
+        order.append(min(ready, key=rank))
+        waiting.remove(order[-1])
     return order
 
 
@@ -240,18 +256,38 @@ def build(src_dir: Path, strict: bool = True) -> str:
                 raise BundleError(f"{defined!r} is defined in both src/{owner[defined]}.py and src/{name}.py; "
                                   "the bundle is one namespace: rename one")
             owner[defined] = name
-    imports: list[str] = []
+    hoisted_all: list[str] = []
     sections: list[str] = []
+    contents: list[str] = []
     for name in order:
         text, tree = modules[name]
         quoted = quote_annotations(text, tree)
         hoisted, docstring, body = split_module(name, quoted, ast.parse(quoted))
-        imports.extend(line for line in hoisted if line not in imports)
+        hoisted_all.extend(hoisted)
         banner = f"# {'=' * 100}\n# src/{name}.py" + "".join(f"\n# {line}".rstrip() for line in docstring.splitlines())
         sections.append(f"{banner}\n# {'=' * 100}\n{body}\n")
+        summary = " ".join(docstring.split("\n\n")[0].split())  # the docstring's first paragraph, wrapped
+        contents.append(textwrap.fill(summary, 118, initial_indent=f"#   {name:<13}", subsequent_indent="#" + " " * 16))
     entry = '# ' + '=' * 100 + '\nif __name__ == "__main__":\n    entry_point()\n'
-    return HEADER + "\n".join(sorted(imports, key=lambda l: (l.startswith("from"), l))) + "\n\n\n" \
-        + "\n\n".join(sections) + "\n\n" + entry
+    table = "#\n# Contents, in pipeline order (each section starts with a banner '# src/NAME.py'):\n" + "\n".join(contents)
+    return HEADER + table + "\n\n" + "\n".join(merge_imports(hoisted_all)) + "\n\n\n" + "\n\n".join(sections) \
+        + "\n\n" + entry
+
+
+def merge_imports(lines: list[str]) -> list[str]:
+    """One line per imported module: `import a` lines, then `from m import x, y` with every name any module used."""
+    plain: set[str] = set()
+    from_names: dict[str, set[str]] = {}
+    for line in lines:
+        node = ast.parse(line).body[0]
+        for alias in node.names:
+            text = alias.name + (f" as {alias.asname}" if alias.asname else "")
+            if isinstance(node, ast.Import):
+                plain.add(text)
+            else:
+                from_names.setdefault(node.module, set()).add(text)
+    return ([f"import {name}" for name in sorted(plain)]
+            + [f"from {module} import {', '.join(sorted(names))}" for module, names in sorted(from_names.items())])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,6 +5,55 @@
 #   In a Kaggle notebook: paste this file into a cell and run it (Kaggle's paths and a safe 9-hour budget are the defaults).
 #   From a shell:        python kernel.py --data-dir DIR --time-budget 30m --out OUT   (python kernel.py --help lists every flag)
 #   Demo (CPU, tiny):    python kernel.py --demo
+#
+# Contents, in pipeline order (each section starts with a banner '# src/NAME.py'):
+#   config       One Config dataclass holds every hyperparameter; CLI flags and named recipes are derived from it.
+#   console      One way to print progress: `log(tag, message)` writes '[tag] message' and flushes.
+#   atomic       Atomic file output: a reader sees the old file or the whole new one, never a half-written one.
+#   data         Read the Kaggle dog photos once: find the layout, parse the VOC boxes, crop every dog to a uint8
+#                tensor, and squash every whole photo to 64x64 as Kaggle's MiFID reference did.
+#   synthetic    A tiny generated dog data set in the Kaggle layout, for the demo and the tests.
+#   augment      DiffAugment (Zhao et al. 2020) and flips on device tensors: differentiable, no host syncs, global
+#                torch RNG.
+#   layers       GAN building blocks: spectral norm, conditional BN, self-attention, minibatch stddev, pixel norm, G/D
+#                blocks.
+#   models       Generators and discriminators of every recipe (ResNet SNGAN/SAGAN/BigGAN family and DCGAN), built
+#                from Config.
+#   losses       GAN losses on D's logits, one uniform signature each, plus the WGAN-GP penalty and the ACGAN class
+#                loss.
+#   precision    The one mixed-precision setup: autocast dtype, grad scalers, Adam flavour and memory layout per
+#                device.
+#   distributed  Multi-GPU training with torchrun: process-group set-up, and the few collectives the training loop
+#                needs.
+#   nets         What a run trains: G, D and G_ema with their optimisers and call paths, and the counters that go with
+#                them.
+#   schedule     Learning-rate schedules on the training clock.
+#   budget       Wall-clock budget (when training must stop so that generation, zip and MiFID still fit) and periodic
+#                events.
+#   generate     Generation: latents, balanced breed labels, 10,000 images from G_ema, and the submission zip.
+#   ema          G_ema: the exponential moving average of G's weights (StyleGAN2-ADA's ramp-up of the horizon), and
+#                the batch-norm statistics that fit the averaged weights (BigGAN's standing statistics).
+#   checkpoint   One ckpt.pt holding everything a run needs to continue: models, optimisers, scalers, counters, RNG,
+#                config.
+#   monitor      Watching a run: the start banner, status lines, stats.jsonl, sample grids and the interpolation
+#                strip.
+#   report       Plots of a run from OUT/stats.jsonl: losses, D outputs, FID and speed (matplotlib when installed).
+#   inception    The FID Inception (TensorFlow 2015-12-05 graph, as ported by pytorch-fid): pool_3 features, 2048-d.
+#   efficientnet EfficientNet-Lite0 (TensorFlow origin) with EfficientNet-PyTorch key names: an offline FID backbone.
+#   mifid        Kaggle's MiFID (memorization-informed FID) with a choice of backbone, the submission validator and a
+#                CLI.
+#   scoring      Scoring inside a run: FID of G_ema while training, truncation chosen by measured MiFID, and the final
+#                MiFID.
+#   train        The training loop: D and G steps on device-resident data until the deadline, watched, checkpointed,
+#                resumable.
+#   preflight    Start-up checks of the output folder, so a run does not find out after its whole budget that it
+#                cannot write.
+#   reserve      The reserve: what the end of training, generation, the zip and scoring will take, measured at start-
+#                up on this device with the run's own models, and the refusal of a budget that cannot hold them.
+#   interrupt    SIGTERM and Ctrl-C outside the training loop: the stage in progress unwinds cleanly and the run ends
+#                in one line.
+#   main         The pipeline: flags -> data -> training until the deadline -> 10,000 images in images.zip -> MiFID.
+
 import argparse
 import colorsys
 import contextlib
@@ -37,199 +86,13 @@ import traceback
 import warnings
 import xml.etree.ElementTree as ET
 import zipfile
-from PIL import Image
-from PIL import Image, ImageDraw
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageDraw, ImageFile, ImageOps
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from dataclasses import dataclass, field
 from scipy import linalg
 from torch.nn.utils import parametrize
-
-
-# ====================================================================================================
-# src/budget.py
-# Wall-clock budget (when training must stop so that generation, zip and MiFID still fit) and periodic events.
-# ====================================================================================================
-class Deadline:
-    """The run's end time and the reserve kept back for what comes after training."""
-
-    def __init__(self, budget_s: float, start: float | None = None):
-        self.start = time.time() if start is None else start
-        self.end = self.start + float(budget_s)
-        self.reserve_s = 0.0
-
-    def elapsed(self) -> float:
-        return time.time() - self.start
-
-    def remaining(self) -> float:
-        """Seconds until the whole run must be over."""
-        return self.end - time.time()
-
-    def reserve(self, seconds: float) -> None:
-        """Keep `seconds` back from training for generation, zipping and scoring."""
-        self.reserve_s = max(0.0, float(seconds))
-
-    @property
-    def train_end(self) -> float:
-        return self.end - self.reserve_s
-
-    def train_remaining(self) -> float:
-        """Seconds training may still use."""
-        return self.train_end - time.time()
-
-    def train_fraction(self, train_start: float) -> float:
-        """Fraction of the training window used so far (0..1): the clock the lr schedule anneals by."""
-        span = max(1e-9, self.train_end - train_start)
-        return min(1.0, max(0.0, (time.time() - train_start) / span))
-
-
-class Every:
-    """A periodic event on the wall clock: due once `seconds` have passed since the last reset.
-
-    seconds <= 0 means never (only at the end of the run), or every time when `zero_means_always` (status ticks).
-    """
-
-    def __init__(self, seconds: float, now: float, zero_means_always: bool = False):
-        self.seconds = seconds
-        self.never = seconds <= 0 and not zero_means_always
-        self.reset(now)
-
-    def reset(self, now: float) -> None:
-        self.next = math.inf if self.never else now + max(0.0, self.seconds)
-
-    def due(self, now: float) -> bool:
-        return now >= self.next
-
-    def left(self, now: float) -> float | None:
-        """Seconds until the next event, None when it never comes."""
-        return None if self.never else max(0.0, self.next - now)
-
-
-# The reserve is what the output stages measured at start-up, times this: short probes on a shared machine
-# scatter by about +-20 % from the real run.
-RESERVE_SAFETY = 1.25
-# How far past the end of the budget an output stage may run before it is abandoned (a few seconds, as promised).
-OVERRUN_GRACE_S = 3.0
-
-
-class BudgetError(ValueError):
-    """--time-budget cannot hold this run on this device; the message names the smallest budget that can."""
-
-
-class OutOfTime(RuntimeError):
-    """An output stage was abandoned because the run passed the end of its budget; its old files are kept."""
-
-
-def reserve_margin(budget_s: float) -> float:
-    """Head-room on top of the measured reserve: 3 s plus 1 % of the budget, at most 2 minutes."""
-    return min(120.0, 3.0 + 0.01 * budget_s)
-
-
-def budget_flag_text(seconds: float) -> str:
-    """Whole seconds as a --time-budget value: '50s', '2m30s', '7m', '1h10m'."""
-    seconds = int(math.ceil(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    text = (f"{hours}h" if hours else "") + (f"{minutes}m" if minutes else "") + (f"{secs}s" if secs else "")
-    return text or "0s"
-
-
-def smallest_budget(needed_s: float) -> float:
-    """The smallest budget b with b >= needed_s + reserve_margin(b), rounded up to a value easy to type
-    (10 s steps up to 2 minutes, whole minutes up to an hour, then 10-minute steps)."""
-    budget = (needed_s + 3.0) / 0.99
-    if reserve_margin(budget) >= 120.0:
-        budget = needed_s + 120.0
-    step = 10.0 if budget <= 120 else 60.0 if budget <= 3600 else 600.0
-    return math.ceil(budget / step - 1e-9) * step
-
-
-def deadline_check(deadline: "Deadline", what: str, grace_s: float = OVERRUN_GRACE_S):
-    """A check for long output loops to call between batches: raises OutOfTime once the run is more than
-    grace_s past the end of its budget, so the stage stops instead of overrunning by minutes."""
-    def check() -> None:
-        late = time.time() - deadline.end
-        if late > grace_s:
-            raise OutOfTime(f"{what} ran {late:.0f}s past the end of the {budget_flag_text(deadline.end - deadline.start)} "
-                            f"budget and was stopped")
-    return check
-
-
-# ====================================================================================================
-# src/atomic.py
-# Atomic file output: a reader sees the old file or the whole new one, never a half-written one.
-# ====================================================================================================
-# The temporary names atomic_path uses: ".<target name>.<8 characters>.tmp" beside the target. Eight lowercase
-# letters, digits or underscores also match the names of tempfile.mkstemp, which earlier versions used.
-ATOMIC_TMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
-
-
-def _atomic_create_tmp(folder: str, name: str) -> str:
-    # O_EXCL with mode 0o666: the kernel applies the umask, so the finished file gets the mode any new file gets
-    # here (0644 under umask 022), not mkstemp's 0600
-    while True:
-        tmp_path = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
-        try:
-            os.close(os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            return tmp_path
-        except FileExistsError:
-            continue
-
-
-@contextlib.contextmanager
-def atomic_path(path: str):
-    """Yield a temporary path beside `path`; on success fsync it and rename it over `path`.
-
-    On an exception (or KeyboardInterrupt / a stop signal) the temporary file is removed and `path` is left
-    untouched. A process killed outright leaves the temporary behind: remove_stale_tmp_files() clears it.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp_path = _atomic_create_tmp(folder, os.path.basename(path))
-    try:
-        yield tmp_path
-        with open(tmp_path, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    finally:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write `data` to `path` atomically."""
-    with atomic_path(path) as tmp_path:
-        with open(tmp_path, "wb") as f:
-            f.write(data)
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    """Write `text` (UTF-8) to `path` atomically."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def remove_stale_tmp_files(folder: str) -> list[str]:
-    """Delete the temporary files atomic_path left in `folder` when a run was killed mid-write; returns their paths.
-
-    Only names of atomic_path's form are touched; a missing folder is nothing to clean.
-    """
-    try:
-        names = os.listdir(folder)
-    except OSError:
-        return []
-    removed = []
-    for name in sorted(names):
-        path = os.path.join(folder, name)
-        if ATOMIC_TMP_NAME.match(name) and os.path.isfile(path):
-            try:
-                os.remove(path)
-                removed.append(path)
-            except OSError:
-                pass  # not ours to fight over: the next atomic write uses a fresh name anyway
-    return removed
 
 
 # ====================================================================================================
@@ -583,1978 +446,77 @@ def quiet_other_ranks() -> None:
 
 
 # ====================================================================================================
-# src/generate.py
-# Generation: latents, balanced breed labels, 10,000 images from G_ema, and the submission zip.
+# src/atomic.py
+# Atomic file output: a reader sees the old file or the whole new one, never a half-written one.
 # ====================================================================================================
-def sample_z(n: int, z_dim: int, device, truncation: float = 0.0, generator: "torch.Generator | None" = None) -> "torch.Tensor":
-    """Standard normal latents; with truncation > 0 every |z_i| > truncation is redrawn (BigGAN's truncation trick)."""
-    z = torch.randn(n, z_dim, generator=generator, device="cpu" if generator is not None else device)
-    if truncation > 0:
-        # Redraw the out-of-range entries until none is left; each round keeps ~P(|z|<t) of them.
-        outside = z.abs() > truncation
-        while outside.any():
-            redraw = torch.randn(int(outside.sum()), generator=generator, device=z.device)
-            z[outside] = redraw
-            outside = z.abs() > truncation
-    return z.to(device)
-
-
-def balanced_labels(n: int, n_classes: int, device, generator: "torch.Generator | None" = None) -> "torch.Tensor":
-    """n labels with every class appearing n // n_classes or one more times, in shuffled order."""
-    labels = torch.arange(n) % max(1, n_classes)
-    order = torch.randperm(n, generator=generator)
-    return labels[order].to(device)
-
-
-def to_uint8(img: "torch.Tensor") -> "torch.Tensor":
-    """[-1, 1] float images -> uint8 0..255 (round to nearest), on the CPU."""
-    return ((img.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
-
-
-# Batch sizes generation may use, smallest first. Which is faster depends on the model and the device: on a CPU the
-# default model runs ~30 % faster per image at 64 than at 500 (cache), a tiny one ~6x slower at 64 (per-op overhead
-# with 2 threads). measure_generation_seconds() times them and the run uses the faster.
-GENERATE_BATCH_CANDIDATES = (64, 500)
-# A larger candidate is timed (one batch, its warm-up included: a cost that errs high) only when that batch takes
-# at most this many seconds at the smaller's speed.
-GENERATE_PROBE_S = 3.0
-# A smaller batch is used only when it timed this much faster per image than the largest timed one: small batches
-# times scatter most on a busy CPU (per-op overhead), and a large batch is never much slower elsewhere.
-GENERATE_BATCH_MARGIN = 0.25
-# Images per forward when the caller has not measured (training-time FID, the truncation search).
-GENERATE_BATCH = {"cpu": 64, "cuda": 500}
-# PNGs encoded per round of the zip writer's thread pool; the deadline and stop checks run between rounds.
-ZIP_CHUNK = 500
-# Bytes one 64 x 64 RGB PNG of pure noise takes in a stored zip (incompressible pixels, filter bytes, PNG and zip
-# headers): an upper bound for the free-space check.
-ZIP_BYTES_PER_IMAGE_MAX = 3 * 64 * 64 + 64 + 400
-
-
-def generation_batch_size(device) -> int:
-    """Images per forward when generating on this device (see GENERATE_BATCH)."""
-    return GENERATE_BATCH.get(torch.device(device).type, 500)
-
-
-@torch.no_grad()
-def generate_images(G_ema: "torch.nn.Module", n: int, device, batch_size: int | None = None, truncation: float = 0.0,
-                    seed: int = 0, stop_check=None) -> "torch.Tensor":
-    """n images (uint8 N x 3 x 64 x 64, CPU) from G_ema, breeds balanced, fixed seed -> same images.
-
-    stop_check (optional) is called before every batch; it raises to abandon the generation (e.g. OutOfTime).
-    """
-    batch_size = batch_size or generation_batch_size(device)
-    generator = torch.Generator().manual_seed(seed)
-    labels = balanced_labels(n, G_ema.n_classes, "cpu", generator)
-    # every latent drawn up front (10,000 x 128 floats: 5 MB): the images do not depend on the batch size
-    latents = sample_z(n, G_ema.z_dim, "cpu", truncation, generator)
-    G_ema.eval()
-    chunks = []
-    for start in range(0, n, batch_size):
-        if stop_check is not None:
-            stop_check()
-        y = labels[start:start + batch_size].to(device)
-        z = latents[start:start + batch_size].to(device)
-        chunks.append(to_uint8(G_ema(z, y)))
-    return torch.cat(chunks)
-
-
-def encode_png(img_chw: "np.ndarray") -> bytes:
-    """One uint8 3 x H x W array -> PNG bytes (fast compression: the zip is stored, not deflated)."""
-    buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(img_chw.transpose(1, 2, 0)), "RGB").save(buffer, format="PNG", compress_level=1)
-    return buffer.getvalue()
-
-
-def _zip_entry(index: int) -> "zipfile.ZipInfo":
-    # a fixed timestamp: the same images give a byte-identical zip
-    return zipfile.ZipInfo(f"{index}.png", date_time=(2019, 6, 1, 0, 0, 0))
-
-
-def _zip_workers(workers: int) -> int:
-    return workers or min(8, os.cpu_count() or 1)
-
-
-def write_images_zip(images: "torch.Tensor", path: str, workers: int = 0, stop_check=None) -> float:
-    """Write uint8 N x 3 x 64 x 64 images as 0.png .. N-1.png into `path` atomically; returns seconds taken.
-
-    PNGs are already compressed, so entries are stored; encoding runs in threads (PIL releases the GIL in zlib),
-    ZIP_CHUNK images at a time. stop_check (optional) is called between chunks and may raise to abandon the zip;
-    whatever ends it early (that, an error, a stop signal), the temporary file goes and an old `path` stays whole.
-    """
-    start = time.time()
-    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"write_images_zip needs uint8 N x 3 x H x W images, got {images.dtype} {tuple(images.shape)}")
-    array = images.numpy()
-    pool = ThreadPoolExecutor(max_workers=_zip_workers(workers))
-    try:
-        with atomic_path(path) as tmp_path:
-            with zipfile.ZipFile(tmp_path, "w", compression=zipfile.ZIP_STORED) as archive:
-                for chunk_start in range(0, len(array), ZIP_CHUNK):
-                    if stop_check is not None:
-                        stop_check()
-                    chunk = array[chunk_start:chunk_start + ZIP_CHUNK]
-                    for index, data in enumerate(pool.map(encode_png, chunk), chunk_start):
-                        archive.writestr(_zip_entry(index), data)
-    finally:
-        # an abandoned chunk's queued encodings are dropped, not waited for
-        pool.shutdown(wait=True, cancel_futures=True)
-    return time.time() - start
-
-
-def measure_generation_seconds(G: "torch.nn.Module", device) -> "dict[int, tuple[float, torch.Tensor]]":
-    """{batch size: (seconds per image, the images)} of generate_images for GENERATE_BATCH_CANDIDATES on this device.
-    The smallest is timed after a warm-up on a few images (first calls pay for allocations and kernel selection);
-    a larger one, in one batch, only when that costs at most GENERATE_PROBE_S by the fastest speed so far."""
-    timed: "dict[int, tuple[float, torch.Tensor]]" = {}
-    for batch_size in GENERATE_BATCH_CANDIDATES:
-        if not timed:
-            generate_images(G, min(8, batch_size), device, batch_size=min(8, batch_size))
-        elif batch_size * min(per_image for per_image, _ in timed.values()) > GENERATE_PROBE_S:
-            break
-        start = time.time()
-        images = generate_images(G, batch_size, device, batch_size=batch_size)
-        timed[batch_size] = ((time.time() - start) / batch_size, images)
-    return timed
-
-
-def pick_generation_batch(timed: "dict[int, tuple[float, torch.Tensor]]") -> int:
-    """The batch size to generate with, from measure_generation_seconds(): the largest timed one, unless a smaller
-    one was faster per image by more than GENERATE_BATCH_MARGIN."""
-    largest = max(timed)
-    fastest = min(timed, key=lambda batch_size: timed[batch_size][0])
-    if timed[fastest][0] < (1 - GENERATE_BATCH_MARGIN) * timed[largest][0]:
-        return fastest
-    return largest
-
-
-def measure_zip_seconds(images: "torch.Tensor", workers: int = 0) -> float:
-    """Seconds per image write_images_zip spends on encoding (in its thread pool) and storing an entry, measured
-    in memory on `images` and on as many noise images, averaged: an untrained G's smooth images encode faster than
-    a trained G's, pure noise slower (PNG sizes: ~4, ~9 and 12.4 KB)."""
-    noise = torch.randint(0, 256, tuple(images.shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    per_image = []
-    with ThreadPoolExecutor(max_workers=_zip_workers(workers)) as pool:
-        for probe in (images.numpy(), noise.numpy()):
-            start = time.time()
-            with zipfile.ZipFile(io.BytesIO(), "w", compression=zipfile.ZIP_STORED) as archive:
-                for index, data in enumerate(pool.map(encode_png, probe)):
-                    archive.writestr(_zip_entry(index), data)
-            per_image.append((time.time() - start) / max(1, len(probe)))
-    return sum(per_image) / len(per_image)
-
-
-# ====================================================================================================
-# src/ema.py
-# G_ema: the exponential moving average of G's weights (StyleGAN2-ADA's ramp-up of the horizon), and the batch-norm
-# statistics that fit the averaged weights (BigGAN's standing statistics).
-# ====================================================================================================
-def ema_beta_at(step: int, beta: float, rampup: float) -> float:
-    """EMA decay at `step` with ramp-up: the averaging horizon is at most `rampup` of the steps done so far.
-
-    Full horizon H = 1 / (1 - beta) steps. h = clamp(rampup * step, 1, H) and beta_t = 1 - 1 / h, so G_ema copies
-    G at first, averages over the last 5 % of a short run (rampup 0.05), and reaches beta once step >= H / rampup.
-    rampup <= 0 turns the ramp off (beta from the start).
-    """
-    if beta <= 0.0:
-        return 0.0
-    if rampup <= 0:
-        return float(beta)
-    horizon = min(1.0 / (1.0 - beta), max(1.0, rampup * step))
-    return 1.0 - 1.0 / horizon
-
-
-@torch.no_grad()
-def ema_update(G_ema: "torch.nn.Module", G: "torch.nn.Module", beta: float) -> None:
-    """G_ema <- beta * G_ema + (1 - beta) * G for parameters (one fused lerp); buffers are copied from G."""
-    ema_params = list(G_ema.parameters())
-    params = list(G.parameters())
-    if len(ema_params) != len(params):
-        raise ValueError(f"G_ema has {len(ema_params)} parameters, G has {len(params)}: they must be the same model")
-    if ema_params:
-        # lerp(a, b, w) = a + w (b - a) = (1 - w) a + w b with w = 1 - beta.
-        torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1.0 - float(beta))
-    for ema_buffer, buffer in zip(G_ema.buffers(), G.buffers()):
-        ema_buffer.copy_(buffer)
-
-
-# 8 x 64 images: every class of 120 four or five times, each channel's mean/var over >= 8,192 values even at 4x4.
-# Measured on a tiny ResNet G with a lagging EMA (eval output vs the batch statistics of 1,024 images, mean |pixel|):
-# 1 batch 0.044, 4: 0.027, 8: 0.017, 16 (BigGAN-PyTorch's count): 0.017, 32: 0.014; G's copied statistics: 0.33.
-STANDING_STATS_BATCHES = 8
-STANDING_STATS_BATCH = 64
-
-
-@torch.no_grad()
-def standing_bn_stats_(G_ema: "torch.nn.Module", batches: int = STANDING_STATS_BATCHES,
-                       batch_size: int = STANDING_STATS_BATCH, seed: int = 0) -> "torch.nn.Module":
-    """BigGAN's "standing statistics": G_ema's batch-norm running mean/var recomputed from its own outputs.
-
-    The EMA averages G's weights, but the BN buffers it carries describe G's current weights, not the averaged ones;
-    sampled in eval mode with them, G_ema's activations drift off through every (conditional) BN. So: reset the
-    statistics, run `batches` no-grad train-mode forwards over balanced breeds, accumulating the cumulative average
-    (momentum None), and go back to eval mode. Its own seeded generator leaves the training RNG untouched.
-    Call it before every use of G_ema's samples (grids, FID, truncation search, the submission).
-    """
-    norms = [m for m in G_ema.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    G_ema.eval()
-    if not norms:
-        return G_ema
-    device = next(G_ema.parameters()).device
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
-    generator = torch.Generator().manual_seed(seed)
-    labels = balanced_labels(batches * batch_size, G_ema.n_classes, "cpu", generator)
-    G_ema.train()
-    try:
-        for batch_labels in labels.split(batch_size):
-            G_ema(sample_z(len(batch_labels), G_ema.z_dim, device, generator=generator), batch_labels.to(device))
-    finally:
-        for m, momentum in zip(norms, momenta):
-            m.momentum = momentum
-        G_ema.eval()
-    return G_ema
-
-
-# ====================================================================================================
-# src/layers.py
-# GAN building blocks: spectral norm, conditional BN, self-attention, minibatch stddev, pixel norm, G/D blocks.
-# ====================================================================================================
-class SpectralNormFp32(nn.Module):
-    """Parametrization W -> W / sigma(W), sigma from power iteration kept in fp32 even under autocast.
-
-    torch's own spectral_norm runs its matrix-vector products inside the caller's autocast region, so on CUDA
-    they run in fp16/bf16; this one switches autocast off for the power iteration and for sigma.
-    forward only reads u, v (buffers, saved in state_dict); the training loop advances them with one power
-    iteration per optimiser step (spectral_norm_power_iteration_, before the step's forwards). Updating them inside
-    forward breaks two forwards before one backward (real and fake through D) under torch.compile, which saves the
-    buffers themselves for backward.
-    """
-
-    def __init__(self, weight: "torch.Tensor", dim: int = 0, eps: float = 1e-12, warmup_iters: int = 15):
-        super().__init__()
-        self.dim = dim
-        self.eps = eps
-        rows, cols = self._matrix(weight).shape
-        self.register_buffer("u", F.normalize(weight.new_empty(rows, dtype=torch.float32).normal_(), dim=0, eps=eps))
-        self.register_buffer("v", F.normalize(weight.new_empty(cols, dtype=torch.float32).normal_(), dim=0, eps=eps))
-        self.reset_vectors(weight, warmup_iters)
-
-    def _matrix(self, weight: "torch.Tensor") -> "torch.Tensor":
-        # sigma of the [out, in * k * k] matrix; ConvTranspose keeps its output channels on dim 1
-        if self.dim != 0:
-            weight = weight.movedim(self.dim, 0)
-        return weight.flatten(1)
-
-    @torch.no_grad()
-    def _power_iteration(self, weight_mat: "torch.Tensor", n_iters: int) -> None:
-        # u <- W v / |W v|, v <- W^T u / |W^T u|; updated in place so DataParallel replicas and DDP see them
-        for _ in range(n_iters):
-            self.u.copy_(F.normalize(weight_mat @ self.v.float(), dim=0, eps=self.eps))
-            self.v.copy_(F.normalize(weight_mat.t() @ self.u.float(), dim=0, eps=self.eps))
-
-    @torch.no_grad()
-    def reset_vectors(self, weight: "torch.Tensor", n_iters: int = 15) -> None:
-        """Re-seed u, v for a freshly initialised weight."""
-        self._power_iteration(self._matrix(weight).float(), n_iters)
-
-    def forward(self, weight: "torch.Tensor") -> "torch.Tensor":
-        with torch.autocast(device_type=weight.device.type, enabled=False):
-            weight_mat = self._matrix(weight).float()
-            sigma = torch.dot(self.u, weight_mat @ self.v)  # sigma = u^T W v
-            return (weight.float() / sigma).to(weight.dtype)
-
-
-def spectral_norm_layers(model: "nn.Module") -> list:
-    """[(SpectralNormFp32, original weight)] of every spectral-normalised weight of `model`, collected once
-    (walking the modules every step costs ~0.7 ms for the default G and D)."""
-    layers = []
-    for module in model.modules():
-        if parametrize.is_parametrized(module, "weight"):
-            parametrization = module.parametrizations.weight
-            layers += [(step, parametrization.original) for step in parametrization if isinstance(step, SpectralNormFp32)]
-    return layers
-
-
-@torch.no_grad()
-def spectral_norm_power_iteration_(layers: list) -> None:
-    """One power iteration for each (SpectralNormFp32, weight) of spectral_norm_layers(): call once per optimiser
-    step, before the step's forwards (SN's one iteration per update), with no graph of the previous step waiting."""
-    for sn, weight in layers:
-        sn._power_iteration(sn._matrix(weight).float(), 1)
-
-
-def with_sn(module: "nn.Module", enabled: bool = True) -> "nn.Module":
-    """Register SpectralNormFp32 on module.weight when enabled; returns the module."""
-    if not enabled:
-        return module
-    dim = 1 if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)) else 0
-    parametrize.register_parametrization(module, "weight", SpectralNormFp32(module.weight.detach(), dim=dim))
-    return module
-
-
-def sn_conv2d(in_ch: int, out_ch: int, kernel: int, stride: int = 1, padding: int = 0, bias: bool = True,
-              sn: bool = True) -> "nn.Module":
-    return with_sn(nn.Conv2d(in_ch, out_ch, kernel, stride, padding, bias=bias), sn)
-
-
-def sn_linear(in_features: int, out_features: int, bias: bool = True, sn: bool = True) -> "nn.Module":
-    return with_sn(nn.Linear(in_features, out_features, bias=bias), sn)
-
-
-def sn_embedding(n_classes: int, dim: int, sn: bool = True) -> "nn.Module":
-    return with_sn(nn.Embedding(n_classes, dim), sn)
-
-
-class ConditionalBatchNorm2d(nn.Module):
-    """BatchNorm whose gain/bias come from the condition:
-    gain = 1 + linear_g(c) [+ embed_g(y)], bias = linear_b(c) [+ embed_b(y)].
-
-    cond_dim > 0: c is a vector (BigGAN's shared class embedding, optionally with a z chunk).
-    n_classes > 0: per-layer class embeddings (plain conditional BN, SNGAN). Neither: an ordinary affine BatchNorm.
-    """
-
-    def __init__(self, num_features: int, cond_dim: int = 0, n_classes: int = 0, sn: bool = False, eps: float = 1e-5):
-        super().__init__()
-        self.cond_dim = cond_dim
-        self.n_classes = n_classes
-        conditional = cond_dim > 0 or n_classes > 0
-        self.bn = nn.BatchNorm2d(num_features, eps=eps, affine=not conditional)
-        self.gain_linear = sn_linear(cond_dim, num_features, bias=False, sn=sn) if cond_dim > 0 else None
-        self.bias_linear = sn_linear(cond_dim, num_features, bias=False, sn=sn) if cond_dim > 0 else None
-        self.gain_embed = nn.Embedding(n_classes, num_features) if n_classes > 0 else None
-        self.bias_embed = nn.Embedding(n_classes, num_features) if n_classes > 0 else None
-        self.reset_condition_()
-
-    @torch.no_grad()
-    def reset_condition_(self) -> None:
-        """Class embeddings start at zero so every class starts with gain 1, bias 0 (SNGAN's CBN)."""
-        for embed in (self.gain_embed, self.bias_embed):
-            if embed is not None:
-                embed.weight.zero_()
-
-    def forward(self, x: "torch.Tensor", cond_vec: "torch.Tensor | None" = None,
-                y: "torch.Tensor | None" = None) -> "torch.Tensor":
-        out = self.bn(x)
-        if self.gain_linear is None and self.gain_embed is None:
-            return out
-        gain = 1.0
-        bias = 0.0
-        if self.gain_linear is not None:
-            gain = gain + self.gain_linear(cond_vec)
-            bias = bias + self.bias_linear(cond_vec)
-        if self.gain_embed is not None:
-            gain = gain + self.gain_embed(y)
-            bias = bias + self.bias_embed(y)
-        return out * gain[:, :, None, None] + bias[:, :, None, None]
-
-
-class SelfAttention2d(nn.Module):
-    """SAGAN self-attention with BigGAN's layout: theta, phi (C/8) and g (C/2) 1x1 convs, phi and g max-pooled by 2.
-
-    beta = softmax(theta(x)^T phi(x)) over the pooled positions; out = x + gamma * o(g(x) beta^T); gamma starts at 0,
-    so the layer is the identity at initialisation.
-    """
-
-    def __init__(self, ch: int, sn: bool = True):
-        super().__init__()
-        if ch < 8:
-            raise ValueError(f"self-attention needs at least 8 channels, got {ch}: raise the width (--g-ch/--d-ch)")
-        self.theta = sn_conv2d(ch, ch // 8, 1, bias=False, sn=sn)
-        self.phi = sn_conv2d(ch, ch // 8, 1, bias=False, sn=sn)
-        self.g = sn_conv2d(ch, ch // 2, 1, bias=False, sn=sn)
-        self.o = sn_conv2d(ch // 2, ch, 1, bias=False, sn=sn)
-        self.gamma = nn.Parameter(torch.zeros(()))
-
-    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
-        b, c, h, w = x.shape
-        theta = self.theta(x).reshape(b, c // 8, h * w)
-        phi = F.max_pool2d(self.phi(x), 2).reshape(b, c // 8, h * w // 4)
-        g = F.max_pool2d(self.g(x), 2).reshape(b, c // 2, h * w // 4)
-        # plain matmul + softmax (not SDPA): it supports the double backward of the gradient penalty
-        beta = torch.softmax(theta.transpose(1, 2) @ phi, dim=-1)  # [B, HW, HW/4]
-        attended = (g @ beta.transpose(1, 2)).reshape(b, c // 2, h, w)
-        return x + self.gamma * self.o(attended)
-
-
-class MinibatchStdDev(nn.Module):
-    """ProGAN's minibatch stddev: append one channel holding mean_{c,h,w} std over a group of samples.
-
-    Groups take every (B/G)-th sample (sample i with i + B/G, ...); G = gcd(B, group_size) so any batch works.
-    """
-
-    def __init__(self, group_size: int = 4, eps: float = 1e-8):
-        super().__init__()
-        self.group_size = group_size
-        self.eps = eps
-
-    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
-        b, c, h, w = x.shape
-        group = math.gcd(b, self.group_size)
-        grouped = x.float().reshape(group, b // group, c, h, w)
-        var = grouped.var(dim=0, unbiased=False)  # [B/G, C, H, W]
-        std = torch.sqrt(var + self.eps).mean(dim=(1, 2, 3))  # [B/G]
-        std_map = std.to(x.dtype).repeat(group)[:, None, None, None].expand(b, 1, h, w)
-        return torch.cat([x, std_map], dim=1)
-
-
-class PixelNorm(nn.Module):
-    """ProGAN's pixelwise feature normalisation: x / sqrt(mean_c(x^2) + eps)."""
-
-    def __init__(self, eps: float = 1e-8):
-        super().__init__()
-        self.eps = eps
-
-    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
-        return x * torch.rsqrt(x.pow(2).mean(dim=1, keepdim=True) + self.eps)
-
-
-class GBlock(nn.Module):
-    """BigGAN/SNGAN G block: CBN-ReLU-up-conv3-CBN-ReLU-conv3, shortcut up-conv1.
-
-    The shortcut runs conv1 before the nearest upsampling: both are linear and per-pixel, so they commute
-    exactly, and the conv then touches 4x fewer pixels.
-    """
-
-    def __init__(self, in_ch: int, out_ch: int, cond_dim: int = 0, n_classes: int = 0, sn: bool = True):
-        super().__init__()
-        self.bn1 = ConditionalBatchNorm2d(in_ch, cond_dim, n_classes, sn=sn)
-        self.conv1 = sn_conv2d(in_ch, out_ch, 3, padding=1, sn=sn)
-        self.bn2 = ConditionalBatchNorm2d(out_ch, cond_dim, n_classes, sn=sn)
-        self.conv2 = sn_conv2d(out_ch, out_ch, 3, padding=1, sn=sn)
-        self.conv_sc = sn_conv2d(in_ch, out_ch, 1, sn=sn)
-
-    def forward(self, x: "torch.Tensor", cond_vec: "torch.Tensor | None" = None,
-                y: "torch.Tensor | None" = None) -> "torch.Tensor":
-        h = F.relu(self.bn1(x, cond_vec, y))
-        h = self.conv1(F.interpolate(h, scale_factor=2, mode="nearest"))
-        h = self.conv2(F.relu(self.bn2(h, cond_vec, y)))
-        return h + F.interpolate(self.conv_sc(x), scale_factor=2, mode="nearest")
-
-
-class DBlock(nn.Module):
-    """BigGAN/SNGAN D block: [ReLU]-conv3-ReLU-conv3-[avgpool], shortcut [avgpool]-conv1 when shapes change.
-
-    preactivation=False for the first block (no ReLU on the image). The shortcut pools before its conv1
-    (they commute exactly) so the conv runs on 4x fewer pixels.
-    """
-
-    def __init__(self, in_ch: int, out_ch: int, downsample: bool = True, preactivation: bool = True,
-                 sn: bool = True):
-        super().__init__()
-        self.downsample = downsample
-        self.preactivation = preactivation
-        self.conv1 = sn_conv2d(in_ch, out_ch, 3, padding=1, sn=sn)
-        self.conv2 = sn_conv2d(out_ch, out_ch, 3, padding=1, sn=sn)
-        self.conv_sc = sn_conv2d(in_ch, out_ch, 1, sn=sn) if (in_ch != out_ch or downsample) else None
-
-    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
-        h = F.relu(x) if self.preactivation else x
-        h = self.conv2(F.relu(self.conv1(h)))
-        shortcut = x
-        if self.downsample:
-            h = F.avg_pool2d(h, 2)
-            shortcut = F.avg_pool2d(shortcut, 2)
-        if self.conv_sc is not None:
-            shortcut = self.conv_sc(shortcut)
-        return h + shortcut
-
-
-class DCGANUpBlock(nn.Module):
-    """DCGAN G block: ConvTranspose(4, stride 2) doubling the resolution, then BN-ReLU (or ReLU-PixelNorm)."""
-
-    def __init__(self, in_ch: int, out_ch: int, sn: bool = False, pixel_norm: bool = False):
-        super().__init__()
-        self.conv = with_sn(nn.ConvTranspose2d(in_ch, out_ch, 4, 2, 1, bias=pixel_norm), sn)
-        self.norm = PixelNorm() if pixel_norm else nn.BatchNorm2d(out_ch)
-        self.pixel_norm = pixel_norm
-
-    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
-        h = self.conv(x)
-        return self.norm(F.relu(h)) if self.pixel_norm else F.relu(self.norm(h))
-
-
-class DCGANDownBlock(nn.Module):
-    """DCGAN D block: Conv(4, stride 2) halving the resolution, [BN], LeakyReLU(0.2)."""
-
-    def __init__(self, in_ch: int, out_ch: int, sn: bool = False, batch_norm: bool = True):
-        super().__init__()
-        self.conv = sn_conv2d(in_ch, out_ch, 4, 2, 1, bias=not batch_norm, sn=sn)
-        self.bn = nn.BatchNorm2d(out_ch) if batch_norm else None
-
-    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
-        h = self.conv(x)
-        if self.bn is not None:
-            h = self.bn(h)
-        return F.leaky_relu(h, 0.2)
-
-
-class LabelMap(nn.Module):
-    """cond=concat in D: a learned per-class image-sized map, [B] labels -> [B, 1, size, size]."""
-
-    def __init__(self, n_classes: int, size: int):
-        super().__init__()
-        self.size = size
-        self.embed = nn.Embedding(n_classes, size * size)
-
-    def forward(self, y: "torch.Tensor") -> "torch.Tensor":
-        return self.embed(y).reshape(-1, 1, self.size, self.size)
-
-
-class DiscriminatorHead(nn.Module):
-    """D's output from pooled features h [B, F]: adv = linear(h) [+ sum(embed(y) * h)] (projection), and
-    class_logits = linear_cls(h) for cond=acgan (else None)."""
-
-    def __init__(self, feat_dim: int, n_classes: int, cond: str, sn: bool = True):
-        super().__init__()
-        self.adv = sn_linear(feat_dim, 1, sn=sn)
-        self.proj = sn_embedding(n_classes, feat_dim, sn=sn) if cond == "projection" else None
-        self.cls = sn_linear(feat_dim, n_classes, sn=sn) if cond == "acgan" else None
-
-    def forward(self, h: "torch.Tensor", y: "torch.Tensor | None") -> "tuple[torch.Tensor, torch.Tensor | None]":
-        adv_logit = self.adv(h).squeeze(1)
-        if self.proj is not None:
-            adv_logit = adv_logit + (self.proj(y) * h).sum(dim=1)  # projection discriminator
-        class_logits = self.cls(h) if self.cls is not None else None
-        return adv_logit, class_logits
-
-
-# ====================================================================================================
-# src/models.py
-# Generators and discriminators of every recipe (ResNet SNGAN/SAGAN/BigGAN family and DCGAN), built from Config.
-# ====================================================================================================
-MODEL_IMG_SIZE = 64  # every G makes 64x64 RGB; every D reads 64x64
-ATTN_RESOLUTIONS = (8, 16, 32)  # where both G and D have a block output to attend over
-
-
-def hier_z_sizes(z_dim: int, n_slots: int) -> list[int]:
-    """Near-equal chunk sizes of z adding up to z_dim (128 over 5 slots -> 26, 26, 26, 25, 25)."""
-    if z_dim < n_slots:
-        raise ValueError(f"--z-dim {z_dim} is too small to split across {n_slots} hierarchical-z slots")
-    base, extra = divmod(z_dim, n_slots)
-    return [base + 1] * extra + [base] * (n_slots - extra)
-
-
-def _check_g_inputs(z: "torch.Tensor", y: "torch.Tensor | None", z_dim: int, conditional: bool) -> None:
-    # shape checks only (no host sync): a wrong z or missing y fails here, not deep inside a conv
-    if z.dim() != 2 or z.shape[1] != z_dim:
-        raise ValueError(f"G expects z of shape [B, {z_dim}], got {list(z.shape)}")
-    if conditional and (y is None or y.shape != z.shape[:1]):
-        raise ValueError(f"conditional G expects labels y of shape [{z.shape[0]}], got "
-                         f"{None if y is None else list(y.shape)}")
-
-
-def _check_d_inputs(img: "torch.Tensor", y: "torch.Tensor | None", uses_labels: bool) -> None:
-    if img.dim() != 4 or tuple(img.shape[1:]) != (3, MODEL_IMG_SIZE, MODEL_IMG_SIZE):
-        raise ValueError(f"D expects images of shape [B, 3, {MODEL_IMG_SIZE}, {MODEL_IMG_SIZE}], got {list(img.shape)}")
-    if uses_labels and (y is None or y.shape != img.shape[:1]):
-        raise ValueError(f"conditional D expects labels y of shape [{img.shape[0]}], got "
-                         f"{None if y is None else list(y.shape)}")
-
-
-class ResNetGenerator(nn.Module):
-    """SNGAN/BigGAN ResNet G for 64x64: linear -> 4x4x16ch, up-blocks 16ch->8ch->4ch->2ch->1ch, BN-ReLU-conv3-tanh.
-
-    Conditional: a shared class embedding (shared_dim > 0) feeds every CBN, else per-layer class embeddings.
-    hier_z: z splits into n_blocks + 1 chunks, chunk 0 to the linear stem, chunk i concatenated to the
-    shared embedding for block i.
-    """
-
-    def __init__(self, z_dim: int, n_classes: int, ch: int, conditional: bool, shared_dim: int, hier_z: bool,
-                 attn_res: int, sn: bool):
-        super().__init__()
-        self.z_dim = z_dim
-        self.n_classes = n_classes
-        self.conditional = conditional
-        channels = [16 * ch, 8 * ch, 4 * ch, 2 * ch, 1 * ch]
-        n_blocks = len(channels) - 1
-        self.z_sizes = hier_z_sizes(z_dim, n_blocks + 1) if hier_z else [z_dim]
-        block_z_dim = self.z_sizes[1:] if hier_z else [0] * n_blocks
-        self.shared = nn.Embedding(n_classes, shared_dim) if conditional and shared_dim > 0 else None
-        shared_width = shared_dim if self.shared is not None else 0
-        per_layer_classes = n_classes if conditional and self.shared is None else 0
-
-        self.stem = sn_linear(self.z_sizes[0], channels[0] * 4 * 4, sn=sn)
-        self.blocks = nn.ModuleList()
-        self.attn = nn.ModuleDict()
-        res = 4
-        for i in range(n_blocks):
-            self.blocks.append(GBlock(channels[i], channels[i + 1], cond_dim=shared_width + block_z_dim[i],
-                                      n_classes=per_layer_classes, sn=sn))
-            res *= 2
-            if res == attn_res:
-                self.attn[str(i)] = SelfAttention2d(channels[i + 1], sn=sn)
-        self.out_bn = nn.BatchNorm2d(channels[-1])
-        self.out_conv = sn_conv2d(channels[-1], 3, 3, padding=1, sn=sn)
-
-    def forward(self, z: "torch.Tensor", y: "torch.Tensor | None" = None) -> "torch.Tensor":
-        _check_g_inputs(z, y, self.z_dim, self.conditional)
-        z_chunks = torch.split(z, self.z_sizes, dim=1)
-        shared = self.shared(y) if self.shared is not None else None
-        block_y = y if self.conditional else None
-        h = self.stem(z_chunks[0]).reshape(z.shape[0], -1, 4, 4)
-        for i, block in enumerate(self.blocks):
-            parts = [t for t in (shared, z_chunks[i + 1] if len(z_chunks) > 1 else None) if t is not None]
-            cond_vec = torch.cat(parts, dim=1) if parts else None
-            h = block(h, cond_vec, block_y)
-            if str(i) in self.attn:
-                h = self.attn[str(i)](h)
-        return torch.tanh(self.out_conv(F.relu(self.out_bn(h))))
-
-
-class ResNetDiscriminator(nn.Module):
-    """SNGAN/BigGAN ResNet D for 64x64: blocks ch, 2ch, 4ch, 8ch (down to 4x4), 16ch (no pooling),
-    ReLU, global sum pool, DiscriminatorHead (linear [+ projection] [+ aux classifier])."""
-
-    def __init__(self, n_classes: int, ch: int, cond: str, attn_res: int, sn: bool, mbstd: bool):
-        super().__init__()
-        self.cond = cond
-        self.label_map = LabelMap(n_classes, MODEL_IMG_SIZE) if cond == "concat" else None
-        channels = [3 + (1 if cond == "concat" else 0), ch, 2 * ch, 4 * ch, 8 * ch, 16 * ch]
-        self.blocks = nn.ModuleList()
-        self.attn = nn.ModuleDict()
-        res = MODEL_IMG_SIZE
-        n_blocks = len(channels) - 1
-        for i in range(n_blocks):
-            last = i == n_blocks - 1
-            in_ch = channels[i] + (1 if last and mbstd else 0)
-            self.blocks.append(DBlock(in_ch, channels[i + 1], downsample=not last, preactivation=i > 0, sn=sn))
-            res = res if last else res // 2
-            if res == attn_res and not last:
-                self.attn[str(i)] = SelfAttention2d(channels[i + 1], sn=sn)
-        self.mbstd = MinibatchStdDev() if mbstd else None
-        self.head = DiscriminatorHead(channels[-1], n_classes, cond, sn=sn)
-
-    def forward(self, img: "torch.Tensor", y: "torch.Tensor | None" = None) -> "tuple[torch.Tensor, torch.Tensor | None]":
-        _check_d_inputs(img, y, self.cond in ("projection", "concat"))
-        h = img
-        if self.label_map is not None:
-            h = torch.cat([h, self.label_map(y).to(h.dtype)], dim=1)
-        for i, block in enumerate(self.blocks):
-            if i == len(self.blocks) - 1 and self.mbstd is not None:
-                h = self.mbstd(h)
-            h = block(h)
-            if str(i) in self.attn:
-                h = self.attn[str(i)](h)
-        features = F.relu(h).sum(dim=(2, 3))  # global sum pooling
-        return self.head(features, y)
-
-
-class DCGANGenerator(nn.Module):
-    """Radford et al. G: [z, label embedding] -> Linear -> 4x4x8ch -> ConvTranspose 8ch->4ch->2ch->1ch -> 3, tanh.
-
-    draw_res 32 draws at 32x32 (4x4x4ch -> 4ch->2ch->1ch -> 3) and repeats each pixel 2x2 up to 64x64: a quarter of
-    the work per image, for CPU runs such as the demo."""
-
-    def __init__(self, z_dim: int, n_classes: int, ch: int, conditional: bool, label_dim: int, attn_res: int,
-                 sn: bool, pixel_norm: bool, draw_res: int = MODEL_IMG_SIZE):
-        super().__init__()
-        self.upscale = MODEL_IMG_SIZE // draw_res
-        self.z_dim = z_dim
-        self.n_classes = n_classes
-        self.conditional = conditional
-        self.label_embed = nn.Embedding(n_classes, label_dim) if conditional else None
-        in_dim = z_dim + (label_dim if conditional else 0)
-        n_ups = int(math.log2(draw_res // 4))  # 4x4 -> draw_res in doublings: the last one is out_conv
-        channels = [ch * 2 ** (n_ups - 1 - i) for i in range(n_ups)]
-        self.stem = sn_linear(in_dim, channels[0] * 4 * 4, bias=pixel_norm, sn=sn)
-        self.stem_norm = PixelNorm() if pixel_norm else nn.BatchNorm2d(channels[0])
-        self.pixel_norm = pixel_norm
-        self.blocks = nn.ModuleList()
-        self.attn = nn.ModuleDict()
-        res = 4
-        for i in range(len(channels) - 1):
-            self.blocks.append(DCGANUpBlock(channels[i], channels[i + 1], sn=sn, pixel_norm=pixel_norm))
-            res *= 2
-            if res == attn_res:
-                self.attn[str(i)] = SelfAttention2d(channels[i + 1], sn=sn)
-        self.out_conv = with_sn(nn.ConvTranspose2d(channels[-1], 3, 4, 2, 1), sn)
-
-    def forward(self, z: "torch.Tensor", y: "torch.Tensor | None" = None) -> "torch.Tensor":
-        _check_g_inputs(z, y, self.z_dim, self.conditional)
-        g_in = torch.cat([z, self.label_embed(y).to(z.dtype)], dim=1) if self.label_embed is not None else z
-        h = self.stem(g_in).reshape(z.shape[0], -1, 4, 4)
-        h = self.stem_norm(F.relu(h)) if self.pixel_norm else F.relu(self.stem_norm(h))
-        for i, block in enumerate(self.blocks):
-            h = block(h)
-            if str(i) in self.attn:
-                h = self.attn[str(i)](h)
-        img = torch.tanh(self.out_conv(h))
-        return F.interpolate(img, scale_factor=self.upscale, mode="nearest") if self.upscale > 1 else img
-
-
-class DCGANDiscriminator(nn.Module):
-    """Radford et al. D: strided convs 3->ch->2ch->4ch->8ch with LeakyReLU(0.2) (BN from the second conv on,
-    dropped when D is spectrally normalised as in SN-DCGAN), then the 4x4x8ch features, flattened, go to the head
-    (the DCGAN's final 4x4 valid conv is exactly a linear layer on them). draw_res 32 judges the 2x2-averaged image
-    (exactly what a 32x32 G drew) with one block fewer."""
-
-    def __init__(self, n_classes: int, ch: int, cond: str, attn_res: int, sn: bool, mbstd: bool,
-                 draw_res: int = MODEL_IMG_SIZE):
-        super().__init__()
-        self.cond = cond
-        self.downscale = MODEL_IMG_SIZE // draw_res
-        self.label_map = LabelMap(n_classes, draw_res) if cond == "concat" else None
-        n_downs = int(math.log2(draw_res // 4))
-        channels = [3 + (1 if cond == "concat" else 0)] + [ch * 2 ** i for i in range(n_downs)]
-        self.blocks = nn.ModuleList()
-        self.attn = nn.ModuleDict()
-        res = draw_res
-        for i in range(len(channels) - 1):
-            self.blocks.append(DCGANDownBlock(channels[i], channels[i + 1], sn=sn, batch_norm=i > 0 and not sn))
-            res //= 2
-            if res == attn_res:
-                self.attn[str(i)] = SelfAttention2d(channels[i + 1], sn=sn)
-        self.mbstd = MinibatchStdDev() if mbstd else None
-        self.head = DiscriminatorHead((channels[-1] + (1 if mbstd else 0)) * 4 * 4, n_classes, cond, sn=sn)
-
-    def forward(self, img: "torch.Tensor", y: "torch.Tensor | None" = None) -> "tuple[torch.Tensor, torch.Tensor | None]":
-        _check_d_inputs(img, y, self.cond in ("projection", "concat"))
-        h = F.avg_pool2d(img, self.downscale) if self.downscale > 1 else img
-        if self.label_map is not None:
-            h = torch.cat([h, self.label_map(y).to(h.dtype)], dim=1)
-        for i, block in enumerate(self.blocks):
-            h = block(h)
-            if str(i) in self.attn:
-                h = self.attn[str(i)](h)
-        if self.mbstd is not None:
-            h = self.mbstd(h)
-        return self.head(h.flatten(1), y)
-
-
-@torch.no_grad()
-def init_weights_(model: "nn.Module", scheme: str) -> None:
-    """Initialise conv/linear/embedding weights in place.
-
-    "ortho": orthogonal weights, zero biases (BigGAN; used for the ResNet family).
-    "normal": N(0, 0.02) weights, BN gains N(1, 0.02), zero biases (DCGAN).
-    Spectrally normalised layers get their raw weight initialised and their power-iteration vectors re-seeded.
-    """
-    # conditional-BN class embeddings stay at zero (every class starts at gain 1, bias 0)
-    cbn_embeds = {id(embed) for m in model.modules() if isinstance(m, ConditionalBatchNorm2d)
-                  for embed in (m.gain_embed, m.bias_embed) if embed is not None}
-    for module in model.modules():
-        weighted = isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.Embedding))
-        if weighted and id(module) not in cbn_embeds:
-            is_sn = parametrize.is_parametrized(module, "weight")
-            weight = module.parametrizations.weight.original if is_sn else module.weight
-            if scheme == "ortho":
-                nn.init.orthogonal_(weight)
-            else:
-                nn.init.normal_(weight, 0.0, 0.02)
-            if getattr(module, "bias", None) is not None:
-                module.bias.zero_()
-            if is_sn:
-                for param in module.parametrizations.weight:
-                    if isinstance(param, SpectralNormFp32):
-                        param.reset_vectors(weight)
-        elif isinstance(module, nn.BatchNorm2d) and module.affine and scheme == "normal":
-            nn.init.normal_(module.weight, 1.0, 0.02)
-            module.bias.zero_()
-
-
-def build_models(cfg: "Config", n_classes: int) -> "tuple[nn.Module, nn.Module]":
-    """(G, D) for cfg.arch / cfg.cond and the widths in cfg, initialised as their papers."""
-    conditional = cfg.cond != "none"
-    if conditional and n_classes < 1:
-        raise ValueError(f"--cond {cfg.cond} needs labelled data, but the dataset has {n_classes} classes")
-    if cfg.attn_res not in (0,) + ATTN_RESOLUTIONS:
-        raise ValueError(f"--attn-res {cfg.attn_res}: choose 0 (off) or one of {', '.join(map(str, ATTN_RESOLUTIONS))}")
-    n_classes = max(n_classes, 1)
-    if cfg.arch == "resnet":
-        if cfg.draw_res != MODEL_IMG_SIZE:
-            raise ValueError(f"--draw-res {cfg.draw_res} is a DCGAN option (the ResNet G draws at 64): use --arch dcgan")
-        if cfg.pixel_norm:
-            raise ValueError("--pixel-norm is a DCGAN option (the ResNet G uses batch norm): use --arch dcgan")
-        G = ResNetGenerator(cfg.z_dim, n_classes, cfg.g_ch, conditional, cfg.shared_dim, cfg.hier_z,
-                            cfg.attn_res, cfg.g_sn)
-        D = ResNetDiscriminator(n_classes, cfg.d_ch, cfg.cond, cfg.attn_res, cfg.d_sn, cfg.mbstd)
-        scheme = "ortho"
-    else:
-        # the DCGAN label embedding is shared_dim wide when set, else as wide as z
-        label_dim = cfg.shared_dim if cfg.shared_dim > 0 else cfg.z_dim
-        G = DCGANGenerator(cfg.z_dim, n_classes, cfg.g_ch, conditional, label_dim, cfg.attn_res, cfg.g_sn,
-                           cfg.pixel_norm, cfg.draw_res)
-        D = DCGANDiscriminator(n_classes, cfg.d_ch, cfg.cond, cfg.attn_res, cfg.d_sn, cfg.mbstd, cfg.draw_res)
-        scheme = "normal"
-    init_weights_(G, scheme)
-    init_weights_(D, scheme)
-    return G, D
-
-
-def count_params(module: "nn.Module") -> int:
-    """Trainable parameters (a spectrally normalised weight counts once: its u, v are buffers)."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
-
-
-def describe_models(G: "nn.Module", D: "nn.Module") -> str:
-    """One line for the start-up banner: 'G ResNetGenerator 11.44M params | D ResNetDiscriminator 19.67M params'."""
-    return (f"G {type(G).__name__} {count_params(G) / 1e6:.2f}M params | "
-            f"D {type(D).__name__} {count_params(D) / 1e6:.2f}M params")
-
-
-# ====================================================================================================
-# src/distributed.py
-# Multi-GPU training with torchrun: process-group set-up, and the few collectives the training loop needs.
-#
-# Launch: `torchrun --standalone --nproc_per_node=2 kernel.py ...` (Kaggle's 2 x T4). Without torchrun the
-# run is one process (world_size 1) and nothing here talks to other processes.
-# ====================================================================================================
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: "torch.device"
-    is_main: bool       # rank 0: the only process that writes files and prints status
-
-
-def dist_resolve_device(device: str = "auto") -> "torch.device":
-    """'auto' -> cuda when available else cpu; 'cuda' / 'cuda:N' must exist."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: no CUDA device is available here; use --device cpu or auto")
-    return resolved
-
-
-def setup_distributed(device: str = "auto") -> "DistInfo":
-    """Join the torchrun process group when WORLD_SIZE > 1 (nccl on CUDA, gloo on CPU), else a single process.
-
-    Under torchrun each rank uses cuda:LOCAL_RANK (or the CPU when there is no GPU or --device cpu).
-    """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
-        return DistInfo(rank=0, world_size=1, local_rank=0, device=dist_resolve_device(device), is_main=True)
-    rank = int(os.environ["RANK"])
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    use_cuda = torch.cuda.is_available() and device != "cpu"
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-        rank_device = torch.device("cuda", local_rank)
-    else:
-        rank_device = torch.device("cpu")
-    if not torch_dist.is_initialized():
-        torch_dist.init_process_group(backend="nccl" if use_cuda else "gloo", rank=rank, world_size=world_size)
-    if rank == 0:
-        log("distributed", f"{world_size} processes, backend {torch_dist.get_backend()}")
-    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=rank_device, is_main=rank == 0)
-
-
-def cleanup_distributed() -> None:
-    """Leave the process group (no-op for a single process)."""
-    if torch_dist.is_available() and torch_dist.is_initialized():
-        torch_dist.destroy_process_group()
-
-
-def current_dist_info(device: "torch.device | str") -> "DistInfo":
-    """The rank and world size of this process as the process group knows them (1 process when there is none)."""
-    device = torch.device(device)
-    if torch_dist.is_available() and torch_dist.is_initialized():
-        rank, world_size = torch_dist.get_rank(), torch_dist.get_world_size()
-        return DistInfo(rank=rank, world_size=world_size, local_rank=int(os.environ.get("LOCAL_RANK", rank)),
-                        device=device, is_main=rank == 0)
-    return DistInfo(rank=0, world_size=1, local_rank=0, device=device, is_main=True)
-
-
-def any_rank_flags(flags: list[bool], device: "torch.device", world_size: int) -> list[bool]:
-    """Element-wise OR of boolean flags over all ranks (one tiny all-reduce), so every rank takes the same branch.
-
-    Used for the stop / tick / snapshot decisions: if rank 0's clock says stop, or any rank caught SIGTERM,
-    all ranks stop after the same step and no rank waits forever in a gradient all-reduce.
-    """
-    if world_size <= 1:
-        return list(flags)
-    flag_tensor = torch.tensor([float(f) for f in flags], device=device)
-    torch_dist.all_reduce(flag_tensor, op=torch_dist.ReduceOp.MAX)
-    return [bool(v) for v in flag_tensor.tolist()]
-
-
-def mean_over_ranks(values: "torch.Tensor", world_size: int) -> "torch.Tensor":
-    """The mean of a tensor over ranks (SUM / world_size: gloo has no AVG)."""
-    if world_size <= 1:
-        return values
-    summed = values.clone()
-    torch_dist.all_reduce(summed, op=torch_dist.ReduceOp.SUM)
-    return summed / world_size
-
-
-def wrap_ddp(module: "torch.nn.Module", info: "DistInfo") -> "torch.nn.Module":
-    """DistributedDataParallel around `module` when world_size > 1 (else the module itself).
-
-    DDP's default buffer sync (broadcast_buffers=True) is relied on: rank 0's buffers (spectral norm's u/v,
-    BatchNorm running stats) are copied to every rank at each DDP forward. Forwards that bypass the wrapper
-    (no-grad fakes, the frozen D of a G step) update buffers locally; sync_buffers() evens them out at the end.
-    BatchNorm normalises with each rank's own batch statistics (no SyncBatchNorm).
-    """
-    if info.world_size <= 1:
-        return module
-    device_ids = [info.device.index] if info.device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
-
-
-def sync_buffers(module: "torch.nn.Module", world_size: int) -> None:
-    """Copy rank 0's buffers (running stats, power-iteration vectors) to every rank."""
-    if world_size <= 1:
-        return
-    for buffer in module.buffers():
-        torch_dist.broadcast(buffer.data, src=0)
-
-
-# ====================================================================================================
-# src/precision.py
-# The one mixed-precision setup: autocast dtype, grad scalers, Adam flavour and memory layout per device.
-# ====================================================================================================
-@dataclass(frozen=True)
-class Precision:
-    """How the training step runs on this device."""
-    device_type: str            # "cuda" | "cpu" | ...
-    dtype: "torch.dtype | None"   # autocast dtype; None: plain fp32
-    use_scaler: bool            # fp16 needs a loss scaler (one per optimiser)
-    channels_last: bool         # NHWC activations and weights
-
-    @property
-    def name(self) -> str:
-        return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.dtype, "fp32")
-
-
-def choose_precision(amp: str, device: "torch.device | str", channels_last: bool = True) -> "Precision":
-    """auto: bf16 autocast on CUDA sm >= 8.0, fp16 + GradScaler below (P100, T4), fp32 on the CPU.
-
-    An explicit amp the device cannot run falls back with a one-line note.
-    """
-    device = torch.device(device)
-    on_cuda = device.type == "cuda"
-    capability = torch.cuda.get_device_capability(device) if on_cuda else (0, 0)
-    wanted = amp
-    if amp == "auto":
-        wanted = ("bf16" if capability >= (8, 0) else "fp16") if on_cuda else "fp32"
-    if wanted == "bf16" and on_cuda and capability < (8, 0):
-        log("precision", f"bf16 needs compute capability 8.0, this GPU has {capability[0]}.{capability[1]}: using fp16")
-        wanted = "fp16"
-    if wanted in ("bf16", "fp16") and not on_cuda:
-        log("precision", f"--amp {wanted} is for CUDA devices; training in fp32 on {device.type}")
-        wanted = "fp32"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(wanted)
-    return Precision(device_type=device.type, dtype=dtype, use_scaler=wanted == "fp16",
-                     channels_last=bool(channels_last) and on_cuda)
-
-
-def precision_autocast(precision: "Precision"):
-    """The autocast context of the forward passes (a no-op in fp32)."""
-    if precision.dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=precision.device_type, dtype=precision.dtype)
-
-
-def autocast_disabled(precision: "Precision"):
-    """A context that turns autocast off (e.g. for the double-backward of a gradient penalty)."""
-    if precision.dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=precision.device_type, enabled=False)
-
-
-def make_grad_scaler(precision: "Precision"):
-    """A GradScaler (enabled only for fp16); a disabled one passes losses and steps straight through."""
-    if not hasattr(torch.amp, "GradScaler"):  # torch < 2.3 (older Kaggle images)
-        return torch.cuda.amp.GradScaler(enabled=precision.use_scaler)
-    return torch.amp.GradScaler(precision.device_type if precision.use_scaler else "cpu",
-                                enabled=precision.use_scaler)
-
-
-def make_adam(params, lr: float, betas: tuple[float, float], precision: "Precision") -> "torch.optim.Adam":
-    """Adam with the fused CUDA kernel on the GPU, the foreach implementation elsewhere."""
-    if precision.device_type == "cuda":
-        return torch.optim.Adam(params, lr=lr, betas=betas, fused=True)
-    return torch.optim.Adam(params, lr=lr, betas=betas, foreach=True)
-
-
-def to_memory_format(x: "torch.Tensor", precision: "Precision") -> "torch.Tensor":
-    """NCHW -> channels_last when the setup uses it (4-d tensors only)."""
-    if precision.channels_last and x.dim() == 4:
-        return x.contiguous(memory_format=torch.channels_last)
-    return x
-
-
-def place_module(module: "torch.nn.Module", device, precision: "Precision") -> "torch.nn.Module":
-    """Move a model to the device in the setup's memory format."""
-    module = module.to(device)
-    if precision.channels_last:
-        module = module.to(memory_format=torch.channels_last)
-    return module
-
-
-def configure_backends(device) -> None:
-    """Speed settings for CUDA: cuDNN autotuning (fixed shapes) and TF32 matmuls/convs on sm >= 8.0.
-
-    They make GPU runs differ from each other in the last bits; CPU runs stay bit-reproducible.
-    """
-    if torch.device(device).type != "cuda":
-        return
-    torch.backends.cudnn.benchmark = True
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-
-
-# ====================================================================================================
-# src/nets.py
-# What a run trains: G, D and G_ema with their optimisers and call paths, and the counters that go with them.
-# ====================================================================================================
-@dataclass
-class LoopState:
-    """Counters and adaptive settings of the loop; saved in the checkpoint as plain numbers."""
-    step: int = 0
-    images_seen: int = 0
-    batch_size: int = 64         # global batch (all ranks together); an OOM halves it
-    n_dis: int = 1               # current D steps per round (adaptive when dis_loss_limit > 0)
-    lr_scale: float = 1.0        # halved by every NaN rollback
-    rollbacks: int = 0
-    schedule_progress: float = 0.0
-    train_seconds: float = 0.0   # training wall-clock over all sessions
-
-
-@dataclass
-class GanNets:
-    """The modules and optimisers of a run. G, D, G_ema are the plain modules (saved, EMA'd); G_train/D_train are
-    the paths gradients flow through (DDP and/or compiled), G_fwd/D_fwd the same modules without DDP."""
-    G: "torch.nn.Module"
-    D: "torch.nn.Module"
-    G_ema: "torch.nn.Module"
-    G_train: "torch.nn.Module"
-    D_train: "torch.nn.Module"
-    G_fwd: "torch.nn.Module"
-    D_fwd: "torch.nn.Module"
-    opt_g: "torch.optim.Optimizer"
-    opt_d: "torch.optim.Optimizer"
-    scaler_g: object             # torch.amp.GradScaler (disabled unless fp16)
-    scaler_d: object
-    sn_G: list                   # spectral_norm_layers(G), (D): advanced once per optimiser step
-    sn_D: list
-
-
-def build_gan_nets(cfg: "Config", n_classes: int, device, precision: "Precision", dist_info: "DistInfo") -> "GanNets":
-    """G, D (initialised by the models module), G_ema, the DDP / compiled call paths, Adam and grad scalers."""
-    G, D = build_models(cfg, n_classes)
-    G, D = place_module(G, device, precision).train(), place_module(D, device, precision).train()
-    G_ema = copy.deepcopy(G).eval().requires_grad_(False)
-    # Without DDP one (compiled) module serves both paths; with DDP the no-grad / frozen-D paths skip the wrapper.
-    G_fwd = torch.compile(G) if cfg.compile else G
-    D_fwd = torch.compile(D) if cfg.compile else D
-    if dist_info.world_size > 1:
-        G_train, D_train = wrap_ddp(G, dist_info), wrap_ddp(D, dist_info)
-        if cfg.compile:
-            G_train, D_train = torch.compile(G_train), torch.compile(D_train)
-    else:
-        G_train, D_train = G_fwd, D_fwd
-    opt_g = make_adam(G.parameters(), cfg.lr_g, (cfg.beta1, cfg.beta2), precision)
-    opt_d = make_adam(D.parameters(), cfg.lr_d, (cfg.beta1, cfg.beta2), precision)
-    return GanNets(G=G, D=D, G_ema=G_ema, G_train=G_train, D_train=D_train, G_fwd=G_fwd, D_fwd=D_fwd,
-                   opt_g=opt_g, opt_d=opt_d, scaler_g=make_grad_scaler(precision), scaler_d=make_grad_scaler(precision),
-                   sn_G=spectral_norm_layers(G), sn_D=spectral_norm_layers(D))
-
-
-# ====================================================================================================
-# src/checkpoint.py
-# One ckpt.pt holding everything a run needs to continue: models, optimisers, scalers, counters, RNG, config.
-#
-# Everything is stored in a form `torch.load(weights_only=True)` accepts (tensors, dicts, lists, numbers,
-# strings), and written atomically: a reader sees the previous checkpoint or the whole new one.
-# ====================================================================================================
-CKPT_NAME = "ckpt.pt"
-CKPT_FORMAT = 2                  # 2: the FID history and best G_ema moved from 'progress' into 'fid'
-CKPT_REQUIRED_KEYS = ("format", "config", "n_classes", "G", "D", "G_ema", "opt_g", "opt_d", "progress")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read or does not fit the run; the message says what to do."""
-
-
-
-
-def ckpt_cpu_copy(obj):
-    """A deep copy of nested dicts/lists/tuples with every tensor cloned to the CPU (detached from training)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {key: ckpt_cpu_copy(value) for key, value in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(ckpt_cpu_copy(value) for value in obj)
-    return obj
-
-
-def capture_rng_state() -> dict:
-    """Python, numpy, torch CPU and CUDA generator states as plain lists and tensors (weights_only-safe)."""
-    version, internal, gauss_next = random.getstate()
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    state = {"python": [version, list(internal), gauss_next],
-             "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), int(np_pos), int(np_has_gauss),
-                       float(np_gauss)],
-             "torch": torch.get_rng_state(),
-             "cuda": []}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
-    return state
-
-
-def restore_rng_state(state: dict) -> None:
-    """Put back the generator states saved by capture_rng_state() (CUDA only when the device count matches)."""
-    version, internal, gauss_next = state["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
-    np.random.set_state((np_name, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
-    torch.set_rng_state(state["torch"])
-    cuda_states = state.get("cuda") or []
-    if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda_states)
-
-
-def training_snapshot(nets: "GanNets", state: "LoopState") -> dict:
-    """A CPU copy of everything the optimisation changes: the rollback point and the core of a checkpoint."""
-    return ckpt_cpu_copy({"G": nets.G.state_dict(), "D": nets.D.state_dict(), "G_ema": nets.G_ema.state_dict(),
-                          "opt_g": nets.opt_g.state_dict(), "opt_d": nets.opt_d.state_dict(),
-                          "scaler_g": nets.scaler_g.state_dict(), "scaler_d": nets.scaler_d.state_dict(),
-                          "progress": dataclasses.asdict(state)})
-
-
-def restore_training_snapshot(nets: "GanNets", snapshot: dict) -> "LoopState":
-    """Load models, optimisers and scalers from a snapshot or checkpoint (copies: the snapshot stays reusable);
-    returns the snapshot's counters."""
-    nets.G.load_state_dict(snapshot["G"])
-    nets.D.load_state_dict(snapshot["D"])
-    nets.G_ema.load_state_dict(snapshot["G_ema"])
-    # optimiser tensors already on the right device would be taken over as they are: hand over copies
-    nets.opt_g.load_state_dict(ckpt_cpu_copy(snapshot["opt_g"]))
-    nets.opt_d.load_state_dict(ckpt_cpu_copy(snapshot["opt_d"]))
-    if snapshot.get("scaler_g"):
-        nets.scaler_g.load_state_dict(snapshot["scaler_g"])
-    if snapshot.get("scaler_d"):
-        nets.scaler_d.load_state_dict(snapshot["scaler_d"])
-    return LoopState(**snapshot["progress"])
-
-
-def write_training_checkpoint(path: str, nets: "GanNets", state: "LoopState", reason: str, **extra) -> None:
-    """Save the run to `path` atomically (snapshot + `extra`: config, grid, FID history, RNG); a failed write is
-    logged and the previous checkpoint stays."""
-    ckpt = training_snapshot(nets, state)
-    ckpt.update(format=CKPT_FORMAT, rng=capture_rng_state(), **extra)
-    start = time.time()
-    try:
-        save_checkpoint(path, ckpt)
-        log("checkpoint", f"{reason} -> {path} in {time.time() - start:.1f}s")
-    except OSError as error:
-        log("checkpoint", f"WARNING: could not write {path} ({error}); the previous checkpoint is kept")
-
-
-def save_checkpoint(path: str, state: dict) -> None:
-    """torch.save `state` to `path` atomically (a temporary file beside it, fsynced, then renamed over it)."""
-    with atomic_path(path) as tmp_path:
-        torch.save(state, tmp_path)
-
-
-def load_checkpoint(path: str, map_location="cpu") -> dict:
-    """Read a ckpt.pt written by save_checkpoint; a damaged file raises CheckpointError naming it and the fix."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path} does not exist; check the path, or pass --resume \"\" to start fresh")
-    advice = (f"delete {path} (or move it away), or pass --resume \"\" to start a fresh run")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # torch raises several types for broken zips / pickles; all mean the same here
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"cannot read checkpoint {path}: it is damaged, truncated or not a dogkernel "
-                              f"checkpoint ({type(error).__name__}: {reason[:200]}); {advice}") from None
-    missing = [key for key in CKPT_REQUIRED_KEYS if not isinstance(state, dict) or key not in state]
-    if missing:
-        raise CheckpointError(f"{path} is not a dogkernel checkpoint (missing {', '.join(missing)}); {advice}")
-    if state["format"] != CKPT_FORMAT:
-        raise CheckpointError(f"{path} has checkpoint format {state['format']}, this code reads {CKPT_FORMAT}; {advice}")
-    return state
-
-
-def resolve_resume_path(resume: str, out_dir: str) -> str | None:
-    """--resume: '' -> None (fresh run), 'auto' -> OUT/ckpt.pt when it exists, else the given file (must exist)."""
-    if not resume:
-        return None
-    if resume == "auto":
-        path = os.path.join(out_dir, CKPT_NAME)
-        return path if os.path.isfile(path) else None
-    if not os.path.isfile(resume):
-        raise CheckpointError(f"--resume {resume}: no such file; give an existing ckpt.pt, 'auto', or \"\" to start fresh")
-    return resume
-
-
-def merge_resumed_config(cfg: "Config", saved: dict) -> "Config":
-    """The config a resumed run uses: each field by its resume role in Config (this_run / from_ckpt / model_shape).
-
-    Fields the checkpoint does not know (added since it was written) keep this run's value.
-    """
-    shape_fields = fields_with_role("model_shape")
-    kept = set(shape_fields + fields_with_role("from_ckpt"))
-    from_ckpt = {k: v for k, v in saved.items() if k in kept}
-    shape_diffs = [f"{k}={getattr(cfg, k)!r} (checkpoint {v!r})" for k, v in from_ckpt.items()
-                   if k in shape_fields and getattr(cfg, k) != v]
-    other_diffs = [f"{k}={getattr(cfg, k)!r} (checkpoint {v!r})" for k, v in from_ckpt.items()
-                   if k not in shape_fields and getattr(cfg, k) != v]
-    if shape_diffs:
-        log("checkpoint", "WARNING: model settings differ from the checkpoint's, using the checkpoint's: "
-            + ", ".join(shape_diffs))
-    if other_diffs:
-        log("checkpoint", "training settings come from the checkpoint; ignored here: " + ", ".join(other_diffs))
-    return dataclasses.replace(cfg, **from_ckpt)
-
-
-def open_resume(cfg: "Config", out_dir: str) -> "tuple[Config, dict | None]":
-    """Settle --resume before anything uses the config: (the config this run trains with, the checkpoint or None).
-
-    A missing, damaged or foreign checkpoint raises CheckpointError here, before the data is decoded and before any
-    output is touched; check_resume_fits_data compares its breeds with the data once that is loaded.
-    """
-    path = resolve_resume_path(cfg.resume, out_dir)
-    if path is None:
-        return cfg, None
-    saved = load_checkpoint(path)
-    merged = merge_resumed_config(cfg, saved["config"])
-    G, D = build_models(merged, saved["n_classes"])
-    for name, module in (("G", G), ("D", D), ("G_ema", G)):
+# The temporary names atomic_path uses: ".<target name>.<8 characters>.tmp" beside the target. Eight lowercase
+# letters, digits or underscores also match the names of tempfile.mkstemp, which earlier versions used.
+ATOMIC_TMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+
+
+def _atomic_create_tmp(folder: str, name: str) -> str:
+    # O_EXCL with mode 0o666: the kernel applies the umask, so the finished file gets the mode any new file gets
+    # here (0644 under umask 022), not mkstemp's 0600
+    while True:
+        tmp_path = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
         try:
-            module.load_state_dict(saved[name])
-        except RuntimeError as error:
-            first = str(error).strip().splitlines()[0]
-            raise CheckpointError(f"{path}: its {name} does not fit the model its config describes ({first[:160]}); "
-                                  f"it was written by other code: pass --resume \"\" to start fresh") from None
-    saved["path"] = path
-    return merged, saved
-
-
-def check_resume_fits_data(saved: dict | None, n_classes: int) -> None:
-    """A checkpoint trained on other breeds cannot continue on this data."""
-    if saved is not None and saved["n_classes"] != n_classes:
-        raise CheckpointError(f"{saved['path']} was trained on {saved['n_classes']} breeds, this data has {n_classes}: "
-                              f"use the same data, or pass --resume \"\" to start fresh")
-
-
-def load_generator_from_checkpoint(path: str, cfg: "Config", n_classes: int, device) -> "torch.nn.Module":
-    """G_ema (the best-FID one when the run kept one) from a checkpoint, built with the checkpoint's model config."""
-    state = load_checkpoint(path)
-    if state["progress"]["step"] == 0:
-        raise CheckpointError(f"{path} holds an untrained generator (step 0)")
-    if state["n_classes"] != n_classes:
-        raise CheckpointError(f"{path} was trained with {state['n_classes']} breeds, this data has {n_classes}")
-    merged = merge_resumed_config(cfg, state["config"])
-    G_ema, _ = build_models(merged, n_classes)
-    best = (state.get("fid") or {}).get("best_G_ema")
-    G_ema.load_state_dict(best or state["G_ema"])
-    G_ema = G_ema.to(device).requires_grad_(False)
-    # the best G_ema was kept with its own BN statistics; the last one carries G's, so they are recomputed
-    return G_ema.eval() if best else standing_bn_stats_(G_ema, seed=merged.seed)
-
-
-# ====================================================================================================
-# src/efficientnet.py
-# EfficientNet-Lite0 (TensorFlow origin) with EfficientNet-PyTorch key names: an offline FID backbone.
-#
-# Lite = EfficientNet-B0 without squeeze-excite, ReLU6 instead of swish, stem 32 / head 1280 fixed.
-# TensorFlow "same" padding (asymmetric for stride 2) and BatchNorm eps 1e-3 as in the TF checkpoint.
-# `features` maps [0,1] RGB images of any size to the 1280-d globally pooled head activations.
-# ====================================================================================================
-EFFNET_LITE0_DIM = 1280
-EFFNET_LITE0_INPUT_SIZE = 224
-EFFNET_BN_EPS = 1e-3        # TF batch_norm_epsilon
-EFFNET_BN_MOMENTUM = 0.01   # TF decay 0.99 in torch's convention (only matters if ever trained)
-
-# Stages of Lite0: (repeats, kernel, first stride, expand ratio, out channels); B0 widths, no SE.
-EFFNET_LITE0_STAGES = (
-    (1, 3, 1, 1, 16),
-    (2, 3, 2, 6, 24),
-    (2, 5, 2, 6, 40),
-    (3, 3, 2, 6, 80),
-    (3, 5, 1, 6, 112),
-    (4, 5, 2, 6, 192),
-    (1, 3, 1, 6, 320),
-)
-
-
-class EffNetSameConv2d(nn.Conv2d):
-    """Conv2d with TensorFlow "same" padding: output = ceil(input / stride), extra pad at bottom/right."""
-
-    def __init__(self, in_ch: int, out_ch: int, kernel_size: int, stride: int = 1, groups: int = 1):
-        super().__init__(in_ch, out_ch, kernel_size, stride=stride, padding=0, groups=groups, bias=False)
-
-    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
-        pad_h = _effnet_same_pad(x.shape[-2], self.kernel_size[0], self.stride[0])
-        pad_w = _effnet_same_pad(x.shape[-1], self.kernel_size[1], self.stride[1])
-        if pad_h[0] == pad_h[1] and pad_w[0] == pad_w[1]:
-            # symmetric: let the convolution pad (no extra copy of the activation)
-            return F.conv2d(x, self.weight, None, self.stride, (pad_h[0], pad_w[0]), 1, self.groups)
-        x = F.pad(x, (pad_w[0], pad_w[1], pad_h[0], pad_h[1]))
-        return F.conv2d(x, self.weight, None, self.stride, 0, 1, self.groups)
-
-
-def _effnet_same_pad(size: int, kernel: int, stride: int) -> tuple[int, int]:
-    # total = max((ceil(i/s) - 1) * s + k - i, 0), split floor before / ceil after
-    total = max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
-    return total // 2, total - total // 2
-
-
-def _effnet_bn(channels: int) -> "nn.BatchNorm2d":
-    return nn.BatchNorm2d(channels, eps=EFFNET_BN_EPS, momentum=EFFNET_BN_MOMENTUM)
-
-
-class EffNetLiteBlock(nn.Module):
-    """MBConv without SE: [1x1 expand] -> depthwise kxk -> 1x1 project; identity skip when shapes match."""
-
-    def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int, expand: int):
-        super().__init__()
-        mid = in_ch * expand
-        self.has_expand = expand != 1
-        if self.has_expand:
-            self._expand_conv = EffNetSameConv2d(in_ch, mid, 1)
-            self._bn0 = _effnet_bn(mid)
-        self._depthwise_conv = EffNetSameConv2d(mid, mid, kernel, stride=stride, groups=mid)
-        self._bn1 = _effnet_bn(mid)
-        self._project_conv = EffNetSameConv2d(mid, out_ch, 1)
-        self._bn2 = _effnet_bn(out_ch)
-        self.has_skip = stride == 1 and in_ch == out_ch
-
-    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
-        h = x
-        if self.has_expand:
-            h = F.relu6(self._bn0(self._expand_conv(h)), inplace=True)
-        h = F.relu6(self._bn1(self._depthwise_conv(h)), inplace=True)
-        h = self._bn2(self._project_conv(h))  # linear bottleneck: no activation
-        return h + x if self.has_skip else h
-
-
-class EfficientNetLite0(nn.Module):
-    """EfficientNet-Lite0 for ImageNet-1k; loads efficientnet-lite0.pth strictly."""
-
-    def __init__(self, num_classes: int = 1000):
-        super().__init__()
-        self._conv_stem = EffNetSameConv2d(3, 32, 3, stride=2)
-        self._bn0 = _effnet_bn(32)
-        blocks, in_ch = [], 32
-        for repeats, kernel, stride, expand, out_ch in EFFNET_LITE0_STAGES:
-            for i in range(repeats):
-                blocks.append(EffNetLiteBlock(in_ch, out_ch, kernel, stride if i == 0 else 1, expand))
-                in_ch = out_ch
-        self._blocks = nn.ModuleList(blocks)
-        self._conv_head = EffNetSameConv2d(in_ch, EFFNET_LITE0_DIM, 1)
-        self._bn1 = _effnet_bn(EFFNET_LITE0_DIM)
-        self._fc = nn.Linear(EFFNET_LITE0_DIM, num_classes)
-
-    def features(self, x01: "torch.Tensor") -> "torch.Tensor":
-        """Pooled head activations: bilinear resize to 224, scale (x*255 - 127) / 128, trunk, mean."""
-        x = F.interpolate(x01, size=(EFFNET_LITE0_INPUT_SIZE, EFFNET_LITE0_INPUT_SIZE),
-                          mode="bilinear", align_corners=False)
-        x = (x * 255.0 - 127.0) / 128.0
-        x = F.relu6(self._bn0(self._conv_stem(x)), inplace=True)
-        for block in self._blocks:
-            x = block(x)
-        x = F.relu6(self._bn1(self._conv_head(x)), inplace=True)
-        return x.mean(dim=(2, 3))
-
-    def forward(self, x01: "torch.Tensor") -> "torch.Tensor":
-        """ImageNet logits (standard 1000-class order); dropout is a no-op at inference."""
-        return self._fc(self.features(x01))
-
-
-# ====================================================================================================
-# src/inception.py
-# The FID Inception (TensorFlow 2015-12-05 graph, as ported by pytorch-fid): pool_3 features, 2048-d.
-#
-# Layer names and shapes follow torchvision's Inception3 so that pytorch-fid's
-# `pt_inception-2015-12-05-6726825d.pth` loads with strict=True; the blocks are the FID variants
-# (TensorFlow's average pool ignores padded zeros; the last block max-pools), 1008 classes, no aux head.
-# ====================================================================================================
-FID_INCEPTION_DIM = 2048
-FID_INCEPTION_INPUT_SIZE = 299
-
-
-class FIDConvBN(nn.Module):
-    """Conv (no bias) + BatchNorm (TF eps 1e-3) + ReLU: torchvision's BasicConv2d layout."""
-
-    def __init__(self, in_ch: int, out_ch: int, kernel_size, stride=1, padding=0):
-        super().__init__()
-        self.conv = nn.Conv2d(in_ch, out_ch, kernel_size, stride=stride, padding=padding, bias=False)
-        self.bn = nn.BatchNorm2d(out_ch, eps=0.001)
-
-    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
-        return F.relu(self.bn(self.conv(x)))
-
-
-def _fid_tf_avg_pool(x: "torch.Tensor") -> "torch.Tensor":
-    # TensorFlow's 3x3 average pool divides by the number of real (non-padded) pixels.
-    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
-
-
-class FIDInceptionA(nn.Module):
-    """35x35 block (Mixed_5b/c/d): 1x1 | 1x1-5x5 | 1x1-3x3-3x3 | avgpool-1x1."""
-
-    def __init__(self, in_ch: int, pool_features: int):
-        super().__init__()
-        self.branch1x1 = FIDConvBN(in_ch, 64, 1)
-        self.branch5x5_1 = FIDConvBN(in_ch, 48, 1)
-        self.branch5x5_2 = FIDConvBN(48, 64, 5, padding=2)
-        self.branch3x3dbl_1 = FIDConvBN(in_ch, 64, 1)
-        self.branch3x3dbl_2 = FIDConvBN(64, 96, 3, padding=1)
-        self.branch3x3dbl_3 = FIDConvBN(96, 96, 3, padding=1)
-        self.branch_pool = FIDConvBN(in_ch, pool_features, 1)
-
-    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
-        b1 = self.branch1x1(x)
-        b5 = self.branch5x5_2(self.branch5x5_1(x))
-        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        bp = self.branch_pool(_fid_tf_avg_pool(x))
-        return torch.cat([b1, b5, b3, bp], 1)
-
-
-class FIDInceptionB(nn.Module):
-    """Grid reduction 35 -> 17 (Mixed_6a): strided 3x3 | 1x1-3x3-strided 3x3 | maxpool."""
-
-    def __init__(self, in_ch: int):
-        super().__init__()
-        self.branch3x3 = FIDConvBN(in_ch, 384, 3, stride=2)
-        self.branch3x3dbl_1 = FIDConvBN(in_ch, 64, 1)
-        self.branch3x3dbl_2 = FIDConvBN(64, 96, 3, padding=1)
-        self.branch3x3dbl_3 = FIDConvBN(96, 96, 3, stride=2)
-
-    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
-        b3 = self.branch3x3(x)
-        b3d = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        bp = F.max_pool2d(x, kernel_size=3, stride=2)
-        return torch.cat([b3, b3d, bp], 1)
-
-
-class FIDInceptionC(nn.Module):
-    """17x17 block (Mixed_6b..e) with factorised 1x7 / 7x1 convolutions."""
-
-    def __init__(self, in_ch: int, channels_7x7: int):
-        super().__init__()
-        c7 = channels_7x7
-        self.branch1x1 = FIDConvBN(in_ch, 192, 1)
-        self.branch7x7_1 = FIDConvBN(in_ch, c7, 1)
-        self.branch7x7_2 = FIDConvBN(c7, c7, (1, 7), padding=(0, 3))
-        self.branch7x7_3 = FIDConvBN(c7, 192, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_1 = FIDConvBN(in_ch, c7, 1)
-        self.branch7x7dbl_2 = FIDConvBN(c7, c7, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_3 = FIDConvBN(c7, c7, (1, 7), padding=(0, 3))
-        self.branch7x7dbl_4 = FIDConvBN(c7, c7, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_5 = FIDConvBN(c7, 192, (1, 7), padding=(0, 3))
-        self.branch_pool = FIDConvBN(in_ch, 192, 1)
-
-    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
-        b1 = self.branch1x1(x)
-        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-        b7d = self.branch7x7dbl_1(x)
-        for layer in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
-            b7d = layer(b7d)
-        bp = self.branch_pool(_fid_tf_avg_pool(x))
-        return torch.cat([b1, b7, b7d, bp], 1)
-
-
-class FIDInceptionD(nn.Module):
-    """Grid reduction 17 -> 8 (Mixed_7a)."""
-
-    def __init__(self, in_ch: int):
-        super().__init__()
-        self.branch3x3_1 = FIDConvBN(in_ch, 192, 1)
-        self.branch3x3_2 = FIDConvBN(192, 320, 3, stride=2)
-        self.branch7x7x3_1 = FIDConvBN(in_ch, 192, 1)
-        self.branch7x7x3_2 = FIDConvBN(192, 192, (1, 7), padding=(0, 3))
-        self.branch7x7x3_3 = FIDConvBN(192, 192, (7, 1), padding=(3, 0))
-        self.branch7x7x3_4 = FIDConvBN(192, 192, 3, stride=2)
-
-    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
-        b3 = self.branch3x3_2(self.branch3x3_1(x))
-        b7 = self.branch7x7x3_1(x)
-        for layer in (self.branch7x7x3_2, self.branch7x7x3_3, self.branch7x7x3_4):
-            b7 = layer(b7)
-        bp = F.max_pool2d(x, kernel_size=3, stride=2)
-        return torch.cat([b3, b7, bp], 1)
-
-
-class FIDInceptionE(nn.Module):
-    """8x8 block (Mixed_7b: average pool, Mixed_7c: max pool as in the FID graph)."""
-
-    def __init__(self, in_ch: int, pool: str):
-        super().__init__()
-        if pool not in ("avg", "max"):
-            raise ValueError(f"FIDInceptionE pool must be 'avg' or 'max', got {pool!r}")
-        self.pool = pool
-        self.branch1x1 = FIDConvBN(in_ch, 320, 1)
-        self.branch3x3_1 = FIDConvBN(in_ch, 384, 1)
-        self.branch3x3_2a = FIDConvBN(384, 384, (1, 3), padding=(0, 1))
-        self.branch3x3_2b = FIDConvBN(384, 384, (3, 1), padding=(1, 0))
-        self.branch3x3dbl_1 = FIDConvBN(in_ch, 448, 1)
-        self.branch3x3dbl_2 = FIDConvBN(448, 384, 3, padding=1)
-        self.branch3x3dbl_3a = FIDConvBN(384, 384, (1, 3), padding=(0, 1))
-        self.branch3x3dbl_3b = FIDConvBN(384, 384, (3, 1), padding=(1, 0))
-        self.branch_pool = FIDConvBN(in_ch, 192, 1)
-
-    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
-        b1 = self.branch1x1(x)
-        b3 = self.branch3x3_1(x)
-        b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
-        b3d = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-        b3d = torch.cat([self.branch3x3dbl_3a(b3d), self.branch3x3dbl_3b(b3d)], 1)
-        if self.pool == "max":
-            pooled = F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
-        else:
-            pooled = _fid_tf_avg_pool(x)
-        bp = self.branch_pool(pooled)
-        return torch.cat([b1, b3, b3d, bp], 1)
-
-
-class FIDInceptionV3(nn.Module):
-    """The FID Inception; `features` maps [0,1] RGB images of any size to pool_3 (N x 2048)."""
-
-    def __init__(self):
-        super().__init__()
-        self.Conv2d_1a_3x3 = FIDConvBN(3, 32, 3, stride=2)
-        self.Conv2d_2a_3x3 = FIDConvBN(32, 32, 3)
-        self.Conv2d_2b_3x3 = FIDConvBN(32, 64, 3, padding=1)
-        self.Conv2d_3b_1x1 = FIDConvBN(64, 80, 1)
-        self.Conv2d_4a_3x3 = FIDConvBN(80, 192, 3)
-        self.Mixed_5b = FIDInceptionA(192, pool_features=32)
-        self.Mixed_5c = FIDInceptionA(256, pool_features=64)
-        self.Mixed_5d = FIDInceptionA(288, pool_features=64)
-        self.Mixed_6a = FIDInceptionB(288)
-        self.Mixed_6b = FIDInceptionC(768, channels_7x7=128)
-        self.Mixed_6c = FIDInceptionC(768, channels_7x7=160)
-        self.Mixed_6d = FIDInceptionC(768, channels_7x7=160)
-        self.Mixed_6e = FIDInceptionC(768, channels_7x7=192)
-        self.Mixed_7a = FIDInceptionD(768)
-        self.Mixed_7b = FIDInceptionE(1280, pool="avg")
-        self.Mixed_7c = FIDInceptionE(2048, pool="max")
-        self.fc = nn.Linear(FID_INCEPTION_DIM, 1008)
-
-    def features(self, x01: "torch.Tensor") -> "torch.Tensor":
-        """pool_3 activations: bilinear resize to 299, scale [0,1] -> [-1,1], trunk, global mean."""
-        x = F.interpolate(x01, size=(FID_INCEPTION_INPUT_SIZE, FID_INCEPTION_INPUT_SIZE),
-                          mode="bilinear", align_corners=False)
-        x = 2 * x - 1
-        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
-        x = F.max_pool2d(x, kernel_size=3, stride=2)
-        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
-        x = F.max_pool2d(x, kernel_size=3, stride=2)
-        for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b,
-                      self.Mixed_6c, self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
-            x = block(x)
-        return x.mean(dim=(2, 3))
-
-    def forward(self, x01: "torch.Tensor") -> "torch.Tensor":
-        """Logits over the graph's 1008 classes (only for sanity checks; FID uses `features`)."""
-        return self.fc(self.features(x01))
-
-
-# ====================================================================================================
-# src/mifid.py
-# Kaggle's MiFID (memorization-informed FID) with a choice of backbone, the submission validator and a CLI.
-#
-# Follows the competition's released scoring code (its MiFIDEvaluator): every image, generated or real, opened with
-# PIL and squashed to 64x64 with Lanczos (Image.ANTIALIAS), features of those, FID with scipy's sqrtm and its 1e-6
-# fallback, memorization distance = mean over generated images of the minimum of 1 - |cos| to the reference set,
-# thresholded at eps; MiFID = FID / (d_thr + 1e-14). Kaggle's reference set was the whole photos of all-dogs/.
-#
-#     python -m src.mifid --gen images.zip --real DIR --backbone inception --weights pt_inception-2015-12-05-6726825d.pth
-#     python -m src.mifid --validate images.zip
-# ====================================================================================================
-MIFID_IMAGE_SIZE = 64          # every image is squashed to 64x64 (PIL Lanczos) before the backbone, as on Kaggle
-MIFID_SUBMISSION_COUNT = 10000
-MIFID_SQRTM_OFFSET = 1e-6      # added to both covariances when sqrtm(s1 s2) is not finite
-MIFID_IMAG_ATOL = 1e-3         # largest imaginary part tolerated on the diagonal of sqrtm(s1 s2)
-MIFID_DENOM_EPS = 1e-14        # MiFID = FID / (d_thr + this): the evaluator's fid_epsilon
-MIFID_MEM_BLOCK = 4096         # rows per block of the memorization distance: 4096^2 float64 = 128 MiB
-MIFID_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-
-# Per backbone: model class, feature size, memorization threshold, weight-file pattern and a key that identifies it.
-# inception's eps is Kaggle's public-LB value. efficientnet-lite0's is calibrated on the dev pack (BENCHMARKS.md, ## MiFID):
-# near-copies of training images (flip, shift, JPEG) score d <= 0.08, held-out real photos d = 0.23; eps = their geometric mean.
-MIFID_BACKBONES = {
-    "inception": dict(model=FIDInceptionV3, dim=FID_INCEPTION_DIM, default_eps=0.1,
-                      pattern="pt_inception-2015-12-05*.pth", key="Mixed_7c.branch_pool.conv.weight"),
-    "efficientnet-lite0": dict(model=EfficientNetLite0, dim=EFFNET_LITE0_DIM, default_eps=0.14,
-                               pattern="efficientnet-lite0*.pth", key="_conv_stem.weight"),
-}
-
-
-class SubmissionError(ValueError):
-    """images.zip breaks Kaggle's rules (count, format, size, mode); the message names the entry."""
-
-
-
-
-def lanczos_square(image: "Image.Image", size: int = MIFID_IMAGE_SIZE) -> "np.ndarray":
-    """An RGB PIL image squashed to size x size as Kaggle's evaluator did (resize with Image.ANTIALIAS, i.e.
-    Lanczos; a no-op at size) -> uint8 3 x size x size."""
-    return np.asarray(image.resize((size, size), Image.LANCZOS), dtype=np.uint8).transpose(2, 0, 1)
-
-
-def resize_images_uint8(images: "torch.Tensor", size: int = MIFID_IMAGE_SIZE) -> "torch.Tensor":
-    """uint8 N x 3 x H x W -> uint8 N x 3 x size x size with PIL's Lanczos (lanczos_square); no-op at size."""
-    if images.shape[-2:] == (size, size):
-        return images
-    arrays = [lanczos_square(Image.fromarray(image.permute(1, 2, 0).numpy(), "RGB"), size) for image in images.cpu()]
-    return torch.from_numpy(np.stack(arrays))
+            os.close(os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp_path
+        except FileExistsError:
+            continue
 
 
 @contextlib.contextmanager
-def _mifid_fp32(device: "torch.device"):
-    """Full fp32 inside: no autocast from a caller, no TF32 convolutions or matmuls on CUDA."""
-    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-    try:
-        if device.type == "cuda":
-            torch.backends.cudnn.allow_tf32 = False
-            torch.backends.cuda.matmul.allow_tf32 = False
-        with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
-            yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+def atomic_path(path: str):
+    """Yield a temporary path beside `path`; on success fsync it and rename it over `path`.
 
-
-class FeatureExtractor:
-    """Callable: uint8 N x 3 x H x W images (RGB 0..255) -> float32 CPU N x dim features of one backbone."""
-
-    def __init__(self, name: str, model: "torch.nn.Module", device, weights_id: str, batch_size: int = 0):
-        if name not in MIFID_BACKBONES:
-            raise ValueError(f"unknown MiFID backbone {name!r}; choose one of {', '.join(MIFID_BACKBONES)}")
-        spec = MIFID_BACKBONES[name]
-        self.name, self.dim, self.default_eps = name, spec["dim"], spec["default_eps"]
-        self.device = torch.device(device)
-        self.weights_id = weights_id
-        # Small CPU batches stay in cache (measured faster); the GPU wants large ones.
-        self.batch_size = batch_size or (200 if self.device.type == "cuda" else 16)
-        self.model = model.eval().to(self.device, memory_format=torch.channels_last)
-        for param in self.model.parameters():
-            param.requires_grad_(False)
-
-    def __call__(self, images: "torch.Tensor") -> "torch.Tensor":
-        if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4 \
-                or images.shape[1] != 3:
-            got = f"{images.dtype} {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
-            raise ValueError(f"feature extractor wants a uint8 N x 3 x H x W tensor (RGB 0..255), got {got}")
-        feats = torch.empty(len(images), self.dim, dtype=torch.float32)
-        with _mifid_fp32(self.device):
-            for start in range(0, len(images), self.batch_size):
-                batch = resize_images_uint8(images[start:start + self.batch_size]).to(self.device)
-                x01 = (batch.float() / 255.0).contiguous(memory_format=torch.channels_last)
-                feats[start:start + len(batch)] = self.model.features(x01).float().cpu()
-        return feats
-
-
-def _mifid_resolve_device(device) -> "torch.device":
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def _mifid_file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def load_feature_extractor(backbone: str, weights_path: str, device="auto") -> "FeatureExtractor":
-    """Backbone ("inception" | "efficientnet-lite0" | "auto": from the state-dict keys) with weights loaded strictly."""
-    if not weights_path or not os.path.isfile(weights_path):
-        raise FileNotFoundError(
-            f"MiFID weights not found: {weights_path!r}. Give pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
-            "(Kaggle's metric) or efficientnet-lite0.pth (offline stand-in); on Kaggle attach it as a dataset.")
-    try:
-        state = torch.load(weights_path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ValueError(f"cannot read MiFID weights {weights_path}: {error}") from error
-    if not isinstance(state, dict) or not state:
-        raise ValueError(f"{weights_path} holds a {type(state).__name__}, not a state dict")
-    if backbone == "auto":
-        matches = [name for name, spec in MIFID_BACKBONES.items() if spec["key"] in state]
-        if not matches:
-            raise ValueError(f"{weights_path}: cannot tell the backbone from its keys (first: {next(iter(state))!r}); "
-                             f"pass --backbone {' or '.join(MIFID_BACKBONES)}")
-        backbone = matches[0]
-    if backbone not in MIFID_BACKBONES:
-        raise ValueError(f"unknown MiFID backbone {backbone!r}; choose one of auto, {', '.join(MIFID_BACKBONES)}")
-    model = MIFID_BACKBONES[backbone]["model"]()
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(state) if tuple(state[k].shape) != expected[k])
-    if missing or unexpected or wrong:
-        raise ValueError(f"{weights_path} is not a {backbone} state dict: {len(missing)} keys missing {missing[:3]}, "
-                         f"{len(unexpected)} unexpected {unexpected[:3]}, {len(wrong)} of another shape {wrong[:3]}")
-    model.load_state_dict(state, strict=True)
-    resolved = _mifid_resolve_device(device)
-    weights_id = _mifid_file_sha256(weights_path)[:16]
-    log("mifid", f"{backbone} from {weights_path} (sha256 {weights_id}...) on {resolved}")
-    return FeatureExtractor(backbone, model, resolved, weights_id)
-
-
-def find_fid_weights(search_root: str = "/kaggle/input") -> tuple[str, str] | None:
-    """(backbone, path) of the first weight file found under search_root, inception preferred; None if none."""
-    found: dict[str, str] = {}
-    for folder, dirs, files in os.walk(search_root):
-        dirs.sort()
-        for name in sorted(files):
-            for backbone, spec in MIFID_BACKBONES.items():
-                if backbone not in found and fnmatch.fnmatch(name, spec["pattern"]):
-                    found[backbone] = os.path.join(folder, name)
-    for backbone in MIFID_BACKBONES:
-        if backbone in found:
-            return backbone, found[backbone]
-    return None
-
-
-def _mifid_float64(feats) -> "np.ndarray":
-    array = feats.detach().cpu().numpy() if isinstance(feats, torch.Tensor) else np.asarray(feats)
-    if array.ndim != 2:
-        raise ValueError(f"features must be a 2-D N x D array, got shape {array.shape}")
-    return array.astype(np.float64)
-
-
-def feature_stats(feats) -> "tuple[np.ndarray, np.ndarray]":
-    """(mu, sigma) in float64: mean and np.cov(rowvar=False) of N x D features."""
-    array = _mifid_float64(feats)
-    if len(array) < 2:
-        raise ValueError(f"need at least 2 feature rows for a covariance, got {len(array)}")
-    return np.mean(array, axis=0), np.cov(array, rowvar=False)
-
-
-def _mifid_sqrtm(matrix: "np.ndarray") -> "np.ndarray":
-    # scipy >= 1.16 deprecates disp=False; the plain call returns the same matrix on old and new scipy.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return linalg.sqrtm(matrix)
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """|mu1 - mu2|^2 + tr(s1) + tr(s2) - 2 tr(sqrtm(s1 s2)), with Kaggle's singular and complex handling."""
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
-    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise ValueError(f"feature statistics differ in size: mu {mu1.shape} vs {mu2.shape}, "
-                         f"sigma {sigma1.shape} vs {sigma2.shape}")
-    diff = mu1 - mu2
-    covmean = _mifid_sqrtm(sigma1.dot(sigma2))
-    if not np.isfinite(covmean).all():
-        # product (nearly) singular: retry with a small offset on both covariances
-        log("mifid", f"FID: singular product; adding {MIFID_SQRTM_OFFSET} to the covariance diagonals")
-        offset = np.eye(sigma1.shape[0]) * MIFID_SQRTM_OFFSET
-        covmean = _mifid_sqrtm((sigma1 + offset).dot(sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=MIFID_IMAG_ATOL):
-            raise ValueError(f"FID: sqrtm(s1 s2) has an imaginary component of {np.max(np.abs(covmean.imag)):.4g} "
-                             "(too few samples for the feature size?)")
-        covmean = covmean.real
-    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
-
-
-def _mifid_unit_rows(feats, device) -> "torch.Tensor":
-    # Kaggle: drop rows whose sum is 0, then L2-normalise (nan -> 0) in float64
-    rows = torch.as_tensor(_mifid_float64(feats), device=device)
-    rows = rows[rows.sum(dim=1) != 0]
-    return torch.nan_to_num(rows / rows.norm(dim=1, keepdim=True))
-
-
-def memorization_distance(gen_feats, real_feats, block_size: int = MIFID_MEM_BLOCK, device=None) -> float:
-    """mean_i min_j (1 - |cos(gen_i, real_j)|), blocked so at most block_size^2 distances exist at once.
-
-    Runs on `device` (default: the gen_feats tensor's device, CPU for numpy) in float64.
+    On an exception (or KeyboardInterrupt / a stop signal) the temporary file is removed and `path` is left
+    untouched. A process killed outright leaves the temporary behind: remove_stale_tmp_files() clears it.
     """
-    if block_size <= 0:
-        raise ValueError(f"block_size must be positive, got {block_size}")
-    if device is None:
-        device = gen_feats.device if isinstance(gen_feats, torch.Tensor) else "cpu"
-    gen = _mifid_unit_rows(gen_feats, device)
-    real = _mifid_unit_rows(real_feats, device)
-    if len(gen) == 0 or len(real) == 0:
-        raise ValueError(f"memorization distance: no non-zero feature rows left (generated {len(gen)}, real {len(real)})")
-    nearest = torch.empty(len(gen), dtype=torch.float64, device=device)
-    for g0 in range(0, len(gen), block_size):
-        gen_block = gen[g0:g0 + block_size]
-        best = torch.full((len(gen_block),), float("inf"), dtype=torch.float64, device=device)
-        for r0 in range(0, len(real), block_size):
-            # 1 - |cos|, clamped at 0: rounding can push |cos| of an exact copy a hair above 1
-            dist = (1.0 - (gen_block @ real[r0:r0 + block_size].T).abs()).clamp_(min=0.0)
-            best = torch.minimum(best, dist.min(dim=1).values)
-        nearest[g0:g0 + len(gen_block)] = best
-    return float(nearest.mean())
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp_path = _atomic_create_tmp(folder, os.path.basename(path))
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
 
 
-def mifid_score(gen_feats, real_feats, eps: float, real_stats=None, mem_feats=None, device=None) -> dict:
-    """dict(fid, d, d_thr, mifid, eps): FID against real_feats (or precomputed real_stats = (mu, sigma)),
-    memorization against mem_feats (default real_feats); d_thr = d if d < eps else 1; MiFID = FID / (d_thr + 1e-15)."""
-    if eps <= 0:
-        raise ValueError(f"memorization threshold eps must be positive, got {eps}")
-    gen_mu, gen_sigma = feature_stats(gen_feats)
-    real_mu, real_sigma = real_stats if real_stats is not None else feature_stats(real_feats)
-    fid = frechet_distance(gen_mu, gen_sigma, real_mu, real_sigma)
-    d = memorization_distance(gen_feats, real_feats if mem_feats is None else mem_feats, device=device)
-    d_thr = d if d < eps else 1.0
-    return dict(fid=fid, d=d, d_thr=d_thr, mifid=fid / (d_thr + MIFID_DENOM_EPS), eps=float(eps))
-
-
-def _mifid_content_key(images: "torch.Tensor", extractor: "FeatureExtractor", kind: str) -> str:
-    digest = hashlib.sha256()
-    digest.update(f"{kind}|{extractor.name}|{extractor.weights_id}|{tuple(images.shape)}|{images.dtype}|".encode())
-    digest.update(memoryview(images.detach().cpu().contiguous().numpy()).cast("B"))
-    return digest.hexdigest()[:24]
-
-
-def cached_real_features(extractor: "FeatureExtractor", real_uint8: "torch.Tensor", cache_dir: str,
-                         kind: str = "images") -> "torch.Tensor":
-    """extractor(real_uint8), kept in cache_dir under the reference kind ("photos", "crops", ...) and a hash of the
-    kind, the images, the backbone and its weights."""
-    key = _mifid_content_key(real_uint8, extractor, kind)
-    path = os.path.join(cache_dir, f"real_features_{extractor.name}_{kind}_{key}.pt")
-    if os.path.exists(path):
-        try:
-            feats = torch.load(path, map_location="cpu", weights_only=True)
-            if isinstance(feats, torch.Tensor) and tuple(feats.shape) == (len(real_uint8), extractor.dim):
-                log("mifid", f"real features from cache {path}")
-                return feats
-            log("mifid", f"cache {path} has the wrong shape; recomputing")
-        except Exception as error:  # a damaged cache file only costs the recomputation
-            log("mifid", f"cache {path} unreadable ({error}); recomputing")
-    start = time.time()
-    feats = extractor(real_uint8)
-    os.makedirs(cache_dir, exist_ok=True)
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write `data` to `path` atomically."""
     with atomic_path(path) as tmp_path:
-        torch.save(feats, tmp_path)
-    log("mifid", f"real features of {len(real_uint8)} {kind} ({extractor.name}) in {time.time() - start:.1f}s "
-        f"-> {path}")
-    return feats
+        with open(tmp_path, "wb") as f:
+            f.write(data)
 
 
-def read_images_zip(path: str, expect_n: int | None = MIFID_SUBMISSION_COUNT,
-                    size: int = MIFID_IMAGE_SIZE) -> "torch.Tensor":
-    """uint8 N x 3 x size x size from a submission zip; SubmissionError unless every entry is a size x size
-    RGB PNG and (expect_n given) there are exactly expect_n of them. Folders inside the zip are ignored."""
-    if not os.path.isfile(path):
-        raise SubmissionError(f"{path}: no such file")
+def atomic_write_text(path: str, text: str) -> None:
+    """Write `text` (UTF-8) to `path` atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def remove_stale_tmp_files(folder: str) -> list[str]:
+    """Delete the temporary files atomic_path left in `folder` when a run was killed mid-write; returns their paths.
+
+    Only names of atomic_path's form are touched; a missing folder is nothing to clean.
+    """
     try:
-        archive = zipfile.ZipFile(path)
-    except zipfile.BadZipFile as error:
-        raise SubmissionError(f"{path}: not a zip file ({error})") from error
-    with archive:
-        entries = [info for info in archive.infolist() if not info.is_dir()]
-        if expect_n is not None and len(entries) != expect_n:
-            raise SubmissionError(f"{path}: {len(entries)} files, expected exactly {expect_n} PNG images")
-        if not entries:
-            raise SubmissionError(f"{path}: no images in the zip")
-        images = np.empty((len(entries), 3, size, size), dtype=np.uint8)
-        for i, info in enumerate(entries):
-            name = info.filename
-            if not name.lower().endswith(".png"):
-                raise SubmissionError(f"{path}: entry {name!r} is not a .png file (only PNG images are accepted)")
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    removed = []
+    for name in sorted(names):
+        path = os.path.join(folder, name)
+        if ATOMIC_TMP_NAME.match(name) and os.path.isfile(path):
             try:
-                image = Image.open(io.BytesIO(archive.read(info)))
-                image.load()
-            except Exception as error:
-                raise SubmissionError(f"{path}: entry {name!r} cannot be decoded as an image ({error})") from error
-            if image.format != "PNG":
-                raise SubmissionError(f"{path}: entry {name!r} is a {image.format} image, not a PNG")
-            if image.size != (size, size):
-                raise SubmissionError(f"{path}: entry {name!r} is {image.size[0]}x{image.size[1]}, "
-                                      f"expected {size}x{size}")
-            if image.mode != "RGB":
-                raise SubmissionError(f"{path}: entry {name!r} has mode {image.mode}, expected RGB")
-            images[i] = np.asarray(image).transpose(2, 0, 1)
-    return torch.from_numpy(images)
-
-
-def validate_submission(path: str) -> None:
-    """Raise SubmissionError unless path is a zip of exactly 10,000 PNG 64x64 RGB images."""
-    read_images_zip(path, expect_n=MIFID_SUBMISSION_COUNT, size=MIFID_IMAGE_SIZE)
-
-
-def load_image_folder(path: str, size: int = MIFID_IMAGE_SIZE) -> "torch.Tensor":
-    """Every image file under path (recursive, sorted) as uint8 N x 3 x size x size RGB, squashed with Lanczos as
-    Kaggle's evaluator read all-dogs/; undecodable files (and links or pipes that are no plain file) are skipped
-    and counted."""
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"image folder not found: {path}")
-    files = []
-    for folder, dirs, names in os.walk(path):
-        dirs.sort()
-        files += [os.path.join(folder, n) for n in sorted(names) if n.lower().endswith(MIFID_IMAGE_SUFFIXES)]
-    images, skipped = [], []
-    for file in files:
-        try:
-            if not os.path.isfile(file):  # a broken link or a pipe named .jpg: opening a pipe would block
-                raise OSError("not a regular file")
-            with Image.open(file) as image:
-                array = lanczos_square(image.convert("RGB"), size)
-        except Exception:  # corrupt or truncated file: counted and reported below
-            skipped.append(file)
-            continue
-        images.append(torch.from_numpy(array.copy()))
-    if skipped:
-        log("mifid", f"{path}: skipped {len(skipped)} undecodable files (e.g. {skipped[0]})")
-    if not images:
-        raise ValueError(f"no decodable images under {path} ({len(files)} image files found)")
-    return torch.stack(images)
-
-
-def mifid_cli(argv: list[str] | None = None) -> int:
-    """`python -m src.mifid`: score a zip against a folder, or validate a submission; returns the exit code."""
-    parser = argparse.ArgumentParser(prog="python -m src.mifid",
-                                     description="Kaggle's MiFID of a zip of generated images, or a submission check.")
-    parser.add_argument("--validate", metavar="ZIP", help="only check a submission: 10,000 PNG 64x64 RGB")
-    parser.add_argument("--gen", metavar="ZIP", help="generated images (zip of 64x64 RGB PNGs)")
-    parser.add_argument("--real", metavar="DIR", help="real images for FID (folder, searched recursively)")
-    parser.add_argument("--mem-ref", metavar="DIR", help="training images for memorization (default: --real)")
-    parser.add_argument("--backbone", default="auto", choices=("auto", *MIFID_BACKBONES))
-    parser.add_argument("--weights", metavar="FILE", help="pt_inception-2015-12-05-6726825d.pth or efficientnet-lite0.pth")
-    parser.add_argument("--eps", type=float, default=None, help="memorization threshold (default: the backbone's)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--cache-dir", default="", help="keep real-image features here between runs")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    args = parser.parse_args(argv)
-    if args.validate:
-        try:
-            validate_submission(args.validate)
-        except SubmissionError as error:
-            print(f"invalid: {error}")
-            return 1
-        print(f"ok: {MIFID_SUBMISSION_COUNT} PNG {MIFID_IMAGE_SIZE}x{MIFID_IMAGE_SIZE} RGB")
-        return 0
-    if not (args.gen and args.real):
-        parser.error("give --gen ZIP and --real DIR to score, or --validate ZIP")
-    if not args.weights:
-        parser.error("give --weights FILE (pytorch-fid's pt_inception-2015-12-05-6726825d.pth or efficientnet-lite0.pth)")
-    try:
-        extractor = load_feature_extractor(args.backbone, args.weights, args.device)
-        gen_img = read_images_zip(args.gen, expect_n=None)
-        if len(gen_img) != MIFID_SUBMISSION_COUNT:
-            log("mifid", f"note: {len(gen_img)} generated images; Kaggle scores exactly {MIFID_SUBMISSION_COUNT}")
-        real_img = load_image_folder(args.real)
-        if args.cache_dir:
-            real_feats = cached_real_features(extractor, real_img, args.cache_dir)
-        else:
-            real_feats = extractor(real_img)
-        mem_feats = None
-        if args.mem_ref and os.path.abspath(args.mem_ref) != os.path.abspath(args.real):
-            mem_feats = extractor(load_image_folder(args.mem_ref))
-        eps = extractor.default_eps if args.eps is None else args.eps
-        result = mifid_score(extractor(gen_img), real_feats, eps, mem_feats=mem_feats, device=extractor.device)
-    except (SubmissionError, FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    result.update(backbone=extractor.name, n_gen=len(gen_img), n_real=len(real_feats),
-                  n_mem=len(real_feats if mem_feats is None else mem_feats))
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(f"backbone {result['backbone']}  generated {result['n_gen']}  real {result['n_real']}  "
-              f"memorization reference {result['n_mem']}")
-        print(f"FID    {result['fid']:.4f}")
-        print(f"d      {result['d']:.6f}")
-        print(f"d_thr  {result['d_thr']:.6f}  (eps {result['eps']})")
-        print(f"MiFID  {result['mifid']:.4f}")
-    return 0
+                os.remove(path)
+                removed.append(path)
+            except OSError:
+                pass  # not ours to fight over: the next atomic write uses a fresh name anyway
+    return removed
 
 
 # ====================================================================================================
@@ -2562,6 +524,13 @@ def mifid_cli(argv: list[str] | None = None) -> int:
 # Read the Kaggle dog photos once: find the layout, parse the VOC boxes, crop every dog to a uint8 tensor, and
 # squash every whole photo to 64x64 as Kaggle's MiFID reference did.
 # ====================================================================================================
+def lanczos_square(image: "Image.Image", size: int = 64) -> "np.ndarray":
+    """An RGB PIL image squashed to size x size as Kaggle's evaluator did (resize with Image.ANTIALIAS, i.e.
+    Lanczos; a no-op at size) -> uint8 3 x size x size. The one definition: the MiFID reference photos and
+    src.mifid's resize of any image both use it."""
+    return np.asarray(image.resize((size, size), Image.LANCZOS), dtype=np.uint8).transpose(2, 0, 1)
+
+
 class DataError(ValueError):
     """The data folder cannot be used (missing, empty, nothing loadable); the message says what was looked for."""
 
@@ -3284,479 +1253,6 @@ def load_dogs(data_dir: str, crop_margin: float = 0.0, max_images: int = 0, work
 
 
 # ====================================================================================================
-# src/interrupt.py
-# SIGTERM and Ctrl-C outside the training loop: the stage in progress unwinds cleanly and the run ends in one line.
-#
-# The training loop catches the same signals itself (it finishes its step, saves a checkpoint and returns, so the
-# zip still gets written). Around everything else (data decoding, measuring, generation, the zip, scoring) a signal
-# raises RunInterrupted in the main thread: `with` blocks and `finally` clauses run (atomic writes delete their
-# temporary file, the old images.zip stays), and main() prints which stage was stopped.
-# ====================================================================================================
-# Functions of the pipeline, outermost first, and what a stop inside each of them means for the outputs.
-INTERRUPT_STAGES = {
-    "load_dogs": "while loading the data; nothing was written",
-    "real_features": "while computing the real images' features; nothing was written",
-    "plan_reserve": "while measuring the output time; nothing was written",
-    "train": "while setting up or wrapping up training; ckpt.pt is the last complete checkpoint",
-    "fallback_generator": "before images.zip was written; any previous images.zip is kept",
-    "pick_truncation": "while choosing the truncation; any previous images.zip is kept",
-    "write_submission": "while writing images.zip; any previous images.zip is kept and no temporary file is left",
-    "report_mifid": "while scoring; images.zip is complete",
-    "write_plots": "while drawing the plots; images.zip is complete",
-}
-
-
-class RunInterrupted(BaseException):
-    """SIGTERM/SIGINT outside training. A BaseException, like KeyboardInterrupt, so `except Exception` handlers
-    (the decode pool's fallback, a failing grid) do not swallow it."""
-
-    def __init__(self, signum: int, stage: str):
-        self.signum, self.stage = signum, stage
-        super().__init__(f"stopped by {signal.Signals(signum).name} {stage}".rstrip())
-
-
-def interrupt_stage_of(frame) -> str:
-    """What the outermost pipeline function on the stack was doing when the signal came (see INTERRUPT_STAGES)."""
-    stage = ""
-    while frame is not None:
-        stage = INTERRUPT_STAGES.get(frame.f_code.co_name, stage)
-        frame = frame.f_back
-    return stage
-
-
-@contextlib.contextmanager
-def signals_interrupt_run():
-    """While inside: SIGTERM and SIGINT raise RunInterrupted in this process's main thread.
-
-    Processes forked meanwhile (the decode pool) inherit the handler: there SIGINT is ignored (the parent decides,
-    and a terminal's Ctrl-C reaches the whole group) and SIGTERM ends the worker quietly.
-    Outside the main thread (signals cannot be caught there) this does nothing.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    owner = os.getpid()
-
-    def on_signal(signum, frame):
-        if os.getpid() != owner:
-            # SystemExit, not os._exit: a worker stopped inside the pool's queue lock must release it on the way
-            # out (the parent's pool.terminate() takes that lock), and multiprocessing prints no traceback for it
-            if signum == signal.SIGTERM:
-                raise SystemExit(128 + signum)
-            return
-        raise RunInterrupted(signum, interrupt_stage_of(frame))
-
-    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
-    for signum in previous:
-        signal.signal(signum, on_signal)
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
-
-
-# ====================================================================================================
-# src/preflight.py
-# Start-up checks of the output folder, so a run does not find out after its whole budget that it cannot write.
-# ====================================================================================================
-# Subfolders of OUT that atomic writes go to (grids, the real-feature cache) besides OUT itself.
-OUT_SUBFOLDERS = ("samples", "cache")
-# Bytes written (and fsynced) to time the disk: enough to get past the page cache's first gulp, quick anywhere.
-WRITE_PROBE_BYTES = 8 * 2**20
-# Room kept free beyond the zip and the checkpoint: sample grids, stats.jsonl, plots, mifid.json.
-OUT_SPARE_BYTES = 32 * 2**20
-
-
-class OutputError(RuntimeError):
-    """--out cannot take this run's files (not a folder, not writable, too little free space); says what to do."""
-
-
-def prepare_out_dir(out_dir: str) -> None:
-    """Create OUT if needed and prove it writable (a probe file created and removed); on rank 0, remove the temporary
-    files a killed run left there. Raises OutputError with one clear line otherwise."""
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise OutputError(f"--out {out_dir} is a file, not a folder: pass a folder (it is created if missing)")
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        probe = os.path.join(out_dir, f".dogkernel-write-test-{os.getpid()}")
-        with open(probe, "wb") as f:
-            f.write(b"ok")
-        os.remove(probe)
-    except OSError as error:
-        raise OutputError(f"--out {out_dir} is not writable ({error.strerror or error}): pass a folder this "
-                          f"process can write to") from None
-    if not is_rank_zero():
-        return  # under torchrun only rank 0 writes files, so only it clears (a slow rank must not delete live ones)
-    removed = []
-    for folder in (out_dir, *(os.path.join(out_dir, name) for name in OUT_SUBFOLDERS)):
-        removed += remove_stale_tmp_files(folder)
-    if removed:
-        log("main", f"removed {len(removed)} temporary file(s) an interrupted run left: "
-            f"{', '.join(os.path.basename(p) for p in removed)}")
-
-
-def measure_write_speed(out_dir: str, n_bytes: int = WRITE_PROBE_BYTES) -> float:
-    """Bytes per second written and fsynced in OUT (the zip and checkpoint writes end with an fsync)."""
-    probe = os.path.join(out_dir, f".dogkernel-speed-test-{os.getpid()}")
-    block = os.urandom(2**20)  # random: a compressing file system cannot shrink it
-    start = time.time()
-    try:
-        with open(probe, "wb") as f:
-            for _ in range(max(1, n_bytes // len(block))):
-                f.write(block)
-            f.flush()
-            os.fsync(f.fileno())
-    finally:
-        if os.path.exists(probe):
-            os.remove(probe)
-    return max(1, n_bytes // len(block)) * len(block) / max(1e-6, time.time() - start)
-
-
-def check_free_space(out_dir: str, need: dict[str, int]) -> None:
-    """Raise OutputError unless OUT's disk has room for every file in `need` ({name: bytes}) written anew beside its
-    old version (atomic writes keep the old file until the new one is whole), plus OUT_SPARE_BYTES."""
-    total = sum(need.values()) + OUT_SPARE_BYTES
-    free = shutil.disk_usage(out_dir).free
-    if free < total:
-        parts = ", ".join(f"{name} ~{size / 2**20:.0f} MiB" for name, size in need.items())
-        raise OutputError(f"--out {out_dir} has {free / 2**20:.0f} MiB free, this run needs ~{total / 2**20:.0f} MiB "
-                          f"({parts}, plus samples and logs): free some space or pass another --out")
-
-
-# ====================================================================================================
-# src/report.py
-# Plots of a run from OUT/stats.jsonl: losses, D outputs, FID and speed (matplotlib when installed).
-# ====================================================================================================
-PLOTS_NAME = "plots.png"
-
-
-def read_stats(path: str) -> list[dict]:
-    """The status records of stats.jsonl (event lines and unreadable lines, e.g. a half-written last one, skipped)."""
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and "event" not in record and "kimg" in record:
-                records.append(record)
-    return records
-
-
-def _report_series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
-    # (kimg, value) of the records that have the key with a number
-    pairs = [(r["kimg"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
-    return [p[0] for p in pairs], [p[1] for p in pairs]
-
-
-def write_plots(out_dir: str) -> list[str]:
-    """OUT/plots.png (G/D losses, D(x) and D(G(z)), FID, images/s against kimg); returns the files written.
-
-    Returns [] with a one-line note when matplotlib is missing or there is nothing to plot.
-    """
-    stats_path = os.path.join(out_dir, "stats.jsonl")
-    if not os.path.isfile(stats_path):
-        log("report", f"no {stats_path}: nothing to plot")
-        return []
-    records = read_stats(stats_path)
-    if not records:
-        log("report", f"{stats_path} has no status records: nothing to plot")
-        return []
-    try:
-        # A Figure with its own Agg canvas, not pyplot: pyplot would switch the backend of the whole process,
-        # and in a notebook every later cell would lose its inline plots.
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        log("report", "matplotlib is not installed: plots skipped (stats.jsonl has the numbers)")
-        return []
-
-    panels = [("losses", [("g_loss", "G loss"), ("d_loss", "D loss")]),
-              ("D outputs (logits)", [("d_real", "D(x)"), ("d_fake", "D(G(z))")]),
-              ("FID of G_ema", [("fid", "FID")]),
-              ("speed", [("images_per_s", "images/s")])]
-    fig = Figure(figsize=(11, 7))
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(2, 2)
-    for ax, (title, series) in zip(axes.flat, panels):
-        for key, label in series:
-            kimg, values = _report_series(records, key)
-            if values:
-                ax.plot(kimg, values, marker="o" if key == "fid" else None, markersize=3, label=label)
-        ax.set_title(title)
-        ax.set_xlabel("kimg")
-        if ax.lines:
-            ax.legend()
-        else:
-            ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
-    fig.tight_layout()
-    path = os.path.join(out_dir, PLOTS_NAME)
-    with atomic_path(path) as tmp_path:
-        fig.savefig(tmp_path, format="png", dpi=90)
-    log("report", f"wrote {path}")
-    return [path]
-
-
-# ====================================================================================================
-# src/scoring.py
-# Scoring inside a run: FID of G_ema while training, truncation chosen by measured MiFID, and the final MiFID.
-# ====================================================================================================
-TRUNCATION_CANDIDATES = (0.0, 2.0, 1.5, 1.0)
-# What each --fid-reference compares generated images with (named in every log line with a figure).
-FID_REFERENCE_NAMES = {"photos": "whole photos", "crops": "training crops"}
-
-
-
-
-def seconds_per_image(extractor) -> float:
-    """Feature-extraction time per image, from one timed probe batch after a warm-up."""
-    probe = torch.randint(0, 256, (64, 3, 64, 64), dtype=torch.uint8)
-    extractor(probe[:8])
-    start = time.time()
-    extractor(probe)
-    return (time.time() - start) / len(probe)
-
-
-def reserve_for_scoring(cfg: "Config", extractor) -> float:
-    """Seconds the end of the run needs for MiFID (and the truncation search): features of the generated images.
-
-    The real images' features are computed before training (real_features), so they need no reserve.
-    """
-    training_fid = parse_duration(cfg.fid_every) > 0
-    n_generated = (cfg.n_images + (len(TRUNCATION_CANDIDATES) * cfg.fid_samples if cfg.truncation_search else 0)
-                   + (cfg.fid_samples if training_fid else 0))
-    # training-time FID measures the final G_ema once after the training window (its sqrtm alone is ~15 s at 2048-d)
-    return seconds_per_image(extractor) * n_generated + (20.0 if training_fid else 0.0)
-
-
-def fid_reference_label(reference: str, n: int) -> str:
-    """'whole photos (20,579)': the reference a figure was measured against, for the log."""
-    return f"{FID_REFERENCE_NAMES[reference]} ({n:,})"
-
-
-def real_features(extractor, data, out_dir: str, reference: str) -> "torch.Tensor":
-    """Features of the MiFID reference, computed once per run (or read from the cache of an earlier run):
-    "photos", every whole photo squashed to 64x64 (DogData.photos: Kaggle's reference for FID and memorization),
-    or "crops", the training crops (DogData.images)."""
-    if reference not in FID_REFERENCE_NAMES:
-        raise ValueError(f"unknown FID reference {reference!r}; choose one of {', '.join(FID_REFERENCE_NAMES)}")
-    if reference == "photos" and data.photos is None:
-        raise ValueError("the whole-photo reference needs the photos: load_dogs(..., whole_photos=True)")
-    real_img = data.photos if reference == "photos" else data.images
-    log("score", f"MiFID reference: {fid_reference_label(reference, len(real_img))} "
-        f"(in-run FID, truncation search and the final MiFID)")
-    return cached_real_features(extractor, real_img, os.path.join(out_dir, "cache"), kind=reference)
-
-
-def make_training_fid(cfg: "Config", extractor, real_feats: "torch.Tensor", device):
-    """fid_fn(G_ema) -> FID of cfg.fid_samples generated images against the reference features (cfg.fid_reference),
-    or None when off."""
-    if parse_duration(cfg.fid_every) <= 0:
-        return None
-    real_mu, real_sigma = feature_stats(real_feats)
-    reference = fid_reference_label(cfg.fid_reference, len(real_feats))
-    log("score", f"in-run FID: {cfg.fid_samples} images of G_ema vs {reference}")
-
-    def fid_fn(G_ema) -> float:
-        standing_bn_stats_(G_ema, seed=cfg.seed)
-        gen_img = generate_images(G_ema, cfg.fid_samples, device, truncation=cfg.truncation, seed=cfg.seed + 1)
-        gen_mu, gen_sigma = feature_stats(extractor(gen_img))
-        return frechet_distance(gen_mu, gen_sigma, real_mu, real_sigma)
-
-    fid_fn.reference = reference  # FidTracker names it in every FID line
-    return fid_fn
-
-
-class FidTracker:
-    """Training-time FID of G_ema: the history, the best value and the best G_ema's weights (on the host).
-
-    A failing metric must not end the training: the first exception turns the tracker off, said once.
-    """
-
-    def __init__(self, fid_fn=None):
-        self.fid_fn = fid_fn
-        self.history: list = []          # [[kimg, fid], ...]
-        self.best: float | None = None
-        self.best_kimg: float | None = None
-        self.best_G_ema: dict | None = None
-
-    @property
-    def enabled(self) -> bool:
-        return self.fid_fn is not None
-
-    @property
-    def last_kimg(self) -> float:
-        return self.history[-1][0] if self.history else -1.0
-
-    def measure(self, G_ema, kimg: float) -> dict:
-        """FID of G_ema now; a new best keeps a copy of its weights. Returns {'fid', 'fid_s'} for the status record."""
-        start = time.time()
-        try:
-            fid = float(self.fid_fn(G_ema))
-        except Exception as error:
-            log("train", f"WARNING: training-time FID failed ({type(error).__name__}: {error}); FID is off from now")
-            self.fid_fn = None
-            return {}
-        G_ema.eval()
-        if not math.isfinite(fid):
-            log("train", f"FID is {fid} at {kimg:.1f} kimg: not kept")
-            return {}
-        self.history.append([kimg, fid])
-        if self.best is None or fid < self.best:
-            self.best, self.best_kimg = fid, kimg
-            self.best_G_ema = ckpt_cpu_copy(G_ema.state_dict())
-        reference = getattr(self.fid_fn, "reference", "")
-        log("train", f"FID {fid:.2f} at {kimg:.1f} kimg ({time.time() - start:.0f}s); best {self.best:.2f} "
-            f"at {self.best_kimg:.1f} kimg{' (vs ' + reference + ')' if reference else ''}")
-        return {"fid": fid, "fid_s": time.time() - start}
-
-    def state_dict(self) -> dict:
-        return {"history": self.history, "best": self.best, "best_kimg": self.best_kimg, "best_G_ema": self.best_G_ema}
-
-    def load_state_dict(self, saved: dict) -> None:
-        self.history = list(saved.get("history", []))
-        self.best, self.best_kimg = saved.get("best"), saved.get("best_kimg")
-        self.best_G_ema = saved.get("best_G_ema")
-
-
-def pick_truncation(cfg: "Config", G_ema, extractor, real_feats: "torch.Tensor", device) -> float:
-    """cfg.truncation, or with --truncation-search the candidate with the lowest MiFID on cfg.fid_samples images."""
-    if not cfg.truncation_search:
-        return cfg.truncation
-    eps = cfg.mifid_eps or extractor.default_eps
-    scores = {}
-    for truncation in sorted(set(TRUNCATION_CANDIDATES) | {cfg.truncation}):
-        gen_img = generate_images(G_ema, cfg.fid_samples, device, truncation=truncation, seed=cfg.seed + 2)
-        scores[truncation] = mifid_score(extractor(gen_img), real_feats, eps, device=extractor.device)
-        result = scores[truncation]
-        log("score", f"truncation {truncation or 'off'}: FID {result['fid']:.2f}  d {result['d']:.3f}  "
-            f"MiFID {result['mifid']:.2f} vs {fid_reference_label(cfg.fid_reference, len(real_feats))}")
-    best = min(scores, key=lambda t: scores[t]["mifid"])
-    log("score", f"truncation search picked {best or 'off'} ({extractor.name}, {cfg.fid_samples} images each, "
-        f"vs {FID_REFERENCE_NAMES[cfg.fid_reference]})")
-    return best
-
-
-def report_mifid(cfg: "Config", extractor, zip_path: str, real_feats: "torch.Tensor", out_dir: str) -> dict:
-    """MiFID of the submitted zip itself (read back and validated) against the reference (cfg.fid_reference);
-    OUT/mifid.json."""
-    start = time.time()
-    gen_img = read_images_zip(zip_path, expect_n=cfg.n_images)
-    result = mifid_score(extractor(gen_img), real_feats, cfg.mifid_eps or extractor.default_eps,
-                         device=extractor.device)
-    result.update(backbone=extractor.name, reference=cfg.fid_reference, n_reference=len(real_feats))
-    atomic_write_text(os.path.join(out_dir, "mifid.json"), json.dumps(result, indent=2))
-    log("score", f"{extractor.name}: FID {result['fid']:.2f}  d {result['d']:.4f}  d_thr {result['d_thr']:.4f}  "
-        f"MiFID {result['mifid']:.2f} vs {fid_reference_label(cfg.fid_reference, len(real_feats))}  "
-        f"({time.time() - start:.0f}s)")
-    return result
-
-
-# ====================================================================================================
-# src/reserve.py
-# The reserve: what the end of training, generation, the zip and scoring will take, measured at start-up on this
-# device with the run's own models, and the refusal of a budget that cannot hold them.
-# ====================================================================================================
-# Training must get at least this many rounds, or the run is refused: a zip from an untrained G is noise.
-MIN_TRAIN_ROUNDS = 2
-# Images G_ema draws after the training window: the last 8 x 8 sample grid and the 4 x 10 interpolation strip.
-TAIL_IMAGES = 64 + 40
-
-
-@dataclass
-class OutputPlan:
-    """Seconds measured at start-up (before the safety factor) for what comes after the training window."""
-    output_s: float      # generate n_images, encode them and write images.zip
-    generate_batch: int  # the faster batch size for generating on this device
-    tail_s: float        # the end of training: its last round, the last grid and strip, the last checkpoint
-    scoring_s: float     # MiFID and the truncation search (0 without a backbone)
-    mifid_s: float       # the part of scoring_s that scores the finished zip
-    round_s: float       # one training round
-
-
-@torch.no_grad()
-def measure_d_seconds(D: "torch.nn.Module", images: "torch.Tensor", device) -> float:
-    """Seconds per image of one D forward on `images` (uint8, CPU), after a warm-up on a few of them."""
-    real_img = images.to(device).float() / 127.5 - 1
-    labels = torch.zeros(len(real_img), dtype=torch.long, device=device)
-    D.eval()
-    D(real_img[:4], labels[:4])
-    start = time.time()
-    logits, _ = D(real_img, labels)
-    logits.float().sum().item()  # waits for the device
-    return (time.time() - start) / len(real_img)
-
-
-def training_round_seconds(cfg: "Config", gen_s: float, d_s: float) -> float:
-    """One training round from forward times per image: a forward and its backward cost ~3 forwards; D sees a real
-    and a fake batch per D step and a fake one per G step; the first G step reuses the D step's fakes when n_dis=1.
-    The loop checks its deadline between rounds, so the last round can run this far past the training window."""
-    n_dis = max(cfg.n_dis, cfg.n_dis_max if cfg.dis_loss_limit > 0 else 0)
-    g_forwards = n_dis + cfg.g_steps - (1 if n_dis == 1 else 0)
-    d_forwards = 2 * n_dis + cfg.g_steps
-    return 3 * cfg.batch_size * (g_forwards * gen_s + d_forwards * d_s)
-
-
-def checkpoint_bytes(G: "torch.nn.Module", D: "torch.nn.Module") -> int:
-    """Size of ckpt.pt: G, G_ema, the best G_ema and G's two Adam moments; D and its two moments; 1 MiB for the rest."""
-    def size(module):
-        return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
-    return 5 * size(G) + 3 * size(D) + 2**20
-
-
-def mifid_share(cfg: "Config") -> float:
-    """The fraction of the scoring reserve that scores the zip itself (the rest: truncation search, final FID)."""
-    searched = len(TRUNCATION_CANDIDATES) * cfg.fid_samples if cfg.truncation_search else 0
-    return cfg.n_images / (cfg.n_images + searched + cfg.fid_samples)
-
-
-def plan_reserve(cfg: "Config", deadline: "Deadline", n_classes: int, device: "torch.device", extractor,
-                 out_dir: str) -> "OutputPlan":
-    """Measure the output stages with the run's models (untrained: same shapes, same speed), check the disk has
-    room for images.zip and ckpt.pt, and keep the reserve back from training. Raises BudgetError, naming the
-    smallest budget that fits, when training would not get MIN_TRAIN_ROUNDS rounds."""
-    probe_G, probe_D = build_models(cfg, n_classes)
-    probe_G, probe_D = probe_G.to(device), probe_D.to(device)
-    timed = measure_generation_seconds(probe_G, device)
-    generate_batch = pick_generation_batch(timed)
-    gen_s, probe_img = timed[generate_batch]
-    # a training batch is nearer the smallest candidate, whose speed the round estimate takes
-    round_gen_s = timed[min(timed)][0]
-    zip_s = measure_zip_seconds(probe_img[:64])
-    d_s = measure_d_seconds(probe_D, probe_img[:64], device)
-    write_speed = measure_write_speed(out_dir)
-    zip_bytes, ckpt_bytes = cfg.n_images * ZIP_BYTES_PER_IMAGE_MAX, checkpoint_bytes(probe_G, probe_D)
-    del probe_G, probe_D, probe_img, timed
-    check_free_space(out_dir, {"images.zip": zip_bytes, "ckpt.pt": ckpt_bytes})
-
-    round_s = training_round_seconds(cfg, round_gen_s, d_s)
-    scoring_s = reserve_for_scoring(cfg, extractor) if extractor is not None else 0.0
-    plan = OutputPlan(output_s=cfg.n_images * (gen_s + zip_s) + zip_bytes / write_speed, generate_batch=generate_batch,
-                      tail_s=round_s + TAIL_IMAGES * round_gen_s + ckpt_bytes / write_speed,
-                      scoring_s=scoring_s, mifid_s=scoring_s * mifid_share(cfg), round_s=round_s)
-    budget_s = deadline.end - deadline.start
-    measured_s = RESERVE_SAFETY * (plan.output_s + plan.tail_s + plan.scoring_s)
-    deadline.reserve(measured_s + reserve_margin(budget_s))
-    min_train_s = MIN_TRAIN_ROUNDS * round_s
-    log("main", f"budget {format_duration(budget_s)}: start-up took {format_duration(deadline.elapsed())}, reserving "
-        f"{format_duration(deadline.reserve_s)} (images {format_duration(plan.output_s)}, end of training "
-        f"{format_duration(plan.tail_s)}{f', MiFID {format_duration(plan.scoring_s)}' if extractor else ''}, "
-        f"x{RESERVE_SAFETY} + margin), training gets {format_duration(max(0.0, deadline.train_remaining()))}")
-    if deadline.train_remaining() < min_train_s:
-        fitting = smallest_budget(deadline.elapsed() + measured_s + min_train_s)
-        scoring = f", MiFID ~{format_duration(plan.scoring_s)}" if extractor is not None else ""
-        lighter = "a lighter model, e.g. --recipe cgan, or " if cfg.arch == "resnet" else ""
-        raise BudgetError(
-            f"--time-budget {budget_flag_text(budget_s)} is too small for this model on {device}: start-up took "
-            f"{format_duration(deadline.elapsed())}, {cfg.n_images} images take ~{format_duration(plan.output_s)} "
-            f"to generate and zip here{scoring}, a training round ~{format_duration(round_s)}; give --time-budget "
-            f"{budget_flag_text(fitting)} or more (or {lighter}fewer --n-images for a local test)")
-    return plan
-
-
-# ====================================================================================================
 # src/synthetic.py
 # A tiny generated dog data set in the Kaggle layout, for the demo and the tests.
 # ====================================================================================================
@@ -3974,6 +1470,583 @@ def uint8_to_unit(img_uint8: "torch.Tensor") -> "torch.Tensor":
 
 
 # ====================================================================================================
+# src/layers.py
+# GAN building blocks: spectral norm, conditional BN, self-attention, minibatch stddev, pixel norm, G/D blocks.
+# ====================================================================================================
+class SpectralNormFp32(nn.Module):
+    """Parametrization W -> W / sigma(W), sigma from power iteration kept in fp32 even under autocast.
+
+    torch's own spectral_norm runs its matrix-vector products inside the caller's autocast region, so on CUDA
+    they run in fp16/bf16; this one switches autocast off for the power iteration and for sigma.
+    forward only reads u, v (buffers, saved in state_dict); the training loop advances them with one power
+    iteration per optimiser step (spectral_norm_power_iteration_, before the step's forwards). Updating them inside
+    forward breaks two forwards before one backward (real and fake through D) under torch.compile, which saves the
+    buffers themselves for backward.
+    """
+
+    def __init__(self, weight: "torch.Tensor", dim: int = 0, eps: float = 1e-12, warmup_iters: int = 15):
+        super().__init__()
+        self.dim = dim
+        self.eps = eps
+        rows, cols = self._matrix(weight).shape
+        self.register_buffer("u", F.normalize(weight.new_empty(rows, dtype=torch.float32).normal_(), dim=0, eps=eps))
+        self.register_buffer("v", F.normalize(weight.new_empty(cols, dtype=torch.float32).normal_(), dim=0, eps=eps))
+        self.reset_vectors(weight, warmup_iters)
+
+    def _matrix(self, weight: "torch.Tensor") -> "torch.Tensor":
+        # sigma of the [out, in * k * k] matrix; ConvTranspose keeps its output channels on dim 1
+        if self.dim != 0:
+            weight = weight.movedim(self.dim, 0)
+        return weight.flatten(1)
+
+    @torch.no_grad()
+    def _power_iteration(self, weight_mat: "torch.Tensor", n_iters: int) -> None:
+        # u <- W v / |W v|, v <- W^T u / |W^T u|; updated in place so DataParallel replicas and DDP see them
+        for _ in range(n_iters):
+            self.u.copy_(F.normalize(weight_mat @ self.v.float(), dim=0, eps=self.eps))
+            self.v.copy_(F.normalize(weight_mat.t() @ self.u.float(), dim=0, eps=self.eps))
+
+    @torch.no_grad()
+    def reset_vectors(self, weight: "torch.Tensor", n_iters: int = 15) -> None:
+        """Re-seed u, v for a freshly initialised weight."""
+        self._power_iteration(self._matrix(weight).float(), n_iters)
+
+    def forward(self, weight: "torch.Tensor") -> "torch.Tensor":
+        with torch.autocast(device_type=weight.device.type, enabled=False):
+            weight_mat = self._matrix(weight).float()
+            sigma = torch.dot(self.u, weight_mat @ self.v)  # sigma = u^T W v
+            return (weight.float() / sigma).to(weight.dtype)
+
+
+def spectral_norm_layers(model: "nn.Module") -> list:
+    """[(SpectralNormFp32, original weight)] of every spectral-normalised weight of `model`, collected once
+    (walking the modules every step costs ~0.7 ms for the default G and D)."""
+    layers = []
+    for module in model.modules():
+        if parametrize.is_parametrized(module, "weight"):
+            parametrization = module.parametrizations.weight
+            layers += [(step, parametrization.original) for step in parametrization if isinstance(step, SpectralNormFp32)]
+    return layers
+
+
+@torch.no_grad()
+def spectral_norm_power_iteration_(layers: list) -> None:
+    """One power iteration for each (SpectralNormFp32, weight) of spectral_norm_layers(): call once per optimiser
+    step, before the step's forwards (SN's one iteration per update), with no graph of the previous step waiting."""
+    for sn, weight in layers:
+        sn._power_iteration(sn._matrix(weight).float(), 1)
+
+
+def with_sn(module: "nn.Module", enabled: bool = True) -> "nn.Module":
+    """Register SpectralNormFp32 on module.weight when enabled; returns the module."""
+    if not enabled:
+        return module
+    dim = 1 if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)) else 0
+    parametrize.register_parametrization(module, "weight", SpectralNormFp32(module.weight.detach(), dim=dim))
+    return module
+
+
+def sn_conv2d(in_ch: int, out_ch: int, kernel: int, stride: int = 1, padding: int = 0, bias: bool = True,
+              sn: bool = True) -> "nn.Module":
+    return with_sn(nn.Conv2d(in_ch, out_ch, kernel, stride, padding, bias=bias), sn)
+
+
+def sn_linear(in_features: int, out_features: int, bias: bool = True, sn: bool = True) -> "nn.Module":
+    return with_sn(nn.Linear(in_features, out_features, bias=bias), sn)
+
+
+def sn_embedding(n_classes: int, dim: int, sn: bool = True) -> "nn.Module":
+    return with_sn(nn.Embedding(n_classes, dim), sn)
+
+
+class ConditionalBatchNorm2d(nn.Module):
+    """BatchNorm whose gain/bias come from the condition:
+    gain = 1 + linear_g(c) [+ embed_g(y)], bias = linear_b(c) [+ embed_b(y)].
+
+    cond_dim > 0: c is a vector (BigGAN's shared class embedding, optionally with a z chunk).
+    n_classes > 0: per-layer class embeddings (plain conditional BN, SNGAN). Neither: an ordinary affine BatchNorm.
+    """
+
+    def __init__(self, num_features: int, cond_dim: int = 0, n_classes: int = 0, sn: bool = False, eps: float = 1e-5):
+        super().__init__()
+        self.cond_dim = cond_dim
+        self.n_classes = n_classes
+        conditional = cond_dim > 0 or n_classes > 0
+        self.bn = nn.BatchNorm2d(num_features, eps=eps, affine=not conditional)
+        self.gain_linear = sn_linear(cond_dim, num_features, bias=False, sn=sn) if cond_dim > 0 else None
+        self.bias_linear = sn_linear(cond_dim, num_features, bias=False, sn=sn) if cond_dim > 0 else None
+        self.gain_embed = nn.Embedding(n_classes, num_features) if n_classes > 0 else None
+        self.bias_embed = nn.Embedding(n_classes, num_features) if n_classes > 0 else None
+        self.reset_condition_()
+
+    @torch.no_grad()
+    def reset_condition_(self) -> None:
+        """Class embeddings start at zero so every class starts with gain 1, bias 0 (SNGAN's CBN)."""
+        for embed in (self.gain_embed, self.bias_embed):
+            if embed is not None:
+                embed.weight.zero_()
+
+    def forward(self, x: "torch.Tensor", cond_vec: "torch.Tensor | None" = None,
+                y: "torch.Tensor | None" = None) -> "torch.Tensor":
+        out = self.bn(x)
+        if self.gain_linear is None and self.gain_embed is None:
+            return out
+        gain = 1.0
+        bias = 0.0
+        if self.gain_linear is not None:
+            gain = gain + self.gain_linear(cond_vec)
+            bias = bias + self.bias_linear(cond_vec)
+        if self.gain_embed is not None:
+            gain = gain + self.gain_embed(y)
+            bias = bias + self.bias_embed(y)
+        return out * gain[:, :, None, None] + bias[:, :, None, None]
+
+
+class SelfAttention2d(nn.Module):
+    """SAGAN self-attention with BigGAN's layout: theta, phi (C/8) and g (C/2) 1x1 convs, phi and g max-pooled by 2.
+
+    beta = softmax(theta(x)^T phi(x)) over the pooled positions; out = x + gamma * o(g(x) beta^T); gamma starts at 0,
+    so the layer is the identity at initialisation.
+    """
+
+    def __init__(self, ch: int, sn: bool = True):
+        super().__init__()
+        if ch < 8:
+            raise ValueError(f"self-attention needs at least 8 channels, got {ch}: raise the width (--g-ch/--d-ch)")
+        self.theta = sn_conv2d(ch, ch // 8, 1, bias=False, sn=sn)
+        self.phi = sn_conv2d(ch, ch // 8, 1, bias=False, sn=sn)
+        self.g = sn_conv2d(ch, ch // 2, 1, bias=False, sn=sn)
+        self.o = sn_conv2d(ch // 2, ch, 1, bias=False, sn=sn)
+        self.gamma = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
+        b, c, h, w = x.shape
+        theta = self.theta(x).reshape(b, c // 8, h * w)
+        phi = F.max_pool2d(self.phi(x), 2).reshape(b, c // 8, h * w // 4)
+        g = F.max_pool2d(self.g(x), 2).reshape(b, c // 2, h * w // 4)
+        # plain matmul + softmax (not SDPA): it supports the double backward of the gradient penalty
+        beta = torch.softmax(theta.transpose(1, 2) @ phi, dim=-1)  # [B, HW, HW/4]
+        attended = (g @ beta.transpose(1, 2)).reshape(b, c // 2, h, w)
+        return x + self.gamma * self.o(attended)
+
+
+class MinibatchStdDev(nn.Module):
+    """ProGAN's minibatch stddev: append one channel holding mean_{c,h,w} std over a group of samples.
+
+    Groups take every (B/G)-th sample (sample i with i + B/G, ...); G = gcd(B, group_size) so any batch works.
+    """
+
+    def __init__(self, group_size: int = 4, eps: float = 1e-8):
+        super().__init__()
+        self.group_size = group_size
+        self.eps = eps
+
+    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
+        b, c, h, w = x.shape
+        group = math.gcd(b, self.group_size)
+        grouped = x.float().reshape(group, b // group, c, h, w)
+        var = grouped.var(dim=0, unbiased=False)  # [B/G, C, H, W]
+        std = torch.sqrt(var + self.eps).mean(dim=(1, 2, 3))  # [B/G]
+        std_map = std.to(x.dtype).repeat(group)[:, None, None, None].expand(b, 1, h, w)
+        return torch.cat([x, std_map], dim=1)
+
+
+class PixelNorm(nn.Module):
+    """ProGAN's pixelwise feature normalisation: x / sqrt(mean_c(x^2) + eps)."""
+
+    def __init__(self, eps: float = 1e-8):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
+        return x * torch.rsqrt(x.pow(2).mean(dim=1, keepdim=True) + self.eps)
+
+
+class GBlock(nn.Module):
+    """BigGAN/SNGAN G block: CBN-ReLU-up-conv3-CBN-ReLU-conv3, shortcut up-conv1.
+
+    The shortcut runs conv1 before the nearest upsampling: both are linear and per-pixel, so they commute
+    exactly, and the conv then touches 4x fewer pixels.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, cond_dim: int = 0, n_classes: int = 0, sn: bool = True):
+        super().__init__()
+        self.bn1 = ConditionalBatchNorm2d(in_ch, cond_dim, n_classes, sn=sn)
+        self.conv1 = sn_conv2d(in_ch, out_ch, 3, padding=1, sn=sn)
+        self.bn2 = ConditionalBatchNorm2d(out_ch, cond_dim, n_classes, sn=sn)
+        self.conv2 = sn_conv2d(out_ch, out_ch, 3, padding=1, sn=sn)
+        self.conv_sc = sn_conv2d(in_ch, out_ch, 1, sn=sn)
+
+    def forward(self, x: "torch.Tensor", cond_vec: "torch.Tensor | None" = None,
+                y: "torch.Tensor | None" = None) -> "torch.Tensor":
+        h = F.relu(self.bn1(x, cond_vec, y))
+        h = self.conv1(F.interpolate(h, scale_factor=2, mode="nearest"))
+        h = self.conv2(F.relu(self.bn2(h, cond_vec, y)))
+        return h + F.interpolate(self.conv_sc(x), scale_factor=2, mode="nearest")
+
+
+class DBlock(nn.Module):
+    """BigGAN/SNGAN D block: [ReLU]-conv3-ReLU-conv3-[avgpool], shortcut [avgpool]-conv1 when shapes change.
+
+    preactivation=False for the first block (no ReLU on the image). The shortcut pools before its conv1
+    (they commute exactly) so the conv runs on 4x fewer pixels.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, downsample: bool = True, preactivation: bool = True,
+                 sn: bool = True):
+        super().__init__()
+        self.downsample = downsample
+        self.preactivation = preactivation
+        self.conv1 = sn_conv2d(in_ch, out_ch, 3, padding=1, sn=sn)
+        self.conv2 = sn_conv2d(out_ch, out_ch, 3, padding=1, sn=sn)
+        self.conv_sc = sn_conv2d(in_ch, out_ch, 1, sn=sn) if (in_ch != out_ch or downsample) else None
+
+    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
+        h = F.relu(x) if self.preactivation else x
+        h = self.conv2(F.relu(self.conv1(h)))
+        shortcut = x
+        if self.downsample:
+            h = F.avg_pool2d(h, 2)
+            shortcut = F.avg_pool2d(shortcut, 2)
+        if self.conv_sc is not None:
+            shortcut = self.conv_sc(shortcut)
+        return h + shortcut
+
+
+class DCGANUpBlock(nn.Module):
+    """DCGAN G block: ConvTranspose(4, stride 2) doubling the resolution, then BN-ReLU (or ReLU-PixelNorm)."""
+
+    def __init__(self, in_ch: int, out_ch: int, sn: bool = False, pixel_norm: bool = False):
+        super().__init__()
+        self.conv = with_sn(nn.ConvTranspose2d(in_ch, out_ch, 4, 2, 1, bias=pixel_norm), sn)
+        self.norm = PixelNorm() if pixel_norm else nn.BatchNorm2d(out_ch)
+        self.pixel_norm = pixel_norm
+
+    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
+        h = self.conv(x)
+        return self.norm(F.relu(h)) if self.pixel_norm else F.relu(self.norm(h))
+
+
+class DCGANDownBlock(nn.Module):
+    """DCGAN D block: Conv(4, stride 2) halving the resolution, [BN], LeakyReLU(0.2)."""
+
+    def __init__(self, in_ch: int, out_ch: int, sn: bool = False, batch_norm: bool = True):
+        super().__init__()
+        self.conv = sn_conv2d(in_ch, out_ch, 4, 2, 1, bias=not batch_norm, sn=sn)
+        self.bn = nn.BatchNorm2d(out_ch) if batch_norm else None
+
+    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
+        h = self.conv(x)
+        if self.bn is not None:
+            h = self.bn(h)
+        return F.leaky_relu(h, 0.2)
+
+
+class LabelMap(nn.Module):
+    """cond=concat in D: a learned per-class image-sized map, [B] labels -> [B, 1, size, size]."""
+
+    def __init__(self, n_classes: int, size: int):
+        super().__init__()
+        self.size = size
+        self.embed = nn.Embedding(n_classes, size * size)
+
+    def forward(self, y: "torch.Tensor") -> "torch.Tensor":
+        return self.embed(y).reshape(-1, 1, self.size, self.size)
+
+
+class DiscriminatorHead(nn.Module):
+    """D's output from pooled features h [B, F]: adv = linear(h) [+ sum(embed(y) * h)] (projection), and
+    class_logits = linear_cls(h) for cond=acgan (else None)."""
+
+    def __init__(self, feat_dim: int, n_classes: int, cond: str, sn: bool = True):
+        super().__init__()
+        self.adv = sn_linear(feat_dim, 1, sn=sn)
+        self.proj = sn_embedding(n_classes, feat_dim, sn=sn) if cond == "projection" else None
+        self.cls = sn_linear(feat_dim, n_classes, sn=sn) if cond == "acgan" else None
+
+    def forward(self, h: "torch.Tensor", y: "torch.Tensor | None") -> "tuple[torch.Tensor, torch.Tensor | None]":
+        adv_logit = self.adv(h).squeeze(1)
+        if self.proj is not None:
+            adv_logit = adv_logit + (self.proj(y) * h).sum(dim=1)  # projection discriminator
+        class_logits = self.cls(h) if self.cls is not None else None
+        return adv_logit, class_logits
+
+
+# ====================================================================================================
+# src/models.py
+# Generators and discriminators of every recipe (ResNet SNGAN/SAGAN/BigGAN family and DCGAN), built from Config.
+# ====================================================================================================
+MODEL_IMG_SIZE = 64  # every G makes 64x64 RGB; every D reads 64x64
+ATTN_RESOLUTIONS = (8, 16, 32)  # where both G and D have a block output to attend over
+
+
+def hier_z_sizes(z_dim: int, n_slots: int) -> list[int]:
+    """Near-equal chunk sizes of z adding up to z_dim (128 over 5 slots -> 26, 26, 26, 25, 25)."""
+    if z_dim < n_slots:
+        raise ValueError(f"--z-dim {z_dim} is too small to split across {n_slots} hierarchical-z slots")
+    base, extra = divmod(z_dim, n_slots)
+    return [base + 1] * extra + [base] * (n_slots - extra)
+
+
+def _check_g_inputs(z: "torch.Tensor", y: "torch.Tensor | None", z_dim: int, conditional: bool) -> None:
+    # shape checks only (no host sync): a wrong z or missing y fails here, not deep inside a conv
+    if z.dim() != 2 or z.shape[1] != z_dim:
+        raise ValueError(f"G expects z of shape [B, {z_dim}], got {list(z.shape)}")
+    if conditional and (y is None or y.shape != z.shape[:1]):
+        raise ValueError(f"conditional G expects labels y of shape [{z.shape[0]}], got "
+                         f"{None if y is None else list(y.shape)}")
+
+
+def _check_d_inputs(img: "torch.Tensor", y: "torch.Tensor | None", uses_labels: bool) -> None:
+    if img.dim() != 4 or tuple(img.shape[1:]) != (3, MODEL_IMG_SIZE, MODEL_IMG_SIZE):
+        raise ValueError(f"D expects images of shape [B, 3, {MODEL_IMG_SIZE}, {MODEL_IMG_SIZE}], got {list(img.shape)}")
+    if uses_labels and (y is None or y.shape != img.shape[:1]):
+        raise ValueError(f"conditional D expects labels y of shape [{img.shape[0]}], got "
+                         f"{None if y is None else list(y.shape)}")
+
+
+class ResNetGenerator(nn.Module):
+    """SNGAN/BigGAN ResNet G for 64x64: linear -> 4x4x16ch, up-blocks 16ch->8ch->4ch->2ch->1ch, BN-ReLU-conv3-tanh.
+
+    Conditional: a shared class embedding (shared_dim > 0) feeds every CBN, else per-layer class embeddings.
+    hier_z: z splits into n_blocks + 1 chunks, chunk 0 to the linear stem, chunk i concatenated to the
+    shared embedding for block i.
+    """
+
+    def __init__(self, z_dim: int, n_classes: int, ch: int, conditional: bool, shared_dim: int, hier_z: bool,
+                 attn_res: int, sn: bool):
+        super().__init__()
+        self.z_dim = z_dim
+        self.n_classes = n_classes
+        self.conditional = conditional
+        channels = [16 * ch, 8 * ch, 4 * ch, 2 * ch, 1 * ch]
+        n_blocks = len(channels) - 1
+        self.z_sizes = hier_z_sizes(z_dim, n_blocks + 1) if hier_z else [z_dim]
+        block_z_dim = self.z_sizes[1:] if hier_z else [0] * n_blocks
+        self.shared = nn.Embedding(n_classes, shared_dim) if conditional and shared_dim > 0 else None
+        shared_width = shared_dim if self.shared is not None else 0
+        per_layer_classes = n_classes if conditional and self.shared is None else 0
+
+        self.stem = sn_linear(self.z_sizes[0], channels[0] * 4 * 4, sn=sn)
+        self.blocks = nn.ModuleList()
+        self.attn = nn.ModuleDict()
+        res = 4
+        for i in range(n_blocks):
+            self.blocks.append(GBlock(channels[i], channels[i + 1], cond_dim=shared_width + block_z_dim[i],
+                                      n_classes=per_layer_classes, sn=sn))
+            res *= 2
+            if res == attn_res:
+                self.attn[str(i)] = SelfAttention2d(channels[i + 1], sn=sn)
+        self.out_bn = nn.BatchNorm2d(channels[-1])
+        self.out_conv = sn_conv2d(channels[-1], 3, 3, padding=1, sn=sn)
+
+    def forward(self, z: "torch.Tensor", y: "torch.Tensor | None" = None) -> "torch.Tensor":
+        _check_g_inputs(z, y, self.z_dim, self.conditional)
+        z_chunks = torch.split(z, self.z_sizes, dim=1)
+        shared = self.shared(y) if self.shared is not None else None
+        block_y = y if self.conditional else None
+        h = self.stem(z_chunks[0]).reshape(z.shape[0], -1, 4, 4)
+        for i, block in enumerate(self.blocks):
+            parts = [t for t in (shared, z_chunks[i + 1] if len(z_chunks) > 1 else None) if t is not None]
+            cond_vec = torch.cat(parts, dim=1) if parts else None
+            h = block(h, cond_vec, block_y)
+            if str(i) in self.attn:
+                h = self.attn[str(i)](h)
+        return torch.tanh(self.out_conv(F.relu(self.out_bn(h))))
+
+
+class ResNetDiscriminator(nn.Module):
+    """SNGAN/BigGAN ResNet D for 64x64: blocks ch, 2ch, 4ch, 8ch (down to 4x4), 16ch (no pooling),
+    ReLU, global sum pool, DiscriminatorHead (linear [+ projection] [+ aux classifier])."""
+
+    def __init__(self, n_classes: int, ch: int, cond: str, attn_res: int, sn: bool, mbstd: bool):
+        super().__init__()
+        self.cond = cond
+        self.label_map = LabelMap(n_classes, MODEL_IMG_SIZE) if cond == "concat" else None
+        channels = [3 + (1 if cond == "concat" else 0), ch, 2 * ch, 4 * ch, 8 * ch, 16 * ch]
+        self.blocks = nn.ModuleList()
+        self.attn = nn.ModuleDict()
+        res = MODEL_IMG_SIZE
+        n_blocks = len(channels) - 1
+        for i in range(n_blocks):
+            last = i == n_blocks - 1
+            in_ch = channels[i] + (1 if last and mbstd else 0)
+            self.blocks.append(DBlock(in_ch, channels[i + 1], downsample=not last, preactivation=i > 0, sn=sn))
+            res = res if last else res // 2
+            if res == attn_res and not last:
+                self.attn[str(i)] = SelfAttention2d(channels[i + 1], sn=sn)
+        self.mbstd = MinibatchStdDev() if mbstd else None
+        self.head = DiscriminatorHead(channels[-1], n_classes, cond, sn=sn)
+
+    def forward(self, img: "torch.Tensor", y: "torch.Tensor | None" = None) -> "tuple[torch.Tensor, torch.Tensor | None]":
+        _check_d_inputs(img, y, self.cond in ("projection", "concat"))
+        h = img
+        if self.label_map is not None:
+            h = torch.cat([h, self.label_map(y).to(h.dtype)], dim=1)
+        for i, block in enumerate(self.blocks):
+            if i == len(self.blocks) - 1 and self.mbstd is not None:
+                h = self.mbstd(h)
+            h = block(h)
+            if str(i) in self.attn:
+                h = self.attn[str(i)](h)
+        features = F.relu(h).sum(dim=(2, 3))  # global sum pooling
+        return self.head(features, y)
+
+
+class DCGANGenerator(nn.Module):
+    """Radford et al. G: [z, label embedding] -> Linear -> 4x4x8ch -> ConvTranspose 8ch->4ch->2ch->1ch -> 3, tanh.
+
+    draw_res 32 draws at 32x32 (4x4x4ch -> 4ch->2ch->1ch -> 3) and repeats each pixel 2x2 up to 64x64: a quarter of
+    the work per image, for CPU runs such as the demo."""
+
+    def __init__(self, z_dim: int, n_classes: int, ch: int, conditional: bool, label_dim: int, attn_res: int,
+                 sn: bool, pixel_norm: bool, draw_res: int = MODEL_IMG_SIZE):
+        super().__init__()
+        self.upscale = MODEL_IMG_SIZE // draw_res
+        self.z_dim = z_dim
+        self.n_classes = n_classes
+        self.conditional = conditional
+        self.label_embed = nn.Embedding(n_classes, label_dim) if conditional else None
+        in_dim = z_dim + (label_dim if conditional else 0)
+        n_ups = int(math.log2(draw_res // 4))  # 4x4 -> draw_res in doublings: the last one is out_conv
+        channels = [ch * 2 ** (n_ups - 1 - i) for i in range(n_ups)]
+        self.stem = sn_linear(in_dim, channels[0] * 4 * 4, bias=pixel_norm, sn=sn)
+        self.stem_norm = PixelNorm() if pixel_norm else nn.BatchNorm2d(channels[0])
+        self.pixel_norm = pixel_norm
+        self.blocks = nn.ModuleList()
+        self.attn = nn.ModuleDict()
+        res = 4
+        for i in range(len(channels) - 1):
+            self.blocks.append(DCGANUpBlock(channels[i], channels[i + 1], sn=sn, pixel_norm=pixel_norm))
+            res *= 2
+            if res == attn_res:
+                self.attn[str(i)] = SelfAttention2d(channels[i + 1], sn=sn)
+        self.out_conv = with_sn(nn.ConvTranspose2d(channels[-1], 3, 4, 2, 1), sn)
+
+    def forward(self, z: "torch.Tensor", y: "torch.Tensor | None" = None) -> "torch.Tensor":
+        _check_g_inputs(z, y, self.z_dim, self.conditional)
+        g_in = torch.cat([z, self.label_embed(y).to(z.dtype)], dim=1) if self.label_embed is not None else z
+        h = self.stem(g_in).reshape(z.shape[0], -1, 4, 4)
+        h = self.stem_norm(F.relu(h)) if self.pixel_norm else F.relu(self.stem_norm(h))
+        for i, block in enumerate(self.blocks):
+            h = block(h)
+            if str(i) in self.attn:
+                h = self.attn[str(i)](h)
+        img = torch.tanh(self.out_conv(h))
+        return F.interpolate(img, scale_factor=self.upscale, mode="nearest") if self.upscale > 1 else img
+
+
+class DCGANDiscriminator(nn.Module):
+    """Radford et al. D: strided convs 3->ch->2ch->4ch->8ch with LeakyReLU(0.2) (BN from the second conv on,
+    dropped when D is spectrally normalised as in SN-DCGAN), then the 4x4x8ch features, flattened, go to the head
+    (the DCGAN's final 4x4 valid conv is exactly a linear layer on them). draw_res 32 judges the 2x2-averaged image
+    (exactly what a 32x32 G drew) with one block fewer."""
+
+    def __init__(self, n_classes: int, ch: int, cond: str, attn_res: int, sn: bool, mbstd: bool,
+                 draw_res: int = MODEL_IMG_SIZE):
+        super().__init__()
+        self.cond = cond
+        self.downscale = MODEL_IMG_SIZE // draw_res
+        self.label_map = LabelMap(n_classes, draw_res) if cond == "concat" else None
+        n_downs = int(math.log2(draw_res // 4))
+        channels = [3 + (1 if cond == "concat" else 0)] + [ch * 2 ** i for i in range(n_downs)]
+        self.blocks = nn.ModuleList()
+        self.attn = nn.ModuleDict()
+        res = draw_res
+        for i in range(len(channels) - 1):
+            self.blocks.append(DCGANDownBlock(channels[i], channels[i + 1], sn=sn, batch_norm=i > 0 and not sn))
+            res //= 2
+            if res == attn_res:
+                self.attn[str(i)] = SelfAttention2d(channels[i + 1], sn=sn)
+        self.mbstd = MinibatchStdDev() if mbstd else None
+        self.head = DiscriminatorHead((channels[-1] + (1 if mbstd else 0)) * 4 * 4, n_classes, cond, sn=sn)
+
+    def forward(self, img: "torch.Tensor", y: "torch.Tensor | None" = None) -> "tuple[torch.Tensor, torch.Tensor | None]":
+        _check_d_inputs(img, y, self.cond in ("projection", "concat"))
+        h = F.avg_pool2d(img, self.downscale) if self.downscale > 1 else img
+        if self.label_map is not None:
+            h = torch.cat([h, self.label_map(y).to(h.dtype)], dim=1)
+        for i, block in enumerate(self.blocks):
+            h = block(h)
+            if str(i) in self.attn:
+                h = self.attn[str(i)](h)
+        if self.mbstd is not None:
+            h = self.mbstd(h)
+        return self.head(h.flatten(1), y)
+
+
+@torch.no_grad()
+def init_weights_(model: "nn.Module", scheme: str) -> None:
+    """Initialise conv/linear/embedding weights in place.
+
+    "ortho": orthogonal weights, zero biases (BigGAN; used for the ResNet family).
+    "normal": N(0, 0.02) weights, BN gains N(1, 0.02), zero biases (DCGAN).
+    Spectrally normalised layers get their raw weight initialised and their power-iteration vectors re-seeded.
+    """
+    # conditional-BN class embeddings stay at zero (every class starts at gain 1, bias 0)
+    cbn_embeds = {id(embed) for m in model.modules() if isinstance(m, ConditionalBatchNorm2d)
+                  for embed in (m.gain_embed, m.bias_embed) if embed is not None}
+    for module in model.modules():
+        weighted = isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.Embedding))
+        if weighted and id(module) not in cbn_embeds:
+            is_sn = parametrize.is_parametrized(module, "weight")
+            weight = module.parametrizations.weight.original if is_sn else module.weight
+            if scheme == "ortho":
+                nn.init.orthogonal_(weight)
+            else:
+                nn.init.normal_(weight, 0.0, 0.02)
+            if getattr(module, "bias", None) is not None:
+                module.bias.zero_()
+            if is_sn:
+                for param in module.parametrizations.weight:
+                    if isinstance(param, SpectralNormFp32):
+                        param.reset_vectors(weight)
+        elif isinstance(module, nn.BatchNorm2d) and module.affine and scheme == "normal":
+            nn.init.normal_(module.weight, 1.0, 0.02)
+            module.bias.zero_()
+
+
+def build_models(cfg: "Config", n_classes: int) -> "tuple[nn.Module, nn.Module]":
+    """(G, D) for cfg.arch / cfg.cond and the widths in cfg, initialised as their papers."""
+    conditional = cfg.cond != "none"
+    if conditional and n_classes < 1:
+        raise ValueError(f"--cond {cfg.cond} needs labelled data, but the dataset has {n_classes} classes")
+    if cfg.attn_res not in (0,) + ATTN_RESOLUTIONS:
+        raise ValueError(f"--attn-res {cfg.attn_res}: choose 0 (off) or one of {', '.join(map(str, ATTN_RESOLUTIONS))}")
+    n_classes = max(n_classes, 1)
+    if cfg.arch == "resnet":
+        if cfg.draw_res != MODEL_IMG_SIZE:
+            raise ValueError(f"--draw-res {cfg.draw_res} is a DCGAN option (the ResNet G draws at 64): use --arch dcgan")
+        if cfg.pixel_norm:
+            raise ValueError("--pixel-norm is a DCGAN option (the ResNet G uses batch norm): use --arch dcgan")
+        G = ResNetGenerator(cfg.z_dim, n_classes, cfg.g_ch, conditional, cfg.shared_dim, cfg.hier_z,
+                            cfg.attn_res, cfg.g_sn)
+        D = ResNetDiscriminator(n_classes, cfg.d_ch, cfg.cond, cfg.attn_res, cfg.d_sn, cfg.mbstd)
+        scheme = "ortho"
+    else:
+        # the DCGAN label embedding is shared_dim wide when set, else as wide as z
+        label_dim = cfg.shared_dim if cfg.shared_dim > 0 else cfg.z_dim
+        G = DCGANGenerator(cfg.z_dim, n_classes, cfg.g_ch, conditional, label_dim, cfg.attn_res, cfg.g_sn,
+                           cfg.pixel_norm, cfg.draw_res)
+        D = DCGANDiscriminator(n_classes, cfg.d_ch, cfg.cond, cfg.attn_res, cfg.d_sn, cfg.mbstd, cfg.draw_res)
+        scheme = "normal"
+    init_weights_(G, scheme)
+    init_weights_(D, scheme)
+    return G, D
+
+
+def count_params(module: "nn.Module") -> int:
+    """Trainable parameters (a spectrally normalised weight counts once: its u, v are buffers)."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def describe_models(G: "nn.Module", D: "nn.Module") -> str:
+    """One line for the start-up banner: 'G ResNetGenerator 11.44M params | D ResNetDiscriminator 19.67M params'."""
+    return (f"G {type(G).__name__} {count_params(G) / 1e6:.2f}M params | "
+            f"D {type(D).__name__} {count_params(D) / 1e6:.2f}M params")
+
+
+# ====================================================================================================
 # src/losses.py
 # GAN losses on D's logits, one uniform signature each, plus the WGAN-GP penalty and the ACGAN class loss.
 #
@@ -4108,6 +2181,852 @@ GAN_LOSSES = {
     "rals": GanLoss(d_rals_loss, g_rals_loss),
     "wgan-gp": GanLoss(d_wgan_loss, g_wgan_loss, penalty=gradient_penalty),
 }
+
+
+# ====================================================================================================
+# src/precision.py
+# The one mixed-precision setup: autocast dtype, grad scalers, Adam flavour and memory layout per device.
+# ====================================================================================================
+@dataclass(frozen=True)
+class Precision:
+    """How the training step runs on this device."""
+    device_type: str            # "cuda" | "cpu" | ...
+    dtype: "torch.dtype | None"   # autocast dtype; None: plain fp32
+    use_scaler: bool            # fp16 needs a loss scaler (one per optimiser)
+    channels_last: bool         # NHWC activations and weights
+
+    @property
+    def name(self) -> str:
+        return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.dtype, "fp32")
+
+
+def choose_precision(amp: str, device: "torch.device | str", channels_last: bool = True) -> "Precision":
+    """auto: bf16 autocast on CUDA sm >= 8.0, fp16 + GradScaler below (P100, T4), fp32 on the CPU.
+
+    An explicit amp the device cannot run falls back with a one-line note.
+    """
+    device = torch.device(device)
+    on_cuda = device.type == "cuda"
+    capability = torch.cuda.get_device_capability(device) if on_cuda else (0, 0)
+    wanted = amp
+    if amp == "auto":
+        wanted = ("bf16" if capability >= (8, 0) else "fp16") if on_cuda else "fp32"
+    if wanted == "bf16" and on_cuda and capability < (8, 0):
+        log("precision", f"bf16 needs compute capability 8.0, this GPU has {capability[0]}.{capability[1]}: using fp16")
+        wanted = "fp16"
+    if wanted in ("bf16", "fp16") and not on_cuda:
+        log("precision", f"--amp {wanted} is for CUDA devices; training in fp32 on {device.type}")
+        wanted = "fp32"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(wanted)
+    return Precision(device_type=device.type, dtype=dtype, use_scaler=wanted == "fp16",
+                     channels_last=bool(channels_last) and on_cuda)
+
+
+def precision_autocast(precision: "Precision"):
+    """The autocast context of the forward passes (a no-op in fp32)."""
+    if precision.dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=precision.device_type, dtype=precision.dtype)
+
+
+def autocast_disabled(precision: "Precision"):
+    """A context that turns autocast off (e.g. for the double-backward of a gradient penalty)."""
+    if precision.dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=precision.device_type, enabled=False)
+
+
+def make_grad_scaler(precision: "Precision"):
+    """A GradScaler (enabled only for fp16); a disabled one passes losses and steps straight through."""
+    if not hasattr(torch.amp, "GradScaler"):  # torch < 2.3 (older Kaggle images)
+        return torch.cuda.amp.GradScaler(enabled=precision.use_scaler)
+    return torch.amp.GradScaler(precision.device_type if precision.use_scaler else "cpu",
+                                enabled=precision.use_scaler)
+
+
+def make_adam(params, lr: float, betas: tuple[float, float], precision: "Precision") -> "torch.optim.Adam":
+    """Adam with the fused CUDA kernel on the GPU, the foreach implementation elsewhere."""
+    if precision.device_type == "cuda":
+        return torch.optim.Adam(params, lr=lr, betas=betas, fused=True)
+    return torch.optim.Adam(params, lr=lr, betas=betas, foreach=True)
+
+
+def to_memory_format(x: "torch.Tensor", precision: "Precision") -> "torch.Tensor":
+    """NCHW -> channels_last when the setup uses it (4-d tensors only)."""
+    if precision.channels_last and x.dim() == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def place_module(module: "torch.nn.Module", device, precision: "Precision") -> "torch.nn.Module":
+    """Move a model to the device in the setup's memory format."""
+    module = module.to(device)
+    if precision.channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    return module
+
+
+def configure_backends(device) -> None:
+    """Speed settings for CUDA: cuDNN autotuning (fixed shapes) and TF32 matmuls/convs on sm >= 8.0.
+
+    They make GPU runs differ from each other in the last bits; CPU runs stay bit-reproducible.
+    """
+    if torch.device(device).type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+
+# ====================================================================================================
+# src/distributed.py
+# Multi-GPU training with torchrun: process-group set-up, and the few collectives the training loop needs.
+#
+# Launch: `torchrun --standalone --nproc_per_node=2 kernel.py ...` (Kaggle's 2 x T4). Without torchrun the
+# run is one process (world_size 1) and nothing here talks to other processes.
+# ====================================================================================================
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: "torch.device"
+    is_main: bool       # rank 0: the only process that writes files and prints status
+
+
+def dist_resolve_device(device: str = "auto") -> "torch.device":
+    """'auto' -> cuda when available else cpu; 'cuda' / 'cuda:N' must exist."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: no CUDA device is available here; use --device cpu or auto")
+    return resolved
+
+
+def setup_distributed(device: str = "auto") -> "DistInfo":
+    """Join the torchrun process group when WORLD_SIZE > 1 (nccl on CUDA, gloo on CPU), else a single process.
+
+    Under torchrun each rank uses cuda:LOCAL_RANK (or the CPU when there is no GPU or --device cpu).
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistInfo(rank=0, world_size=1, local_rank=0, device=dist_resolve_device(device), is_main=True)
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    use_cuda = torch.cuda.is_available() and device != "cpu"
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        rank_device = torch.device("cuda", local_rank)
+    else:
+        rank_device = torch.device("cpu")
+    if not torch_dist.is_initialized():
+        torch_dist.init_process_group(backend="nccl" if use_cuda else "gloo", rank=rank, world_size=world_size)
+    if rank == 0:
+        log("distributed", f"{world_size} processes, backend {torch_dist.get_backend()}")
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=rank_device, is_main=rank == 0)
+
+
+def cleanup_distributed() -> None:
+    """Leave the process group (no-op for a single process)."""
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+def current_dist_info(device: "torch.device | str") -> "DistInfo":
+    """The rank and world size of this process as the process group knows them (1 process when there is none)."""
+    device = torch.device(device)
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        rank, world_size = torch_dist.get_rank(), torch_dist.get_world_size()
+        return DistInfo(rank=rank, world_size=world_size, local_rank=int(os.environ.get("LOCAL_RANK", rank)),
+                        device=device, is_main=rank == 0)
+    return DistInfo(rank=0, world_size=1, local_rank=0, device=device, is_main=True)
+
+
+def any_rank_flags(flags: list[bool], device: "torch.device", world_size: int) -> list[bool]:
+    """Element-wise OR of boolean flags over all ranks (one tiny all-reduce), so every rank takes the same branch.
+
+    Used for the stop / tick / snapshot decisions: if rank 0's clock says stop, or any rank caught SIGTERM,
+    all ranks stop after the same step and no rank waits forever in a gradient all-reduce.
+    """
+    if world_size <= 1:
+        return list(flags)
+    flag_tensor = torch.tensor([float(f) for f in flags], device=device)
+    torch_dist.all_reduce(flag_tensor, op=torch_dist.ReduceOp.MAX)
+    return [bool(v) for v in flag_tensor.tolist()]
+
+
+def mean_over_ranks(values: "torch.Tensor", world_size: int) -> "torch.Tensor":
+    """The mean of a tensor over ranks (SUM / world_size: gloo has no AVG)."""
+    if world_size <= 1:
+        return values
+    summed = values.clone()
+    torch_dist.all_reduce(summed, op=torch_dist.ReduceOp.SUM)
+    return summed / world_size
+
+
+def wrap_ddp(module: "torch.nn.Module", info: "DistInfo") -> "torch.nn.Module":
+    """DistributedDataParallel around `module` when world_size > 1 (else the module itself).
+
+    DDP's default buffer sync (broadcast_buffers=True) is relied on: rank 0's buffers (spectral norm's u/v,
+    BatchNorm running stats) are copied to every rank at each DDP forward. Forwards that bypass the wrapper
+    (no-grad fakes, the frozen D of a G step) update buffers locally; sync_buffers() evens them out at the end.
+    BatchNorm normalises with each rank's own batch statistics (no SyncBatchNorm).
+    """
+    if info.world_size <= 1:
+        return module
+    device_ids = [info.device.index] if info.device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
+
+
+def sync_buffers(module: "torch.nn.Module", world_size: int) -> None:
+    """Copy rank 0's buffers (running stats, power-iteration vectors) to every rank."""
+    if world_size <= 1:
+        return
+    for buffer in module.buffers():
+        torch_dist.broadcast(buffer.data, src=0)
+
+
+# ====================================================================================================
+# src/nets.py
+# What a run trains: G, D and G_ema with their optimisers and call paths, and the counters that go with them.
+# ====================================================================================================
+@dataclass
+class LoopState:
+    """Counters and adaptive settings of the loop; saved in the checkpoint as plain numbers."""
+    step: int = 0
+    images_seen: int = 0
+    batch_size: int = 64         # global batch (all ranks together); an OOM halves it
+    n_dis: int = 1               # current D steps per round (adaptive when dis_loss_limit > 0)
+    lr_scale: float = 1.0        # halved by every NaN rollback
+    rollbacks: int = 0
+    schedule_progress: float = 0.0
+    train_seconds: float = 0.0   # training wall-clock over all sessions
+
+
+@dataclass
+class GanNets:
+    """The modules and optimisers of a run. G, D, G_ema are the plain modules (saved, EMA'd); G_train/D_train are
+    the paths gradients flow through (DDP and/or compiled), G_fwd/D_fwd the same modules without DDP."""
+    G: "torch.nn.Module"
+    D: "torch.nn.Module"
+    G_ema: "torch.nn.Module"
+    G_train: "torch.nn.Module"
+    D_train: "torch.nn.Module"
+    G_fwd: "torch.nn.Module"
+    D_fwd: "torch.nn.Module"
+    opt_g: "torch.optim.Optimizer"
+    opt_d: "torch.optim.Optimizer"
+    scaler_g: object             # torch.amp.GradScaler (disabled unless fp16)
+    scaler_d: object
+    sn_G: list                   # spectral_norm_layers(G), (D): advanced once per optimiser step
+    sn_D: list
+
+
+def build_gan_nets(cfg: "Config", n_classes: int, device, precision: "Precision", dist_info: "DistInfo") -> "GanNets":
+    """G, D (initialised by the models module), G_ema, the DDP / compiled call paths, Adam and grad scalers."""
+    G, D = build_models(cfg, n_classes)
+    G, D = place_module(G, device, precision).train(), place_module(D, device, precision).train()
+    G_ema = copy.deepcopy(G).eval().requires_grad_(False)
+    # Without DDP one (compiled) module serves both paths; with DDP the no-grad / frozen-D paths skip the wrapper.
+    G_fwd = torch.compile(G) if cfg.compile else G
+    D_fwd = torch.compile(D) if cfg.compile else D
+    if dist_info.world_size > 1:
+        G_train, D_train = wrap_ddp(G, dist_info), wrap_ddp(D, dist_info)
+        if cfg.compile:
+            G_train, D_train = torch.compile(G_train), torch.compile(D_train)
+    else:
+        G_train, D_train = G_fwd, D_fwd
+    opt_g = make_adam(G.parameters(), cfg.lr_g, (cfg.beta1, cfg.beta2), precision)
+    opt_d = make_adam(D.parameters(), cfg.lr_d, (cfg.beta1, cfg.beta2), precision)
+    return GanNets(G=G, D=D, G_ema=G_ema, G_train=G_train, D_train=D_train, G_fwd=G_fwd, D_fwd=D_fwd,
+                   opt_g=opt_g, opt_d=opt_d, scaler_g=make_grad_scaler(precision), scaler_d=make_grad_scaler(precision),
+                   sn_G=spectral_norm_layers(G), sn_D=spectral_norm_layers(D))
+
+
+# ====================================================================================================
+# src/schedule.py
+# Learning-rate schedules on the training clock.
+# ====================================================================================================
+LR_SCHEDULES = ("const", "cosine", "linear", "restarts")
+
+
+def _cosine_factor(t: float, min_ratio: float) -> float:
+    # m + (1 - m) * (1 + cos(pi * t)) / 2: 1 at t = 0, m at t = 1.
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def lr_factor(kind: str, progress: float, min_ratio: float = 0.1, cycles: int = 4) -> float:
+    """Multiplier of the base lr at `progress` (0..1) of the training window.
+
+    const: 1.  cosine: m + (1-m)(1+cos(pi p))/2.  linear: 1 - (1-m) p.  Both reach m exactly at p = 1.
+    restarts (SGDR): `cycles` cosine cycles of lengths T, 2T, 4T, ... with T = 1 / (2^cycles - 1), so they
+    fill the window; each restarts at 1 and anneals to m, the last one exactly at the deadline.
+    """
+    p = min(1.0, max(0.0, float(progress)))
+    if kind == "const":
+        return 1.0
+    if kind == "cosine":
+        return _cosine_factor(p, min_ratio)
+    if kind == "linear":
+        return 1.0 - (1.0 - min_ratio) * p
+    if kind == "restarts":
+        n = max(1, int(cycles))
+        first = 1.0 / (2 ** n - 1)
+        # Cycle k starts at first * (2^k - 1): k = floor(log2(p / first + 1)), the last cycle owns p = 1.
+        k = min(n - 1, int(math.floor(math.log2(p / first + 1.0) + 1e-12)))
+        start = first * (2 ** k - 1)
+        return _cosine_factor((p - start) / (first * 2 ** k), min_ratio)
+    raise ValueError(f"unknown lr schedule {kind!r}; choose one of {', '.join(LR_SCHEDULES)}")
+
+
+def schedule_progress(progress_before: float, window_fraction: float) -> float:
+    """Schedule position when a resumed run continues from `progress_before` into a new training window.
+
+    The rest of the schedule is stretched over the new window: p = p0 + (1 - p0) * f, so the lr still
+    reaches its end value exactly at this session's deadline.
+    """
+    p0 = min(1.0, max(0.0, float(progress_before)))
+    return p0 + (1.0 - p0) * min(1.0, max(0.0, float(window_fraction)))
+
+
+# ====================================================================================================
+# src/budget.py
+# Wall-clock budget (when training must stop so that generation, zip and MiFID still fit) and periodic events.
+# ====================================================================================================
+class Deadline:
+    """The run's end time and the reserve kept back for what comes after training."""
+
+    def __init__(self, budget_s: float, start: float | None = None):
+        self.start = time.time() if start is None else start
+        self.end = self.start + float(budget_s)
+        self.reserve_s = 0.0
+
+    def elapsed(self) -> float:
+        return time.time() - self.start
+
+    def remaining(self) -> float:
+        """Seconds until the whole run must be over."""
+        return self.end - time.time()
+
+    def reserve(self, seconds: float) -> None:
+        """Keep `seconds` back from training for generation, zipping and scoring."""
+        self.reserve_s = max(0.0, float(seconds))
+
+    @property
+    def train_end(self) -> float:
+        return self.end - self.reserve_s
+
+    def train_remaining(self) -> float:
+        """Seconds training may still use."""
+        return self.train_end - time.time()
+
+    def train_fraction(self, train_start: float) -> float:
+        """Fraction of the training window used so far (0..1): the clock the lr schedule anneals by."""
+        span = max(1e-9, self.train_end - train_start)
+        return min(1.0, max(0.0, (time.time() - train_start) / span))
+
+
+class Every:
+    """A periodic event on the wall clock: due once `seconds` have passed since the last reset.
+
+    seconds <= 0 means never (only at the end of the run), or every time when `zero_means_always` (status ticks).
+    """
+
+    def __init__(self, seconds: float, now: float, zero_means_always: bool = False):
+        self.seconds = seconds
+        self.never = seconds <= 0 and not zero_means_always
+        self.reset(now)
+
+    def reset(self, now: float) -> None:
+        self.next = math.inf if self.never else now + max(0.0, self.seconds)
+
+    def due(self, now: float) -> bool:
+        return now >= self.next
+
+    def left(self, now: float) -> float | None:
+        """Seconds until the next event, None when it never comes."""
+        return None if self.never else max(0.0, self.next - now)
+
+
+# The reserve is what the output stages measured at start-up, times this: short probes on a shared machine
+# scatter by about +-20 % from the real run.
+RESERVE_SAFETY = 1.25
+# How far past the end of the budget an output stage may run before it is abandoned (a few seconds, as promised).
+OVERRUN_GRACE_S = 3.0
+
+
+class BudgetError(ValueError):
+    """--time-budget cannot hold this run on this device; the message names the smallest budget that can."""
+
+
+class OutOfTime(RuntimeError):
+    """An output stage was abandoned because the run passed the end of its budget; its old files are kept."""
+
+
+def reserve_margin(budget_s: float) -> float:
+    """Head-room on top of the measured reserve: 3 s plus 1 % of the budget, at most 2 minutes."""
+    return min(120.0, 3.0 + 0.01 * budget_s)
+
+
+def budget_flag_text(seconds: float) -> str:
+    """Whole seconds as a --time-budget value: '50s', '2m30s', '7m', '1h10m'."""
+    seconds = int(math.ceil(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    text = (f"{hours}h" if hours else "") + (f"{minutes}m" if minutes else "") + (f"{secs}s" if secs else "")
+    return text or "0s"
+
+
+def smallest_budget(needed_s: float) -> float:
+    """The smallest budget b with b >= needed_s + reserve_margin(b), rounded up to a value easy to type
+    (10 s steps up to 2 minutes, whole minutes up to an hour, then 10-minute steps)."""
+    budget = (needed_s + 3.0) / 0.99
+    if reserve_margin(budget) >= 120.0:
+        budget = needed_s + 120.0
+    step = 10.0 if budget <= 120 else 60.0 if budget <= 3600 else 600.0
+    return math.ceil(budget / step - 1e-9) * step
+
+
+def deadline_check(deadline: "Deadline", what: str, grace_s: float = OVERRUN_GRACE_S):
+    """A check for long output loops to call between batches: raises OutOfTime once the run is more than
+    grace_s past the end of its budget, so the stage stops instead of overrunning by minutes."""
+    def check() -> None:
+        late = time.time() - deadline.end
+        if late > grace_s:
+            raise OutOfTime(f"{what} ran {late:.0f}s past the end of the {budget_flag_text(deadline.end - deadline.start)} "
+                            f"budget and was stopped")
+    return check
+
+
+# ====================================================================================================
+# src/generate.py
+# Generation: latents, balanced breed labels, 10,000 images from G_ema, and the submission zip.
+# ====================================================================================================
+def sample_z(n: int, z_dim: int, device, truncation: float = 0.0, generator: "torch.Generator | None" = None) -> "torch.Tensor":
+    """Standard normal latents; with truncation > 0 every |z_i| > truncation is redrawn (BigGAN's truncation trick)."""
+    z = torch.randn(n, z_dim, generator=generator, device="cpu" if generator is not None else device)
+    if truncation > 0:
+        # Redraw the out-of-range entries until none is left; each round keeps ~P(|z|<t) of them.
+        outside = z.abs() > truncation
+        while outside.any():
+            redraw = torch.randn(int(outside.sum()), generator=generator, device=z.device)
+            z[outside] = redraw
+            outside = z.abs() > truncation
+    return z.to(device)
+
+
+def balanced_labels(n: int, n_classes: int, device, generator: "torch.Generator | None" = None) -> "torch.Tensor":
+    """n labels with every class appearing n // n_classes or one more times, in shuffled order."""
+    labels = torch.arange(n) % max(1, n_classes)
+    order = torch.randperm(n, generator=generator)
+    return labels[order].to(device)
+
+
+def to_uint8(img: "torch.Tensor") -> "torch.Tensor":
+    """[-1, 1] float images -> uint8 0..255 (round to nearest), on the CPU."""
+    return ((img.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+
+
+# Batch sizes generation may use, smallest first. Which is faster depends on the model and the device: on a CPU the
+# default model runs ~30 % faster per image at 64 than at 500 (cache), a tiny one ~6x slower at 64 (per-op overhead
+# with 2 threads). measure_generation_seconds() times them and the run uses the faster.
+GENERATE_BATCH_CANDIDATES = (64, 500)
+# A larger candidate is timed (one batch, its warm-up included: a cost that errs high) only when that batch takes
+# at most this many seconds at the smaller's speed.
+GENERATE_PROBE_S = 3.0
+# A smaller batch is used only when it timed this much faster per image than the largest timed one: small batches
+# times scatter most on a busy CPU (per-op overhead), and a large batch is never much slower elsewhere.
+GENERATE_BATCH_MARGIN = 0.25
+# Images per forward when the caller has not measured (training-time FID, the truncation search).
+GENERATE_BATCH = {"cpu": 64, "cuda": 500}
+# PNGs encoded per round of the zip writer's thread pool; the deadline and stop checks run between rounds.
+ZIP_CHUNK = 500
+# Bytes one 64 x 64 RGB PNG of pure noise takes in a stored zip (incompressible pixels, filter bytes, PNG and zip
+# headers): an upper bound for the free-space check.
+ZIP_BYTES_PER_IMAGE_MAX = 3 * 64 * 64 + 64 + 400
+
+
+def generation_batch_size(device) -> int:
+    """Images per forward when generating on this device (see GENERATE_BATCH)."""
+    return GENERATE_BATCH.get(torch.device(device).type, 500)
+
+
+@torch.no_grad()
+def generate_images(G_ema: "torch.nn.Module", n: int, device, batch_size: int | None = None, truncation: float = 0.0,
+                    seed: int = 0, stop_check=None) -> "torch.Tensor":
+    """n images (uint8 N x 3 x 64 x 64, CPU) from G_ema, breeds balanced, fixed seed -> same images.
+
+    stop_check (optional) is called before every batch; it raises to abandon the generation (e.g. OutOfTime).
+    """
+    batch_size = batch_size or generation_batch_size(device)
+    generator = torch.Generator().manual_seed(seed)
+    labels = balanced_labels(n, G_ema.n_classes, "cpu", generator)
+    # every latent drawn up front (10,000 x 128 floats: 5 MB): the images do not depend on the batch size
+    latents = sample_z(n, G_ema.z_dim, "cpu", truncation, generator)
+    G_ema.eval()
+    chunks = []
+    for start in range(0, n, batch_size):
+        if stop_check is not None:
+            stop_check()
+        y = labels[start:start + batch_size].to(device)
+        z = latents[start:start + batch_size].to(device)
+        chunks.append(to_uint8(G_ema(z, y)))
+    return torch.cat(chunks)
+
+
+def encode_png(img_chw: "np.ndarray") -> bytes:
+    """One uint8 3 x H x W array -> PNG bytes (fast compression: the zip is stored, not deflated)."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(img_chw.transpose(1, 2, 0)), "RGB").save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def _zip_entry(index: int) -> "zipfile.ZipInfo":
+    # a fixed timestamp: the same images give a byte-identical zip
+    return zipfile.ZipInfo(f"{index}.png", date_time=(2019, 6, 1, 0, 0, 0))
+
+
+def _zip_workers(workers: int) -> int:
+    return workers or min(8, os.cpu_count() or 1)
+
+
+def write_images_zip(images: "torch.Tensor", path: str, workers: int = 0, stop_check=None) -> float:
+    """Write uint8 N x 3 x 64 x 64 images as 0.png .. N-1.png into `path` atomically; returns seconds taken.
+
+    PNGs are already compressed, so entries are stored; encoding runs in threads (PIL releases the GIL in zlib),
+    ZIP_CHUNK images at a time. stop_check (optional) is called between chunks and may raise to abandon the zip;
+    whatever ends it early (that, an error, a stop signal), the temporary file goes and an old `path` stays whole.
+    """
+    start = time.time()
+    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"write_images_zip needs uint8 N x 3 x H x W images, got {images.dtype} {tuple(images.shape)}")
+    array = images.numpy()
+    pool = ThreadPoolExecutor(max_workers=_zip_workers(workers))
+    try:
+        with atomic_path(path) as tmp_path:
+            with zipfile.ZipFile(tmp_path, "w", compression=zipfile.ZIP_STORED) as archive:
+                for chunk_start in range(0, len(array), ZIP_CHUNK):
+                    if stop_check is not None:
+                        stop_check()
+                    chunk = array[chunk_start:chunk_start + ZIP_CHUNK]
+                    for index, data in enumerate(pool.map(encode_png, chunk), chunk_start):
+                        archive.writestr(_zip_entry(index), data)
+    finally:
+        # an abandoned chunk's queued encodings are dropped, not waited for
+        pool.shutdown(wait=True, cancel_futures=True)
+    return time.time() - start
+
+
+def measure_generation_seconds(G: "torch.nn.Module", device) -> "dict[int, tuple[float, torch.Tensor]]":
+    """{batch size: (seconds per image, the images)} of generate_images for GENERATE_BATCH_CANDIDATES on this device.
+    The smallest is timed after a warm-up on a few images (first calls pay for allocations and kernel selection);
+    a larger one, in one batch, only when that costs at most GENERATE_PROBE_S by the fastest speed so far."""
+    timed: "dict[int, tuple[float, torch.Tensor]]" = {}
+    for batch_size in GENERATE_BATCH_CANDIDATES:
+        if not timed:
+            generate_images(G, min(8, batch_size), device, batch_size=min(8, batch_size))
+        elif batch_size * min(per_image for per_image, _ in timed.values()) > GENERATE_PROBE_S:
+            break
+        start = time.time()
+        images = generate_images(G, batch_size, device, batch_size=batch_size)
+        timed[batch_size] = ((time.time() - start) / batch_size, images)
+    return timed
+
+
+def pick_generation_batch(timed: "dict[int, tuple[float, torch.Tensor]]") -> int:
+    """The batch size to generate with, from measure_generation_seconds(): the largest timed one, unless a smaller
+    one was faster per image by more than GENERATE_BATCH_MARGIN."""
+    largest = max(timed)
+    fastest = min(timed, key=lambda batch_size: timed[batch_size][0])
+    if timed[fastest][0] < (1 - GENERATE_BATCH_MARGIN) * timed[largest][0]:
+        return fastest
+    return largest
+
+
+def measure_zip_seconds(images: "torch.Tensor", workers: int = 0) -> float:
+    """Seconds per image write_images_zip spends on encoding (in its thread pool) and storing an entry, measured
+    in memory on `images` and on as many noise images, averaged: an untrained G's smooth images encode faster than
+    a trained G's, pure noise slower (PNG sizes: ~4, ~9 and 12.4 KB)."""
+    noise = torch.randint(0, 256, tuple(images.shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    per_image = []
+    with ThreadPoolExecutor(max_workers=_zip_workers(workers)) as pool:
+        for probe in (images.numpy(), noise.numpy()):
+            start = time.time()
+            with zipfile.ZipFile(io.BytesIO(), "w", compression=zipfile.ZIP_STORED) as archive:
+                for index, data in enumerate(pool.map(encode_png, probe)):
+                    archive.writestr(_zip_entry(index), data)
+            per_image.append((time.time() - start) / max(1, len(probe)))
+    return sum(per_image) / len(per_image)
+
+
+# ====================================================================================================
+# src/ema.py
+# G_ema: the exponential moving average of G's weights (StyleGAN2-ADA's ramp-up of the horizon), and the batch-norm
+# statistics that fit the averaged weights (BigGAN's standing statistics).
+# ====================================================================================================
+def ema_beta_at(step: int, beta: float, rampup: float) -> float:
+    """EMA decay at `step` with ramp-up: the averaging horizon is at most `rampup` of the steps done so far.
+
+    Full horizon H = 1 / (1 - beta) steps. h = clamp(rampup * step, 1, H) and beta_t = 1 - 1 / h, so G_ema copies
+    G at first, averages over the last 5 % of a short run (rampup 0.05), and reaches beta once step >= H / rampup.
+    rampup <= 0 turns the ramp off (beta from the start).
+    """
+    if beta <= 0.0:
+        return 0.0
+    if rampup <= 0:
+        return float(beta)
+    horizon = min(1.0 / (1.0 - beta), max(1.0, rampup * step))
+    return 1.0 - 1.0 / horizon
+
+
+@torch.no_grad()
+def ema_update(G_ema: "torch.nn.Module", G: "torch.nn.Module", beta: float) -> None:
+    """G_ema <- beta * G_ema + (1 - beta) * G for parameters (one fused lerp); buffers are copied from G."""
+    ema_params = list(G_ema.parameters())
+    params = list(G.parameters())
+    if len(ema_params) != len(params):
+        raise ValueError(f"G_ema has {len(ema_params)} parameters, G has {len(params)}: they must be the same model")
+    if ema_params:
+        # lerp(a, b, w) = a + w (b - a) = (1 - w) a + w b with w = 1 - beta.
+        torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1.0 - float(beta))
+    for ema_buffer, buffer in zip(G_ema.buffers(), G.buffers()):
+        ema_buffer.copy_(buffer)
+
+
+# 8 x 64 images: every class of 120 four or five times, each channel's mean/var over >= 8,192 values even at 4x4.
+# Measured on a tiny ResNet G with a lagging EMA (eval output vs the batch statistics of 1,024 images, mean |pixel|):
+# 1 batch 0.044, 4: 0.027, 8: 0.017, 16 (BigGAN-PyTorch's count): 0.017, 32: 0.014; G's copied statistics: 0.33.
+STANDING_STATS_BATCHES = 8
+STANDING_STATS_BATCH = 64
+
+
+@torch.no_grad()
+def standing_bn_stats_(G_ema: "torch.nn.Module", batches: int = STANDING_STATS_BATCHES,
+                       batch_size: int = STANDING_STATS_BATCH, seed: int = 0) -> "torch.nn.Module":
+    """BigGAN's "standing statistics": G_ema's batch-norm running mean/var recomputed from its own outputs.
+
+    The EMA averages G's weights, but the BN buffers it carries describe G's current weights, not the averaged ones;
+    sampled in eval mode with them, G_ema's activations drift off through every (conditional) BN. So: reset the
+    statistics, run `batches` no-grad train-mode forwards over balanced breeds, accumulating the cumulative average
+    (momentum None), and go back to eval mode. Its own seeded generator leaves the training RNG untouched.
+    Call it before every use of G_ema's samples (grids, FID, truncation search, the submission).
+    """
+    norms = [m for m in G_ema.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    G_ema.eval()
+    if not norms:
+        return G_ema
+    device = next(G_ema.parameters()).device
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    generator = torch.Generator().manual_seed(seed)
+    labels = balanced_labels(batches * batch_size, G_ema.n_classes, "cpu", generator)
+    G_ema.train()
+    try:
+        for batch_labels in labels.split(batch_size):
+            G_ema(sample_z(len(batch_labels), G_ema.z_dim, device, generator=generator), batch_labels.to(device))
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        G_ema.eval()
+    return G_ema
+
+
+# ====================================================================================================
+# src/checkpoint.py
+# One ckpt.pt holding everything a run needs to continue: models, optimisers, scalers, counters, RNG, config.
+#
+# Everything is stored in a form `torch.load(weights_only=True)` accepts (tensors, dicts, lists, numbers,
+# strings), and written atomically: a reader sees the previous checkpoint or the whole new one.
+# ====================================================================================================
+CKPT_NAME = "ckpt.pt"
+CKPT_FORMAT = 2                  # 2: the FID history and best G_ema moved from 'progress' into 'fid'
+CKPT_REQUIRED_KEYS = ("format", "config", "n_classes", "G", "D", "G_ema", "opt_g", "opt_d", "progress")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or does not fit the run; the message says what to do."""
+
+
+
+
+def ckpt_cpu_copy(obj):
+    """A deep copy of nested dicts/lists/tuples with every tensor cloned to the CPU (detached from training)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {key: ckpt_cpu_copy(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(ckpt_cpu_copy(value) for value in obj)
+    return obj
+
+
+def capture_rng_state() -> dict:
+    """Python, numpy, torch CPU and CUDA generator states as plain lists and tensors (weights_only-safe)."""
+    version, internal, gauss_next = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {"python": [version, list(internal), gauss_next],
+             "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), int(np_pos), int(np_has_gauss),
+                       float(np_gauss)],
+             "torch": torch.get_rng_state(),
+             "cuda": []}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    """Put back the generator states saved by capture_rng_state() (CUDA only when the device count matches)."""
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
+    np.random.set_state((np_name, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
+    torch.set_rng_state(state["torch"])
+    cuda_states = state.get("cuda") or []
+    if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda_states)
+
+
+def training_snapshot(nets: "GanNets", state: "LoopState") -> dict:
+    """A CPU copy of everything the optimisation changes: the rollback point and the core of a checkpoint."""
+    return ckpt_cpu_copy({"G": nets.G.state_dict(), "D": nets.D.state_dict(), "G_ema": nets.G_ema.state_dict(),
+                          "opt_g": nets.opt_g.state_dict(), "opt_d": nets.opt_d.state_dict(),
+                          "scaler_g": nets.scaler_g.state_dict(), "scaler_d": nets.scaler_d.state_dict(),
+                          "progress": dataclasses.asdict(state)})
+
+
+def restore_training_snapshot(nets: "GanNets", snapshot: dict) -> "LoopState":
+    """Load models, optimisers and scalers from a snapshot or checkpoint (copies: the snapshot stays reusable);
+    returns the snapshot's counters."""
+    nets.G.load_state_dict(snapshot["G"])
+    nets.D.load_state_dict(snapshot["D"])
+    nets.G_ema.load_state_dict(snapshot["G_ema"])
+    # optimiser tensors already on the right device would be taken over as they are: hand over copies
+    nets.opt_g.load_state_dict(ckpt_cpu_copy(snapshot["opt_g"]))
+    nets.opt_d.load_state_dict(ckpt_cpu_copy(snapshot["opt_d"]))
+    if snapshot.get("scaler_g"):
+        nets.scaler_g.load_state_dict(snapshot["scaler_g"])
+    if snapshot.get("scaler_d"):
+        nets.scaler_d.load_state_dict(snapshot["scaler_d"])
+    return LoopState(**snapshot["progress"])
+
+
+def write_training_checkpoint(path: str, nets: "GanNets", state: "LoopState", reason: str, **extra) -> None:
+    """Save the run to `path` atomically (snapshot + `extra`: config, grid, FID history, RNG); a failed write is
+    logged and the previous checkpoint stays."""
+    ckpt = training_snapshot(nets, state)
+    ckpt.update(format=CKPT_FORMAT, rng=capture_rng_state(), **extra)
+    start = time.time()
+    try:
+        save_checkpoint(path, ckpt)
+        log("checkpoint", f"{reason} -> {path} in {time.time() - start:.1f}s")
+    except OSError as error:
+        log("checkpoint", f"WARNING: could not write {path} ({error}); the previous checkpoint is kept")
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    """torch.save `state` to `path` atomically (a temporary file beside it, fsynced, then renamed over it)."""
+    with atomic_path(path) as tmp_path:
+        torch.save(state, tmp_path)
+
+
+def load_checkpoint(path: str, map_location="cpu") -> dict:
+    """Read a ckpt.pt written by save_checkpoint; a damaged file raises CheckpointError naming it and the fix."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} does not exist; check the path, or pass --resume \"\" to start fresh")
+    advice = (f"delete {path} (or move it away), or pass --resume \"\" to start a fresh run")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch raises several types for broken zips / pickles; all mean the same here
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"cannot read checkpoint {path}: it is damaged, truncated or not a dogkernel "
+                              f"checkpoint ({type(error).__name__}: {reason[:200]}); {advice}") from None
+    missing = [key for key in CKPT_REQUIRED_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not a dogkernel checkpoint (missing {', '.join(missing)}); {advice}")
+    if state["format"] != CKPT_FORMAT:
+        raise CheckpointError(f"{path} has checkpoint format {state['format']}, this code reads {CKPT_FORMAT}; {advice}")
+    return state
+
+
+def resolve_resume_path(resume: str, out_dir: str) -> str | None:
+    """--resume: '' -> None (fresh run), 'auto' -> OUT/ckpt.pt when it exists, else the given file (must exist)."""
+    if not resume:
+        return None
+    if resume == "auto":
+        path = os.path.join(out_dir, CKPT_NAME)
+        return path if os.path.isfile(path) else None
+    if not os.path.isfile(resume):
+        raise CheckpointError(f"--resume {resume}: no such file; give an existing ckpt.pt, 'auto', or \"\" to start fresh")
+    return resume
+
+
+def merge_resumed_config(cfg: "Config", saved: dict) -> "Config":
+    """The config a resumed run uses: each field by its resume role in Config (this_run / from_ckpt / model_shape).
+
+    Fields the checkpoint does not know (added since it was written) keep this run's value.
+    """
+    shape_fields = fields_with_role("model_shape")
+    kept = set(shape_fields + fields_with_role("from_ckpt"))
+    from_ckpt = {k: v for k, v in saved.items() if k in kept}
+    shape_diffs = [f"{k}={getattr(cfg, k)!r} (checkpoint {v!r})" for k, v in from_ckpt.items()
+                   if k in shape_fields and getattr(cfg, k) != v]
+    other_diffs = [f"{k}={getattr(cfg, k)!r} (checkpoint {v!r})" for k, v in from_ckpt.items()
+                   if k not in shape_fields and getattr(cfg, k) != v]
+    if shape_diffs:
+        log("checkpoint", "WARNING: model settings differ from the checkpoint's, using the checkpoint's: "
+            + ", ".join(shape_diffs))
+    if other_diffs:
+        log("checkpoint", "training settings come from the checkpoint; ignored here: " + ", ".join(other_diffs))
+    return dataclasses.replace(cfg, **from_ckpt)
+
+
+def open_resume(cfg: "Config", out_dir: str) -> "tuple[Config, dict | None]":
+    """Settle --resume before anything uses the config: (the config this run trains with, the checkpoint or None).
+
+    A missing, damaged or foreign checkpoint raises CheckpointError here, before the data is decoded and before any
+    output is touched; check_resume_fits_data compares its breeds with the data once that is loaded.
+    """
+    path = resolve_resume_path(cfg.resume, out_dir)
+    if path is None:
+        return cfg, None
+    saved = load_checkpoint(path)
+    merged = merge_resumed_config(cfg, saved["config"])
+    G, D = build_models(merged, saved["n_classes"])
+    for name, module in (("G", G), ("D", D), ("G_ema", G)):
+        try:
+            module.load_state_dict(saved[name])
+        except RuntimeError as error:
+            first = str(error).strip().splitlines()[0]
+            raise CheckpointError(f"{path}: its {name} does not fit the model its config describes ({first[:160]}); "
+                                  f"it was written by other code: pass --resume \"\" to start fresh") from None
+    saved["path"] = path
+    return merged, saved
+
+
+def check_resume_fits_data(saved: dict | None, n_classes: int) -> None:
+    """A checkpoint trained on other breeds cannot continue on this data."""
+    if saved is not None and saved["n_classes"] != n_classes:
+        raise CheckpointError(f"{saved['path']} was trained on {saved['n_classes']} breeds, this data has {n_classes}: "
+                              f"use the same data, or pass --resume \"\" to start fresh")
+
+
+def load_generator_from_checkpoint(path: str, cfg: "Config", n_classes: int, device) -> "torch.nn.Module":
+    """G_ema (the best-FID one when the run kept one) from a checkpoint, built with the checkpoint's model config."""
+    state = load_checkpoint(path)
+    if state["progress"]["step"] == 0:
+        raise CheckpointError(f"{path} holds an untrained generator (step 0)")
+    if state["n_classes"] != n_classes:
+        raise CheckpointError(f"{path} was trained with {state['n_classes']} breeds, this data has {n_classes}")
+    merged = merge_resumed_config(cfg, state["config"])
+    G_ema, _ = build_models(merged, n_classes)
+    best = (state.get("fid") or {}).get("best_G_ema")
+    G_ema.load_state_dict(best or state["G_ema"])
+    G_ema = G_ema.to(device).requires_grad_(False)
+    # the best G_ema was kept with its own BN statistics; the last one carries G's, so they are recomputed
+    return G_ema.eval() if best else standing_bn_stats_(G_ema, seed=merged.seed)
 
 
 # ====================================================================================================
@@ -4297,49 +3216,934 @@ def save_interpolation_strip(G_ema: "torch.nn.Module", path: str, n_rows: int = 
 
 
 # ====================================================================================================
-# src/schedule.py
-# Learning-rate schedules on the training clock.
+# src/report.py
+# Plots of a run from OUT/stats.jsonl: losses, D outputs, FID and speed (matplotlib when installed).
 # ====================================================================================================
-LR_SCHEDULES = ("const", "cosine", "linear", "restarts")
+PLOTS_NAME = "plots.png"
 
 
-def _cosine_factor(t: float, min_ratio: float) -> float:
-    # m + (1 - m) * (1 + cos(pi * t)) / 2: 1 at t = 0, m at t = 1.
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
+def read_stats(path: str) -> list[dict]:
+    """The status records of stats.jsonl (event lines and unreadable lines, e.g. a half-written last one, skipped)."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and "event" not in record and "kimg" in record:
+                records.append(record)
+    return records
 
 
-def lr_factor(kind: str, progress: float, min_ratio: float = 0.1, cycles: int = 4) -> float:
-    """Multiplier of the base lr at `progress` (0..1) of the training window.
+def _report_series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
+    # (kimg, value) of the records that have the key with a number
+    pairs = [(r["kimg"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
 
-    const: 1.  cosine: m + (1-m)(1+cos(pi p))/2.  linear: 1 - (1-m) p.  Both reach m exactly at p = 1.
-    restarts (SGDR): `cycles` cosine cycles of lengths T, 2T, 4T, ... with T = 1 / (2^cycles - 1), so they
-    fill the window; each restarts at 1 and anneals to m, the last one exactly at the deadline.
+
+def write_plots(out_dir: str) -> list[str]:
+    """OUT/plots.png (G/D losses, D(x) and D(G(z)), FID, images/s against kimg); returns the files written.
+
+    Returns [] with a one-line note when matplotlib is missing or there is nothing to plot.
     """
-    p = min(1.0, max(0.0, float(progress)))
-    if kind == "const":
-        return 1.0
-    if kind == "cosine":
-        return _cosine_factor(p, min_ratio)
-    if kind == "linear":
-        return 1.0 - (1.0 - min_ratio) * p
-    if kind == "restarts":
-        n = max(1, int(cycles))
-        first = 1.0 / (2 ** n - 1)
-        # Cycle k starts at first * (2^k - 1): k = floor(log2(p / first + 1)), the last cycle owns p = 1.
-        k = min(n - 1, int(math.floor(math.log2(p / first + 1.0) + 1e-12)))
-        start = first * (2 ** k - 1)
-        return _cosine_factor((p - start) / (first * 2 ** k), min_ratio)
-    raise ValueError(f"unknown lr schedule {kind!r}; choose one of {', '.join(LR_SCHEDULES)}")
+    stats_path = os.path.join(out_dir, "stats.jsonl")
+    if not os.path.isfile(stats_path):
+        log("report", f"no {stats_path}: nothing to plot")
+        return []
+    records = read_stats(stats_path)
+    if not records:
+        log("report", f"{stats_path} has no status records: nothing to plot")
+        return []
+    try:
+        # A Figure with its own Agg canvas, not pyplot: pyplot would switch the backend of the whole process,
+        # and in a notebook every later cell would lose its inline plots.
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        log("report", "matplotlib is not installed: plots skipped (stats.jsonl has the numbers)")
+        return []
+
+    panels = [("losses", [("g_loss", "G loss"), ("d_loss", "D loss")]),
+              ("D outputs (logits)", [("d_real", "D(x)"), ("d_fake", "D(G(z))")]),
+              ("FID of G_ema", [("fid", "FID")]),
+              ("speed", [("images_per_s", "images/s")])]
+    fig = Figure(figsize=(11, 7))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, 2)
+    for ax, (title, series) in zip(axes.flat, panels):
+        for key, label in series:
+            kimg, values = _report_series(records, key)
+            if values:
+                ax.plot(kimg, values, marker="o" if key == "fid" else None, markersize=3, label=label)
+        ax.set_title(title)
+        ax.set_xlabel("kimg")
+        if ax.lines:
+            ax.legend()
+        else:
+            ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    path = os.path.join(out_dir, PLOTS_NAME)
+    with atomic_path(path) as tmp_path:
+        fig.savefig(tmp_path, format="png", dpi=90)
+    log("report", f"wrote {path}")
+    return [path]
 
 
-def schedule_progress(progress_before: float, window_fraction: float) -> float:
-    """Schedule position when a resumed run continues from `progress_before` into a new training window.
+# ====================================================================================================
+# src/inception.py
+# The FID Inception (TensorFlow 2015-12-05 graph, as ported by pytorch-fid): pool_3 features, 2048-d.
+#
+# Layer names and shapes follow torchvision's Inception3 so that pytorch-fid's
+# `pt_inception-2015-12-05-6726825d.pth` loads with strict=True; the blocks are the FID variants
+# (TensorFlow's average pool ignores padded zeros; the last block max-pools), 1008 classes, no aux head.
+# ====================================================================================================
+FID_INCEPTION_DIM = 2048
+FID_INCEPTION_INPUT_SIZE = 299
 
-    The rest of the schedule is stretched over the new window: p = p0 + (1 - p0) * f, so the lr still
-    reaches its end value exactly at this session's deadline.
+
+class FIDConvBN(nn.Module):
+    """Conv (no bias) + BatchNorm (TF eps 1e-3) + ReLU: torchvision's BasicConv2d layout."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel_size, stride=1, padding=0):
+        super().__init__()
+        self.conv = nn.Conv2d(in_ch, out_ch, kernel_size, stride=stride, padding=padding, bias=False)
+        self.bn = nn.BatchNorm2d(out_ch, eps=0.001)
+
+    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
+        return F.relu(self.bn(self.conv(x)))
+
+
+def _fid_tf_avg_pool(x: "torch.Tensor") -> "torch.Tensor":
+    # TensorFlow's 3x3 average pool divides by the number of real (non-padded) pixels.
+    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+
+
+class FIDInceptionA(nn.Module):
+    """35x35 block (Mixed_5b/c/d): 1x1 | 1x1-5x5 | 1x1-3x3-3x3 | avgpool-1x1."""
+
+    def __init__(self, in_ch: int, pool_features: int):
+        super().__init__()
+        self.branch1x1 = FIDConvBN(in_ch, 64, 1)
+        self.branch5x5_1 = FIDConvBN(in_ch, 48, 1)
+        self.branch5x5_2 = FIDConvBN(48, 64, 5, padding=2)
+        self.branch3x3dbl_1 = FIDConvBN(in_ch, 64, 1)
+        self.branch3x3dbl_2 = FIDConvBN(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = FIDConvBN(96, 96, 3, padding=1)
+        self.branch_pool = FIDConvBN(in_ch, pool_features, 1)
+
+    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
+        b1 = self.branch1x1(x)
+        b5 = self.branch5x5_2(self.branch5x5_1(x))
+        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        bp = self.branch_pool(_fid_tf_avg_pool(x))
+        return torch.cat([b1, b5, b3, bp], 1)
+
+
+class FIDInceptionB(nn.Module):
+    """Grid reduction 35 -> 17 (Mixed_6a): strided 3x3 | 1x1-3x3-strided 3x3 | maxpool."""
+
+    def __init__(self, in_ch: int):
+        super().__init__()
+        self.branch3x3 = FIDConvBN(in_ch, 384, 3, stride=2)
+        self.branch3x3dbl_1 = FIDConvBN(in_ch, 64, 1)
+        self.branch3x3dbl_2 = FIDConvBN(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = FIDConvBN(96, 96, 3, stride=2)
+
+    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
+        b3 = self.branch3x3(x)
+        b3d = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        bp = F.max_pool2d(x, kernel_size=3, stride=2)
+        return torch.cat([b3, b3d, bp], 1)
+
+
+class FIDInceptionC(nn.Module):
+    """17x17 block (Mixed_6b..e) with factorised 1x7 / 7x1 convolutions."""
+
+    def __init__(self, in_ch: int, channels_7x7: int):
+        super().__init__()
+        c7 = channels_7x7
+        self.branch1x1 = FIDConvBN(in_ch, 192, 1)
+        self.branch7x7_1 = FIDConvBN(in_ch, c7, 1)
+        self.branch7x7_2 = FIDConvBN(c7, c7, (1, 7), padding=(0, 3))
+        self.branch7x7_3 = FIDConvBN(c7, 192, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_1 = FIDConvBN(in_ch, c7, 1)
+        self.branch7x7dbl_2 = FIDConvBN(c7, c7, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_3 = FIDConvBN(c7, c7, (1, 7), padding=(0, 3))
+        self.branch7x7dbl_4 = FIDConvBN(c7, c7, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_5 = FIDConvBN(c7, 192, (1, 7), padding=(0, 3))
+        self.branch_pool = FIDConvBN(in_ch, 192, 1)
+
+    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
+        b1 = self.branch1x1(x)
+        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        b7d = self.branch7x7dbl_1(x)
+        for layer in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
+            b7d = layer(b7d)
+        bp = self.branch_pool(_fid_tf_avg_pool(x))
+        return torch.cat([b1, b7, b7d, bp], 1)
+
+
+class FIDInceptionD(nn.Module):
+    """Grid reduction 17 -> 8 (Mixed_7a)."""
+
+    def __init__(self, in_ch: int):
+        super().__init__()
+        self.branch3x3_1 = FIDConvBN(in_ch, 192, 1)
+        self.branch3x3_2 = FIDConvBN(192, 320, 3, stride=2)
+        self.branch7x7x3_1 = FIDConvBN(in_ch, 192, 1)
+        self.branch7x7x3_2 = FIDConvBN(192, 192, (1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = FIDConvBN(192, 192, (7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = FIDConvBN(192, 192, 3, stride=2)
+
+    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
+        b3 = self.branch3x3_2(self.branch3x3_1(x))
+        b7 = self.branch7x7x3_1(x)
+        for layer in (self.branch7x7x3_2, self.branch7x7x3_3, self.branch7x7x3_4):
+            b7 = layer(b7)
+        bp = F.max_pool2d(x, kernel_size=3, stride=2)
+        return torch.cat([b3, b7, bp], 1)
+
+
+class FIDInceptionE(nn.Module):
+    """8x8 block (Mixed_7b: average pool, Mixed_7c: max pool as in the FID graph)."""
+
+    def __init__(self, in_ch: int, pool: str):
+        super().__init__()
+        if pool not in ("avg", "max"):
+            raise ValueError(f"FIDInceptionE pool must be 'avg' or 'max', got {pool!r}")
+        self.pool = pool
+        self.branch1x1 = FIDConvBN(in_ch, 320, 1)
+        self.branch3x3_1 = FIDConvBN(in_ch, 384, 1)
+        self.branch3x3_2a = FIDConvBN(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3_2b = FIDConvBN(384, 384, (3, 1), padding=(1, 0))
+        self.branch3x3dbl_1 = FIDConvBN(in_ch, 448, 1)
+        self.branch3x3dbl_2 = FIDConvBN(448, 384, 3, padding=1)
+        self.branch3x3dbl_3a = FIDConvBN(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3dbl_3b = FIDConvBN(384, 384, (3, 1), padding=(1, 0))
+        self.branch_pool = FIDConvBN(in_ch, 192, 1)
+
+    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
+        b1 = self.branch1x1(x)
+        b3 = self.branch3x3_1(x)
+        b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
+        b3d = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        b3d = torch.cat([self.branch3x3dbl_3a(b3d), self.branch3x3dbl_3b(b3d)], 1)
+        if self.pool == "max":
+            pooled = F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
+        else:
+            pooled = _fid_tf_avg_pool(x)
+        bp = self.branch_pool(pooled)
+        return torch.cat([b1, b3, b3d, bp], 1)
+
+
+class FIDInceptionV3(nn.Module):
+    """The FID Inception; `features` maps [0,1] RGB images of any size to pool_3 (N x 2048)."""
+
+    def __init__(self):
+        super().__init__()
+        self.Conv2d_1a_3x3 = FIDConvBN(3, 32, 3, stride=2)
+        self.Conv2d_2a_3x3 = FIDConvBN(32, 32, 3)
+        self.Conv2d_2b_3x3 = FIDConvBN(32, 64, 3, padding=1)
+        self.Conv2d_3b_1x1 = FIDConvBN(64, 80, 1)
+        self.Conv2d_4a_3x3 = FIDConvBN(80, 192, 3)
+        self.Mixed_5b = FIDInceptionA(192, pool_features=32)
+        self.Mixed_5c = FIDInceptionA(256, pool_features=64)
+        self.Mixed_5d = FIDInceptionA(288, pool_features=64)
+        self.Mixed_6a = FIDInceptionB(288)
+        self.Mixed_6b = FIDInceptionC(768, channels_7x7=128)
+        self.Mixed_6c = FIDInceptionC(768, channels_7x7=160)
+        self.Mixed_6d = FIDInceptionC(768, channels_7x7=160)
+        self.Mixed_6e = FIDInceptionC(768, channels_7x7=192)
+        self.Mixed_7a = FIDInceptionD(768)
+        self.Mixed_7b = FIDInceptionE(1280, pool="avg")
+        self.Mixed_7c = FIDInceptionE(2048, pool="max")
+        self.fc = nn.Linear(FID_INCEPTION_DIM, 1008)
+
+    def features(self, x01: "torch.Tensor") -> "torch.Tensor":
+        """pool_3 activations: bilinear resize to 299, scale [0,1] -> [-1,1], trunk, global mean."""
+        x = F.interpolate(x01, size=(FID_INCEPTION_INPUT_SIZE, FID_INCEPTION_INPUT_SIZE),
+                          mode="bilinear", align_corners=False)
+        x = 2 * x - 1
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
+        x = F.max_pool2d(x, kernel_size=3, stride=2)
+        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
+        x = F.max_pool2d(x, kernel_size=3, stride=2)
+        for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b,
+                      self.Mixed_6c, self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
+            x = block(x)
+        return x.mean(dim=(2, 3))
+
+    def forward(self, x01: "torch.Tensor") -> "torch.Tensor":
+        """Logits over the graph's 1008 classes (only for sanity checks; FID uses `features`)."""
+        return self.fc(self.features(x01))
+
+
+# ====================================================================================================
+# src/efficientnet.py
+# EfficientNet-Lite0 (TensorFlow origin) with EfficientNet-PyTorch key names: an offline FID backbone.
+#
+# Lite = EfficientNet-B0 without squeeze-excite, ReLU6 instead of swish, stem 32 / head 1280 fixed.
+# TensorFlow "same" padding (asymmetric for stride 2) and BatchNorm eps 1e-3 as in the TF checkpoint.
+# `features` maps [0,1] RGB images of any size to the 1280-d globally pooled head activations.
+# ====================================================================================================
+EFFNET_LITE0_DIM = 1280
+EFFNET_LITE0_INPUT_SIZE = 224
+EFFNET_BN_EPS = 1e-3        # TF batch_norm_epsilon
+EFFNET_BN_MOMENTUM = 0.01   # TF decay 0.99 in torch's convention (only matters if ever trained)
+
+# Stages of Lite0: (repeats, kernel, first stride, expand ratio, out channels); B0 widths, no SE.
+EFFNET_LITE0_STAGES = (
+    (1, 3, 1, 1, 16),
+    (2, 3, 2, 6, 24),
+    (2, 5, 2, 6, 40),
+    (3, 3, 2, 6, 80),
+    (3, 5, 1, 6, 112),
+    (4, 5, 2, 6, 192),
+    (1, 3, 1, 6, 320),
+)
+
+
+class EffNetSameConv2d(nn.Conv2d):
+    """Conv2d with TensorFlow "same" padding: output = ceil(input / stride), extra pad at bottom/right."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int, stride: int = 1, groups: int = 1):
+        super().__init__(in_ch, out_ch, kernel_size, stride=stride, padding=0, groups=groups, bias=False)
+
+    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
+        pad_h = _effnet_same_pad(x.shape[-2], self.kernel_size[0], self.stride[0])
+        pad_w = _effnet_same_pad(x.shape[-1], self.kernel_size[1], self.stride[1])
+        if pad_h[0] == pad_h[1] and pad_w[0] == pad_w[1]:
+            # symmetric: let the convolution pad (no extra copy of the activation)
+            return F.conv2d(x, self.weight, None, self.stride, (pad_h[0], pad_w[0]), 1, self.groups)
+        x = F.pad(x, (pad_w[0], pad_w[1], pad_h[0], pad_h[1]))
+        return F.conv2d(x, self.weight, None, self.stride, 0, 1, self.groups)
+
+
+def _effnet_same_pad(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    # total = max((ceil(i/s) - 1) * s + k - i, 0), split floor before / ceil after
+    total = max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+def _effnet_bn(channels: int) -> "nn.BatchNorm2d":
+    return nn.BatchNorm2d(channels, eps=EFFNET_BN_EPS, momentum=EFFNET_BN_MOMENTUM)
+
+
+class EffNetLiteBlock(nn.Module):
+    """MBConv without SE: [1x1 expand] -> depthwise kxk -> 1x1 project; identity skip when shapes match."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int, expand: int):
+        super().__init__()
+        mid = in_ch * expand
+        self.has_expand = expand != 1
+        if self.has_expand:
+            self._expand_conv = EffNetSameConv2d(in_ch, mid, 1)
+            self._bn0 = _effnet_bn(mid)
+        self._depthwise_conv = EffNetSameConv2d(mid, mid, kernel, stride=stride, groups=mid)
+        self._bn1 = _effnet_bn(mid)
+        self._project_conv = EffNetSameConv2d(mid, out_ch, 1)
+        self._bn2 = _effnet_bn(out_ch)
+        self.has_skip = stride == 1 and in_ch == out_ch
+
+    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
+        h = x
+        if self.has_expand:
+            h = F.relu6(self._bn0(self._expand_conv(h)), inplace=True)
+        h = F.relu6(self._bn1(self._depthwise_conv(h)), inplace=True)
+        h = self._bn2(self._project_conv(h))  # linear bottleneck: no activation
+        return h + x if self.has_skip else h
+
+
+class EfficientNetLite0(nn.Module):
+    """EfficientNet-Lite0 for ImageNet-1k; loads efficientnet-lite0.pth strictly."""
+
+    def __init__(self, num_classes: int = 1000):
+        super().__init__()
+        self._conv_stem = EffNetSameConv2d(3, 32, 3, stride=2)
+        self._bn0 = _effnet_bn(32)
+        blocks, in_ch = [], 32
+        for repeats, kernel, stride, expand, out_ch in EFFNET_LITE0_STAGES:
+            for i in range(repeats):
+                blocks.append(EffNetLiteBlock(in_ch, out_ch, kernel, stride if i == 0 else 1, expand))
+                in_ch = out_ch
+        self._blocks = nn.ModuleList(blocks)
+        self._conv_head = EffNetSameConv2d(in_ch, EFFNET_LITE0_DIM, 1)
+        self._bn1 = _effnet_bn(EFFNET_LITE0_DIM)
+        self._fc = nn.Linear(EFFNET_LITE0_DIM, num_classes)
+
+    def features(self, x01: "torch.Tensor") -> "torch.Tensor":
+        """Pooled head activations: bilinear resize to 224, scale (x*255 - 127) / 128, trunk, mean."""
+        x = F.interpolate(x01, size=(EFFNET_LITE0_INPUT_SIZE, EFFNET_LITE0_INPUT_SIZE),
+                          mode="bilinear", align_corners=False)
+        x = (x * 255.0 - 127.0) / 128.0
+        x = F.relu6(self._bn0(self._conv_stem(x)), inplace=True)
+        for block in self._blocks:
+            x = block(x)
+        x = F.relu6(self._bn1(self._conv_head(x)), inplace=True)
+        return x.mean(dim=(2, 3))
+
+    def forward(self, x01: "torch.Tensor") -> "torch.Tensor":
+        """ImageNet logits (standard 1000-class order); dropout is a no-op at inference."""
+        return self._fc(self.features(x01))
+
+
+# ====================================================================================================
+# src/mifid.py
+# Kaggle's MiFID (memorization-informed FID) with a choice of backbone, the submission validator and a CLI.
+#
+# Follows the competition's released scoring code (its MiFIDEvaluator): every image, generated or real, opened with
+# PIL and squashed to 64x64 with Lanczos (Image.ANTIALIAS), features of those, FID with scipy's sqrtm and its 1e-6
+# fallback, memorization distance = mean over generated images of the minimum of 1 - |cos| to the reference set,
+# thresholded at eps; MiFID = FID / (d_thr + 1e-14). Kaggle's reference set was the whole photos of all-dogs/.
+#
+#     python -m src.mifid --gen images.zip --real DIR --backbone inception --weights pt_inception-2015-12-05-6726825d.pth
+#     python -m src.mifid --validate images.zip
+# ====================================================================================================
+MIFID_IMAGE_SIZE = 64          # every image is squashed to 64x64 (PIL Lanczos) before the backbone, as on Kaggle
+MIFID_SUBMISSION_COUNT = 10000
+MIFID_SQRTM_OFFSET = 1e-6      # added to both covariances when sqrtm(s1 s2) is not finite
+MIFID_IMAG_ATOL = 1e-3         # largest imaginary part tolerated on the diagonal of sqrtm(s1 s2)
+MIFID_DENOM_EPS = 1e-14        # MiFID = FID / (d_thr + this): the evaluator's fid_epsilon
+MIFID_MEM_BLOCK = 4096         # rows per block of the memorization distance: 4096^2 float64 = 128 MiB
+MIFID_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+# Per backbone: model class, feature size, memorization threshold, weight-file pattern and a key that identifies it.
+# inception's eps is Kaggle's public-LB value. efficientnet-lite0's is calibrated on the dev pack (BENCHMARKS.md, ## MiFID):
+# near-copies of training images (flip, shift, JPEG) score d <= 0.08, held-out real photos d = 0.23; eps = their geometric mean.
+MIFID_BACKBONES = {
+    "inception": dict(model=FIDInceptionV3, dim=FID_INCEPTION_DIM, default_eps=0.1,
+                      pattern="pt_inception-2015-12-05*.pth", key="Mixed_7c.branch_pool.conv.weight"),
+    "efficientnet-lite0": dict(model=EfficientNetLite0, dim=EFFNET_LITE0_DIM, default_eps=0.14,
+                               pattern="efficientnet-lite0*.pth", key="_conv_stem.weight"),
+}
+
+
+class SubmissionError(ValueError):
+    """images.zip breaks Kaggle's rules (count, format, size, mode); the message names the entry."""
+
+
+
+
+def resize_images_uint8(images: "torch.Tensor", size: int = MIFID_IMAGE_SIZE) -> "torch.Tensor":
+    """uint8 N x 3 x H x W -> uint8 N x 3 x size x size with PIL's Lanczos (lanczos_square); no-op at size."""
+    if images.shape[-2:] == (size, size):
+        return images
+    arrays = [lanczos_square(Image.fromarray(image.permute(1, 2, 0).numpy(), "RGB"), size) for image in images.cpu()]
+    return torch.from_numpy(np.stack(arrays))
+
+
+@contextlib.contextmanager
+def _mifid_fp32(device: "torch.device"):
+    """Full fp32 inside: no autocast from a caller, no TF32 convolutions or matmuls on CUDA."""
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    try:
+        if device.type == "cuda":
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
+        with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
+            yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+class FeatureExtractor:
+    """Callable: uint8 N x 3 x H x W images (RGB 0..255) -> float32 CPU N x dim features of one backbone."""
+
+    def __init__(self, name: str, model: "torch.nn.Module", device, weights_id: str, batch_size: int = 0):
+        if name not in MIFID_BACKBONES:
+            raise ValueError(f"unknown MiFID backbone {name!r}; choose one of {', '.join(MIFID_BACKBONES)}")
+        spec = MIFID_BACKBONES[name]
+        self.name, self.dim, self.default_eps = name, spec["dim"], spec["default_eps"]
+        self.device = torch.device(device)
+        self.weights_id = weights_id
+        # Small CPU batches stay in cache (measured faster); the GPU wants large ones.
+        self.batch_size = batch_size or (200 if self.device.type == "cuda" else 16)
+        self.model = model.eval().to(self.device, memory_format=torch.channels_last)
+        for param in self.model.parameters():
+            param.requires_grad_(False)
+
+    def __call__(self, images: "torch.Tensor") -> "torch.Tensor":
+        if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4 \
+                or images.shape[1] != 3:
+            got = f"{images.dtype} {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(f"feature extractor wants a uint8 N x 3 x H x W tensor (RGB 0..255), got {got}")
+        feats = torch.empty(len(images), self.dim, dtype=torch.float32)
+        with _mifid_fp32(self.device):
+            for start in range(0, len(images), self.batch_size):
+                batch = resize_images_uint8(images[start:start + self.batch_size]).to(self.device)
+                x01 = (batch.float() / 255.0).contiguous(memory_format=torch.channels_last)
+                feats[start:start + len(batch)] = self.model.features(x01).float().cpu()
+        return feats
+
+
+def _mifid_resolve_device(device) -> "torch.device":
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _mifid_file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_feature_extractor(backbone: str, weights_path: str, device="auto") -> "FeatureExtractor":
+    """Backbone ("inception" | "efficientnet-lite0" | "auto": from the state-dict keys) with weights loaded strictly."""
+    if not weights_path or not os.path.isfile(weights_path):
+        raise FileNotFoundError(
+            f"MiFID weights not found: {weights_path!r}. Give pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
+            "(Kaggle's metric) or efficientnet-lite0.pth (offline stand-in); on Kaggle attach it as a dataset.")
+    try:
+        state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"cannot read MiFID weights {weights_path}: {error}") from error
+    if not isinstance(state, dict) or not state:
+        raise ValueError(f"{weights_path} holds a {type(state).__name__}, not a state dict")
+    if backbone == "auto":
+        matches = [name for name, spec in MIFID_BACKBONES.items() if spec["key"] in state]
+        if not matches:
+            raise ValueError(f"{weights_path}: cannot tell the backbone from its keys (first: {next(iter(state))!r}); "
+                             f"pass --backbone {' or '.join(MIFID_BACKBONES)}")
+        backbone = matches[0]
+    if backbone not in MIFID_BACKBONES:
+        raise ValueError(f"unknown MiFID backbone {backbone!r}; choose one of auto, {', '.join(MIFID_BACKBONES)}")
+    model = MIFID_BACKBONES[backbone]["model"]()
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state) if tuple(state[k].shape) != expected[k])
+    if missing or unexpected or wrong:
+        raise ValueError(f"{weights_path} is not a {backbone} state dict: {len(missing)} keys missing {missing[:3]}, "
+                         f"{len(unexpected)} unexpected {unexpected[:3]}, {len(wrong)} of another shape {wrong[:3]}")
+    model.load_state_dict(state, strict=True)
+    resolved = _mifid_resolve_device(device)
+    weights_id = _mifid_file_sha256(weights_path)[:16]
+    log("mifid", f"{backbone} from {weights_path} (sha256 {weights_id}...) on {resolved}")
+    return FeatureExtractor(backbone, model, resolved, weights_id)
+
+
+def find_fid_weights(search_root: str = "/kaggle/input") -> tuple[str, str] | None:
+    """(backbone, path) of the first weight file found under search_root, inception preferred; None if none."""
+    found: dict[str, str] = {}
+    for folder, dirs, files in os.walk(search_root):
+        dirs.sort()
+        for name in sorted(files):
+            for backbone, spec in MIFID_BACKBONES.items():
+                if backbone not in found and fnmatch.fnmatch(name, spec["pattern"]):
+                    found[backbone] = os.path.join(folder, name)
+    for backbone in MIFID_BACKBONES:
+        if backbone in found:
+            return backbone, found[backbone]
+    return None
+
+
+def _mifid_float64(feats) -> "np.ndarray":
+    array = feats.detach().cpu().numpy() if isinstance(feats, torch.Tensor) else np.asarray(feats)
+    if array.ndim != 2:
+        raise ValueError(f"features must be a 2-D N x D array, got shape {array.shape}")
+    return array.astype(np.float64)
+
+
+def feature_stats(feats) -> "tuple[np.ndarray, np.ndarray]":
+    """(mu, sigma) in float64: mean and np.cov(rowvar=False) of N x D features."""
+    array = _mifid_float64(feats)
+    if len(array) < 2:
+        raise ValueError(f"need at least 2 feature rows for a covariance, got {len(array)}")
+    return np.mean(array, axis=0), np.cov(array, rowvar=False)
+
+
+def _mifid_sqrtm(matrix: "np.ndarray") -> "np.ndarray":
+    # scipy >= 1.16 deprecates disp=False; the plain call returns the same matrix on old and new scipy.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return linalg.sqrtm(matrix)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """|mu1 - mu2|^2 + tr(s1) + tr(s2) - 2 tr(sqrtm(s1 s2)), with Kaggle's singular and complex handling."""
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise ValueError(f"feature statistics differ in size: mu {mu1.shape} vs {mu2.shape}, "
+                         f"sigma {sigma1.shape} vs {sigma2.shape}")
+    diff = mu1 - mu2
+    covmean = _mifid_sqrtm(sigma1.dot(sigma2))
+    if not np.isfinite(covmean).all():
+        # product (nearly) singular: retry with a small offset on both covariances
+        log("mifid", f"FID: singular product; adding {MIFID_SQRTM_OFFSET} to the covariance diagonals")
+        offset = np.eye(sigma1.shape[0]) * MIFID_SQRTM_OFFSET
+        covmean = _mifid_sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=MIFID_IMAG_ATOL):
+            raise ValueError(f"FID: sqrtm(s1 s2) has an imaginary component of {np.max(np.abs(covmean.imag)):.4g} "
+                             "(too few samples for the feature size?)")
+        covmean = covmean.real
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def _mifid_unit_rows(feats, device) -> "torch.Tensor":
+    # Kaggle: drop rows whose sum is 0, then L2-normalise (nan -> 0) in float64
+    rows = torch.as_tensor(_mifid_float64(feats), device=device)
+    rows = rows[rows.sum(dim=1) != 0]
+    return torch.nan_to_num(rows / rows.norm(dim=1, keepdim=True))
+
+
+def memorization_distance(gen_feats, real_feats, block_size: int = MIFID_MEM_BLOCK, device=None) -> float:
+    """mean_i min_j (1 - |cos(gen_i, real_j)|), blocked so at most block_size^2 distances exist at once.
+
+    Runs on `device` (default: the gen_feats tensor's device, CPU for numpy) in float64.
     """
-    p0 = min(1.0, max(0.0, float(progress_before)))
-    return p0 + (1.0 - p0) * min(1.0, max(0.0, float(window_fraction)))
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    if device is None:
+        device = gen_feats.device if isinstance(gen_feats, torch.Tensor) else "cpu"
+    gen = _mifid_unit_rows(gen_feats, device)
+    real = _mifid_unit_rows(real_feats, device)
+    if len(gen) == 0 or len(real) == 0:
+        raise ValueError(f"memorization distance: no non-zero feature rows left (generated {len(gen)}, real {len(real)})")
+    nearest = torch.empty(len(gen), dtype=torch.float64, device=device)
+    for g0 in range(0, len(gen), block_size):
+        gen_block = gen[g0:g0 + block_size]
+        best = torch.full((len(gen_block),), float("inf"), dtype=torch.float64, device=device)
+        for r0 in range(0, len(real), block_size):
+            # 1 - |cos|, clamped at 0: rounding can push |cos| of an exact copy a hair above 1
+            dist = (1.0 - (gen_block @ real[r0:r0 + block_size].T).abs()).clamp_(min=0.0)
+            best = torch.minimum(best, dist.min(dim=1).values)
+        nearest[g0:g0 + len(gen_block)] = best
+    return float(nearest.mean())
+
+
+def mifid_score(gen_feats, real_feats, eps: float, real_stats=None, mem_feats=None, device=None) -> dict:
+    """dict(fid, d, d_thr, mifid, eps): FID against real_feats (or precomputed real_stats = (mu, sigma)),
+    memorization against mem_feats (default real_feats); d_thr = d if d < eps else 1; MiFID = FID / (d_thr + 1e-15)."""
+    if eps <= 0:
+        raise ValueError(f"memorization threshold eps must be positive, got {eps}")
+    gen_mu, gen_sigma = feature_stats(gen_feats)
+    real_mu, real_sigma = real_stats if real_stats is not None else feature_stats(real_feats)
+    fid = frechet_distance(gen_mu, gen_sigma, real_mu, real_sigma)
+    d = memorization_distance(gen_feats, real_feats if mem_feats is None else mem_feats, device=device)
+    d_thr = d if d < eps else 1.0
+    return dict(fid=fid, d=d, d_thr=d_thr, mifid=fid / (d_thr + MIFID_DENOM_EPS), eps=float(eps))
+
+
+def _mifid_content_key(images: "torch.Tensor", extractor: "FeatureExtractor", kind: str) -> str:
+    digest = hashlib.sha256()
+    digest.update(f"{kind}|{extractor.name}|{extractor.weights_id}|{tuple(images.shape)}|{images.dtype}|".encode())
+    digest.update(memoryview(images.detach().cpu().contiguous().numpy()).cast("B"))
+    return digest.hexdigest()[:24]
+
+
+def cached_real_features(extractor: "FeatureExtractor", real_uint8: "torch.Tensor", cache_dir: str,
+                         kind: str = "images") -> "torch.Tensor":
+    """extractor(real_uint8), kept in cache_dir under the reference kind ("photos", "crops", ...) and a hash of the
+    kind, the images, the backbone and its weights."""
+    key = _mifid_content_key(real_uint8, extractor, kind)
+    path = os.path.join(cache_dir, f"real_features_{extractor.name}_{kind}_{key}.pt")
+    if os.path.exists(path):
+        try:
+            feats = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(feats, torch.Tensor) and tuple(feats.shape) == (len(real_uint8), extractor.dim):
+                log("mifid", f"real features from cache {path}")
+                return feats
+            log("mifid", f"cache {path} has the wrong shape; recomputing")
+        except Exception as error:  # a damaged cache file only costs the recomputation
+            log("mifid", f"cache {path} unreadable ({error}); recomputing")
+    start = time.time()
+    feats = extractor(real_uint8)
+    os.makedirs(cache_dir, exist_ok=True)
+    with atomic_path(path) as tmp_path:
+        torch.save(feats, tmp_path)
+    log("mifid", f"real features of {len(real_uint8)} {kind} ({extractor.name}) in {time.time() - start:.1f}s "
+        f"-> {path}")
+    return feats
+
+
+def read_images_zip(path: str, expect_n: int | None = MIFID_SUBMISSION_COUNT,
+                    size: int = MIFID_IMAGE_SIZE) -> "torch.Tensor":
+    """uint8 N x 3 x size x size from a submission zip; SubmissionError unless every entry is a size x size
+    RGB PNG and (expect_n given) there are exactly expect_n of them. Folders inside the zip are ignored."""
+    if not os.path.isfile(path):
+        raise SubmissionError(f"{path}: no such file")
+    try:
+        archive = zipfile.ZipFile(path)
+    except zipfile.BadZipFile as error:
+        raise SubmissionError(f"{path}: not a zip file ({error})") from error
+    with archive:
+        entries = [info for info in archive.infolist() if not info.is_dir()]
+        if expect_n is not None and len(entries) != expect_n:
+            raise SubmissionError(f"{path}: {len(entries)} files, expected exactly {expect_n} PNG images")
+        if not entries:
+            raise SubmissionError(f"{path}: no images in the zip")
+        images = np.empty((len(entries), 3, size, size), dtype=np.uint8)
+        for i, info in enumerate(entries):
+            name = info.filename
+            if not name.lower().endswith(".png"):
+                raise SubmissionError(f"{path}: entry {name!r} is not a .png file (only PNG images are accepted)")
+            try:
+                image = Image.open(io.BytesIO(archive.read(info)))
+                image.load()
+            except Exception as error:
+                raise SubmissionError(f"{path}: entry {name!r} cannot be decoded as an image ({error})") from error
+            if image.format != "PNG":
+                raise SubmissionError(f"{path}: entry {name!r} is a {image.format} image, not a PNG")
+            if image.size != (size, size):
+                raise SubmissionError(f"{path}: entry {name!r} is {image.size[0]}x{image.size[1]}, "
+                                      f"expected {size}x{size}")
+            if image.mode != "RGB":
+                raise SubmissionError(f"{path}: entry {name!r} has mode {image.mode}, expected RGB")
+            images[i] = np.asarray(image).transpose(2, 0, 1)
+    return torch.from_numpy(images)
+
+
+def validate_submission(path: str) -> None:
+    """Raise SubmissionError unless path is a zip of exactly 10,000 PNG 64x64 RGB images."""
+    read_images_zip(path, expect_n=MIFID_SUBMISSION_COUNT, size=MIFID_IMAGE_SIZE)
+
+
+def load_image_folder(path: str, size: int = MIFID_IMAGE_SIZE) -> "torch.Tensor":
+    """Every image file under path (recursive, sorted) as uint8 N x 3 x size x size RGB, squashed with Lanczos as
+    Kaggle's evaluator read all-dogs/; undecodable files (and links or pipes that are no plain file) are skipped
+    and counted."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"image folder not found: {path}")
+    files = []
+    for folder, dirs, names in os.walk(path):
+        dirs.sort()
+        files += [os.path.join(folder, n) for n in sorted(names) if n.lower().endswith(MIFID_IMAGE_SUFFIXES)]
+    images, skipped = [], []
+    for file in files:
+        try:
+            if not os.path.isfile(file):  # a broken link or a pipe named .jpg: opening a pipe would block
+                raise OSError("not a regular file")
+            with Image.open(file) as image:
+                array = lanczos_square(image.convert("RGB"), size)
+        except Exception:  # corrupt or truncated file: counted and reported below
+            skipped.append(file)
+            continue
+        images.append(torch.from_numpy(array.copy()))
+    if skipped:
+        log("mifid", f"{path}: skipped {len(skipped)} undecodable files (e.g. {skipped[0]})")
+    if not images:
+        raise ValueError(f"no decodable images under {path} ({len(files)} image files found)")
+    return torch.stack(images)
+
+
+def mifid_cli(argv: list[str] | None = None) -> int:
+    """`python -m src.mifid`: score a zip against a folder, or validate a submission; returns the exit code."""
+    parser = argparse.ArgumentParser(prog="python -m src.mifid",
+                                     description="Kaggle's MiFID of a zip of generated images, or a submission check.")
+    parser.add_argument("--validate", metavar="ZIP", help="only check a submission: 10,000 PNG 64x64 RGB")
+    parser.add_argument("--gen", metavar="ZIP", help="generated images (zip of 64x64 RGB PNGs)")
+    parser.add_argument("--real", metavar="DIR", help="real images for FID (folder, searched recursively)")
+    parser.add_argument("--mem-ref", metavar="DIR", help="training images for memorization (default: --real)")
+    parser.add_argument("--backbone", default="auto", choices=("auto", *MIFID_BACKBONES))
+    parser.add_argument("--weights", metavar="FILE", help="pt_inception-2015-12-05-6726825d.pth or efficientnet-lite0.pth")
+    parser.add_argument("--eps", type=float, default=None, help="memorization threshold (default: the backbone's)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--cache-dir", default="", help="keep real-image features here between runs")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    if args.validate:
+        try:
+            validate_submission(args.validate)
+        except SubmissionError as error:
+            print(f"invalid: {error}")
+            return 1
+        print(f"ok: {MIFID_SUBMISSION_COUNT} PNG {MIFID_IMAGE_SIZE}x{MIFID_IMAGE_SIZE} RGB")
+        return 0
+    if not (args.gen and args.real):
+        parser.error("give --gen ZIP and --real DIR to score, or --validate ZIP")
+    if not args.weights:
+        parser.error("give --weights FILE (pytorch-fid's pt_inception-2015-12-05-6726825d.pth or efficientnet-lite0.pth)")
+    try:
+        extractor = load_feature_extractor(args.backbone, args.weights, args.device)
+        gen_img = read_images_zip(args.gen, expect_n=None)
+        if len(gen_img) != MIFID_SUBMISSION_COUNT:
+            log("mifid", f"note: {len(gen_img)} generated images; Kaggle scores exactly {MIFID_SUBMISSION_COUNT}")
+        real_img = load_image_folder(args.real)
+        if args.cache_dir:
+            real_feats = cached_real_features(extractor, real_img, args.cache_dir)
+        else:
+            real_feats = extractor(real_img)
+        mem_feats = None
+        if args.mem_ref and os.path.abspath(args.mem_ref) != os.path.abspath(args.real):
+            mem_feats = extractor(load_image_folder(args.mem_ref))
+        eps = extractor.default_eps if args.eps is None else args.eps
+        result = mifid_score(extractor(gen_img), real_feats, eps, mem_feats=mem_feats, device=extractor.device)
+    except (SubmissionError, FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    result.update(backbone=extractor.name, n_gen=len(gen_img), n_real=len(real_feats),
+                  n_mem=len(real_feats if mem_feats is None else mem_feats))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"backbone {result['backbone']}  generated {result['n_gen']}  real {result['n_real']}  "
+              f"memorization reference {result['n_mem']}")
+        print(f"FID    {result['fid']:.4f}")
+        print(f"d      {result['d']:.6f}")
+        print(f"d_thr  {result['d_thr']:.6f}  (eps {result['eps']})")
+        print(f"MiFID  {result['mifid']:.4f}")
+    return 0
+
+
+# ====================================================================================================
+# src/scoring.py
+# Scoring inside a run: FID of G_ema while training, truncation chosen by measured MiFID, and the final MiFID.
+# ====================================================================================================
+TRUNCATION_CANDIDATES = (0.0, 2.0, 1.5, 1.0)
+# What each --fid-reference compares generated images with (named in every log line with a figure).
+FID_REFERENCE_NAMES = {"photos": "whole photos", "crops": "training crops"}
+
+
+
+
+def seconds_per_image(extractor) -> float:
+    """Feature-extraction time per image, from one timed probe batch after a warm-up."""
+    probe = torch.randint(0, 256, (64, 3, 64, 64), dtype=torch.uint8)
+    extractor(probe[:8])
+    start = time.time()
+    extractor(probe)
+    return (time.time() - start) / len(probe)
+
+
+def reserve_for_scoring(cfg: "Config", extractor) -> float:
+    """Seconds the end of the run needs for MiFID (and the truncation search): features of the generated images.
+
+    The real images' features are computed before training (real_features), so they need no reserve.
+    """
+    training_fid = parse_duration(cfg.fid_every) > 0
+    n_generated = (cfg.n_images + (len(TRUNCATION_CANDIDATES) * cfg.fid_samples if cfg.truncation_search else 0)
+                   + (cfg.fid_samples if training_fid else 0))
+    # training-time FID measures the final G_ema once after the training window (its sqrtm alone is ~15 s at 2048-d)
+    return seconds_per_image(extractor) * n_generated + (20.0 if training_fid else 0.0)
+
+
+def fid_reference_label(reference: str, n: int) -> str:
+    """'whole photos (20,579)': the reference a figure was measured against, for the log."""
+    return f"{FID_REFERENCE_NAMES[reference]} ({n:,})"
+
+
+def real_features(extractor, data, out_dir: str, reference: str) -> "torch.Tensor":
+    """Features of the MiFID reference, computed once per run (or read from the cache of an earlier run):
+    "photos", every whole photo squashed to 64x64 (DogData.photos: Kaggle's reference for FID and memorization),
+    or "crops", the training crops (DogData.images)."""
+    if reference not in FID_REFERENCE_NAMES:
+        raise ValueError(f"unknown FID reference {reference!r}; choose one of {', '.join(FID_REFERENCE_NAMES)}")
+    if reference == "photos" and data.photos is None:
+        raise ValueError("the whole-photo reference needs the photos: load_dogs(..., whole_photos=True)")
+    real_img = data.photos if reference == "photos" else data.images
+    log("score", f"MiFID reference: {fid_reference_label(reference, len(real_img))} "
+        f"(in-run FID, truncation search and the final MiFID)")
+    return cached_real_features(extractor, real_img, os.path.join(out_dir, "cache"), kind=reference)
+
+
+def make_training_fid(cfg: "Config", extractor, real_feats: "torch.Tensor", device):
+    """fid_fn(G_ema) -> FID of cfg.fid_samples generated images against the reference features (cfg.fid_reference),
+    or None when off."""
+    if parse_duration(cfg.fid_every) <= 0:
+        return None
+    real_mu, real_sigma = feature_stats(real_feats)
+    reference = fid_reference_label(cfg.fid_reference, len(real_feats))
+    log("score", f"in-run FID: {cfg.fid_samples} images of G_ema vs {reference}")
+
+    def fid_fn(G_ema) -> float:
+        standing_bn_stats_(G_ema, seed=cfg.seed)
+        gen_img = generate_images(G_ema, cfg.fid_samples, device, truncation=cfg.truncation, seed=cfg.seed + 1)
+        gen_mu, gen_sigma = feature_stats(extractor(gen_img))
+        return frechet_distance(gen_mu, gen_sigma, real_mu, real_sigma)
+
+    fid_fn.reference = reference  # FidTracker names it in every FID line
+    return fid_fn
+
+
+class FidTracker:
+    """Training-time FID of G_ema: the history, the best value and the best G_ema's weights (on the host).
+
+    A failing metric must not end the training: the first exception turns the tracker off, said once.
+    """
+
+    def __init__(self, fid_fn=None):
+        self.fid_fn = fid_fn
+        self.history: list = []          # [[kimg, fid], ...]
+        self.best: float | None = None
+        self.best_kimg: float | None = None
+        self.best_G_ema: dict | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.fid_fn is not None
+
+    @property
+    def last_kimg(self) -> float:
+        return self.history[-1][0] if self.history else -1.0
+
+    def measure(self, G_ema, kimg: float) -> dict:
+        """FID of G_ema now; a new best keeps a copy of its weights. Returns {'fid', 'fid_s'} for the status record."""
+        start = time.time()
+        try:
+            fid = float(self.fid_fn(G_ema))
+        except Exception as error:
+            log("train", f"WARNING: training-time FID failed ({type(error).__name__}: {error}); FID is off from now")
+            self.fid_fn = None
+            return {}
+        G_ema.eval()
+        if not math.isfinite(fid):
+            log("train", f"FID is {fid} at {kimg:.1f} kimg: not kept")
+            return {}
+        self.history.append([kimg, fid])
+        if self.best is None or fid < self.best:
+            self.best, self.best_kimg = fid, kimg
+            self.best_G_ema = ckpt_cpu_copy(G_ema.state_dict())
+        reference = getattr(self.fid_fn, "reference", "")
+        log("train", f"FID {fid:.2f} at {kimg:.1f} kimg ({time.time() - start:.0f}s); best {self.best:.2f} "
+            f"at {self.best_kimg:.1f} kimg{' (vs ' + reference + ')' if reference else ''}")
+        return {"fid": fid, "fid_s": time.time() - start}
+
+    def state_dict(self) -> dict:
+        return {"history": self.history, "best": self.best, "best_kimg": self.best_kimg, "best_G_ema": self.best_G_ema}
+
+    def load_state_dict(self, saved: dict) -> None:
+        self.history = list(saved.get("history", []))
+        self.best, self.best_kimg = saved.get("best"), saved.get("best_kimg")
+        self.best_G_ema = saved.get("best_G_ema")
+
+
+def pick_truncation(cfg: "Config", G_ema, extractor, real_feats: "torch.Tensor", device) -> float:
+    """cfg.truncation, or with --truncation-search the candidate with the lowest MiFID on cfg.fid_samples images."""
+    if not cfg.truncation_search:
+        return cfg.truncation
+    eps = cfg.mifid_eps or extractor.default_eps
+    scores = {}
+    for truncation in sorted(set(TRUNCATION_CANDIDATES) | {cfg.truncation}):
+        gen_img = generate_images(G_ema, cfg.fid_samples, device, truncation=truncation, seed=cfg.seed + 2)
+        scores[truncation] = mifid_score(extractor(gen_img), real_feats, eps, device=extractor.device)
+        result = scores[truncation]
+        log("score", f"truncation {truncation or 'off'}: FID {result['fid']:.2f}  d {result['d']:.3f}  "
+            f"MiFID {result['mifid']:.2f} vs {fid_reference_label(cfg.fid_reference, len(real_feats))}")
+    best = min(scores, key=lambda t: scores[t]["mifid"])
+    log("score", f"truncation search picked {best or 'off'} ({extractor.name}, {cfg.fid_samples} images each, "
+        f"vs {FID_REFERENCE_NAMES[cfg.fid_reference]})")
+    return best
+
+
+def report_mifid(cfg: "Config", extractor, zip_path: str, real_feats: "torch.Tensor", out_dir: str) -> dict:
+    """MiFID of the submitted zip itself (read back and validated) against the reference (cfg.fid_reference);
+    OUT/mifid.json."""
+    start = time.time()
+    gen_img = read_images_zip(zip_path, expect_n=cfg.n_images)
+    result = mifid_score(extractor(gen_img), real_feats, cfg.mifid_eps or extractor.default_eps,
+                         device=extractor.device)
+    result.update(backbone=extractor.name, reference=cfg.fid_reference, n_reference=len(real_feats))
+    atomic_write_text(os.path.join(out_dir, "mifid.json"), json.dumps(result, indent=2))
+    log("score", f"{extractor.name}: FID {result['fid']:.2f}  d {result['d']:.4f}  d_thr {result['d_thr']:.4f}  "
+        f"MiFID {result['mifid']:.2f} vs {fid_reference_label(cfg.fid_reference, len(real_feats))}  "
+        f"({time.time() - start:.0f}s)")
+    return result
 
 
 # ====================================================================================================
@@ -4816,6 +4620,249 @@ def train(cfg: "Config", data, deadline: "Deadline", out_dir: str, device, fid_f
             f"{state.images_seen / 1000:.1f} kimg, {format_duration(time.time() - train_start)} of training this session")
     return TrainResult(G_ema=nets.G_ema.eval(), G=nets.G, D=nets.D, progress=state, stop_reason=stop, error=error,
                        fid=fid, grid_z=run.grid_z)
+
+
+# ====================================================================================================
+# src/preflight.py
+# Start-up checks of the output folder, so a run does not find out after its whole budget that it cannot write.
+# ====================================================================================================
+# Subfolders of OUT that atomic writes go to (grids, the real-feature cache) besides OUT itself.
+OUT_SUBFOLDERS = ("samples", "cache")
+# Bytes written (and fsynced) to time the disk: enough to get past the page cache's first gulp, quick anywhere.
+WRITE_PROBE_BYTES = 8 * 2**20
+# Room kept free beyond the zip and the checkpoint: sample grids, stats.jsonl, plots, mifid.json.
+OUT_SPARE_BYTES = 32 * 2**20
+
+
+class OutputError(RuntimeError):
+    """--out cannot take this run's files (not a folder, not writable, too little free space); says what to do."""
+
+
+def prepare_out_dir(out_dir: str) -> None:
+    """Create OUT if needed and prove it writable (a probe file created and removed); on rank 0, remove the temporary
+    files a killed run left there. Raises OutputError with one clear line otherwise."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise OutputError(f"--out {out_dir} is a file, not a folder: pass a folder (it is created if missing)")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = os.path.join(out_dir, f".dogkernel-write-test-{os.getpid()}")
+        with open(probe, "wb") as f:
+            f.write(b"ok")
+        os.remove(probe)
+    except OSError as error:
+        raise OutputError(f"--out {out_dir} is not writable ({error.strerror or error}): pass a folder this "
+                          f"process can write to") from None
+    if not is_rank_zero():
+        return  # under torchrun only rank 0 writes files, so only it clears (a slow rank must not delete live ones)
+    removed = []
+    for folder in (out_dir, *(os.path.join(out_dir, name) for name in OUT_SUBFOLDERS)):
+        removed += remove_stale_tmp_files(folder)
+    if removed:
+        log("main", f"removed {len(removed)} temporary file(s) an interrupted run left: "
+            f"{', '.join(os.path.basename(p) for p in removed)}")
+
+
+def measure_write_speed(out_dir: str, n_bytes: int = WRITE_PROBE_BYTES) -> float:
+    """Bytes per second written and fsynced in OUT (the zip and checkpoint writes end with an fsync)."""
+    probe = os.path.join(out_dir, f".dogkernel-speed-test-{os.getpid()}")
+    block = os.urandom(2**20)  # random: a compressing file system cannot shrink it
+    start = time.time()
+    try:
+        with open(probe, "wb") as f:
+            for _ in range(max(1, n_bytes // len(block))):
+                f.write(block)
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        if os.path.exists(probe):
+            os.remove(probe)
+    return max(1, n_bytes // len(block)) * len(block) / max(1e-6, time.time() - start)
+
+
+def check_free_space(out_dir: str, need: dict[str, int]) -> None:
+    """Raise OutputError unless OUT's disk has room for every file in `need` ({name: bytes}) written anew beside its
+    old version (atomic writes keep the old file until the new one is whole), plus OUT_SPARE_BYTES."""
+    total = sum(need.values()) + OUT_SPARE_BYTES
+    free = shutil.disk_usage(out_dir).free
+    if free < total:
+        parts = ", ".join(f"{name} ~{size / 2**20:.0f} MiB" for name, size in need.items())
+        raise OutputError(f"--out {out_dir} has {free / 2**20:.0f} MiB free, this run needs ~{total / 2**20:.0f} MiB "
+                          f"({parts}, plus samples and logs): free some space or pass another --out")
+
+
+# ====================================================================================================
+# src/reserve.py
+# The reserve: what the end of training, generation, the zip and scoring will take, measured at start-up on this
+# device with the run's own models, and the refusal of a budget that cannot hold them.
+# ====================================================================================================
+# Training must get at least this many rounds, or the run is refused: a zip from an untrained G is noise.
+MIN_TRAIN_ROUNDS = 2
+# Images G_ema draws after the training window: the last 8 x 8 sample grid and the 4 x 10 interpolation strip.
+TAIL_IMAGES = 64 + 40
+
+
+@dataclass
+class OutputPlan:
+    """Seconds measured at start-up (before the safety factor) for what comes after the training window."""
+    output_s: float      # generate n_images, encode them and write images.zip
+    generate_batch: int  # the faster batch size for generating on this device
+    tail_s: float        # the end of training: its last round, the last grid and strip, the last checkpoint
+    scoring_s: float     # MiFID and the truncation search (0 without a backbone)
+    mifid_s: float       # the part of scoring_s that scores the finished zip
+    round_s: float       # one training round
+
+
+@torch.no_grad()
+def measure_d_seconds(D: "torch.nn.Module", images: "torch.Tensor", device) -> float:
+    """Seconds per image of one D forward on `images` (uint8, CPU), after a warm-up on a few of them."""
+    real_img = images.to(device).float() / 127.5 - 1
+    labels = torch.zeros(len(real_img), dtype=torch.long, device=device)
+    D.eval()
+    D(real_img[:4], labels[:4])
+    start = time.time()
+    logits, _ = D(real_img, labels)
+    logits.float().sum().item()  # waits for the device
+    return (time.time() - start) / len(real_img)
+
+
+def training_round_seconds(cfg: "Config", gen_s: float, d_s: float) -> float:
+    """One training round from forward times per image: a forward and its backward cost ~3 forwards; D sees a real
+    and a fake batch per D step and a fake one per G step; the first G step reuses the D step's fakes when n_dis=1.
+    The loop checks its deadline between rounds, so the last round can run this far past the training window."""
+    n_dis = max(cfg.n_dis, cfg.n_dis_max if cfg.dis_loss_limit > 0 else 0)
+    g_forwards = n_dis + cfg.g_steps - (1 if n_dis == 1 else 0)
+    d_forwards = 2 * n_dis + cfg.g_steps
+    return 3 * cfg.batch_size * (g_forwards * gen_s + d_forwards * d_s)
+
+
+def checkpoint_bytes(G: "torch.nn.Module", D: "torch.nn.Module") -> int:
+    """Size of ckpt.pt: G, G_ema, the best G_ema and G's two Adam moments; D and its two moments; 1 MiB for the rest."""
+    def size(module):
+        return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+    return 5 * size(G) + 3 * size(D) + 2**20
+
+
+def mifid_share(cfg: "Config") -> float:
+    """The fraction of the scoring reserve that scores the zip itself (the rest: truncation search, final FID)."""
+    searched = len(TRUNCATION_CANDIDATES) * cfg.fid_samples if cfg.truncation_search else 0
+    return cfg.n_images / (cfg.n_images + searched + cfg.fid_samples)
+
+
+def plan_reserve(cfg: "Config", deadline: "Deadline", n_classes: int, device: "torch.device", extractor,
+                 out_dir: str) -> "OutputPlan":
+    """Measure the output stages with the run's models (untrained: same shapes, same speed), check the disk has
+    room for images.zip and ckpt.pt, and keep the reserve back from training. Raises BudgetError, naming the
+    smallest budget that fits, when training would not get MIN_TRAIN_ROUNDS rounds."""
+    probe_G, probe_D = build_models(cfg, n_classes)
+    probe_G, probe_D = probe_G.to(device), probe_D.to(device)
+    timed = measure_generation_seconds(probe_G, device)
+    generate_batch = pick_generation_batch(timed)
+    gen_s, probe_img = timed[generate_batch]
+    # a training batch is nearer the smallest candidate, whose speed the round estimate takes
+    round_gen_s = timed[min(timed)][0]
+    zip_s = measure_zip_seconds(probe_img[:64])
+    d_s = measure_d_seconds(probe_D, probe_img[:64], device)
+    write_speed = measure_write_speed(out_dir)
+    zip_bytes, ckpt_bytes = cfg.n_images * ZIP_BYTES_PER_IMAGE_MAX, checkpoint_bytes(probe_G, probe_D)
+    del probe_G, probe_D, probe_img, timed
+    check_free_space(out_dir, {"images.zip": zip_bytes, "ckpt.pt": ckpt_bytes})
+
+    round_s = training_round_seconds(cfg, round_gen_s, d_s)
+    scoring_s = reserve_for_scoring(cfg, extractor) if extractor is not None else 0.0
+    plan = OutputPlan(output_s=cfg.n_images * (gen_s + zip_s) + zip_bytes / write_speed, generate_batch=generate_batch,
+                      tail_s=round_s + TAIL_IMAGES * round_gen_s + ckpt_bytes / write_speed,
+                      scoring_s=scoring_s, mifid_s=scoring_s * mifid_share(cfg), round_s=round_s)
+    budget_s = deadline.end - deadline.start
+    measured_s = RESERVE_SAFETY * (plan.output_s + plan.tail_s + plan.scoring_s)
+    deadline.reserve(measured_s + reserve_margin(budget_s))
+    min_train_s = MIN_TRAIN_ROUNDS * round_s
+    log("main", f"budget {format_duration(budget_s)}: start-up took {format_duration(deadline.elapsed())}, reserving "
+        f"{format_duration(deadline.reserve_s)} (images {format_duration(plan.output_s)}, end of training "
+        f"{format_duration(plan.tail_s)}{f', MiFID {format_duration(plan.scoring_s)}' if extractor else ''}, "
+        f"x{RESERVE_SAFETY} + margin), training gets {format_duration(max(0.0, deadline.train_remaining()))}")
+    if deadline.train_remaining() < min_train_s:
+        fitting = smallest_budget(deadline.elapsed() + measured_s + min_train_s)
+        scoring = f", MiFID ~{format_duration(plan.scoring_s)}" if extractor is not None else ""
+        lighter = "a lighter model, e.g. --recipe cgan, or " if cfg.arch == "resnet" else ""
+        raise BudgetError(
+            f"--time-budget {budget_flag_text(budget_s)} is too small for this model on {device}: start-up took "
+            f"{format_duration(deadline.elapsed())}, {cfg.n_images} images take ~{format_duration(plan.output_s)} "
+            f"to generate and zip here{scoring}, a training round ~{format_duration(round_s)}; give --time-budget "
+            f"{budget_flag_text(fitting)} or more (or {lighter}fewer --n-images for a local test)")
+    return plan
+
+
+# ====================================================================================================
+# src/interrupt.py
+# SIGTERM and Ctrl-C outside the training loop: the stage in progress unwinds cleanly and the run ends in one line.
+#
+# The training loop catches the same signals itself (it finishes its step, saves a checkpoint and returns, so the
+# zip still gets written). Around everything else (data decoding, measuring, generation, the zip, scoring) a signal
+# raises RunInterrupted in the main thread: `with` blocks and `finally` clauses run (atomic writes delete their
+# temporary file, the old images.zip stays), and main() prints which stage was stopped.
+# ====================================================================================================
+# Functions of the pipeline, outermost first, and what a stop inside each of them means for the outputs.
+INTERRUPT_STAGES = {
+    "load_dogs": "while loading the data; nothing was written",
+    "real_features": "while computing the real images' features; nothing was written",
+    "plan_reserve": "while measuring the output time; nothing was written",
+    "train": "while setting up or wrapping up training; ckpt.pt is the last complete checkpoint",
+    "fallback_generator": "before images.zip was written; any previous images.zip is kept",
+    "pick_truncation": "while choosing the truncation; any previous images.zip is kept",
+    "write_submission": "while writing images.zip; any previous images.zip is kept and no temporary file is left",
+    "report_mifid": "while scoring; images.zip is complete",
+    "write_plots": "while drawing the plots; images.zip is complete",
+}
+
+
+class RunInterrupted(BaseException):
+    """SIGTERM/SIGINT outside training. A BaseException, like KeyboardInterrupt, so `except Exception` handlers
+    (the decode pool's fallback, a failing grid) do not swallow it."""
+
+    def __init__(self, signum: int, stage: str):
+        self.signum, self.stage = signum, stage
+        super().__init__(f"stopped by {signal.Signals(signum).name} {stage}".rstrip())
+
+
+def interrupt_stage_of(frame) -> str:
+    """What the outermost pipeline function on the stack was doing when the signal came (see INTERRUPT_STAGES)."""
+    stage = ""
+    while frame is not None:
+        stage = INTERRUPT_STAGES.get(frame.f_code.co_name, stage)
+        frame = frame.f_back
+    return stage
+
+
+@contextlib.contextmanager
+def signals_interrupt_run():
+    """While inside: SIGTERM and SIGINT raise RunInterrupted in this process's main thread.
+
+    Processes forked meanwhile (the decode pool) inherit the handler: there SIGINT is ignored (the parent decides,
+    and a terminal's Ctrl-C reaches the whole group) and SIGTERM ends the worker quietly.
+    Outside the main thread (signals cannot be caught there) this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    owner = os.getpid()
+
+    def on_signal(signum, frame):
+        if os.getpid() != owner:
+            # SystemExit, not os._exit: a worker stopped inside the pool's queue lock must release it on the way
+            # out (the parent's pool.terminate() takes that lock), and multiprocessing prints no traceback for it
+            if signum == signal.SIGTERM:
+                raise SystemExit(128 + signum)
+            return
+        raise RunInterrupted(signum, interrupt_stage_of(frame))
+
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    for signum in previous:
+        signal.signal(signum, on_signal)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
 
 # ====================================================================================================

@@ -29,6 +29,7 @@ from scipy import linalg
 
 from src.atomic import atomic_path
 from src.console import log
+from src.data import lanczos_square
 from src.efficientnet import EFFNET_LITE0_DIM, EfficientNetLite0
 from src.inception import FID_INCEPTION_DIM, FIDInceptionV3
 
@@ -55,12 +56,6 @@ class SubmissionError(ValueError):
     """images.zip breaks Kaggle's rules (count, format, size, mode); the message names the entry."""
 
 
-
-
-def lanczos_square(image: Image.Image, size: int = MIFID_IMAGE_SIZE) -> np.ndarray:
-    """An RGB PIL image squashed to size x size as Kaggle's evaluator did (resize with Image.ANTIALIAS, i.e.
-    Lanczos; a no-op at size) -> uint8 3 x size x size."""
-    return np.asarray(image.resize((size, size), Image.LANCZOS), dtype=np.uint8).transpose(2, 0, 1)
 
 
 def resize_images_uint8(images: torch.Tensor, size: int = MIFID_IMAGE_SIZE) -> torch.Tensor:

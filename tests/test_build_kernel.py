@@ -151,3 +151,29 @@ def test_other_future_imports_are_refused(tmp_path):
     src = write_sources(tmp_path / "src", {"main.py": "from __future__ import generator_stop\n"})
     with pytest.raises(build_kernel.BundleError, match="would leak into every later notebook cell"):
         build_kernel.build(src)
+
+
+def test_pipeline_order_where_the_imports_allow_it(tmp_path):
+    """Dependencies first; among modules free to go, the pipeline's order; then a table of contents in that order."""
+    src = write_sources(tmp_path / "src", {
+        "main.py": '"""The pipeline."""\nfrom src.train import fit\nfrom src.data import load\n',
+        "train.py": '"""Training."""\nfrom src.models import G\nfrom src.config import C\nfit = 1\n',
+        "models.py": '"""Models."""\nfrom src.config import C\nG = 1\n',
+        "data.py": '"""Data."""\nfrom src.config import C\nload = 1\n',
+        "config.py": '"""Settings."""\nC = 1\n',
+    })
+    assert build_kernel.bundle_order(build_kernel.load_modules(src)) == ["config", "data", "models", "train", "main"]
+    text = build_kernel.build(src)
+    table = text.split("# Contents, in pipeline order")[1].split("\n\n")[0]
+    contents = [line.split()[1] for line in table.splitlines() if line.startswith("#   ")]
+    assert contents == ["config", "data", "models", "train", "main"]
+
+
+def test_each_module_is_imported_once_with_every_name_it_needs():
+    tree = ast.parse((ROOT / "kernel.py").read_text())
+    plain = [alias.name for node in tree.body if isinstance(node, ast.Import) for alias in node.names]
+    modules_from = [node.module for node in tree.body if isinstance(node, ast.ImportFrom)]
+    assert len(plain) == len(set(plain)) and len(modules_from) == len(set(modules_from))
+    assert build_kernel.merge_imports(["from dataclasses import dataclass", "import os",
+                                       "from dataclasses import dataclass, field", "import os"]) == \
+        ["import os", "from dataclasses import dataclass, field"]
