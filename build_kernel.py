@@ -27,7 +27,7 @@ BUILTIN_ANNOTATION_NAMES = {"int", "float", "str", "bool", "bytes", "object", "d
                             "frozenset"}
 ENTRY_MODULE = "main"
 # kernel.py reads in the order a run goes: settings, data, models, losses, training, output, metric, the pipeline.
-PIPELINE_ORDER = ["config", "console", "atomic", "data", "synthetic", "augment", "layers", "models", "losses",
+PIPELINE_ORDER = ["host", "config", "console", "atomic", "data", "synthetic", "augment", "layers", "models", "losses",
                   "precision", "distributed", "nets", "ema", "schedule", "budget", "checkpoint", "generate", "monitor",
                   "report", "train", "inception", "efficientnet", "mifid", "scoring", "preflight", "reserve",
                   "interrupt", "main"]

@@ -7,6 +7,8 @@
 #   Demo (CPU, tiny):    python kernel.py --demo
 #
 # Contents, in pipeline order (each section starts with a banner '# src/NAME.py'):
+#   host         Where this process runs: a Kaggle kernel, a Jupyter/IPython notebook. Paths and argument handling
+#                depend on it.
 #   config       One Config dataclass holds every hyperparameter; CLI flags and named recipes are derived from it.
 #   console      One way to print progress: `log(tag, message)` writes '[tag] message' and flushes.
 #   atomic       Atomic file output: a reader sees the old file or the whole new one, never a half-written one.
@@ -93,6 +95,20 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from scipy import linalg
 from torch.nn.utils import parametrize
+
+
+# ====================================================================================================
+# src/host.py
+# Where this process runs: a Kaggle kernel, a Jupyter/IPython notebook. Paths and argument handling depend on it.
+# ====================================================================================================
+def on_kaggle() -> bool:
+    """True inside a Kaggle notebook or kernel run."""
+    return os.path.isdir("/kaggle/input") or "KAGGLE_KERNEL_RUN_TYPE" in os.environ
+
+
+def running_in_notebook() -> bool:
+    """True inside Jupyter/IPython (Kaggle notebooks), where sys.argv holds the kernel's own arguments."""
+    return "ipykernel" in sys.modules or "IPython" in sys.modules
 
 
 # ====================================================================================================
@@ -406,16 +422,6 @@ def config_diff(cfg: "Config") -> dict:
     base = Config()
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(Config)
             if getattr(cfg, f.name) != getattr(base, f.name)}
-
-
-def on_kaggle() -> bool:
-    """True inside a Kaggle notebook or kernel run."""
-    return os.path.isdir("/kaggle/input") or "KAGGLE_KERNEL_RUN_TYPE" in os.environ
-
-
-def running_in_notebook() -> bool:
-    """True inside Jupyter/IPython (Kaggle notebooks), where sys.argv holds the kernel's own arguments."""
-    return "ipykernel" in sys.modules or "IPython" in sys.modules
 
 
 # ====================================================================================================

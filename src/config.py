@@ -4,9 +4,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
 import sys
 from dataclasses import dataclass, field
+
+from src.host import running_in_notebook
 
 
 class ConfigError(ValueError):
@@ -316,13 +317,3 @@ def config_diff(cfg: Config) -> dict:
     base = Config()
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(Config)
             if getattr(cfg, f.name) != getattr(base, f.name)}
-
-
-def on_kaggle() -> bool:
-    """True inside a Kaggle notebook or kernel run."""
-    return os.path.isdir("/kaggle/input") or "KAGGLE_KERNEL_RUN_TYPE" in os.environ
-
-
-def running_in_notebook() -> bool:
-    """True inside Jupyter/IPython (Kaggle notebooks), where sys.argv holds the kernel's own arguments."""
-    return "ipykernel" in sys.modules or "IPython" in sys.modules

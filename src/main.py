@@ -11,12 +11,12 @@ import torch
 
 from src.budget import BudgetError, Deadline, OutOfTime, deadline_check
 from src.checkpoint import CheckpointError, check_resume_fits_data, load_generator_from_checkpoint, open_resume
-from src.config import (Config, ConfigError, config_diff, format_duration, on_kaggle, parse_config, parse_duration,
-                        running_in_notebook)
+from src.config import Config, ConfigError, config_diff, format_duration, parse_config, parse_duration
 from src.console import log, quiet_other_ranks
 from src.data import DataError, load_dogs
 from src.distributed import cleanup_distributed, setup_distributed
 from src.generate import generate_images, write_images_zip
+from src.host import on_kaggle, running_in_notebook
 from src.interrupt import RunInterrupted, signals_interrupt_run
 from src.mifid import find_fid_weights, load_feature_extractor
 from src.models import build_models
