@@ -46,14 +46,14 @@
 #                CLI.
 #   scoring      Scoring inside a run: FID of G_ema while training, truncation chosen by measured MiFID, and the final
 #                MiFID.
-#   train        The training loop: D and G steps on device-resident data until the deadline, watched, checkpointed,
-#                resumable.
 #   preflight    Start-up checks of the output folder, so a run does not find out after its whole budget that it
 #                cannot write.
 #   reserve      The reserve: what the end of training, generation, the zip and scoring will take, measured at start-
 #                up on this device with the run's own models, and the refusal of a budget that cannot hold them.
 #   interrupt    SIGTERM and Ctrl-C outside the training loop: the stage in progress unwinds cleanly and the run ends
 #                in one line.
+#   train        The training loop: D and G steps on device-resident data until the deadline, watched, checkpointed,
+#                resumable.
 #   main         The pipeline: flags -> data -> training until the deadline -> 10,000 images in images.zip -> MiFID.
 
 import argparse
@@ -4153,6 +4153,255 @@ def report_mifid(cfg: "Config", extractor, zip_path: str, real_feats: "torch.Ten
 
 
 # ====================================================================================================
+# src/preflight.py
+# Start-up checks of the output folder, so a run does not find out after its whole budget that it cannot write.
+# ====================================================================================================
+# Subfolders of OUT that atomic writes go to (grids, the real-feature cache) besides OUT itself.
+OUT_SUBFOLDERS = ("samples", "cache")
+# Bytes written (and fsynced) to time the disk: enough to get past the page cache's first gulp, quick anywhere.
+WRITE_PROBE_BYTES = 8 * 2**20
+# Room kept free beyond the zip and the checkpoint: sample grids, stats.jsonl, plots, mifid.json.
+OUT_SPARE_BYTES = 32 * 2**20
+
+
+class OutputError(RuntimeError):
+    """--out cannot take this run's files (not a folder, not writable, too little free space); says what to do."""
+
+
+def prepare_out_dir(out_dir: str) -> None:
+    """Create OUT if needed and prove it writable (a probe file created and removed); on rank 0, remove the temporary
+    files a killed run left there. Raises OutputError with one clear line otherwise."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise OutputError(f"--out {out_dir} is a file, not a folder: pass a folder (it is created if missing)")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = os.path.join(out_dir, f".dogkernel-write-test-{os.getpid()}")
+        with open(probe, "wb") as f:
+            f.write(b"ok")
+        os.remove(probe)
+    except OSError as error:
+        raise OutputError(f"--out {out_dir} is not writable ({error.strerror or error}): pass a folder this "
+                          f"process can write to") from None
+    if not is_rank_zero():
+        return  # under torchrun only rank 0 writes files, so only it clears (a slow rank must not delete live ones)
+    removed = []
+    for folder in (out_dir, *(os.path.join(out_dir, name) for name in OUT_SUBFOLDERS)):
+        removed += remove_stale_tmp_files(folder)
+    if removed:
+        log("main", f"removed {len(removed)} temporary file(s) an interrupted run left: "
+            f"{', '.join(os.path.basename(p) for p in removed)}")
+
+
+def measure_write_speed(out_dir: str, n_bytes: int = WRITE_PROBE_BYTES) -> float:
+    """Bytes per second written and fsynced in OUT (the zip and checkpoint writes end with an fsync)."""
+    probe = os.path.join(out_dir, f".dogkernel-speed-test-{os.getpid()}")
+    block = os.urandom(2**20)  # random: a compressing file system cannot shrink it
+    start = time.time()
+    try:
+        with open(probe, "wb") as f:
+            for _ in range(max(1, n_bytes // len(block))):
+                f.write(block)
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        if os.path.exists(probe):
+            os.remove(probe)
+    return max(1, n_bytes // len(block)) * len(block) / max(1e-6, time.time() - start)
+
+
+def check_free_space(out_dir: str, need: dict[str, int]) -> None:
+    """Raise OutputError unless OUT's disk has room for every file in `need` ({name: bytes}) written anew beside its
+    old version (atomic writes keep the old file until the new one is whole), plus OUT_SPARE_BYTES."""
+    total = sum(need.values()) + OUT_SPARE_BYTES
+    free = shutil.disk_usage(out_dir).free
+    if free < total:
+        parts = ", ".join(f"{name} ~{size / 2**20:.0f} MiB" for name, size in need.items())
+        raise OutputError(f"--out {out_dir} has {free / 2**20:.0f} MiB free, this run needs ~{total / 2**20:.0f} MiB "
+                          f"({parts}, plus samples and logs): free some space or pass another --out")
+
+
+# ====================================================================================================
+# src/reserve.py
+# The reserve: what the end of training, generation, the zip and scoring will take, measured at start-up on this
+# device with the run's own models, and the refusal of a budget that cannot hold them.
+# ====================================================================================================
+# Training must get at least this many rounds, or the run is refused: a zip from an untrained G is noise.
+MIN_TRAIN_ROUNDS = 2
+# Images G_ema draws after the training window: the last 8 x 8 sample grid and the 4 x 10 interpolation strip.
+TAIL_IMAGES = 64 + 40
+
+
+@dataclass
+class OutputPlan:
+    """Seconds measured at start-up (before the safety factor) for what comes after the training window."""
+    output_s: float      # generate n_images, encode them and write images.zip
+    generate_batch: int  # the faster batch size for generating on this device
+    tail_s: float        # the end of training: its last round, the last grid and strip, the last checkpoint
+    scoring_s: float     # MiFID and the truncation search (0 without a backbone)
+    mifid_s: float       # the part of scoring_s that scores the finished zip
+    round_s: float       # one training round
+
+
+@torch.no_grad()
+def measure_d_seconds(D: "torch.nn.Module", images: "torch.Tensor", device) -> float:
+    """Seconds per image of one D forward on `images` (uint8, CPU), after a warm-up on a few of them."""
+    real_img = images.to(device).float() / 127.5 - 1
+    labels = torch.zeros(len(real_img), dtype=torch.long, device=device)
+    D.eval()
+    D(real_img[:4], labels[:4])
+    start = time.time()
+    logits, _ = D(real_img, labels)
+    logits.float().sum().item()  # waits for the device
+    return (time.time() - start) / len(real_img)
+
+
+def training_round_seconds(cfg: "Config", gen_s: float, d_s: float) -> float:
+    """One training round from forward times per image: a forward and its backward cost ~3 forwards; D sees a real
+    and a fake batch per D step and a fake one per G step; the first G step reuses the D step's fakes when n_dis=1.
+    The loop checks its deadline between rounds, so the last round can run this far past the training window."""
+    n_dis = max(cfg.n_dis, cfg.n_dis_max if cfg.dis_loss_limit > 0 else 0)
+    g_forwards = n_dis + cfg.g_steps - (1 if n_dis == 1 else 0)
+    d_forwards = 2 * n_dis + cfg.g_steps
+    return 3 * cfg.batch_size * (g_forwards * gen_s + d_forwards * d_s)
+
+
+def checkpoint_bytes(G: "torch.nn.Module", D: "torch.nn.Module") -> int:
+    """Size of ckpt.pt: G, G_ema, the best G_ema and G's two Adam moments; D and its two moments; 1 MiB for the rest."""
+    def size(module):
+        return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+    return 5 * size(G) + 3 * size(D) + 2**20
+
+
+def mifid_share(cfg: "Config") -> float:
+    """The fraction of the scoring reserve that scores the zip itself (the rest: truncation search, final FID)."""
+    searched = len(TRUNCATION_CANDIDATES) * cfg.fid_samples if cfg.truncation_search else 0
+    return cfg.n_images / (cfg.n_images + searched + cfg.fid_samples)
+
+
+def plan_reserve(cfg: "Config", deadline: "Deadline", n_classes: int, device: "torch.device", extractor,
+                 out_dir: str) -> "OutputPlan":
+    """Measure the output stages with the run's models (untrained: same shapes, same speed), check the disk has
+    room for images.zip and ckpt.pt, and keep the reserve back from training. Raises BudgetError, naming the
+    smallest budget that fits, when training would not get MIN_TRAIN_ROUNDS rounds."""
+    probe_G, probe_D = build_models(cfg, n_classes)
+    probe_G, probe_D = probe_G.to(device), probe_D.to(device)
+    timed = measure_generation_seconds(probe_G, device)
+    generate_batch = pick_generation_batch(timed)
+    gen_s, probe_img = timed[generate_batch]
+    # a training batch is nearer the smallest candidate, whose speed the round estimate takes
+    round_gen_s = timed[min(timed)][0]
+    zip_s = measure_zip_seconds(probe_img[:64])
+    d_s = measure_d_seconds(probe_D, probe_img[:64], device)
+    write_speed = measure_write_speed(out_dir)
+    zip_bytes, ckpt_bytes = cfg.n_images * ZIP_BYTES_PER_IMAGE_MAX, checkpoint_bytes(probe_G, probe_D)
+    del probe_G, probe_D, probe_img, timed
+    check_free_space(out_dir, {"images.zip": zip_bytes, "ckpt.pt": ckpt_bytes})
+
+    round_s = training_round_seconds(cfg, round_gen_s, d_s)
+    scoring_s = reserve_for_scoring(cfg, extractor) if extractor is not None else 0.0
+    plan = OutputPlan(output_s=cfg.n_images * (gen_s + zip_s) + zip_bytes / write_speed, generate_batch=generate_batch,
+                      tail_s=round_s + TAIL_IMAGES * round_gen_s + ckpt_bytes / write_speed,
+                      scoring_s=scoring_s, mifid_s=scoring_s * mifid_share(cfg), round_s=round_s)
+    budget_s = deadline.end - deadline.start
+    measured_s = RESERVE_SAFETY * (plan.output_s + plan.tail_s + plan.scoring_s)
+    deadline.reserve(measured_s + reserve_margin(budget_s))
+    min_train_s = MIN_TRAIN_ROUNDS * round_s
+    log("main", f"budget {format_duration(budget_s)}: start-up took {format_duration(deadline.elapsed())}, reserving "
+        f"{format_duration(deadline.reserve_s)} (images {format_duration(plan.output_s)}, end of training "
+        f"{format_duration(plan.tail_s)}{f', MiFID {format_duration(plan.scoring_s)}' if extractor else ''}, "
+        f"x{RESERVE_SAFETY} + margin), training gets {format_duration(max(0.0, deadline.train_remaining()))}")
+    if deadline.train_remaining() < min_train_s:
+        fitting = smallest_budget(deadline.elapsed() + measured_s + min_train_s)
+        scoring = f", MiFID ~{format_duration(plan.scoring_s)}" if extractor is not None else ""
+        lighter = "a lighter model, e.g. --recipe cgan, or " if cfg.arch == "resnet" else ""
+        raise BudgetError(
+            f"--time-budget {budget_flag_text(budget_s)} is too small for this model on {device}: start-up took "
+            f"{format_duration(deadline.elapsed())}, {cfg.n_images} images take ~{format_duration(plan.output_s)} "
+            f"to generate and zip here{scoring}, a training round ~{format_duration(round_s)}; give --time-budget "
+            f"{budget_flag_text(fitting)} or more (or {lighter}fewer --n-images for a local test)")
+    return plan
+
+
+# ====================================================================================================
+# src/interrupt.py
+# SIGTERM and Ctrl-C outside the training loop: the stage in progress unwinds cleanly and the run ends in one line.
+#
+# The training loop catches the same signals itself (it finishes its step, saves a checkpoint and returns, so the
+# zip still gets written). Around everything else (data decoding, measuring, generation, the zip, scoring) a signal
+# raises RunInterrupted in the main thread: `with` blocks and `finally` clauses run (atomic writes delete their
+# temporary file, the old images.zip stays), and main() prints which stage was stopped.
+# ====================================================================================================
+# Functions of the pipeline, outermost first, and what a stop inside each of them means for the outputs.
+INTERRUPT_STAGES = {
+    "load_dogs": "while loading the data; nothing was written",
+    "real_features": "while computing the real images' features; nothing was written",
+    "plan_reserve": "while measuring the output time; nothing was written",
+    "train": "while setting up or wrapping up training; ckpt.pt is the last complete checkpoint",
+    "fallback_generator": "before images.zip was written; any previous images.zip is kept",
+    "pick_truncation": "while choosing the truncation; any previous images.zip is kept",
+    "write_submission": "while writing images.zip; any previous images.zip is kept and no temporary file is left",
+    "report_mifid": "while scoring; images.zip is complete",
+    "write_plots": "while drawing the plots; images.zip is complete",
+}
+
+
+class RunInterrupted(BaseException):
+    """SIGTERM/SIGINT outside training. A BaseException, like KeyboardInterrupt, so `except Exception` handlers
+    (the decode pool's fallback, a failing grid) do not swallow it."""
+
+    def __init__(self, signum: int, stage: str):
+        self.signum, self.stage = signum, stage
+        super().__init__(f"stopped by {signal.Signals(signum).name} {stage}".rstrip())
+
+
+def interrupt_stage_of(frame) -> str:
+    """What the outermost pipeline function on the stack was doing when the signal came (see INTERRUPT_STAGES)."""
+    stage = ""
+    while frame is not None:
+        stage = INTERRUPT_STAGES.get(frame.f_code.co_name, stage)
+        frame = frame.f_back
+    return stage
+
+
+@contextlib.contextmanager
+def handling_stop_signals(on_signal):
+    """While inside, SIGTERM and SIGINT call on_signal(signum, frame); the previous handlers come back afterwards.
+    Yields False (and changes nothing) outside the main thread, where Python cannot catch signals."""
+    if threading.current_thread() is not threading.main_thread():
+        yield False
+        return
+    previous = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield True
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def signals_interrupt_run():
+    """While inside: SIGTERM and SIGINT raise RunInterrupted in this process's main thread.
+
+    Processes forked meanwhile (the decode pool) inherit the handler: there SIGINT is ignored (the parent decides,
+    and a terminal's Ctrl-C reaches the whole group) and SIGTERM ends the worker quietly.
+    Outside the main thread (signals cannot be caught there) this does nothing.
+    """
+    owner = os.getpid()
+
+    def on_signal(signum, frame):
+        if os.getpid() != owner:
+            # SystemExit, not os._exit: a worker stopped inside the pool's queue lock must release it on the way
+            # out (the parent's pool.terminate() takes that lock), and multiprocessing prints no traceback for it
+            if signum == signal.SIGTERM:
+                raise SystemExit(128 + signum)
+            return
+        raise RunInterrupted(signum, interrupt_stage_of(frame))
+
+    with handling_stop_signals(on_signal):
+        yield
+
+
+# ====================================================================================================
 # src/train.py
 # The training loop: D and G steps on device-resident data until the deadline, watched, checkpointed, resumable.
 #
@@ -4360,25 +4609,19 @@ def set_up_training(cfg: "Config", data, device: "torch.device", dist_info, fid_
 
 @contextlib.contextmanager
 def catch_stop_signals():
-    """SIGTERM/SIGINT add their number to the yielded set instead of killing the process: the loop finishes its
-    step, saves and returns. Outside the main thread signals cannot be caught (the deadline still stops training)."""
+    """SIGTERM/SIGINT add their number to the yielded set instead of stopping the run: the loop finishes its step,
+    saves and returns. Outside the main thread signals cannot be caught (the deadline still stops training)."""
     caught: set = set()
-    if threading.current_thread() is not threading.main_thread():
-        log("train", "not in the main thread: SIGTERM/SIGINT are not caught (the deadline still stops training)")
-        yield caught
-        return
 
     def on_signal(signum, frame):
         if not caught:
             log("train", f"caught {signal.Signals(signum).name}: finishing this step, saving a checkpoint, stopping")
         caught.add(signum)
 
-    previous = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGTERM, signal.SIGINT)}
-    try:
+    with handling_stop_signals(on_signal) as handled:
+        if not handled:
+            log("train", "not in the main thread: SIGTERM/SIGINT are not caught (the deadline still stops training)")
         yield caught
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
 
 class RollbackGuard:
@@ -4626,249 +4869,6 @@ def train(cfg: "Config", data, deadline: "Deadline", out_dir: str, device, fid_f
             f"{state.images_seen / 1000:.1f} kimg, {format_duration(time.time() - train_start)} of training this session")
     return TrainResult(G_ema=nets.G_ema.eval(), G=nets.G, D=nets.D, progress=state, stop_reason=stop, error=error,
                        fid=fid, grid_z=run.grid_z)
-
-
-# ====================================================================================================
-# src/preflight.py
-# Start-up checks of the output folder, so a run does not find out after its whole budget that it cannot write.
-# ====================================================================================================
-# Subfolders of OUT that atomic writes go to (grids, the real-feature cache) besides OUT itself.
-OUT_SUBFOLDERS = ("samples", "cache")
-# Bytes written (and fsynced) to time the disk: enough to get past the page cache's first gulp, quick anywhere.
-WRITE_PROBE_BYTES = 8 * 2**20
-# Room kept free beyond the zip and the checkpoint: sample grids, stats.jsonl, plots, mifid.json.
-OUT_SPARE_BYTES = 32 * 2**20
-
-
-class OutputError(RuntimeError):
-    """--out cannot take this run's files (not a folder, not writable, too little free space); says what to do."""
-
-
-def prepare_out_dir(out_dir: str) -> None:
-    """Create OUT if needed and prove it writable (a probe file created and removed); on rank 0, remove the temporary
-    files a killed run left there. Raises OutputError with one clear line otherwise."""
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise OutputError(f"--out {out_dir} is a file, not a folder: pass a folder (it is created if missing)")
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        probe = os.path.join(out_dir, f".dogkernel-write-test-{os.getpid()}")
-        with open(probe, "wb") as f:
-            f.write(b"ok")
-        os.remove(probe)
-    except OSError as error:
-        raise OutputError(f"--out {out_dir} is not writable ({error.strerror or error}): pass a folder this "
-                          f"process can write to") from None
-    if not is_rank_zero():
-        return  # under torchrun only rank 0 writes files, so only it clears (a slow rank must not delete live ones)
-    removed = []
-    for folder in (out_dir, *(os.path.join(out_dir, name) for name in OUT_SUBFOLDERS)):
-        removed += remove_stale_tmp_files(folder)
-    if removed:
-        log("main", f"removed {len(removed)} temporary file(s) an interrupted run left: "
-            f"{', '.join(os.path.basename(p) for p in removed)}")
-
-
-def measure_write_speed(out_dir: str, n_bytes: int = WRITE_PROBE_BYTES) -> float:
-    """Bytes per second written and fsynced in OUT (the zip and checkpoint writes end with an fsync)."""
-    probe = os.path.join(out_dir, f".dogkernel-speed-test-{os.getpid()}")
-    block = os.urandom(2**20)  # random: a compressing file system cannot shrink it
-    start = time.time()
-    try:
-        with open(probe, "wb") as f:
-            for _ in range(max(1, n_bytes // len(block))):
-                f.write(block)
-            f.flush()
-            os.fsync(f.fileno())
-    finally:
-        if os.path.exists(probe):
-            os.remove(probe)
-    return max(1, n_bytes // len(block)) * len(block) / max(1e-6, time.time() - start)
-
-
-def check_free_space(out_dir: str, need: dict[str, int]) -> None:
-    """Raise OutputError unless OUT's disk has room for every file in `need` ({name: bytes}) written anew beside its
-    old version (atomic writes keep the old file until the new one is whole), plus OUT_SPARE_BYTES."""
-    total = sum(need.values()) + OUT_SPARE_BYTES
-    free = shutil.disk_usage(out_dir).free
-    if free < total:
-        parts = ", ".join(f"{name} ~{size / 2**20:.0f} MiB" for name, size in need.items())
-        raise OutputError(f"--out {out_dir} has {free / 2**20:.0f} MiB free, this run needs ~{total / 2**20:.0f} MiB "
-                          f"({parts}, plus samples and logs): free some space or pass another --out")
-
-
-# ====================================================================================================
-# src/reserve.py
-# The reserve: what the end of training, generation, the zip and scoring will take, measured at start-up on this
-# device with the run's own models, and the refusal of a budget that cannot hold them.
-# ====================================================================================================
-# Training must get at least this many rounds, or the run is refused: a zip from an untrained G is noise.
-MIN_TRAIN_ROUNDS = 2
-# Images G_ema draws after the training window: the last 8 x 8 sample grid and the 4 x 10 interpolation strip.
-TAIL_IMAGES = 64 + 40
-
-
-@dataclass
-class OutputPlan:
-    """Seconds measured at start-up (before the safety factor) for what comes after the training window."""
-    output_s: float      # generate n_images, encode them and write images.zip
-    generate_batch: int  # the faster batch size for generating on this device
-    tail_s: float        # the end of training: its last round, the last grid and strip, the last checkpoint
-    scoring_s: float     # MiFID and the truncation search (0 without a backbone)
-    mifid_s: float       # the part of scoring_s that scores the finished zip
-    round_s: float       # one training round
-
-
-@torch.no_grad()
-def measure_d_seconds(D: "torch.nn.Module", images: "torch.Tensor", device) -> float:
-    """Seconds per image of one D forward on `images` (uint8, CPU), after a warm-up on a few of them."""
-    real_img = images.to(device).float() / 127.5 - 1
-    labels = torch.zeros(len(real_img), dtype=torch.long, device=device)
-    D.eval()
-    D(real_img[:4], labels[:4])
-    start = time.time()
-    logits, _ = D(real_img, labels)
-    logits.float().sum().item()  # waits for the device
-    return (time.time() - start) / len(real_img)
-
-
-def training_round_seconds(cfg: "Config", gen_s: float, d_s: float) -> float:
-    """One training round from forward times per image: a forward and its backward cost ~3 forwards; D sees a real
-    and a fake batch per D step and a fake one per G step; the first G step reuses the D step's fakes when n_dis=1.
-    The loop checks its deadline between rounds, so the last round can run this far past the training window."""
-    n_dis = max(cfg.n_dis, cfg.n_dis_max if cfg.dis_loss_limit > 0 else 0)
-    g_forwards = n_dis + cfg.g_steps - (1 if n_dis == 1 else 0)
-    d_forwards = 2 * n_dis + cfg.g_steps
-    return 3 * cfg.batch_size * (g_forwards * gen_s + d_forwards * d_s)
-
-
-def checkpoint_bytes(G: "torch.nn.Module", D: "torch.nn.Module") -> int:
-    """Size of ckpt.pt: G, G_ema, the best G_ema and G's two Adam moments; D and its two moments; 1 MiB for the rest."""
-    def size(module):
-        return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
-    return 5 * size(G) + 3 * size(D) + 2**20
-
-
-def mifid_share(cfg: "Config") -> float:
-    """The fraction of the scoring reserve that scores the zip itself (the rest: truncation search, final FID)."""
-    searched = len(TRUNCATION_CANDIDATES) * cfg.fid_samples if cfg.truncation_search else 0
-    return cfg.n_images / (cfg.n_images + searched + cfg.fid_samples)
-
-
-def plan_reserve(cfg: "Config", deadline: "Deadline", n_classes: int, device: "torch.device", extractor,
-                 out_dir: str) -> "OutputPlan":
-    """Measure the output stages with the run's models (untrained: same shapes, same speed), check the disk has
-    room for images.zip and ckpt.pt, and keep the reserve back from training. Raises BudgetError, naming the
-    smallest budget that fits, when training would not get MIN_TRAIN_ROUNDS rounds."""
-    probe_G, probe_D = build_models(cfg, n_classes)
-    probe_G, probe_D = probe_G.to(device), probe_D.to(device)
-    timed = measure_generation_seconds(probe_G, device)
-    generate_batch = pick_generation_batch(timed)
-    gen_s, probe_img = timed[generate_batch]
-    # a training batch is nearer the smallest candidate, whose speed the round estimate takes
-    round_gen_s = timed[min(timed)][0]
-    zip_s = measure_zip_seconds(probe_img[:64])
-    d_s = measure_d_seconds(probe_D, probe_img[:64], device)
-    write_speed = measure_write_speed(out_dir)
-    zip_bytes, ckpt_bytes = cfg.n_images * ZIP_BYTES_PER_IMAGE_MAX, checkpoint_bytes(probe_G, probe_D)
-    del probe_G, probe_D, probe_img, timed
-    check_free_space(out_dir, {"images.zip": zip_bytes, "ckpt.pt": ckpt_bytes})
-
-    round_s = training_round_seconds(cfg, round_gen_s, d_s)
-    scoring_s = reserve_for_scoring(cfg, extractor) if extractor is not None else 0.0
-    plan = OutputPlan(output_s=cfg.n_images * (gen_s + zip_s) + zip_bytes / write_speed, generate_batch=generate_batch,
-                      tail_s=round_s + TAIL_IMAGES * round_gen_s + ckpt_bytes / write_speed,
-                      scoring_s=scoring_s, mifid_s=scoring_s * mifid_share(cfg), round_s=round_s)
-    budget_s = deadline.end - deadline.start
-    measured_s = RESERVE_SAFETY * (plan.output_s + plan.tail_s + plan.scoring_s)
-    deadline.reserve(measured_s + reserve_margin(budget_s))
-    min_train_s = MIN_TRAIN_ROUNDS * round_s
-    log("main", f"budget {format_duration(budget_s)}: start-up took {format_duration(deadline.elapsed())}, reserving "
-        f"{format_duration(deadline.reserve_s)} (images {format_duration(plan.output_s)}, end of training "
-        f"{format_duration(plan.tail_s)}{f', MiFID {format_duration(plan.scoring_s)}' if extractor else ''}, "
-        f"x{RESERVE_SAFETY} + margin), training gets {format_duration(max(0.0, deadline.train_remaining()))}")
-    if deadline.train_remaining() < min_train_s:
-        fitting = smallest_budget(deadline.elapsed() + measured_s + min_train_s)
-        scoring = f", MiFID ~{format_duration(plan.scoring_s)}" if extractor is not None else ""
-        lighter = "a lighter model, e.g. --recipe cgan, or " if cfg.arch == "resnet" else ""
-        raise BudgetError(
-            f"--time-budget {budget_flag_text(budget_s)} is too small for this model on {device}: start-up took "
-            f"{format_duration(deadline.elapsed())}, {cfg.n_images} images take ~{format_duration(plan.output_s)} "
-            f"to generate and zip here{scoring}, a training round ~{format_duration(round_s)}; give --time-budget "
-            f"{budget_flag_text(fitting)} or more (or {lighter}fewer --n-images for a local test)")
-    return plan
-
-
-# ====================================================================================================
-# src/interrupt.py
-# SIGTERM and Ctrl-C outside the training loop: the stage in progress unwinds cleanly and the run ends in one line.
-#
-# The training loop catches the same signals itself (it finishes its step, saves a checkpoint and returns, so the
-# zip still gets written). Around everything else (data decoding, measuring, generation, the zip, scoring) a signal
-# raises RunInterrupted in the main thread: `with` blocks and `finally` clauses run (atomic writes delete their
-# temporary file, the old images.zip stays), and main() prints which stage was stopped.
-# ====================================================================================================
-# Functions of the pipeline, outermost first, and what a stop inside each of them means for the outputs.
-INTERRUPT_STAGES = {
-    "load_dogs": "while loading the data; nothing was written",
-    "real_features": "while computing the real images' features; nothing was written",
-    "plan_reserve": "while measuring the output time; nothing was written",
-    "train": "while setting up or wrapping up training; ckpt.pt is the last complete checkpoint",
-    "fallback_generator": "before images.zip was written; any previous images.zip is kept",
-    "pick_truncation": "while choosing the truncation; any previous images.zip is kept",
-    "write_submission": "while writing images.zip; any previous images.zip is kept and no temporary file is left",
-    "report_mifid": "while scoring; images.zip is complete",
-    "write_plots": "while drawing the plots; images.zip is complete",
-}
-
-
-class RunInterrupted(BaseException):
-    """SIGTERM/SIGINT outside training. A BaseException, like KeyboardInterrupt, so `except Exception` handlers
-    (the decode pool's fallback, a failing grid) do not swallow it."""
-
-    def __init__(self, signum: int, stage: str):
-        self.signum, self.stage = signum, stage
-        super().__init__(f"stopped by {signal.Signals(signum).name} {stage}".rstrip())
-
-
-def interrupt_stage_of(frame) -> str:
-    """What the outermost pipeline function on the stack was doing when the signal came (see INTERRUPT_STAGES)."""
-    stage = ""
-    while frame is not None:
-        stage = INTERRUPT_STAGES.get(frame.f_code.co_name, stage)
-        frame = frame.f_back
-    return stage
-
-
-@contextlib.contextmanager
-def signals_interrupt_run():
-    """While inside: SIGTERM and SIGINT raise RunInterrupted in this process's main thread.
-
-    Processes forked meanwhile (the decode pool) inherit the handler: there SIGINT is ignored (the parent decides,
-    and a terminal's Ctrl-C reaches the whole group) and SIGTERM ends the worker quietly.
-    Outside the main thread (signals cannot be caught there) this does nothing.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    owner = os.getpid()
-
-    def on_signal(signum, frame):
-        if os.getpid() != owner:
-            # SystemExit, not os._exit: a worker stopped inside the pool's queue lock must release it on the way
-            # out (the parent's pool.terminate() takes that lock), and multiprocessing prints no traceback for it
-            if signum == signal.SIGTERM:
-                raise SystemExit(128 + signum)
-            return
-        raise RunInterrupted(signum, interrupt_stage_of(frame))
-
-    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
-    for signum in previous:
-        signal.signal(signum, on_signal)
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
 
 # ====================================================================================================

@@ -45,6 +45,21 @@ def interrupt_stage_of(frame) -> str:
 
 
 @contextlib.contextmanager
+def handling_stop_signals(on_signal):
+    """While inside, SIGTERM and SIGINT call on_signal(signum, frame); the previous handlers come back afterwards.
+    Yields False (and changes nothing) outside the main thread, where Python cannot catch signals."""
+    if threading.current_thread() is not threading.main_thread():
+        yield False
+        return
+    previous = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield True
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+
+@contextlib.contextmanager
 def signals_interrupt_run():
     """While inside: SIGTERM and SIGINT raise RunInterrupted in this process's main thread.
 
@@ -52,9 +67,6 @@ def signals_interrupt_run():
     and a terminal's Ctrl-C reaches the whole group) and SIGTERM ends the worker quietly.
     Outside the main thread (signals cannot be caught there) this does nothing.
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
     owner = os.getpid()
 
     def on_signal(signum, frame):
@@ -66,11 +78,5 @@ def signals_interrupt_run():
             return
         raise RunInterrupted(signum, interrupt_stage_of(frame))
 
-    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
-    for signum in previous:
-        signal.signal(signum, on_signal)
-    try:
+    with handling_stop_signals(on_signal):
         yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)

@@ -14,7 +14,6 @@ import math
 import os
 import random
 import signal
-import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from src.config import Config, format_duration, parse_duration
 from src.console import log
 from src.distributed import any_rank_flags, current_dist_info, sync_buffers
 from src.ema import ema_beta_at, ema_update, standing_bn_stats_
+from src.interrupt import handling_stop_signals
 from src.layers import spectral_norm_power_iteration_
 from src.losses import GAN_LOSSES, aux_class_loss
 from src.monitor import (STATS_NAME, StatusLog, TickMeter, make_grid_latents, print_banner, save_interpolation_strip,
@@ -240,25 +240,19 @@ def set_up_training(cfg: Config, data, device: torch.device, dist_info, fid_fn, 
 
 @contextlib.contextmanager
 def catch_stop_signals():
-    """SIGTERM/SIGINT add their number to the yielded set instead of killing the process: the loop finishes its
-    step, saves and returns. Outside the main thread signals cannot be caught (the deadline still stops training)."""
+    """SIGTERM/SIGINT add their number to the yielded set instead of stopping the run: the loop finishes its step,
+    saves and returns. Outside the main thread signals cannot be caught (the deadline still stops training)."""
     caught: set = set()
-    if threading.current_thread() is not threading.main_thread():
-        log("train", "not in the main thread: SIGTERM/SIGINT are not caught (the deadline still stops training)")
-        yield caught
-        return
 
     def on_signal(signum, frame):
         if not caught:
             log("train", f"caught {signal.Signals(signum).name}: finishing this step, saving a checkpoint, stopping")
         caught.add(signum)
 
-    previous = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGTERM, signal.SIGINT)}
-    try:
+    with handling_stop_signals(on_signal) as handled:
+        if not handled:
+            log("train", "not in the main thread: SIGTERM/SIGINT are not caught (the deadline still stops training)")
         yield caught
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
 
 class RollbackGuard:
