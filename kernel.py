@@ -2362,6 +2362,15 @@ def any_rank_flags(flags: list[bool], device: "torch.device", world_size: int) -
     return [bool(v) for v in flag_tensor.tolist()]
 
 
+def max_over_ranks(value: float, device: "torch.device", world_size: int) -> float:
+    """The largest of one number over all ranks (one tiny all-reduce), so every rank plans with the same figure."""
+    if world_size <= 1:
+        return value
+    value_tensor = torch.tensor([float(value)], device=device)
+    torch_dist.all_reduce(value_tensor, op=torch_dist.ReduceOp.MAX)
+    return float(value_tensor.item())
+
+
 def mean_over_ranks(values: "torch.Tensor", world_size: int) -> "torch.Tensor":
     """The mean of a tensor over ranks (SUM / world_size: gloo has no AVG)."""
     if world_size <= 1:
@@ -4304,13 +4313,16 @@ def plan_reserve(cfg: "Config", deadline: "Deadline", n_classes: int, device: "t
                       scoring_s=scoring_s, mifid_s=scoring_s * mifid_share(cfg), round_s=round_s)
     budget_s = deadline.end - deadline.start
     measured_s = RESERVE_SAFETY * (plan.output_s + plan.tail_s + plan.scoring_s)
-    deadline.reserve(measured_s + reserve_margin(budget_s))
+    # under torchrun every rank measured its own: all keep the largest reserve and refuse together, or none waits
+    # forever in a collective for a rank that stopped
+    world = current_dist_info(device).world_size
+    deadline.reserve(max_over_ranks(measured_s + reserve_margin(budget_s), device, world))
     min_train_s = MIN_TRAIN_ROUNDS * round_s
     log("main", f"budget {format_duration(budget_s)}: start-up took {format_duration(deadline.elapsed())}, reserving "
         f"{format_duration(deadline.reserve_s)} (images {format_duration(plan.output_s)}, end of training "
         f"{format_duration(plan.tail_s)}{f', MiFID {format_duration(plan.scoring_s)}' if extractor else ''}, "
         f"x{RESERVE_SAFETY} + margin), training gets {format_duration(max(0.0, deadline.train_remaining()))}")
-    if deadline.train_remaining() < min_train_s:
+    if any_rank_flags([deadline.train_remaining() < min_train_s], device, world)[0]:
         fitting = smallest_budget(deadline.elapsed() + measured_s + min_train_s)
         scoring = f", MiFID ~{format_duration(plan.scoring_s)}" if extractor is not None else ""
         lighter = "a lighter model, e.g. --recipe cgan, or " if cfg.arch == "resnet" else ""

@@ -86,6 +86,15 @@ def any_rank_flags(flags: list[bool], device: torch.device, world_size: int) -> 
     return [bool(v) for v in flag_tensor.tolist()]
 
 
+def max_over_ranks(value: float, device: torch.device, world_size: int) -> float:
+    """The largest of one number over all ranks (one tiny all-reduce), so every rank plans with the same figure."""
+    if world_size <= 1:
+        return value
+    value_tensor = torch.tensor([float(value)], device=device)
+    torch_dist.all_reduce(value_tensor, op=torch_dist.ReduceOp.MAX)
+    return float(value_tensor.item())
+
+
 def mean_over_ranks(values: torch.Tensor, world_size: int) -> torch.Tensor:
     """The mean of a tensor over ranks (SUM / world_size: gloo has no AVG)."""
     if world_size <= 1:

@@ -10,6 +10,7 @@ import torch
 from src.budget import (RESERVE_SAFETY, BudgetError, Deadline, budget_flag_text, reserve_margin, smallest_budget)
 from src.config import Config, format_duration
 from src.console import log
+from src.distributed import any_rank_flags, current_dist_info, max_over_ranks
 from src.generate import (ZIP_BYTES_PER_IMAGE_MAX, measure_generation_seconds, measure_zip_seconds,
                           pick_generation_batch)
 from src.models import build_models
@@ -95,13 +96,16 @@ def plan_reserve(cfg: Config, deadline: Deadline, n_classes: int, device: torch.
                       scoring_s=scoring_s, mifid_s=scoring_s * mifid_share(cfg), round_s=round_s)
     budget_s = deadline.end - deadline.start
     measured_s = RESERVE_SAFETY * (plan.output_s + plan.tail_s + plan.scoring_s)
-    deadline.reserve(measured_s + reserve_margin(budget_s))
+    # under torchrun every rank measured its own: all keep the largest reserve and refuse together, or none waits
+    # forever in a collective for a rank that stopped
+    world = current_dist_info(device).world_size
+    deadline.reserve(max_over_ranks(measured_s + reserve_margin(budget_s), device, world))
     min_train_s = MIN_TRAIN_ROUNDS * round_s
     log("main", f"budget {format_duration(budget_s)}: start-up took {format_duration(deadline.elapsed())}, reserving "
         f"{format_duration(deadline.reserve_s)} (images {format_duration(plan.output_s)}, end of training "
         f"{format_duration(plan.tail_s)}{f', MiFID {format_duration(plan.scoring_s)}' if extractor else ''}, "
         f"x{RESERVE_SAFETY} + margin), training gets {format_duration(max(0.0, deadline.train_remaining()))}")
-    if deadline.train_remaining() < min_train_s:
+    if any_rank_flags([deadline.train_remaining() < min_train_s], device, world)[0]:
         fitting = smallest_budget(deadline.elapsed() + measured_s + min_train_s)
         scoring = f", MiFID ~{format_duration(plan.scoring_s)}" if extractor is not None else ""
         lighter = "a lighter model, e.g. --recipe cgan, or " if cfg.arch == "resnet" else ""

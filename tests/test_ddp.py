@@ -77,3 +77,53 @@ def test_two_gloo_ranks_train_in_step(tiny_data_dir, tmp_path):
     # only rank 0 writes: one status line per tick, one checkpoint; rank 1 printed no status
     assert (out / "ckpt.pt").is_file() and (out / "stats.jsonl").is_file()
     assert "[train] step" in logs[0] and "[train] step" not in logs[1]
+
+
+RESERVE_WORKER = r'''
+import os, sys, time
+import torch
+torch.set_num_threads(1)
+from src.budget import BudgetError, Deadline
+from src.config import make_config
+from src.distributed import cleanup_distributed, setup_distributed
+from src.reserve import plan_reserve
+
+out_dir = sys.argv[1]
+info = setup_distributed("cpu")
+cfg = make_config(dict(recipe="cgan", g_ch=8, d_ch=8, z_dim=16, shared_dim=16, n_images=200))
+# rank 1's clock says the budget is already spent; rank 0's has an hour
+deadline = Deadline(3600 if info.rank == 0 else 1, time.time() - (0 if info.rank == 0 else 10))
+try:
+    plan_reserve(cfg, deadline, 4, info.device, None, os.path.join(out_dir, f"out{info.rank}"))
+    outcome = f"planned {deadline.reserve_s:.6f}"
+except BudgetError:
+    outcome = "refused"
+with open(os.path.join(out_dir, f"rank{info.rank}.txt"), "w") as f:
+    f.write(outcome)
+cleanup_distributed()
+'''
+
+
+def test_ranks_agree_on_the_reserve_and_refuse_together(tmp_path):
+    """A budget too small on one rank's clock is refused on every rank: none is left waiting in a collective."""
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available in this build")
+    script = tmp_path / "reserve_worker.py"
+    script.write_text(RESERVE_WORKER)
+    for rank in range(2):
+        (tmp_path / f"out{rank}").mkdir()
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path)], cwd=str(REPO), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True,
+                              env=dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONPATH=str(REPO),
+                                       OMP_NUM_THREADS="1"))
+             for rank in range(2)]
+    try:
+        logs = [proc.communicate(timeout=120)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    assert [proc.returncode for proc in procs] == [0, 0], logs
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)] == ["refused", "refused"]
