@@ -4067,7 +4067,7 @@ def make_training_fid(cfg: "Config", extractor, real_feats: "torch.Tensor", devi
     log("score", f"in-run FID: {cfg.fid_samples} images of G_ema vs {reference}")
 
     def fid_fn(G_ema) -> float:
-        standing_bn_stats_(G_ema, seed=cfg.seed)
+        # G_ema's standing BN statistics are the caller's (train recomputes them once per sampling moment)
         gen_img = generate_images(G_ema, cfg.fid_samples, device, truncation=cfg.truncation, seed=cfg.seed + 1)
         gen_mu, gen_sigma = feature_stats(extractor(gen_img))
         return frechet_distance(gen_mu, gen_sigma, real_mu, real_sigma)
@@ -4801,6 +4801,8 @@ def train(cfg: "Config", data, deadline: "Deadline", out_dir: str, device, fid_f
                 if tick_now and meter.d_steps:
                     status_due.reset(now)
                     record = {}
+                    if is_main and (grid_due.due(now) or fid_due.due(now) and fid.enabled):
+                        standing_bn_stats_(nets.G_ema, seed=cfg.seed)  # once, for the FID and the grid below
                     if is_main and fid_due.due(now) and fid.enabled:
                         record = fid.measure(nets.G_ema, state.images_seen / 1000)
                         fid_due.reset(time.time())
@@ -4813,7 +4815,6 @@ def train(cfg: "Config", data, deadline: "Deadline", out_dir: str, device, fid_f
                     if refresh_now:
                         guard.refresh(nets, state, now)
                     if is_main and grid_due.due(now):
-                        standing_bn_stats_(nets.G_ema, seed=cfg.seed)
                         _save_grid(nets, run.grid_z, run.grid_y, out_dir, state.images_seen / 1000, precision)
                         grid_due.reset(time.time())
                     if is_main and ckpt_due.due(now):

@@ -12,7 +12,6 @@ from src.atomic import atomic_write_text
 from src.checkpoint import ckpt_cpu_copy
 from src.config import Config, parse_duration
 from src.console import log
-from src.ema import standing_bn_stats_
 from src.generate import generate_images
 from src.mifid import cached_real_features, feature_stats, frechet_distance, mifid_score, read_images_zip
 
@@ -73,7 +72,7 @@ def make_training_fid(cfg: Config, extractor, real_feats: torch.Tensor, device):
     log("score", f"in-run FID: {cfg.fid_samples} images of G_ema vs {reference}")
 
     def fid_fn(G_ema) -> float:
-        standing_bn_stats_(G_ema, seed=cfg.seed)
+        # G_ema's standing BN statistics are the caller's (train recomputes them once per sampling moment)
         gen_img = generate_images(G_ema, cfg.fid_samples, device, truncation=cfg.truncation, seed=cfg.seed + 1)
         gen_mu, gen_sigma = feature_stats(extractor(gen_img))
         return frechet_distance(gen_mu, gen_sigma, real_mu, real_sigma)

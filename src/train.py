@@ -420,6 +420,8 @@ def train(cfg: Config, data, deadline: Deadline, out_dir: str, device, fid_fn=No
                 if tick_now and meter.d_steps:
                     status_due.reset(now)
                     record = {}
+                    if is_main and (grid_due.due(now) or fid_due.due(now) and fid.enabled):
+                        standing_bn_stats_(nets.G_ema, seed=cfg.seed)  # once, for the FID and the grid below
                     if is_main and fid_due.due(now) and fid.enabled:
                         record = fid.measure(nets.G_ema, state.images_seen / 1000)
                         fid_due.reset(time.time())
@@ -432,7 +434,6 @@ def train(cfg: Config, data, deadline: Deadline, out_dir: str, device, fid_fn=No
                     if refresh_now:
                         guard.refresh(nets, state, now)
                     if is_main and grid_due.due(now):
-                        standing_bn_stats_(nets.G_ema, seed=cfg.seed)
                         _save_grid(nets, run.grid_z, run.grid_y, out_dir, state.images_seen / 1000, precision)
                         grid_due.reset(time.time())
                     if is_main and ckpt_due.due(now):
