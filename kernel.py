@@ -259,14 +259,19 @@ RECIPES: dict[str, dict] = {
 # (measured), which keeps the whole demo under a minute; `--demo --recipe biggan` runs the default model instead.
 DEMO_RECIPE = "cgan"
 # Hinge + translation/cutout DiffAugment: on the 115 demo crops BCE collapsed to one image (with or without colour
-# augmentation); this kept variety in the same 25 s (grids compared by eye).
+# augmentation); this kept variety in the same 25 s (grids compared by eye). The DCGAN demo drops the DiffAugment.
 DEMO_OVERRIDES: dict = dict(time_budget="45s", device="cpu", g_ch=16, d_ch=16, shared_dim=32, z_dim=64,
                             batch_size=16, loss="hinge", diffaug="translation,cutout", status_every="3s",
                             grid_every="10s", ckpt_every="15s")
 # The demo's DCGAN learns shapes only after ~1,000 rounds: it draws at 32x32 (a quarter of the work per image) with
 # batches of 16, at lr 1e-3 with Adam beta1 0 (scripts/learning_bench.py, 1,200 rounds: FID 228 vs 330-420 for the
-# 64x64 DCGAN at lr 2e-4 in the same seconds; BENCHMARKS.md).
-DEMO_DCGAN_OVERRIDES: dict = dict(draw_res=32, lr_g=1e-3, lr_d=1e-3, beta1=0.0)
+# 64x64 DCGAN at lr 2e-4 in the same seconds). In its ~2,000 rounds D does not overfit the 115 crops enough for
+# DiffAugment to pay (timed demo: FID 223 without, 252 with it, three seeds each); the lr anneals only to half and
+# G_ema averages over up to a fifth of the rounds (FID ~190 when training works out); the minibatch standard
+# deviation lets D see a batch of look-alikes, which ended the one-run-in-five collapse into two-headed dogs (FID
+# 285 -> 199 on that seed; seven seeds 187-199). BENCHMARKS.md has the runs.
+DEMO_DCGAN_OVERRIDES: dict = dict(draw_res=32, lr_g=1e-3, lr_d=1e-3, beta1=0.0, diffaug="", lr_min_ratio=0.5,
+                                  ema_rampup=0.2, mbstd=True)
 
 
 def parse_duration(text: str | float | int) -> float:
@@ -1401,16 +1406,16 @@ def rand_contrast(x: "torch.Tensor") -> "torch.Tensor":
 def translate_images(x: "torch.Tensor", dy: "torch.Tensor", dx: "torch.Tensor") -> "torch.Tensor":
     """Move image b by (dy[b], dx[b]) whole pixels (positive: down, right), filling with zeros.
 
-    out[b, :, i, j] = x[b, :, i - dy[b], j - dx[b]], or 0 where that falls outside the image.
+    out[b, :, i, j] = x[b, :, i - dy[b], j - dx[b]], or 0 where that falls outside the image. Done as two products
+    with 0/1 shift matrices, out = S_y x S_x (S_y[b, i, k] = [k = i - dy[b]], S_x[b, k, j] = [k = j - dx[b]]): exact,
+    and its backward is two more small products, where gathering by index needs a slow scatter-add.
     """
     b, _, h, w = x.shape
-    src_rows = torch.arange(h, device=x.device) - dy.reshape(b, 1)  # [B, H]
-    src_cols = torch.arange(w, device=x.device) - dx.reshape(b, 1)  # [B, W]
-    inside = (((src_rows >= 0) & (src_rows < h))[:, :, None] & ((src_cols >= 0) & (src_cols < w))[:, None, :])
-    batch = torch.arange(b, device=x.device)[:, None, None]
-    # advanced indexing on dims 0, 2, 3 puts the [B, H, W] index shape first: the result is [B, H, W, C]
-    moved = x[batch, :, src_rows.clamp(0, h - 1)[:, :, None], src_cols.clamp(0, w - 1)[:, None, :]]
-    return (moved * inside[..., None].to(x.dtype)).permute(0, 3, 1, 2)
+    rows = torch.arange(h, device=x.device)
+    cols = torch.arange(w, device=x.device)
+    shift_rows = (rows[None, None, :] == rows[None, :, None] - dy.reshape(b, 1, 1)).to(x.dtype)  # [B, H, H]
+    shift_cols = (cols[None, :, None] == cols[None, None, :] - dx.reshape(b, 1, 1)).to(x.dtype)  # [B, W, W]
+    return shift_rows[:, None] @ x @ shift_cols[:, None]
 
 
 def rand_translation(x: "torch.Tensor", ratio: float = 0.125) -> "torch.Tensor":
@@ -1803,9 +1808,12 @@ def _check_g_inputs(z: "torch.Tensor", y: "torch.Tensor | None", z_dim: int, con
                          f"{None if y is None else list(y.shape)}")
 
 
-def _check_d_inputs(img: "torch.Tensor", y: "torch.Tensor | None", uses_labels: bool) -> None:
-    if img.dim() != 4 or tuple(img.shape[1:]) != (3, MODEL_IMG_SIZE, MODEL_IMG_SIZE):
-        raise ValueError(f"D expects images of shape [B, 3, {MODEL_IMG_SIZE}, {MODEL_IMG_SIZE}], got {list(img.shape)}")
+def _check_d_inputs(img: "torch.Tensor", y: "torch.Tensor | None", uses_labels: bool,
+                    draw_res: int = MODEL_IMG_SIZE) -> None:
+    if img.dim() != 4 or img.shape[1] != 3 or img.shape[2] != img.shape[3] or img.shape[2] not in (MODEL_IMG_SIZE,
+                                                                                                  draw_res):
+        shapes = " or ".join(f"[B, 3, {r}, {r}]" for r in sorted({MODEL_IMG_SIZE, draw_res}, reverse=True))
+        raise ValueError(f"D expects images of shape {shapes}, got {list(img.shape)}")
     if uses_labels and (y is None or y.shape != img.shape[:1]):
         raise ValueError(f"conditional D expects labels y of shape [{img.shape[0]}], got "
                          f"{None if y is None else list(y.shape)}")
@@ -1903,12 +1911,14 @@ class DCGANGenerator(nn.Module):
     """Radford et al. G: [z, label embedding] -> Linear -> 4x4x8ch -> ConvTranspose 8ch->4ch->2ch->1ch -> 3, tanh.
 
     draw_res 32 draws at 32x32 (4x4x4ch -> 4ch->2ch->1ch -> 3) and repeats each pixel 2x2 up to 64x64: a quarter of
-    the work per image, for CPU runs such as the demo."""
+    the work per image, for CPU runs such as the demo. Training asks for full_res=False: the 32x32 drawing itself,
+    which D judges as it is (no 64x64 copy to build, augment and pool back)."""
 
     def __init__(self, z_dim: int, n_classes: int, ch: int, conditional: bool, label_dim: int, attn_res: int,
                  sn: bool, pixel_norm: bool, draw_res: int = MODEL_IMG_SIZE):
         super().__init__()
         self.upscale = MODEL_IMG_SIZE // draw_res
+        self.draw_res = draw_res
         self.z_dim = z_dim
         self.n_classes = n_classes
         self.conditional = conditional
@@ -1929,7 +1939,7 @@ class DCGANGenerator(nn.Module):
                 self.attn[str(i)] = SelfAttention2d(channels[i + 1], sn=sn)
         self.out_conv = with_sn(nn.ConvTranspose2d(channels[-1], 3, 4, 2, 1), sn)
 
-    def forward(self, z: "torch.Tensor", y: "torch.Tensor | None" = None) -> "torch.Tensor":
+    def forward(self, z: "torch.Tensor", y: "torch.Tensor | None" = None, full_res: bool = True) -> "torch.Tensor":
         _check_g_inputs(z, y, self.z_dim, self.conditional)
         g_in = torch.cat([z, self.label_embed(y).to(z.dtype)], dim=1) if self.label_embed is not None else z
         h = self.stem(g_in).reshape(z.shape[0], -1, 4, 4)
@@ -1939,20 +1949,21 @@ class DCGANGenerator(nn.Module):
             if str(i) in self.attn:
                 h = self.attn[str(i)](h)
         img = torch.tanh(self.out_conv(h))
-        return F.interpolate(img, scale_factor=self.upscale, mode="nearest") if self.upscale > 1 else img
+        return F.interpolate(img, scale_factor=self.upscale, mode="nearest") if full_res and self.upscale > 1 else img
 
 
 class DCGANDiscriminator(nn.Module):
     """Radford et al. D: strided convs 3->ch->2ch->4ch->8ch with LeakyReLU(0.2) (BN from the second conv on,
     dropped when D is spectrally normalised as in SN-DCGAN), then the 4x4x8ch features, flattened, go to the head
-    (the DCGAN's final 4x4 valid conv is exactly a linear layer on them). draw_res 32 judges the 2x2-averaged image
-    (exactly what a 32x32 G drew) with one block fewer."""
+    (the DCGAN's final 4x4 valid conv is exactly a linear layer on them). draw_res 32 judges 32x32 images with one
+    block fewer: a 64x64 image is 2x2-averaged first (exactly what a 32x32 G drew), a 32x32 one is taken as it is."""
 
     def __init__(self, n_classes: int, ch: int, cond: str, attn_res: int, sn: bool, mbstd: bool,
                  draw_res: int = MODEL_IMG_SIZE):
         super().__init__()
         self.cond = cond
         self.downscale = MODEL_IMG_SIZE // draw_res
+        self.draw_res = draw_res
         self.label_map = LabelMap(n_classes, draw_res) if cond == "concat" else None
         n_downs = int(math.log2(draw_res // 4))
         channels = [3 + (1 if cond == "concat" else 0)] + [ch * 2 ** i for i in range(n_downs)]
@@ -1968,8 +1979,8 @@ class DCGANDiscriminator(nn.Module):
         self.head = DiscriminatorHead((channels[-1] + (1 if mbstd else 0)) * 4 * 4, n_classes, cond, sn=sn)
 
     def forward(self, img: "torch.Tensor", y: "torch.Tensor | None" = None) -> "tuple[torch.Tensor, torch.Tensor | None]":
-        _check_d_inputs(img, y, self.cond in ("projection", "concat"))
-        h = F.avg_pool2d(img, self.downscale) if self.downscale > 1 else img
+        _check_d_inputs(img, y, self.cond in ("projection", "concat"), self.draw_res)
+        h = F.avg_pool2d(img, self.downscale) if img.shape[-1] != self.draw_res else img
         if self.label_map is not None:
             h = torch.cat([h, self.label_map(y).to(h.dtype)], dim=1)
         for i, block in enumerate(self.blocks):
@@ -4487,8 +4498,10 @@ def set_lr(optimizer: "torch.optim.Optimizer", lr: float) -> None:
 
 
 def _prepare_real(img_uint8: "torch.Tensor", cfg: "Config", precision: "Precision") -> "torch.Tensor":
-    # uint8 -> [-1, 1] on the device, random mirror (real images only)
+    # uint8 -> [-1, 1] on the device, averaged down to what G draws (--draw-res), random mirror (real images only)
     real_img = uint8_to_unit(img_uint8)
+    if cfg.draw_res != MODEL_IMG_SIZE:
+        real_img = F.avg_pool2d(real_img, MODEL_IMG_SIZE // cfg.draw_res)
     if cfg.flip:
         real_img = random_flip(real_img)
     return to_memory_format(real_img, precision)
@@ -4520,6 +4533,8 @@ def gan_round(nets: "GanNets", sampler: "DeviceSampler", cfg: "Config", precisio
     # With one D step, its fakes (with G's graph kept) also serve the first G step: one G forward fewer per round.
     reuse_fakes = n_dis == 1 and cfg.g_steps >= 1
     kept_fakes = None
+    # a G drawing below 64x64 hands D its drawing as it is (the reals are averaged down to match)
+    drawn = {"full_res": False} if cfg.draw_res != MODEL_IMG_SIZE else {}
     spectral_norm_power_iteration_(nets.sn_G)  # G's one iteration for its first update (its forward may come first)
     for _ in range(n_dis):
         spectral_norm_power_iteration_(nets.sn_D)
@@ -4530,11 +4545,11 @@ def gan_round(nets: "GanNets", sampler: "DeviceSampler", cfg: "Config", precisio
         real_target, fake_target = loss.d_targets(batch_size, cfg.real_label_min, cfg.fake_label_max, device)
         with precision_autocast(precision):
             if reuse_fakes:
-                kept_fakes = (nets.G_train(z, gen_y), gen_y)
+                kept_fakes = (nets.G_train(z, gen_y, **drawn), gen_y)
                 gen_img = kept_fakes[0].detach()
             else:
                 with torch.no_grad():
-                    gen_img = nets.G_fwd(z, gen_y)
+                    gen_img = nets.G_fwd(z, gen_y, **drawn)
             real_img = _prepare_real(real_u8, cfg, precision)
             real_logit, real_class = nets.D_train(_augment_for_d(real_img, cfg, precision), real_y)
             fake_logit, _ = nets.D_train(_augment_for_d(gen_img, cfg, precision), gen_y)
@@ -4563,7 +4578,7 @@ def gan_round(nets: "GanNets", sampler: "DeviceSampler", cfg: "Config", precisio
                 else:
                     z = torch.randn(batch_size, nets.G.z_dim, device=device)
                     gen_y = torch.randint(0, n_classes, (batch_size,), device=device)
-                    gen_img = nets.G_train(z, gen_y)
+                    gen_img = nets.G_train(z, gen_y, **drawn)
                 fake_logit, fake_class = nets.D_fwd(_augment_for_d(gen_img, cfg, precision), gen_y)
                 g_loss = loss.g_loss(real_logit_for_g, fake_logit)
                 if fake_class is not None:

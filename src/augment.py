@@ -28,16 +28,16 @@ def rand_contrast(x: torch.Tensor) -> torch.Tensor:
 def translate_images(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
     """Move image b by (dy[b], dx[b]) whole pixels (positive: down, right), filling with zeros.
 
-    out[b, :, i, j] = x[b, :, i - dy[b], j - dx[b]], or 0 where that falls outside the image.
+    out[b, :, i, j] = x[b, :, i - dy[b], j - dx[b]], or 0 where that falls outside the image. Done as two products
+    with 0/1 shift matrices, out = S_y x S_x (S_y[b, i, k] = [k = i - dy[b]], S_x[b, k, j] = [k = j - dx[b]]): exact,
+    and its backward is two more small products, where gathering by index needs a slow scatter-add.
     """
     b, _, h, w = x.shape
-    src_rows = torch.arange(h, device=x.device) - dy.reshape(b, 1)  # [B, H]
-    src_cols = torch.arange(w, device=x.device) - dx.reshape(b, 1)  # [B, W]
-    inside = (((src_rows >= 0) & (src_rows < h))[:, :, None] & ((src_cols >= 0) & (src_cols < w))[:, None, :])
-    batch = torch.arange(b, device=x.device)[:, None, None]
-    # advanced indexing on dims 0, 2, 3 puts the [B, H, W] index shape first: the result is [B, H, W, C]
-    moved = x[batch, :, src_rows.clamp(0, h - 1)[:, :, None], src_cols.clamp(0, w - 1)[:, None, :]]
-    return (moved * inside[..., None].to(x.dtype)).permute(0, 3, 1, 2)
+    rows = torch.arange(h, device=x.device)
+    cols = torch.arange(w, device=x.device)
+    shift_rows = (rows[None, None, :] == rows[None, :, None] - dy.reshape(b, 1, 1)).to(x.dtype)  # [B, H, H]
+    shift_cols = (cols[None, :, None] == cols[None, None, :] - dx.reshape(b, 1, 1)).to(x.dtype)  # [B, W, W]
+    return shift_rows[:, None] @ x @ shift_cols[:, None]
 
 
 def rand_translation(x: torch.Tensor, ratio: float = 0.125) -> torch.Tensor:

@@ -34,9 +34,12 @@ def _check_g_inputs(z: torch.Tensor, y: torch.Tensor | None, z_dim: int, conditi
                          f"{None if y is None else list(y.shape)}")
 
 
-def _check_d_inputs(img: torch.Tensor, y: torch.Tensor | None, uses_labels: bool) -> None:
-    if img.dim() != 4 or tuple(img.shape[1:]) != (3, MODEL_IMG_SIZE, MODEL_IMG_SIZE):
-        raise ValueError(f"D expects images of shape [B, 3, {MODEL_IMG_SIZE}, {MODEL_IMG_SIZE}], got {list(img.shape)}")
+def _check_d_inputs(img: torch.Tensor, y: torch.Tensor | None, uses_labels: bool,
+                    draw_res: int = MODEL_IMG_SIZE) -> None:
+    if img.dim() != 4 or img.shape[1] != 3 or img.shape[2] != img.shape[3] or img.shape[2] not in (MODEL_IMG_SIZE,
+                                                                                                  draw_res):
+        shapes = " or ".join(f"[B, 3, {r}, {r}]" for r in sorted({MODEL_IMG_SIZE, draw_res}, reverse=True))
+        raise ValueError(f"D expects images of shape {shapes}, got {list(img.shape)}")
     if uses_labels and (y is None or y.shape != img.shape[:1]):
         raise ValueError(f"conditional D expects labels y of shape [{img.shape[0]}], got "
                          f"{None if y is None else list(y.shape)}")
@@ -134,12 +137,14 @@ class DCGANGenerator(nn.Module):
     """Radford et al. G: [z, label embedding] -> Linear -> 4x4x8ch -> ConvTranspose 8ch->4ch->2ch->1ch -> 3, tanh.
 
     draw_res 32 draws at 32x32 (4x4x4ch -> 4ch->2ch->1ch -> 3) and repeats each pixel 2x2 up to 64x64: a quarter of
-    the work per image, for CPU runs such as the demo."""
+    the work per image, for CPU runs such as the demo. Training asks for full_res=False: the 32x32 drawing itself,
+    which D judges as it is (no 64x64 copy to build, augment and pool back)."""
 
     def __init__(self, z_dim: int, n_classes: int, ch: int, conditional: bool, label_dim: int, attn_res: int,
                  sn: bool, pixel_norm: bool, draw_res: int = MODEL_IMG_SIZE):
         super().__init__()
         self.upscale = MODEL_IMG_SIZE // draw_res
+        self.draw_res = draw_res
         self.z_dim = z_dim
         self.n_classes = n_classes
         self.conditional = conditional
@@ -160,7 +165,7 @@ class DCGANGenerator(nn.Module):
                 self.attn[str(i)] = SelfAttention2d(channels[i + 1], sn=sn)
         self.out_conv = with_sn(nn.ConvTranspose2d(channels[-1], 3, 4, 2, 1), sn)
 
-    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None, full_res: bool = True) -> torch.Tensor:
         _check_g_inputs(z, y, self.z_dim, self.conditional)
         g_in = torch.cat([z, self.label_embed(y).to(z.dtype)], dim=1) if self.label_embed is not None else z
         h = self.stem(g_in).reshape(z.shape[0], -1, 4, 4)
@@ -170,20 +175,21 @@ class DCGANGenerator(nn.Module):
             if str(i) in self.attn:
                 h = self.attn[str(i)](h)
         img = torch.tanh(self.out_conv(h))
-        return F.interpolate(img, scale_factor=self.upscale, mode="nearest") if self.upscale > 1 else img
+        return F.interpolate(img, scale_factor=self.upscale, mode="nearest") if full_res and self.upscale > 1 else img
 
 
 class DCGANDiscriminator(nn.Module):
     """Radford et al. D: strided convs 3->ch->2ch->4ch->8ch with LeakyReLU(0.2) (BN from the second conv on,
     dropped when D is spectrally normalised as in SN-DCGAN), then the 4x4x8ch features, flattened, go to the head
-    (the DCGAN's final 4x4 valid conv is exactly a linear layer on them). draw_res 32 judges the 2x2-averaged image
-    (exactly what a 32x32 G drew) with one block fewer."""
+    (the DCGAN's final 4x4 valid conv is exactly a linear layer on them). draw_res 32 judges 32x32 images with one
+    block fewer: a 64x64 image is 2x2-averaged first (exactly what a 32x32 G drew), a 32x32 one is taken as it is."""
 
     def __init__(self, n_classes: int, ch: int, cond: str, attn_res: int, sn: bool, mbstd: bool,
                  draw_res: int = MODEL_IMG_SIZE):
         super().__init__()
         self.cond = cond
         self.downscale = MODEL_IMG_SIZE // draw_res
+        self.draw_res = draw_res
         self.label_map = LabelMap(n_classes, draw_res) if cond == "concat" else None
         n_downs = int(math.log2(draw_res // 4))
         channels = [3 + (1 if cond == "concat" else 0)] + [ch * 2 ** i for i in range(n_downs)]
@@ -199,8 +205,8 @@ class DCGANDiscriminator(nn.Module):
         self.head = DiscriminatorHead((channels[-1] + (1 if mbstd else 0)) * 4 * 4, n_classes, cond, sn=sn)
 
     def forward(self, img: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        _check_d_inputs(img, y, self.cond in ("projection", "concat"))
-        h = F.avg_pool2d(img, self.downscale) if self.downscale > 1 else img
+        _check_d_inputs(img, y, self.cond in ("projection", "concat"), self.draw_res)
+        h = F.avg_pool2d(img, self.downscale) if img.shape[-1] != self.draw_res else img
         if self.label_map is not None:
             h = torch.cat([h, self.label_map(y).to(h.dtype)], dim=1)
         for i, block in enumerate(self.blocks):

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from src.augment import diff_augment, parse_diffaug_policy, random_flip, uint8_to_unit
 from src.budget import Deadline, Every
@@ -32,6 +33,7 @@ from src.ema import ema_beta_at, ema_update, standing_bn_stats_
 from src.interrupt import handling_stop_signals
 from src.layers import spectral_norm_power_iteration_
 from src.losses import GAN_LOSSES, aux_class_loss
+from src.models import MODEL_IMG_SIZE
 from src.monitor import (STATS_NAME, StatusLog, TickMeter, make_grid_latents, print_banner, save_interpolation_strip,
                          save_sample_grid)
 from src.nets import GanNets, LoopState, build_gan_nets
@@ -106,8 +108,10 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 def _prepare_real(img_uint8: torch.Tensor, cfg: Config, precision: Precision) -> torch.Tensor:
-    # uint8 -> [-1, 1] on the device, random mirror (real images only)
+    # uint8 -> [-1, 1] on the device, averaged down to what G draws (--draw-res), random mirror (real images only)
     real_img = uint8_to_unit(img_uint8)
+    if cfg.draw_res != MODEL_IMG_SIZE:
+        real_img = F.avg_pool2d(real_img, MODEL_IMG_SIZE // cfg.draw_res)
     if cfg.flip:
         real_img = random_flip(real_img)
     return to_memory_format(real_img, precision)
@@ -139,6 +143,8 @@ def gan_round(nets: GanNets, sampler: DeviceSampler, cfg: Config, precision: Pre
     # With one D step, its fakes (with G's graph kept) also serve the first G step: one G forward fewer per round.
     reuse_fakes = n_dis == 1 and cfg.g_steps >= 1
     kept_fakes = None
+    # a G drawing below 64x64 hands D its drawing as it is (the reals are averaged down to match)
+    drawn = {"full_res": False} if cfg.draw_res != MODEL_IMG_SIZE else {}
     spectral_norm_power_iteration_(nets.sn_G)  # G's one iteration for its first update (its forward may come first)
     for _ in range(n_dis):
         spectral_norm_power_iteration_(nets.sn_D)
@@ -149,11 +155,11 @@ def gan_round(nets: GanNets, sampler: DeviceSampler, cfg: Config, precision: Pre
         real_target, fake_target = loss.d_targets(batch_size, cfg.real_label_min, cfg.fake_label_max, device)
         with precision_autocast(precision):
             if reuse_fakes:
-                kept_fakes = (nets.G_train(z, gen_y), gen_y)
+                kept_fakes = (nets.G_train(z, gen_y, **drawn), gen_y)
                 gen_img = kept_fakes[0].detach()
             else:
                 with torch.no_grad():
-                    gen_img = nets.G_fwd(z, gen_y)
+                    gen_img = nets.G_fwd(z, gen_y, **drawn)
             real_img = _prepare_real(real_u8, cfg, precision)
             real_logit, real_class = nets.D_train(_augment_for_d(real_img, cfg, precision), real_y)
             fake_logit, _ = nets.D_train(_augment_for_d(gen_img, cfg, precision), gen_y)
@@ -182,7 +188,7 @@ def gan_round(nets: GanNets, sampler: DeviceSampler, cfg: Config, precision: Pre
                 else:
                     z = torch.randn(batch_size, nets.G.z_dim, device=device)
                     gen_y = torch.randint(0, n_classes, (batch_size,), device=device)
-                    gen_img = nets.G_train(z, gen_y)
+                    gen_img = nets.G_train(z, gen_y, **drawn)
                 fake_logit, fake_class = nets.D_fwd(_augment_for_d(gen_img, cfg, precision), gen_y)
                 g_loss = loss.g_loss(real_logit_for_g, fake_logit)
                 if fake_class is not None:

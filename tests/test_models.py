@@ -324,6 +324,11 @@ def test_draw_res_32_draws_a_quarter_and_d_judges_what_was_drawn(recipe):
         assert img.shape == (BATCH, 3, 64, 64)
         assert torch.equal(img, drawn.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3))
         assert D(img, y)[0].shape == (BATCH,)
+        # training takes the drawing itself (full_res=False) and D judges it without the 64x64 round trip
+        assert torch.equal(G(z, y, full_res=False), drawn)
+        assert torch.allclose(D.eval()(drawn, y)[0], D(img, y)[0], atol=1e-6)
+        with pytest.raises(ValueError, match=r"\[B, 3, 64, 64\] or \[B, 3, 32, 32\], got \[4, 3, 16, 16\]"):
+            D(img[:, :, :16, :16], y)
     _, G64, D64 = tiny_models(recipe)
     # one block fewer on each side: the 64x64 models have every layer of the 32x32 ones plus one
     assert len(G.blocks) == len(G64.blocks) - 1 and len(D.blocks) == len(D64.blocks) - 1

@@ -106,6 +106,23 @@ def test_every_recipe_trains(dogs, tmp_path, overrides):
         assert all(map(lambda k: abs(r[k]) < 1e6, ("g_loss", "d_loss", "d_real", "d_fake")))
 
 
+@pytest.mark.parametrize("overrides", [{}, {"n_dis": 2, "loss": "wgan-gp"}], ids=["reused-fakes", "n_dis2-gp"])
+def test_draw_res_32_trains_d_on_the_drawings_and_still_outputs_64(dogs, tmp_path, monkeypatch, overrides):
+    """G hands D its 32x32 drawings and the reals are averaged down to match: D never sees a 64x64 image in
+    training (every D forward, the gradient penalty's included), while G_ema's images stay 64x64."""
+    import src.models as models_module
+    seen = []
+    d_forward = models_module.DCGANDiscriminator.forward
+    monkeypatch.setattr(models_module.DCGANDiscriminator, "forward",
+                        lambda self, img, y=None: seen.append(tuple(img.shape[1:])) or d_forward(self, img, y))
+    cfg = tiny_cfg(recipe="cgan", draw_res=32, diffaug="translation,cutout", **overrides)
+    result = train(cfg, dogs, Deadline(3600), str(tmp_path), "cpu", max_steps=2)
+    # per round: a real and a fake forward per D step (+ the penalty's), one fake forward for G
+    assert len(seen) >= 2 * (2 * cfg.n_dis + 1) and set(seen) == {(3, 32, 32)}
+    with torch.no_grad():
+        assert result.G_ema(torch.randn(2, cfg.z_dim), torch.tensor([0, 1])).shape == (2, 3, 64, 64)
+
+
 def test_adaptive_d_steps_rise_while_d_loss_is_high(dogs, tmp_path):
     # a limit no loss can stay under: one more D step after every tick, up to n_dis_max
     cfg = fast_cfg(dis_loss_limit=1e-6, n_dis=1, n_dis_max=3)
