@@ -164,7 +164,7 @@ DEMO_OVERRIDES: dict = dict(time_budget="45s", device="cpu", g_ch=16, d_ch=16, s
 # DiffAugment to pay (timed demo: FID 223 without, 252 with it, three seeds each); the lr anneals only to half and
 # G_ema averages over up to a fifth of the rounds (FID ~190 when training works out); the minibatch standard
 # deviation lets D see a batch of look-alikes, which ended the one-run-in-five collapse into two-headed dogs (FID
-# 285 -> 199 on that seed; seven seeds 187-199). BENCHMARKS.md has the runs.
+# 285 -> 199 on that seed; seven seeds 184-199). BENCHMARKS.md has the runs.
 DEMO_DCGAN_OVERRIDES: dict = dict(draw_res=32, lr_g=1e-3, lr_d=1e-3, beta1=0.0, diffaug="", lr_min_ratio=0.5,
                                   ema_rampup=0.2, mbstd=True)
 
