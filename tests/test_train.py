@@ -10,7 +10,7 @@ import torch
 from src.budget import Deadline
 from src.checkpoint import open_resume
 from src.config import RECIPES, make_config
-from src.models import build_models
+from src.models import DCGANDiscriminator, build_models
 from src.precision import choose_precision
 from src.train import seed_all, train
 
@@ -110,10 +110,9 @@ def test_every_recipe_trains(dogs, tmp_path, overrides):
 def test_draw_res_32_trains_d_on_the_drawings_and_still_outputs_64(dogs, tmp_path, monkeypatch, overrides):
     """G hands D its 32x32 drawings and the reals are averaged down to match: D never sees a 64x64 image in
     training (every D forward, the gradient penalty's included), while G_ema's images stay 64x64."""
-    import src.models as models_module
     seen = []
-    d_forward = models_module.DCGANDiscriminator.forward
-    monkeypatch.setattr(models_module.DCGANDiscriminator, "forward",
+    d_forward = DCGANDiscriminator.forward
+    monkeypatch.setattr(DCGANDiscriminator, "forward",
                         lambda self, img, y=None: seen.append(tuple(img.shape[1:])) or d_forward(self, img, y))
     cfg = tiny_cfg(recipe="cgan", draw_res=32, diffaug="translation,cutout", **overrides)
     result = train(cfg, dogs, Deadline(3600), str(tmp_path), "cpu", max_steps=2)
