@@ -58,6 +58,9 @@
 #                `d_phase` per real batch, `g_phase`, `end_round`.
 #   train        The training loop: D and G steps on device-resident data until the deadline, watched, checkpointed,
 #                resumable.
+#   selfcheck    The first-minute self-check: every stage of the run, briefly, on the real device with the real
+#                settings, before the long training starts. A stage that fails is one line naming it now, not a
+#                traceback hours later.
 #   settle       The run settled once: flags + recipe (already a Config) + checkpoint + data + device -> the settings
 #                every later stage uses as they are. Each problem found here is one line naming the flag or file;
 #                nothing reshapes the run after.
@@ -85,6 +88,7 @@ import shutil
 import signal
 import stat
 import sys
+import tempfile
 import threading
 import time
 import torch
@@ -1272,6 +1276,9 @@ class Config:
     amp: str = this_run("auto", choices=("auto", "bf16", "fp16", "fp32"))  # auto: bf16 on sm>=80, fp16 below, CPU fp32
     channels_last: bool = this_run(True)  # NHWC convolutions on the GPU
     compile: bool = this_run(False)     # torch.compile G and D (compile time comes out of the budget)
+    # before training, run every stage briefly on the device (rounds, grid, zip, MiFID backbone): a failure is one
+    # line in the first minute, not hours later; it changes nothing the run then does
+    self_check: bool = this_run(True)
     # ---- watching ---------------------------------------------------------------------------------
     status_every: float = this_run(10.0, duration=True)  # status line and one stats.jsonl record
     grid_every: float = this_run(600.0, duration=True)   # sample grid from the fixed grid_z
@@ -2521,6 +2528,15 @@ def build_gan_nets(cfg: "Config", n_classes: int, device, precision: "Precision"
     return GanNets(G=G, D=D, G_ema=G_ema, G_train=G_train, D_train=D_train, G_fwd=G_fwd, D_fwd=D_fwd,
                    opt_g=opt_g, opt_d=opt_d, scaler_g=make_grad_scaler(precision), scaler_d=make_grad_scaler(precision),
                    sn_G=spectral_norm_layers(G), sn_D=spectral_norm_layers(D), precision=precision)
+
+
+def use_eager_paths(nets: "GanNets", dist_info: "DistInfo") -> None:
+    """The call paths without torch.compile (the fallback when compiling fails on this device); same modules."""
+    nets.G_fwd, nets.D_fwd = nets.G, nets.D
+    if dist_info.world_size > 1:
+        nets.G_train, nets.D_train = wrap_ddp(nets.G, dist_info), wrap_ddp(nets.D, dist_info)
+    else:
+        nets.G_train, nets.D_train = nets.G, nets.D
 
 
 # ====================================================================================================
@@ -5062,6 +5078,99 @@ def train(cfg: "Config", data, deadline: "Deadline", out_dir: str, device, fid_f
 
 
 # ====================================================================================================
+# src/selfcheck.py
+# The first-minute self-check: every stage of the run, briefly, on the real device with the real settings, before
+# the long training starts. A stage that fails is one line naming it now, not a traceback hours later.
+#
+# The check leaves no trace: the nets, the optimisers and every random generator are put back as they were, so a run
+# with the check trains exactly as one without it; its files go to a temporary folder that is removed.
+# ====================================================================================================
+SELF_CHECK_ROUNDS = 2       # training rounds: the first compiles (when asked), the second runs the compiled graph
+SELF_CHECK_IMAGES = 64      # images through generation, PNG, zip and the MiFID backbone
+
+
+class SelfCheckError(RuntimeError):
+    """A stage cannot run on this device with these settings; the message names the stage and what to do."""
+
+
+def _check_rounds(cfg: "Config", nets: "GanNets", data, n_classes: int) -> None:
+    # a few real rounds (compiled and autocast as configured) on a few real images; every sum must be finite
+    batch = max(1, min(cfg.batch_size, len(data.images)))
+    device = next(nets.G.parameters()).device
+    real_u8, real_y = data.images[:batch].to(device), data.labels[:batch].to(device)
+    step = GanStep(cfg, nets, n_classes)
+    for _ in range(SELF_CHECK_ROUNDS):
+        step.begin_round(batch, cfg.n_dis)
+        for _ in range(cfg.n_dis):
+            step.d_phase(real_u8, real_y)
+        for g_step in range(cfg.g_steps):
+            step.g_phase(g_step)
+        sums = step.end_round().tolist()
+        if not all(math.isfinite(value) for value in sums):
+            raise FloatingPointError(f"a training round gave non-finite losses {sums}")
+
+
+def _check_rounds_or_eager(cfg: "Config", nets: "GanNets", data, n_classes: int, dist_info) -> None:
+    # a compiled round that fails falls back to eager once, in one line; an eager failure is the device's
+    try:
+        _check_rounds(cfg, nets, data, n_classes)
+    except Exception as error:
+        if not cfg.compile:
+            raise
+        log("selfcheck", f"torch.compile failed on this device ({type(error).__name__}: "
+            f"{str(error).strip().splitlines()[0][:160] if str(error).strip() else ''}); training runs eager")
+        use_eager_paths(nets, dist_info)
+        _check_rounds(cfg, nets, data, n_classes)
+
+
+def _check_outputs(cfg: "Config", nets: "GanNets", folder: str, extractor) -> None:
+    # standing statistics, a grid, images through PNG and zip, and the MiFID backbone on them
+    device = next(nets.G_ema.parameters()).device
+    standing_bn_stats_(nets.G_ema, seed=cfg.seed)
+    grid_z = torch.randn(SELF_CHECK_IMAGES, cfg.z_dim, device=device)
+    grid_y = torch.arange(SELF_CHECK_IMAGES, device=device) % nets.G_ema.n_classes
+    with torch.no_grad(), precision_autocast(nets.precision):
+        grid_png_bytes(nets.G_ema(grid_z, grid_y), nrow=8)
+    images = generate_images(nets.G_ema, SELF_CHECK_IMAGES, device, seed=cfg.seed)
+    zip_path = os.path.join(folder, "images.zip")
+    write_images_zip(images, zip_path)
+    read_images_zip(zip_path, expect_n=SELF_CHECK_IMAGES, size=64)
+    if extractor is not None:
+        features = extractor(images)
+        if not torch.isfinite(features).all():
+            raise FloatingPointError("the MiFID backbone gave non-finite features")
+
+
+def run_self_check(cfg: "Config", nets: "GanNets", data, out_dir: str, extractor, dist_info) -> float:
+    """Run every stage briefly and put everything back; returns its seconds. Raises SelfCheckError naming the stage.
+
+    Every rank runs the training rounds (DDP's collectives need them all); rank 0 alone checks the outputs.
+    """
+    start = time.time()
+    n_classes = len(data.breeds)
+    snapshot, rng = training_snapshot(nets, LoopState()), capture_rng_state()
+    stage = "a training round"
+    try:
+        _check_rounds_or_eager(cfg, nets, data, n_classes, dist_info)
+        if dist_info.is_main:
+            stage = "standing statistics, the grid, generation, PNG + zip or the MiFID backbone"
+            with tempfile.TemporaryDirectory(dir=out_dir, prefix=".selfcheck-") as folder:
+                _check_outputs(cfg, nets, folder, extractor)
+    except Exception as error:
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+        raise SelfCheckError(f"self-check failed in {stage} on {nets.precision.device_type} "
+                             f"({nets.precision.name}{', compiled' if cfg.compile else ''}): {type(error).__name__}: "
+                             f"{reason}. Try --amp fp32, --no-compile or --device cpu to narrow it down") from None
+    finally:
+        restore_training_snapshot(nets, snapshot)
+        restore_rng_state(rng)
+    seconds = time.time() - start
+    if dist_info.is_main:
+        log("selfcheck", f"every stage ran on the device in {seconds:.1f}s")
+    return seconds
+
+
+# ====================================================================================================
 # src/settle.py
 # The run settled once: flags + recipe (already a Config) + checkpoint + data + device -> the settings every later
 # stage uses as they are. Each problem found here is one line naming the flag or file; nothing reshapes the run after.
@@ -5236,6 +5345,8 @@ def run(cfg: "Config", start: float) -> int:
     data.photos = None  # their features are computed: the ~250 MB of whole-photo pixels are not needed again
     # the models are built once: the reserve is measured with them, then they train
     nets = build_run_nets(cfg, n_classes, device, dist)
+    if cfg.self_check:
+        run_self_check(cfg, nets, data, out_dir, extractor, dist)
     plan = plan_reserve(cfg, deadline, n_classes, device, extractor, out_dir)
     fid_fn = make_training_fid(cfg, extractor, real_feats, device) if extractor is not None else None
 
@@ -5298,7 +5409,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         with signals_interrupt_run():
             return run(cfg, start)
-    except (DataError, ConfigError, CheckpointError, FileNotFoundError, OutputError, BudgetError) as error:
+    except (DataError, ConfigError, CheckpointError, FileNotFoundError, OutputError, BudgetError,
+            SelfCheckError) as error:
         log("dogkernel", f"error: {error}", error=True)
         return 2
     except RunInterrupted as stop:
