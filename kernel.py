@@ -1516,6 +1516,9 @@ class Config:
     # DiffAugment policy on real and fake before D ("": off). BigGAN's DiffAugment runs (CIFAR-10, 10-20 % data) use
     # translation,cutout; colour jitter (StyleGAN2's low-shot policy adds it) slows early learning in short runs
     diffaug: str = from_ckpt("translation,cutout")
+    # what D sees as real: the dog crops, the whole photos squashed to 64x64 (what Kaggle's MiFID compares with), or
+    # both (the crops, then the photos); see data.training_images
+    train_on: str = from_ckpt("crops", choices=("crops", "photos", "both"))
     # ---- models -----------------------------------------------------------------------------------
     recipe: str = model_shape("biggan")  # named set of overrides below (see RECIPES); flags given explicitly win
     arch: str = model_shape("resnet", choices=("resnet", "dcgan"))  # ResNet: the SNGAN/BigGAN family
@@ -5535,7 +5538,7 @@ class SettledRun:
     data_dir: str
     out_dir: str
     resume: dict | None      # the checkpoint this run continues (its config is already cfg), or None
-    data: "DogData"            # the decoded training crops (and the whole photos while their features are needed)
+    data: "DogData"            # the training images (--train-on) and labels; the whole photos while they are needed
     extractor: object | None  # the MiFID backbone (rank 0, with weights), or None: scoring skipped
 
 
@@ -5595,9 +5598,14 @@ def settle_run(cfg: "Config") -> "SettledRun":
         log("main", f"config (differs from defaults): {config_diff(cfg)}")
     cfg, resume = open_resume(cfg, out_dir)
     extractor = open_extractor(cfg, dist.device) if dist.is_main else None
-    # the whole photos are decoded only where they are scored: rank 0, with a backbone, against --fid-reference photos
+    # the whole photos are decoded where they are scored (rank 0, with a backbone, against --fid-reference photos)
+    # and, on every rank, where they are trained on
+    scored = extractor is not None and cfg.fid_reference == "photos"
     data = load_dogs(data_dir, crop_margin=cfg.crop_margin, max_images=cfg.max_images, workers=cfg.decode_workers,
-                     min_box=cfg.min_box, whole_photos=extractor is not None and cfg.fid_reference == "photos")
+                     min_box=cfg.min_box, whole_photos=scored or cfg.train_on != "crops")
+    if cfg.train_on != "crops":
+        images, labels = training_images(data, cfg.train_on)
+        data = dataclasses.replace(data, images=images, labels=labels)
     cfg = fit_batch_to_data(cfg, len(data.images), dist.world_size)
     check_resume_fits_data(resume, len(data.breeds))
     return SettledRun(cfg=cfg, dist=dist, data_dir=data_dir, out_dir=out_dir, resume=resume, data=data,

@@ -64,6 +64,9 @@ class Config:
     # DiffAugment policy on real and fake before D ("": off). BigGAN's DiffAugment runs (CIFAR-10, 10-20 % data) use
     # translation,cutout; colour jitter (StyleGAN2's low-shot policy adds it) slows early learning in short runs
     diffaug: str = from_ckpt("translation,cutout")
+    # what D sees as real: the dog crops, the whole photos squashed to 64x64 (what Kaggle's MiFID compares with), or
+    # both (the crops, then the photos); see data.training_images
+    train_on: str = from_ckpt("crops", choices=("crops", "photos", "both"))
     # ---- models -----------------------------------------------------------------------------------
     recipe: str = model_shape("biggan")  # named set of overrides below (see RECIPES); flags given explicitly win
     arch: str = model_shape("resnet", choices=("resnet", "dcgan"))  # ResNet: the SNGAN/BigGAN family

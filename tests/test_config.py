@@ -149,10 +149,12 @@ def test_choices_are_the_registries_names():
     """Each setting picked from a registry lists exactly the registry's names (one list, checked here)."""
     import dataclasses
     from src.losses import GAN_LOSSES
+    from src.data import TRAIN_ON_CHOICES
     from src.schedule import LR_SCHEDULES
     choices = {f.name: set(f.metadata["choices"]) for f in dataclasses.fields(Config)}
     assert choices["loss"] == set(GAN_LOSSES)
     assert choices["lr_schedule"] == set(LR_SCHEDULES)
+    assert choices["train_on"] == set(TRAIN_ON_CHOICES)
 
 
 def test_a_name_outside_the_choices_is_refused_with_the_list():
