@@ -29,7 +29,7 @@
 #                needs.
 #   nets         What a run trains: G, D and G_ema with their optimisers and call paths, and the counters that go with
 #                them.
-#   schedule     Learning-rate schedules on the training clock.
+#   schedule     Learning-rate schedules on the training clock, or on the images seen when a run has a fixed length.
 #   budget       Wall-clock budget (when training must stop so that generation, zip and MiFID still fit) and periodic
 #                events.
 #   generate     Generation: latents, balanced breed labels, 10,000 images from G_ema, and the submission zip.
@@ -152,6 +152,9 @@ class Config:
     demo: bool = this_run(False)        # train on a tiny generated dataset (CPU, seconds): the embedded default
     # ---- budget -----------------------------------------------------------------------------------
     time_budget: str = this_run("8h30m")  # whole run: start-up, training, generation, zip, MiFID; Kaggle stops at 9h
+    # stop training after this many thousand images over all sessions, the lr annealing by images instead of the
+    # clock: a run of fixed length whatever the machine's load (0: no limit; the budget still applies)
+    max_kimg: float = this_run(0.0)
     seed: int = from_ckpt(0)            # seeds python, numpy and torch (same seed + config + device = same run)
     device: str = this_run("auto")      # auto | cpu | cuda | cuda:N
     # ---- data -------------------------------------------------------------------------------------
@@ -382,7 +385,7 @@ def validate_config(cfg: "Config") -> None:
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    not_negative = ("max_images", "decode_workers", "fid_samples", "crop_margin", "truncation", "mifid_eps", "min_box")
+    not_negative = ("max_kimg", "max_images", "decode_workers", "fid_samples", "crop_margin", "truncation", "mifid_eps", "min_box")
     for name in not_negative:
         if getattr(cfg, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(cfg, name)}")
@@ -2472,7 +2475,7 @@ def build_gan_nets(cfg: "Config", n_classes: int, device, precision: "Precision"
 
 # ====================================================================================================
 # src/schedule.py
-# Learning-rate schedules on the training clock.
+# Learning-rate schedules on the training clock, or on the images seen when a run has a fixed length.
 # ====================================================================================================
 LR_SCHEDULES = ("const", "cosine", "linear", "restarts")
 
@@ -2514,6 +2517,12 @@ def schedule_progress(progress_before: float, window_fraction: float) -> float:
     """
     p0 = min(1.0, max(0.0, float(progress_before)))
     return p0 + (1.0 - p0) * min(1.0, max(0.0, float(window_fraction)))
+
+
+def image_progress(images_seen: int, max_images: float) -> float:
+    """Schedule position of a run of fixed length (--max-kimg): the fraction of its images seen, over all sessions,
+    so the lr at a given image does not depend on how fast the machine was."""
+    return min(1.0, max(0.0, images_seen / max_images))
 
 
 # ====================================================================================================
@@ -4444,6 +4453,7 @@ class StopReason(str, enum.Enum):
     DEADLINE = "deadline"
     SIGNAL = "signal"        # SIGTERM / SIGINT: the step was finished and a checkpoint saved
     MAX_STEPS = "max_steps"  # the step limit of a test or benchmark
+    MAX_KIMG = "max_kimg"    # --max-kimg: the run's images, counted over all sessions, are done
     ERROR = "error"          # TrainResult.error says what; the last good state was restored
 
 
@@ -4694,10 +4704,14 @@ class RollbackGuard:
 
 
 def _decide(now: float, step: int, max_steps: int, train_end: float, caught_signals: set, status_due: "Every",
-            guard: "RollbackGuard", device, world: int) -> "tuple[StopReason | None, bool, bool]":
+            guard: "RollbackGuard", device, world: int, images_seen: int = 0,
+            max_images: float = 0.0) -> "tuple[StopReason | None, bool, bool]":
     """(why to stop or None, status tick due, rollback point due), the same on every rank: under DDP the ranks
-    agree every DDP_SYNC_STEPS steps (one small all-reduce) and tick or stop only then."""
+    agree every DDP_SYNC_STEPS steps (one small all-reduce) and tick or stop only then. The step and image limits
+    need no agreement: every rank counts the same global steps and images."""
     stop = StopReason.MAX_STEPS if max_steps and step >= max_steps else None
+    if stop is None and max_images > 0 and images_seen >= max_images:
+        stop = StopReason.MAX_KIMG
     if world > 1 and step % DDP_SYNC_STEPS:
         return stop, False, False
     stop_now, tick_now, refresh_now = any_rank_flags([now >= train_end or bool(caught_signals), status_due.due(now),
@@ -4764,7 +4778,8 @@ def _halve_batch_after_oom(nets: "GanNets", state: "LoopState", device: "torch.d
 
 def train(cfg: "Config", data, deadline: "Deadline", out_dir: str, device, fid_fn=None, *, resume: dict | None = None,
           max_steps: int = 0) -> "TrainResult":
-    """Train G and D on `data` until the deadline's training window ends, a signal, or max_steps rounds (tests).
+    """Train G and D on `data` until the deadline's training window ends, a signal, cfg.max_kimg thousand images
+    over all sessions, or max_steps rounds (tests).
 
     `resume`: the checkpoint settled by checkpoint.open_resume (its config is already cfg). Rank 0 prints and writes
     OUT/stats.jsonl, OUT/samples/, OUT/ckpt.pt (always before returning). Each rank trains on batch_size // world.
@@ -4808,7 +4823,8 @@ def train(cfg: "Config", data, deadline: "Deadline", out_dir: str, device, fid_f
                 # Decide, identically on every rank: stop (step limit / deadline / signal), tick, rollback refresh.
                 now = time.time()
                 stop, tick_now, refresh_now = _decide(now, state.step, max_steps, deadline.train_end, caught_signals,
-                                                      status_due, guard, device, world)
+                                                      status_due, guard, device, world, state.images_seen,
+                                                      cfg.max_kimg * 1000)
                 if stop is not None:
                     break
 
@@ -4836,8 +4852,12 @@ def train(cfg: "Config", data, deadline: "Deadline", out_dir: str, device, fid_f
                         _save_run(out_dir, cfg, run, seconds_before + (now - train_start), "periodic")
                         ckpt_due.reset(time.time())
 
-                # Learning rates follow the training clock (and the batch size, and the rollback scale).
-                state.schedule_progress = schedule_progress(schedule_start, deadline.train_fraction(train_start))
+                # Learning rates follow the training clock, or the images of a fixed-length run (and the batch
+                # size, and the rollback scale).
+                if cfg.max_kimg > 0:
+                    state.schedule_progress = image_progress(state.images_seen, cfg.max_kimg * 1000)
+                else:
+                    state.schedule_progress = schedule_progress(schedule_start, deadline.train_fraction(train_start))
                 lrs = current_lrs(cfg, state)
                 if lrs != lrs_set:
                     set_lr(nets.opt_g, lrs[0])

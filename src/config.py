@@ -47,6 +47,9 @@ class Config:
     demo: bool = this_run(False)        # train on a tiny generated dataset (CPU, seconds): the embedded default
     # ---- budget -----------------------------------------------------------------------------------
     time_budget: str = this_run("8h30m")  # whole run: start-up, training, generation, zip, MiFID; Kaggle stops at 9h
+    # stop training after this many thousand images over all sessions, the lr annealing by images instead of the
+    # clock: a run of fixed length whatever the machine's load (0: no limit; the budget still applies)
+    max_kimg: float = this_run(0.0)
     seed: int = from_ckpt(0)            # seeds python, numpy and torch (same seed + config + device = same run)
     device: str = this_run("auto")      # auto | cpu | cuda | cuda:N
     # ---- data -------------------------------------------------------------------------------------
@@ -277,7 +280,7 @@ def validate_config(cfg: Config) -> None:
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    not_negative = ("max_images", "decode_workers", "fid_samples", "crop_margin", "truncation", "mifid_eps", "min_box")
+    not_negative = ("max_kimg", "max_images", "decode_workers", "fid_samples", "crop_margin", "truncation", "mifid_eps", "min_box")
     for name in not_negative:
         if getattr(cfg, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(cfg, name)}")

@@ -39,7 +39,7 @@ from src.monitor import (STATS_NAME, StatusLog, TickMeter, make_grid_latents, pr
 from src.nets import GanNets, LoopState, build_gan_nets
 from src.precision import (Precision, autocast_disabled, choose_precision, configure_backends, precision_autocast,
                            to_memory_format)
-from src.schedule import lr_factor, schedule_progress
+from src.schedule import image_progress, lr_factor, schedule_progress
 from src.scoring import FidTracker
 
 MAX_ROLLBACKS = 3            # NaN/Inf rollbacks before the run gives up
@@ -54,6 +54,7 @@ class StopReason(str, enum.Enum):
     DEADLINE = "deadline"
     SIGNAL = "signal"        # SIGTERM / SIGINT: the step was finished and a checkpoint saved
     MAX_STEPS = "max_steps"  # the step limit of a test or benchmark
+    MAX_KIMG = "max_kimg"    # --max-kimg: the run's images, counted over all sessions, are done
     ERROR = "error"          # TrainResult.error says what; the last good state was restored
 
 
@@ -304,10 +305,14 @@ class RollbackGuard:
 
 
 def _decide(now: float, step: int, max_steps: int, train_end: float, caught_signals: set, status_due: Every,
-            guard: RollbackGuard, device, world: int) -> tuple[StopReason | None, bool, bool]:
+            guard: RollbackGuard, device, world: int, images_seen: int = 0,
+            max_images: float = 0.0) -> tuple[StopReason | None, bool, bool]:
     """(why to stop or None, status tick due, rollback point due), the same on every rank: under DDP the ranks
-    agree every DDP_SYNC_STEPS steps (one small all-reduce) and tick or stop only then."""
+    agree every DDP_SYNC_STEPS steps (one small all-reduce) and tick or stop only then. The step and image limits
+    need no agreement: every rank counts the same global steps and images."""
     stop = StopReason.MAX_STEPS if max_steps and step >= max_steps else None
+    if stop is None and max_images > 0 and images_seen >= max_images:
+        stop = StopReason.MAX_KIMG
     if world > 1 and step % DDP_SYNC_STEPS:
         return stop, False, False
     stop_now, tick_now, refresh_now = any_rank_flags([now >= train_end or bool(caught_signals), status_due.due(now),
@@ -374,7 +379,8 @@ def _halve_batch_after_oom(nets: GanNets, state: LoopState, device: torch.device
 
 def train(cfg: Config, data, deadline: Deadline, out_dir: str, device, fid_fn=None, *, resume: dict | None = None,
           max_steps: int = 0) -> TrainResult:
-    """Train G and D on `data` until the deadline's training window ends, a signal, or max_steps rounds (tests).
+    """Train G and D on `data` until the deadline's training window ends, a signal, cfg.max_kimg thousand images
+    over all sessions, or max_steps rounds (tests).
 
     `resume`: the checkpoint settled by checkpoint.open_resume (its config is already cfg). Rank 0 prints and writes
     OUT/stats.jsonl, OUT/samples/, OUT/ckpt.pt (always before returning). Each rank trains on batch_size // world.
@@ -418,7 +424,8 @@ def train(cfg: Config, data, deadline: Deadline, out_dir: str, device, fid_fn=No
                 # Decide, identically on every rank: stop (step limit / deadline / signal), tick, rollback refresh.
                 now = time.time()
                 stop, tick_now, refresh_now = _decide(now, state.step, max_steps, deadline.train_end, caught_signals,
-                                                      status_due, guard, device, world)
+                                                      status_due, guard, device, world, state.images_seen,
+                                                      cfg.max_kimg * 1000)
                 if stop is not None:
                     break
 
@@ -446,8 +453,12 @@ def train(cfg: Config, data, deadline: Deadline, out_dir: str, device, fid_fn=No
                         _save_run(out_dir, cfg, run, seconds_before + (now - train_start), "periodic")
                         ckpt_due.reset(time.time())
 
-                # Learning rates follow the training clock (and the batch size, and the rollback scale).
-                state.schedule_progress = schedule_progress(schedule_start, deadline.train_fraction(train_start))
+                # Learning rates follow the training clock, or the images of a fixed-length run (and the batch
+                # size, and the rollback scale).
+                if cfg.max_kimg > 0:
+                    state.schedule_progress = image_progress(state.images_seen, cfg.max_kimg * 1000)
+                else:
+                    state.schedule_progress = schedule_progress(schedule_start, deadline.train_fraction(train_start))
                 lrs = current_lrs(cfg, state)
                 if lrs != lrs_set:
                     set_lr(nets.opt_g, lrs[0])

@@ -66,6 +66,7 @@ def test_every_recipe_builds_a_valid_config():
     (["--lr-g", "nan"], "--lr-g must be a finite number, got nan"),
     (["--crop-margin=-inf"], "--crop-margin must be a finite number, got -inf"),
     (["--fid-samples=-3"], "--fid-samples must be 0 or more, got -3"),
+    (["--max-kimg=-1"], "--max-kimg must be 0 or more, got -1.0"),
 ])
 def test_bad_values_name_the_flag(argv, message):
     with pytest.raises(ConfigError, match=message):

@@ -8,7 +8,7 @@ import torch
 
 from src.config import make_config
 from src.ema import ema_beta_at, ema_update
-from src.schedule import lr_factor, schedule_progress
+from src.schedule import image_progress, lr_factor, schedule_progress
 from src.train import LoopState, current_lrs
 
 
@@ -90,3 +90,10 @@ def test_ema_update_lerps_parameters_and_copies_buffers():
     assert torch.equal(G_ema[1].num_batches_tracked, G[1].num_batches_tracked)
     ema_update(G_ema, G, 0.0)
     assert torch.equal(G_ema[0].weight, G[0].weight)
+
+
+def test_image_progress_is_the_fraction_of_the_runs_images():
+    assert image_progress(0, 4000.0) == 0.0
+    assert image_progress(1000, 4000.0) == 0.25
+    # the round that crosses the limit ends the schedule exactly
+    assert image_progress(4016, 4000.0) == 1.0
