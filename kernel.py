@@ -32,7 +32,8 @@
 #   schedule     Learning-rate schedules on the training clock, or on the images seen when a run has a fixed length.
 #   budget       Wall-clock budget (when training must stop so that generation, zip and MiFID still fit) and periodic
 #                events.
-#   generate     Generation: latents, balanced breed labels, 10,000 images from G_ema, and the submission zip.
+#   generate     Generation: latents, breed labels (balanced, or in the data's proportions), 10,000 images from G_ema,
+#                and the submission zip.
 #   ema          G_ema: the exponential moving average of G's weights (StyleGAN2-ADA's ramp-up of the horizon), and
 #                the batch-norm statistics that fit the averaged weights (BigGAN's standing statistics).
 #   checkpoint   One ckpt.pt holding everything a run needs to continue: models, optimisers, scalers, counters, RNG,
@@ -2699,7 +2700,8 @@ def deadline_check(deadline: "Deadline", what: str, grace_s: float = OVERRUN_GRA
 
 # ====================================================================================================
 # src/generate.py
-# Generation: latents, balanced breed labels, 10,000 images from G_ema, and the submission zip.
+# Generation: latents, breed labels (balanced, or in the data's proportions), 10,000 images from G_ema, and the
+# submission zip.
 # ====================================================================================================
 def sample_z(n: int, z_dim: int, device, truncation: float = 0.0, generator: "torch.Generator | None" = None) -> "torch.Tensor":
     """Standard normal latents; with truncation > 0 every |z_i| > truncation is redrawn (BigGAN's truncation trick)."""
@@ -2719,6 +2721,55 @@ def balanced_labels(n: int, n_classes: int, device, generator: "torch.Generator 
     labels = torch.arange(n) % max(1, n_classes)
     order = torch.randperm(n, generator=generator)
     return labels[order].to(device)
+
+
+def breed_counts(labels: "torch.Tensor", n_classes: int) -> "torch.Tensor":
+    """Images per breed (int64, n_classes, CPU) of a data set's labels."""
+    return torch.bincount(labels.cpu(), minlength=n_classes)
+
+
+def proportional_labels(n: int, counts: "torch.Tensor", device, generator: "torch.Generator | None" = None) -> "torch.Tensor":
+    """n labels in the proportions of `counts` (largest-remainder rounding: each class gets floor(n c / total), and
+    the images left over go one each to the largest remainders, ties to the lower class), in shuffled order.
+    Kaggle's reference is the photos as they are, so the submission's breeds follow the data, not a uniform draw."""
+    counts = torch.as_tensor(counts, dtype=torch.int64).cpu()
+    total = int(counts.sum())
+    if total <= 0:
+        raise ValueError("proportional_labels needs at least one image in counts")
+    whole, remainder = torch.div(n * counts, total, rounding_mode="floor"), (n * counts) % total
+    left = n - int(whole.sum())
+    largest = torch.sort(remainder, descending=True, stable=True).indices[:left]
+    whole[largest] += 1
+    labels = torch.repeat_interleave(torch.arange(len(counts)), whole)
+    return labels[torch.randperm(n, generator=generator)].to(device)
+
+
+def uniform_breeds(n: int, counts: "torch.Tensor") -> "torch.Tensor":
+    """n training labels for G, every breed equally likely (on counts' device)."""
+    return torch.randint(0, len(counts), (n,), device=counts.device)
+
+
+def breeds_like_the_data(n: int, counts: "torch.Tensor") -> "torch.Tensor":
+    """n training labels for G drawn with the data's breed frequencies (on counts' device, no host sync)."""
+    return torch.multinomial(counts.float(), n, replacement=True)
+
+
+def balanced_submission_labels(n: int, counts: "torch.Tensor", device, generator: "torch.Generator | None" = None):
+    # balanced_labels as it always was (the same seed gives the same images as before)
+    return balanced_labels(n, len(counts), device, generator)
+
+
+@dataclass(frozen=True)
+class BreedDraw:
+    """How a run picks G's breeds: in training (one batch at a time) and for the submission (exact counts)."""
+    training: "Callable"     # training(n, counts on the device) -> n labels
+    submission: "Callable"   # submission(n, counts, device, generator) -> n labels, shuffled
+
+
+BREED_DRAWS = {
+    "uniform": BreedDraw(uniform_breeds, balanced_submission_labels),
+    "data": BreedDraw(breeds_like_the_data, proportional_labels),
+}
 
 
 def to_uint8(img: "torch.Tensor") -> "torch.Tensor":
