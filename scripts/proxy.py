@@ -151,8 +151,10 @@ def link_layout(pack_dir: str, ids: list[str], folder: str) -> str:
     reads only the annotations of the photos it has). Rebuilt when the ids differ from the folder's."""
     digest = hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
     marker = os.path.join(folder, ".ids")
-    if os.path.exists(marker) and open(marker).read() == digest:
-        return folder
+    if os.path.exists(marker):
+        with open(marker) as f:
+            if f.read() == digest:
+                return folder
     shutil.rmtree(folder, ignore_errors=True)
     images = os.path.join(folder, "all-dogs")
     os.makedirs(images)
@@ -223,7 +225,8 @@ def run_variant_seed(variant, seed: int, args, data: dict, env: dict) -> dict:
     if os.path.exists(record_path):
         with open(record_path) as f:
             record = json.load(f)
-        if record.get("kimg_asked") == args.kimg and record.get("train_photos") == data["train_photos"] \
+        same = (record.get("kimg_asked"), record.get("train_photos"), record.get("flags"), record.get("base"))
+        if same == (args.kimg, data["train_photos"], list(variant.flags), list(args.base)) \
                 and record.get("returncode") == 0:
             log("proxy", f"{variant.name} seed {seed}: complete in {out_dir}, not run again")
             return record
@@ -254,7 +257,8 @@ def run_variant_seed(variant, seed: int, args, data: dict, env: dict) -> dict:
     train_seconds = None
     if os.path.exists(os.path.join(out_dir, "ckpt.pt")):
         train_seconds = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))["progress"]["train_seconds"]
-    record = {"variant": variant.name, "flags": list(variant.flags), "seed": seed, "kimg_asked": args.kimg,
+    record = {"variant": variant.name, "flags": list(variant.flags), "base": list(args.base), "seed": seed,
+              "kimg_asked": args.kimg,
               "train_photos": data["train_photos"], "returncode": returncode, "wall_s": wall,
               "train_s": train_seconds, "d_checks": checks}
     atomic_write_text(record_path, json.dumps(record, indent=1))
