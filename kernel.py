@@ -9,7 +9,6 @@
 # Contents, in pipeline order (each section starts with a banner '# src/NAME.py'):
 #   host         Where this process runs: a Kaggle kernel, a Jupyter/IPython notebook. Paths and argument handling
 #                depend on it.
-#   config       One Config dataclass holds every hyperparameter; CLI flags and named recipes are derived from it.
 #   console      One way to print progress: `log(tag, message)` writes '[tag] message' and flushes.
 #   atomic       Atomic file output: a reader sees the old file or the whole new one, never a half-written one.
 #   data         Read the Kaggle dog photos once: find the layout, parse the VOC boxes, crop every dog to a uint8
@@ -17,6 +16,7 @@
 #   synthetic    A tiny generated dog data set in the Kaggle layout, for the demo and the tests.
 #   augment      DiffAugment (Zhao et al. 2020) and flips on device tensors: differentiable, no host syncs, global
 #                torch RNG.
+#   config       One Config dataclass holds every hyperparameter; CLI flags and named recipes are derived from it.
 #   layers       GAN building blocks: spectral norm, conditional BN, self-attention, minibatch stddev, pixel norm, G/D
 #                blocks.
 #   models       Generators and discriminators of every recipe (ResNet SNGAN/SAGAN/BigGAN family and DCGAN), built
@@ -53,8 +53,15 @@
 #                up on this device with the run's own models, and the refusal of a budget that cannot hold them.
 #   interrupt    SIGTERM and Ctrl-C outside the training loop: the stage in progress unwinds cleanly and the run ends
 #                in one line.
+#   gan_step     The GAN maths of a training round in one place, as StyleGAN2-ADA's loss.accumulate_gradients: losses,
+#                noisy targets, penalties, the auxiliary breed loss, reuse of fakes, the spectral-norm power
+#                iteration, augmentation and the optimiser steps. The loop only names the phases: `begin_round`,
+#                `d_phase` per real batch, `g_phase`, `end_round`.
 #   train        The training loop: D and G steps on device-resident data until the deadline, watched, checkpointed,
 #                resumable.
+#   settle       The run settled once: flags + recipe (already a Config) + checkpoint + data + device -> the settings
+#                every later stage uses as they are. Each problem found here is one line naming the flag or file;
+#                nothing reshapes the run after.
 #   main         The pipeline: flags -> data -> training until the deadline -> 10,000 images in images.zip -> MiFID.
 
 import argparse
@@ -110,327 +117,6 @@ def on_kaggle() -> bool:
 def running_in_notebook() -> bool:
     """True inside Jupyter/IPython (Kaggle notebooks), where sys.argv holds the kernel's own arguments."""
     return "ipykernel" in sys.modules or "IPython" in sys.modules
-
-
-# ====================================================================================================
-# src/config.py
-# One Config dataclass holds every hyperparameter; CLI flags and named recipes are derived from it.
-# ====================================================================================================
-class ConfigError(ValueError):
-    """A flag or recipe that cannot work; the message names the flag."""
-
-
-# What a resumed run does with each field (declared next to the field, below):
-#   this_run    - this session's value: where and how long it runs, how it is watched and scored
-#   from_ckpt   - the checkpoint's value: the training recipe continues as it was trained (differences are noted)
-#   model_shape - the checkpoint's value: it decides the shapes of G and D (differences are warned about)
-RESUME_ROLES = ("this_run", "from_ckpt", "model_shape")
-
-
-def _config_field(role: str, default, choices: tuple = ()):
-    # one dataclass field with its resume role and, for a setting picked from a registry, its allowed names
-    return field(default=default, metadata={"resume": role, "choices": tuple(choices)})
-
-
-def this_run(default, choices: tuple = ()):
-    return _config_field("this_run", default, choices)
-
-
-def from_ckpt(default, choices: tuple = ()):
-    return _config_field("from_ckpt", default, choices)
-
-
-def model_shape(default, choices: tuple = ()):
-    return _config_field("model_shape", default, choices)
-
-
-@dataclass
-class Config:
-    # ---- where things are -------------------------------------------------------------------------
-    data_dir: str = this_run("")        # Kaggle layout root (all-dogs/ + Annotation/); empty: search /kaggle/input
-    out: str = this_run("")             # output folder; empty: /kaggle/working on Kaggle, else ./out
-    resume: str = this_run("")          # ckpt.pt to continue from; "auto": OUT/ckpt.pt when it exists
-    demo: bool = this_run(False)        # train on a tiny generated dataset (CPU, seconds): the embedded default
-    # ---- budget -----------------------------------------------------------------------------------
-    time_budget: str = this_run("8h30m")  # whole run: start-up, training, generation, zip, MiFID; Kaggle stops at 9h
-    # stop training after this many thousand images over all sessions, the lr annealing by images instead of the
-    # clock: a run of fixed length whatever the machine's load (0: no limit; the budget still applies)
-    max_kimg: float = this_run(0.0)
-    seed: int = from_ckpt(0)            # seeds python, numpy and torch (same seed + config + device = same run)
-    device: str = this_run("auto")      # auto | cpu | cuda | cuda:N
-    # ---- data -------------------------------------------------------------------------------------
-    crop_margin: float = this_run(0.0)  # widen each box by this fraction of its size on every side before cropping
-    max_images: int = this_run(0)       # read only N photos spread over the sorted list (0: all); quick iterations
-    decode_workers: int = this_run(0)   # processes decoding JPEGs at start-up (0: one per CPU core)
-    # drop dogs whose box's shortest side is under this many px (capped at half the photo's shortest side): blown up
-    # more than 4x to 64 px they are smudges (2.2 % of the dev pack's boxes, none of Stanford's full-size ones); 0: keep
-    # all. Decided when the data are decoded, before a checkpoint is read, like crop_margin.
-    min_box: int = this_run(16)
-    flip: bool = from_ckpt(True)        # random horizontal flips of real images
-    # DiffAugment policy on real and fake before D ("": off). BigGAN's DiffAugment runs (CIFAR-10, 10-20 % data) use
-    # translation,cutout; colour jitter (StyleGAN2's low-shot policy adds it) slows early learning in short runs
-    diffaug: str = from_ckpt("translation,cutout")
-    # ---- models -----------------------------------------------------------------------------------
-    recipe: str = model_shape("biggan")  # named set of overrides below (see RECIPES); flags given explicitly win
-    arch: str = model_shape("resnet", choices=("resnet", "dcgan"))  # ResNet: the SNGAN/BigGAN family
-    z_dim: int = model_shape(128)       # latent size
-    g_ch: int = model_shape(64)         # generator width multiplier
-    d_ch: int = model_shape(64)         # discriminator width multiplier
-    shared_dim: int = model_shape(128)  # BigGAN shared class embedding size fed to every G block (0: none)
-    hier_z: bool = model_shape(True)    # BigGAN hierarchical z: split z across the G blocks
-    attn_res: int = model_shape(0)      # self-attention at this resolution in G and D (0: off; 32 for SAGAN)
-    cond: str = model_shape("projection", choices=("none", "projection", "acgan", "concat"))  # how labels enter D
-    g_sn: bool = model_shape(True)      # spectral norm in G (SAGAN/BigGAN)
-    d_sn: bool = model_shape(True)      # spectral norm in D
-    pixel_norm: bool = model_shape(False)  # pixelwise feature normalisation in G (ProGAN)
-    mbstd: bool = model_shape(False)    # minibatch standard deviation channel in D's last block
-    # DCGAN only: G draws at 32x32 and repeats each pixel 2x2, D judges the 2x2-averaged image (a quarter of the work
-    # per image, for CPU runs such as the demo); 64 draws every pixel
-    draw_res: int = model_shape(64, choices=(32, 64))
-    # ---- losses -----------------------------------------------------------------------------------
-    loss: str = from_ckpt("hinge", choices=("hinge", "bce", "ls", "rals", "wgan-gp"))  # see losses.GAN_LOSSES
-    aux_weight: float = from_ckpt(1.0)  # weight of the auxiliary breed-classification loss (cond=acgan)
-    gp_weight: float = from_ckpt(10.0)  # gradient-penalty weight (loss=wgan-gp)
-    real_label_min: float = from_ckpt(1.0)  # noisy soft labels for bce/ls: real targets drawn from [min, 1]
-    fake_label_max: float = from_ckpt(0.0)  # fake targets drawn from [0, max]
-    # ---- optimisation -----------------------------------------------------------------------------
-    batch_size: int = from_ckpt(64)     # images per D step
-    lr_g: float = from_ckpt(1e-4)       # TTUR: G's learning rate
-    lr_d: float = from_ckpt(4e-4)       # TTUR: D's learning rate
-    beta1: float = from_ckpt(0.0)       # Adam beta1 (0 for SN-GANs, 0.5 for DCGAN)
-    beta2: float = from_ckpt(0.999)     # Adam beta2
-    lr_ref_batch: int = from_ckpt(0)    # >0: scale both lrs linearly by batch_size / lr_ref_batch
-    n_dis: int = from_ckpt(1)           # D steps per G step
-    dis_loss_limit: float = from_ckpt(0.0)  # >0: add D steps (up to n_dis_max) while D's loss stays above this
-    n_dis_max: int = from_ckpt(5)       # ceiling of the adaptive D steps
-    g_steps: int = from_ckpt(1)         # G steps per round (the Kaggle kernel used 2)
-    # cosine and linear anneal to the deadline; restarts: cosine warm restarts
-    lr_schedule: str = from_ckpt("cosine", choices=("const", "cosine", "linear", "restarts"))
-    lr_min_ratio: float = from_ckpt(0.1)  # the annealed lr ends at lr * this
-    restart_cycles: int = from_ckpt(4)  # cosine warm restarts: cycles within the training time (doubling lengths)
-    ema_beta: float = from_ckpt(0.999)  # G_ema = beta * G_ema + (1 - beta) * G
-    # G_ema averages over at most this fraction of the steps so far (StyleGAN2-ADA's ramp-up): short runs get a
-    # short average instead of a G_ema stuck near init
-    ema_rampup: float = from_ckpt(0.05)
-    # ---- speed ------------------------------------------------------------------------------------
-    amp: str = this_run("auto", choices=("auto", "bf16", "fp16", "fp32"))  # auto: bf16 on sm>=80, fp16 below, CPU fp32
-    channels_last: bool = this_run(True)  # NHWC convolutions on the GPU
-    compile: bool = this_run(False)     # torch.compile G and D (compile time comes out of the budget)
-    # ---- watching ---------------------------------------------------------------------------------
-    status_every: str = this_run("10s")  # status line and one stats.jsonl record
-    grid_every: str = this_run("10m")   # sample grid from the fixed grid_z
-    ckpt_every: str = this_run("30m")   # checkpoint (also written before the deadline and on SIGTERM)
-    fid_every: str = this_run("0")      # FID of G_ema during training with the available backbone (0: off)
-    fid_samples: int = this_run(2000)   # generated images per training-time FID
-    # ---- generation and score ---------------------------------------------------------------------
-    n_images: int = this_run(10000)     # images in images.zip (Kaggle wants exactly 10,000)
-    truncation: float = this_run(0.0)   # resample |z| above this (0: off); "search" below picks it by FID
-    truncation_search: bool = this_run(False)  # measure FID for a few truncations at the end and keep the best
-    fid_backbone: str = this_run("auto", choices=("auto", "inception", "efficientnet-lite0"))  # auto: by weights file
-    fid_weights: str = this_run("")     # weights file for MiFID; empty: look under /kaggle/input, else skip MiFID
-    mifid_eps: float = this_run(0.0)    # memorization threshold (0: the backbone's documented default)
-    # what in-run FID, the truncation search and the final MiFID compare with: "photos", every whole photo squashed
-    # to 64x64 (Kaggle's reference, what the leaderboard measured), or "crops", the training crops
-    fid_reference: str = this_run("photos", choices=("photos", "crops"))
-
-
-# A recipe is a few overrides of Config: the write-ups' models, built from the same modules.
-RECIPES: dict[str, dict] = {
-    # Radford et al.: Linear -> ConvTranspose G, strided-conv D, BCE, Adam 2e-4 / beta1 0.5.
-    "dcgan": dict(arch="dcgan", cond="none", g_sn=False, d_sn=False, shared_dim=0, hier_z=False,
-                  loss="bce", lr_g=2e-4, lr_d=2e-4, beta1=0.5, n_dis=1, diffaug="", z_dim=100),
-    # Conditional DCGAN: label embedding concatenated to z and to D's input.
-    "cgan": dict(arch="dcgan", cond="concat", g_sn=False, d_sn=False, shared_dim=0, hier_z=False,
-                 loss="bce", lr_g=2e-4, lr_d=2e-4, beta1=0.5, n_dis=1, diffaug="", z_dim=100),
-    # ACGAN: D also classifies the breed; RaLS + auxiliary classifier as in a winning entry.
-    "acgan": dict(arch="dcgan", cond="acgan", g_sn=False, d_sn=True, shared_dim=0, hier_z=False,
-                  loss="rals", lr_g=2e-4, lr_d=2e-4, beta1=0.5, n_dis=1, diffaug="", z_dim=100),
-    # SNGAN (Miyato et al.): ResNet, spectral norm, projection D, hinge, n_dis rising to 5 while D lags.
-    "sngan": dict(arch="resnet", cond="projection", shared_dim=0, hier_z=False, attn_res=0,
-                  loss="hinge", lr_g=2e-4, lr_d=2e-4, beta1=0.0, beta2=0.9, n_dis=1,
-                  dis_loss_limit=0.5, n_dis_max=5, diffaug=""),
-    # SAGAN (Zhang et al.): + self-attention at 32x32, TTUR G 1e-4 / D 4e-4, Adam (0, 0.9).
-    "sagan": dict(arch="resnet", cond="projection", shared_dim=0, hier_z=False, attn_res=32,
-                  loss="hinge", lr_g=1e-4, lr_d=4e-4, beta1=0.0, beta2=0.9, n_dis=1, diffaug=""),
-    # The default: BigGAN-style ResNet, shared embedding, hierarchical z, projection D, hinge,
-    # DiffAugment, EMA, lr annealed to the deadline.
-    "biggan": dict(),
-}
-
-
-# The embedded default (--demo): a tiny generated dataset and a small model that trains on a CPU in seconds.
-# The demo's recipe is the conditional DCGAN: on a CPU it generates the 10,000 images ~5x faster than the ResNet
-# (measured), which keeps the whole demo under a minute; `--demo --recipe biggan` runs the default model instead.
-DEMO_RECIPE = "cgan"
-# Hinge + translation/cutout DiffAugment: on the 115 demo crops BCE collapsed to one image (with or without colour
-# augmentation); this kept variety in the same 25 s (grids compared by eye). The DCGAN demo drops the DiffAugment.
-DEMO_OVERRIDES: dict = dict(time_budget="45s", device="cpu", g_ch=16, d_ch=16, shared_dim=32, z_dim=64,
-                            batch_size=16, loss="hinge", diffaug="translation,cutout", status_every="3s",
-                            grid_every="10s", ckpt_every="15s")
-# The demo's DCGAN learns shapes only after ~1,000 rounds: it draws at 32x32 (a quarter of the work per image) with
-# batches of 16, at lr 1e-3 with Adam beta1 0 (scripts/learning_bench.py, 1,200 rounds: FID 228 vs 330-420 for the
-# 64x64 DCGAN at lr 2e-4 in the same seconds). In its ~2,000 rounds D does not overfit the 115 crops enough for
-# DiffAugment to pay (timed demo: FID 223 without, 252 with it, three seeds each); the lr anneals only to half and
-# G_ema averages over up to a fifth of the rounds (FID ~190 when training works out); the minibatch standard
-# deviation lets D see a batch of look-alikes, which ended the one-run-in-five collapse into two-headed dogs (FID
-# 285 -> 199 on that seed; seven seeds 184-199). BENCHMARKS.md has the runs.
-DEMO_DCGAN_OVERRIDES: dict = dict(draw_res=32, lr_g=1e-3, lr_d=1e-3, beta1=0.0, diffaug="", lr_min_ratio=0.5,
-                                  ema_rampup=0.2, mbstd=True)
-
-
-def parse_duration(text: str | float | int) -> float:
-    """'90s', '20m', '8h', '8h30m', '1h2m3s' or a bare number of seconds -> seconds (finite, not negative)."""
-    if isinstance(text, (int, float)):
-        seconds = float(text)
-    else:
-        seconds = _read_duration(str(text))
-    if not math.isfinite(seconds) or seconds < 0:
-        raise ValueError(f"duration {text!r} must be a finite number of seconds, 0 or more: use e.g. 90s, 20m, 8h or 8h30m")
-    return seconds
-
-
-def _read_duration(text: str) -> float:
-    # the number or h/m/s form of parse_duration, before the range check
-    s = text.strip().lower()
-    try:
-        return float(s)
-    except ValueError:
-        pass
-    total, number, seen_unit = 0.0, "", False
-    units = {"h": 3600.0, "m": 60.0, "s": 1.0}
-    for ch in s:
-        if ch.isdigit() or ch == ".":
-            number += ch
-        elif ch in units and number:
-            total += float(number) * units[ch]
-            number, seen_unit = "", True
-        else:
-            raise ValueError(f"cannot read duration {text!r}: use e.g. 90s, 20m, 8h or 8h30m")
-    if number or not seen_unit:
-        raise ValueError(f"cannot read duration {text!r}: use e.g. 90s, 20m, 8h or 8h30m")
-    return total
-
-
-def format_duration(seconds: float) -> str:
-    """Seconds -> '1h02m03s' / '2m03s' / '4.5s' for status lines."""
-    seconds = max(0.0, float(seconds))
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    m, s = divmod(int(round(seconds)), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
-
-
-def _flag_type(default):
-    return type(default) if not isinstance(default, bool) else None
-
-
-def build_arg_parser() -> "argparse.ArgumentParser":
-    """One flag per Config field (--time-budget for time_budget); booleans also get --no-X."""
-    parser = argparse.ArgumentParser(
-        prog="kernel.py",  # in a notebook sys.argv[0] is Jupyter's launcher
-        description="dogkernel: train a GAN on the Kaggle dogs and write images.zip",
-        allow_abbrev=False,
-        epilog="Each flag sets the Config field of the same name (see class Config for what it does); "
-               "--recipe picks a named set of defaults, and flags given explicitly override it.",
-        argument_default=argparse.SUPPRESS)  # absent flags stay absent, so recipes can fill them
-    for config_field in dataclasses.fields(Config):
-        flag = "--" + config_field.name.replace("_", "-")
-        if isinstance(config_field.default, bool):
-            parser.add_argument(flag, dest=config_field.name, action=argparse.BooleanOptionalAction)
-        else:
-            parser.add_argument(flag, dest=config_field.name, type=_flag_type(config_field.default),
-                                metavar=type(config_field.default).__name__.upper(), help=f"default: {config_field.default!r}")
-    parser.add_argument("--report", metavar="OUT", dest="report",
-                        help="rebuild the plots of a finished run from OUT/stats.jsonl and exit")
-    return parser
-
-
-def make_config(overrides: dict | None = None) -> "Config":
-    """Config from the recipe named in overrides, then the explicit overrides on top."""
-    overrides = dict(overrides or {})
-    recipe = overrides.get("recipe", DEMO_RECIPE if overrides.get("demo") else Config.recipe)
-    if recipe not in RECIPES:
-        raise ConfigError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
-    unknown = set(overrides) - {f.name for f in dataclasses.fields(Config)}
-    if unknown:
-        raise ConfigError(f"unknown config keys: {', '.join(sorted(unknown))}")
-    demo = {}
-    if overrides.get("demo"):
-        dcgan = RECIPES[recipe].get("arch", Config.arch) == "dcgan"
-        demo = {**DEMO_OVERRIDES, **(DEMO_DCGAN_OVERRIDES if dcgan else {})}
-    cfg = Config(**{**RECIPES[recipe], **demo, "recipe": recipe, **overrides})
-    validate_config(cfg)
-    return cfg
-
-
-def validate_config(cfg: "Config") -> None:
-    """Reject settings that cannot work, with the flag's name in the message."""
-    for f in dataclasses.fields(Config):
-        allowed = f.metadata["choices"]
-        if allowed and getattr(cfg, f.name) not in allowed:
-            flag, value = "--" + f.name.replace("_", "-"), getattr(cfg, f.name)
-            raise ConfigError(f"{flag} {value!r}: choose one of {', '.join(allowed)}")
-    for name in ("time_budget", "status_every", "grid_every", "ckpt_every", "fid_every"):
-        try:
-            parse_duration(getattr(cfg, name))
-        except ValueError as error:
-            raise ConfigError(f"--{name.replace('_', '-')}: {error}") from None
-    if parse_duration(cfg.time_budget) <= 0:
-        raise ConfigError(f"--time-budget must be more than 0, got {cfg.time_budget!r}: use e.g. 90s, 20m or 8h30m")
-    for f in dataclasses.fields(Config):
-        value = getattr(cfg, f.name)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
-    positive = ("batch_size", "z_dim", "g_ch", "d_ch", "n_dis", "g_steps", "n_images")
-    for name in positive:
-        if getattr(cfg, name) <= 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    not_negative = ("max_kimg", "max_images", "decode_workers", "fid_samples", "crop_margin", "truncation", "mifid_eps", "min_box")
-    for name in not_negative:
-        if getattr(cfg, name) < 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(cfg, name)}")
-    if cfg.hier_z and cfg.arch != "resnet":
-        raise ConfigError("--hier-z needs --arch resnet")
-
-
-def strip_jupyter_args(argv: list[str]) -> list[str]:
-    """argv without the kernel's own `-f FILE` / `--f=FILE` that Jupyter puts in sys.argv; everything else stays."""
-    kept, index = [], 0
-    while index < len(argv):
-        if argv[index] == "-f" and index + 1 < len(argv):
-            index += 2
-            continue
-        if not argv[index].startswith("--f="):
-            kept.append(argv[index])
-        index += 1
-    return kept
-
-
-def parse_config(argv: list[str] | None = None) -> "tuple[Config, argparse.Namespace]":
-    """Config from command-line flags. In a notebook only Jupyter's own `-f kernel.json` is dropped; any other
-    unknown argument is an error there too, so a mistyped flag is never silently ignored.
-    `--help` and argparse's errors raise SystemExit after printing (main turns that into a return code)."""
-    parser = build_arg_parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if running_in_notebook():
-        argv = strip_jupyter_args(argv)
-    args = parser.parse_args(argv)
-    extras = argparse.Namespace(report=getattr(args, "report", None))
-    overrides = {k: v for k, v in vars(args).items() if k != "report"}
-    return make_config(overrides), extras
-
-
-def fields_with_role(role: str) -> tuple[str, ...]:
-    """Names of the Config fields whose resume role is `role` (one of RESUME_ROLES)."""
-    return tuple(f.name for f in dataclasses.fields(Config) if f.metadata["resume"] == role)
-
-
-def config_diff(cfg: "Config") -> dict:
-    """Fields that differ from the plain Config defaults: what a recipe and the flags changed."""
-    base = Config()
-    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(Config)
-            if getattr(cfg, f.name) != getattr(base, f.name)}
 
 
 # ====================================================================================================
@@ -1501,6 +1187,361 @@ def uint8_to_unit(img_uint8: "torch.Tensor") -> "torch.Tensor":
 
 
 # ====================================================================================================
+# src/config.py
+# One Config dataclass holds every hyperparameter; CLI flags and named recipes are derived from it.
+# ====================================================================================================
+class ConfigError(ValueError):
+    """A flag or recipe that cannot work; the message names the flag."""
+
+
+# What a resumed run does with each field (declared next to the field, below):
+#   this_run    - this session's value: where and how long it runs, how it is watched and scored
+#   from_ckpt   - the checkpoint's value: the training recipe continues as it was trained (differences are noted)
+#   model_shape - the checkpoint's value: it decides the shapes of G and D (differences are warned about)
+RESUME_ROLES = ("this_run", "from_ckpt", "model_shape")
+
+
+def _config_field(role: str, default, choices: tuple = (), duration: bool = False):
+    # one dataclass field with its resume role; for a setting picked from a registry, its allowed names; for a
+    # duration, the mark that its flag reads '90s' / '20m' / '8h30m' (the field itself holds seconds)
+    return field(default=default, metadata={"resume": role, "choices": tuple(choices), "duration": duration})
+
+
+def this_run(default, choices: tuple = (), duration: bool = False):
+    return _config_field("this_run", default, choices, duration)
+
+
+def from_ckpt(default, choices: tuple = ()):
+    return _config_field("from_ckpt", default, choices)
+
+
+def model_shape(default, choices: tuple = ()):
+    return _config_field("model_shape", default, choices)
+
+
+@dataclass
+class Config:
+    # ---- where things are -------------------------------------------------------------------------
+    data_dir: str = this_run("")        # Kaggle layout root (all-dogs/ + Annotation/); empty: search /kaggle/input
+    out: str = this_run("")             # output folder; empty: /kaggle/working on Kaggle, else ./out
+    resume: str = this_run("")          # ckpt.pt to continue from; "auto": OUT/ckpt.pt when it exists
+    demo: bool = this_run(False)        # train on a tiny generated dataset (CPU, seconds): the embedded default
+    # ---- budget -----------------------------------------------------------------------------------
+    # whole run in seconds (flag: 90s, 20m, 8h30m): start-up, training, generation, zip, MiFID; Kaggle stops at 9h
+    time_budget: float = this_run(8.5 * 3600, duration=True)
+    # stop training after this many thousand images over all sessions, the lr annealing by images instead of the
+    # clock: a run of fixed length whatever the machine's load (0: no limit; the budget still applies)
+    max_kimg: float = this_run(0.0)
+    seed: int = from_ckpt(0)            # seeds python, numpy and torch (same seed + config + device = same run)
+    device: str = this_run("auto")      # auto | cpu | cuda | cuda:N
+    # ---- data -------------------------------------------------------------------------------------
+    crop_margin: float = this_run(0.0)  # widen each box by this fraction of its size on every side before cropping
+    max_images: int = this_run(0)       # read only N photos spread over the sorted list (0: all); quick iterations
+    decode_workers: int = this_run(0)   # processes decoding JPEGs at start-up (0: one per CPU core)
+    # drop dogs whose box's shortest side is under this many px (capped at half the photo's shortest side): blown up
+    # more than 4x to 64 px they are smudges (2.2 % of the dev pack's boxes, none of Stanford's full-size ones); 0: keep
+    # all. Decided when the data are decoded, before a checkpoint is read, like crop_margin.
+    min_box: int = this_run(16)
+    flip: bool = from_ckpt(True)        # random horizontal flips of real images
+    # DiffAugment policy on real and fake before D ("": off). BigGAN's DiffAugment runs (CIFAR-10, 10-20 % data) use
+    # translation,cutout; colour jitter (StyleGAN2's low-shot policy adds it) slows early learning in short runs
+    diffaug: str = from_ckpt("translation,cutout")
+    # ---- models -----------------------------------------------------------------------------------
+    recipe: str = model_shape("biggan")  # named set of overrides below (see RECIPES); flags given explicitly win
+    arch: str = model_shape("resnet", choices=("resnet", "dcgan"))  # ResNet: the SNGAN/BigGAN family
+    z_dim: int = model_shape(128)       # latent size
+    g_ch: int = model_shape(64)         # generator width multiplier
+    d_ch: int = model_shape(64)         # discriminator width multiplier
+    shared_dim: int = model_shape(128)  # BigGAN shared class embedding size fed to every G block (0: none)
+    hier_z: bool = model_shape(True)    # BigGAN hierarchical z: split z across the G blocks
+    attn_res: int = model_shape(0)      # self-attention at this resolution in G and D (0: off; 32 for SAGAN)
+    cond: str = model_shape("projection", choices=("none", "projection", "acgan", "concat"))  # how labels enter D
+    g_sn: bool = model_shape(True)      # spectral norm in G (SAGAN/BigGAN)
+    d_sn: bool = model_shape(True)      # spectral norm in D
+    pixel_norm: bool = model_shape(False)  # pixelwise feature normalisation in G (ProGAN)
+    mbstd: bool = model_shape(False)    # minibatch standard deviation channel in D's last block
+    # DCGAN only: G draws at 32x32 and repeats each pixel 2x2, D judges the 2x2-averaged image (a quarter of the work
+    # per image, for CPU runs such as the demo); 64 draws every pixel
+    draw_res: int = model_shape(64, choices=(32, 64))
+    # ---- losses -----------------------------------------------------------------------------------
+    loss: str = from_ckpt("hinge", choices=("hinge", "bce", "ls", "rals", "wgan-gp"))  # see losses.GAN_LOSSES
+    aux_weight: float = from_ckpt(1.0)  # weight of the auxiliary breed-classification loss (cond=acgan)
+    gp_weight: float = from_ckpt(10.0)  # gradient-penalty weight (loss=wgan-gp)
+    real_label_min: float = from_ckpt(1.0)  # noisy soft labels for bce/ls: real targets drawn from [min, 1]
+    fake_label_max: float = from_ckpt(0.0)  # fake targets drawn from [0, max]
+    # ---- optimisation -----------------------------------------------------------------------------
+    batch_size: int = from_ckpt(64)     # images per D step
+    lr_g: float = from_ckpt(1e-4)       # TTUR: G's learning rate
+    lr_d: float = from_ckpt(4e-4)       # TTUR: D's learning rate
+    beta1: float = from_ckpt(0.0)       # Adam beta1 (0 for SN-GANs, 0.5 for DCGAN)
+    beta2: float = from_ckpt(0.999)     # Adam beta2
+    lr_ref_batch: int = from_ckpt(0)    # >0: scale both lrs linearly by batch_size / lr_ref_batch
+    n_dis: int = from_ckpt(1)           # D steps per G step
+    dis_loss_limit: float = from_ckpt(0.0)  # >0: add D steps (up to n_dis_max) while D's loss stays above this
+    n_dis_max: int = from_ckpt(5)       # ceiling of the adaptive D steps
+    g_steps: int = from_ckpt(1)         # G steps per round (the Kaggle kernel used 2)
+    # cosine and linear anneal to the deadline; restarts: cosine warm restarts
+    lr_schedule: str = from_ckpt("cosine", choices=("const", "cosine", "linear", "restarts"))
+    lr_min_ratio: float = from_ckpt(0.1)  # the annealed lr ends at lr * this
+    restart_cycles: int = from_ckpt(4)  # cosine warm restarts: cycles within the training time (doubling lengths)
+    ema_beta: float = from_ckpt(0.999)  # G_ema = beta * G_ema + (1 - beta) * G
+    # G_ema averages over at most this fraction of the steps so far (StyleGAN2-ADA's ramp-up): short runs get a
+    # short average instead of a G_ema stuck near init
+    ema_rampup: float = from_ckpt(0.05)
+    # ---- speed ------------------------------------------------------------------------------------
+    amp: str = this_run("auto", choices=("auto", "bf16", "fp16", "fp32"))  # auto: bf16 on sm>=80, fp16 below, CPU fp32
+    channels_last: bool = this_run(True)  # NHWC convolutions on the GPU
+    compile: bool = this_run(False)     # torch.compile G and D (compile time comes out of the budget)
+    # ---- watching ---------------------------------------------------------------------------------
+    status_every: float = this_run(10.0, duration=True)  # status line and one stats.jsonl record
+    grid_every: float = this_run(600.0, duration=True)   # sample grid from the fixed grid_z
+    ckpt_every: float = this_run(1800.0, duration=True)  # checkpoint (also written before the deadline and on SIGTERM)
+    fid_every: float = this_run(0.0, duration=True)      # FID of G_ema during training with the backbone (0: off)
+    fid_samples: int = this_run(2000)   # generated images per training-time FID
+    # ---- generation and score ---------------------------------------------------------------------
+    n_images: int = this_run(10000)     # images in images.zip (Kaggle wants exactly 10,000)
+    truncation: float = this_run(0.0)   # resample |z| above this (0: off); "search" below picks it by FID
+    truncation_search: bool = this_run(False)  # measure FID for a few truncations at the end and keep the best
+    fid_backbone: str = this_run("auto", choices=("auto", "inception", "efficientnet-lite0"))  # auto: by weights file
+    fid_weights: str = this_run("")     # weights file for MiFID; empty: look under /kaggle/input, else skip MiFID
+    mifid_eps: float = this_run(0.0)    # memorization threshold (0: the backbone's documented default)
+    # what in-run FID, the truncation search and the final MiFID compare with: "photos", every whole photo squashed
+    # to 64x64 (Kaggle's reference, what the leaderboard measured), or "crops", the training crops
+    fid_reference: str = this_run("photos", choices=("photos", "crops"))
+
+
+# A recipe is a few overrides of Config: the write-ups' models, built from the same modules.
+RECIPES: dict[str, dict] = {
+    # Radford et al.: Linear -> ConvTranspose G, strided-conv D, BCE, Adam 2e-4 / beta1 0.5.
+    "dcgan": dict(arch="dcgan", cond="none", g_sn=False, d_sn=False, shared_dim=0, hier_z=False,
+                  loss="bce", lr_g=2e-4, lr_d=2e-4, beta1=0.5, n_dis=1, diffaug="", z_dim=100),
+    # Conditional DCGAN: label embedding concatenated to z and to D's input.
+    "cgan": dict(arch="dcgan", cond="concat", g_sn=False, d_sn=False, shared_dim=0, hier_z=False,
+                 loss="bce", lr_g=2e-4, lr_d=2e-4, beta1=0.5, n_dis=1, diffaug="", z_dim=100),
+    # ACGAN: D also classifies the breed; RaLS + auxiliary classifier as in a winning entry.
+    "acgan": dict(arch="dcgan", cond="acgan", g_sn=False, d_sn=True, shared_dim=0, hier_z=False,
+                  loss="rals", lr_g=2e-4, lr_d=2e-4, beta1=0.5, n_dis=1, diffaug="", z_dim=100),
+    # SNGAN (Miyato et al.): ResNet, spectral norm, projection D, hinge, n_dis rising to 5 while D lags.
+    "sngan": dict(arch="resnet", cond="projection", shared_dim=0, hier_z=False, attn_res=0,
+                  loss="hinge", lr_g=2e-4, lr_d=2e-4, beta1=0.0, beta2=0.9, n_dis=1,
+                  dis_loss_limit=0.5, n_dis_max=5, diffaug=""),
+    # SAGAN (Zhang et al.): + self-attention at 32x32, TTUR G 1e-4 / D 4e-4, Adam (0, 0.9).
+    "sagan": dict(arch="resnet", cond="projection", shared_dim=0, hier_z=False, attn_res=32,
+                  loss="hinge", lr_g=1e-4, lr_d=4e-4, beta1=0.0, beta2=0.9, n_dis=1, diffaug=""),
+    # The default: BigGAN-style ResNet, shared embedding, hierarchical z, projection D, hinge,
+    # DiffAugment, EMA, lr annealed to the deadline.
+    "biggan": dict(),
+    # The embedded default's model (--demo): a small conditional DCGAN that learns the cartoon dogs on 2 CPU cores in
+    # 45 s. Why each setting: BENCHMARKS.md, "What makes the demo learn" and "The demo reaches the bar".
+    "demo": dict(arch="dcgan", cond="concat", g_sn=False, d_sn=False, shared_dim=32, hier_z=False, z_dim=64,
+                 g_ch=16, d_ch=16, draw_res=32, mbstd=True, loss="hinge", diffaug="", batch_size=16,
+                 lr_g=1e-3, lr_d=1e-3, beta1=0.0, n_dis=1, lr_min_ratio=0.5, ema_rampup=0.2),
+}
+
+# What each recipe trains, in the words the start-up banner uses.
+RECIPE_SUMMARIES: dict[str, str] = {
+    "dcgan": "unconditional DCGAN, BCE, Adam 2e-4 / beta1 0.5",
+    "cgan": "conditional DCGAN (breed concatenated to z and to D's input), BCE",
+    "acgan": "DCGAN with an auxiliary breed classifier in D, RaLS",
+    "sngan": "ResNet SNGAN, projection D, hinge, adaptive D steps",
+    "sagan": "ResNet SAGAN, self-attention at 32x32, hinge, TTUR",
+    "biggan": "BigGAN-style ResNet, shared class embedding, hierarchical z, projection D, hinge, DiffAugment",
+    "demo": "small conditional DCGAN drawing at 32x32 (16 channels, batch 16, hinge, lr 1e-3, minibatch stddev)",
+}
+
+# --demo: the tiny generated data set, on the CPU, for 45 s, watched often; the model is the "demo" recipe unless
+# --recipe names another. Only this_run settings: a recipe never sees them.
+DEMO_RUN: dict = dict(time_budget=45.0, device="cpu", status_every=3.0, grid_every=10.0, ckpt_every=15.0)
+
+
+def parse_duration(text: str | float | int) -> float:
+    """'90s', '20m', '8h', '8h30m', '1h2m3s' or a bare number of seconds -> seconds (finite, not negative)."""
+    if isinstance(text, (int, float)):
+        seconds = float(text)
+    else:
+        seconds = _read_duration(str(text))
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"duration {text!r} must be a finite number of seconds, 0 or more: use e.g. 90s, 20m, 8h or 8h30m")
+    return seconds
+
+
+def _read_duration(text: str) -> float:
+    # the number or h/m/s form of parse_duration, before the range check
+    s = text.strip().lower()
+    try:
+        return float(s)
+    except ValueError:
+        pass
+    total, number, seen_unit = 0.0, "", False
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0}
+    for ch in s:
+        if ch.isdigit() or ch == ".":
+            number += ch
+        elif ch in units and number:
+            total += float(number) * units[ch]
+            number, seen_unit = "", True
+        else:
+            raise ValueError(f"cannot read duration {text!r}: use e.g. 90s, 20m, 8h or 8h30m")
+    if number or not seen_unit:
+        raise ValueError(f"cannot read duration {text!r}: use e.g. 90s, 20m, 8h or 8h30m")
+    return total
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds -> '1h02m03s' / '2m03s' / '4.5s' for status lines."""
+    seconds = max(0.0, float(seconds))
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def _flag_type(config_field):
+    # durations are read as text and settled (with the flag's name in any error) by make_config
+    if config_field.metadata["duration"]:
+        return str
+    return type(config_field.default)
+
+
+def _flag_help(config_field) -> str:
+    default = config_field.default
+    return f"default: {format_duration(default) if config_field.metadata['duration'] else repr(default)}"
+
+
+def build_arg_parser() -> "argparse.ArgumentParser":
+    """One flag per Config field (--time-budget for time_budget); booleans also get --no-X."""
+    parser = argparse.ArgumentParser(
+        prog="kernel.py",  # in a notebook sys.argv[0] is Jupyter's launcher
+        description="dogkernel: train a GAN on the Kaggle dogs and write images.zip",
+        allow_abbrev=False,
+        epilog="Each flag sets the Config field of the same name (see class Config for what it does); "
+               "--recipe picks a named set of defaults, and flags given explicitly override it. "
+               "Durations read 90s, 20m, 8h or 8h30m.",
+        argument_default=argparse.SUPPRESS)  # absent flags stay absent, so recipes can fill them
+    for config_field in dataclasses.fields(Config):
+        flag = "--" + config_field.name.replace("_", "-")
+        if isinstance(config_field.default, bool):
+            parser.add_argument(flag, dest=config_field.name, action=argparse.BooleanOptionalAction)
+        else:
+            metavar = "DURATION" if config_field.metadata["duration"] else type(config_field.default).__name__.upper()
+            parser.add_argument(flag, dest=config_field.name, type=_flag_type(config_field), metavar=metavar,
+                                help=_flag_help(config_field))
+    parser.add_argument("--report", metavar="OUT", dest="report",
+                        help="rebuild the plots of a finished run from OUT/stats.jsonl and exit")
+    return parser
+
+
+def _flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def settle_durations(values: dict) -> dict:
+    """values with every duration field read as seconds ('90s' -> 90.0); a bad one is a ConfigError naming its flag."""
+    settled = dict(values)
+    for f in dataclasses.fields(Config):
+        if f.metadata["duration"] and f.name in settled:
+            try:
+                settled[f.name] = parse_duration(settled[f.name])
+            except ValueError as error:
+                raise ConfigError(f"{_flag_name(f.name)}: {error}") from None
+    return settled
+
+
+def make_config(overrides: dict | None = None) -> "Config":
+    """Config from the recipe named in overrides (the "demo" recipe for --demo), --demo's run settings, then the
+    explicit overrides on top; durations become seconds and everything is validated here, once."""
+    overrides = dict(overrides or {})
+    recipe = overrides.get("recipe", "demo" if overrides.get("demo") else Config.recipe)
+    if recipe not in RECIPES:
+        raise ConfigError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(Config)}
+    if unknown:
+        raise ConfigError(f"unknown config keys: {', '.join(sorted(unknown))}")
+    demo_run = DEMO_RUN if overrides.get("demo") else {}
+    cfg = Config(**settle_durations({**RECIPES[recipe], **demo_run, "recipe": recipe, **overrides}))
+    validate_config(cfg)
+    return cfg
+
+
+def validate_config(cfg: "Config") -> None:
+    """Reject settings that cannot work, with the flag's name in the message."""
+    for f in dataclasses.fields(Config):
+        allowed = f.metadata["choices"]
+        if allowed and getattr(cfg, f.name) not in allowed:
+            raise ConfigError(f"{_flag_name(f.name)} {getattr(cfg, f.name)!r}: choose one of {', '.join(allowed)}")
+    for f in dataclasses.fields(Config):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{_flag_name(f.name)} must be a finite number, got {value}")
+    if cfg.time_budget <= 0:
+        raise ConfigError(f"--time-budget must be more than 0, got {format_duration(cfg.time_budget)}: "
+                          f"use e.g. 90s, 20m or 8h30m")
+    positive = ("batch_size", "z_dim", "g_ch", "d_ch", "n_dis", "g_steps", "n_images")
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"{_flag_name(name)} must be positive, got {getattr(cfg, name)}")
+    not_negative = ("max_kimg", "max_images", "decode_workers", "fid_samples", "crop_margin", "truncation", "mifid_eps", "min_box")
+    for name in not_negative:
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"{_flag_name(name)} must be 0 or more, got {getattr(cfg, name)}")
+    if cfg.hier_z and cfg.arch != "resnet":
+        raise ConfigError("--hier-z needs --arch resnet")
+    if cfg.draw_res != 64 and cfg.arch != "dcgan":
+        raise ConfigError(f"--draw-res {cfg.draw_res} is a DCGAN option (the ResNet G draws at 64): use --arch dcgan")
+    try:
+        parse_diffaug_policy(cfg.diffaug)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
+def strip_jupyter_args(argv: list[str]) -> list[str]:
+    """argv without the kernel's own `-f FILE` / `--f=FILE` that Jupyter puts in sys.argv; everything else stays."""
+    kept, index = [], 0
+    while index < len(argv):
+        if argv[index] == "-f" and index + 1 < len(argv):
+            index += 2
+            continue
+        if not argv[index].startswith("--f="):
+            kept.append(argv[index])
+        index += 1
+    return kept
+
+
+def parse_config(argv: list[str] | None = None) -> "tuple[Config, argparse.Namespace]":
+    """Config from command-line flags. In a notebook only Jupyter's own `-f kernel.json` is dropped; any other
+    unknown argument is an error there too, so a mistyped flag is never silently ignored.
+    `--help` and argparse's errors raise SystemExit after printing (main turns that into a return code)."""
+    parser = build_arg_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if running_in_notebook():
+        argv = strip_jupyter_args(argv)
+    args = parser.parse_args(argv)
+    extras = argparse.Namespace(report=getattr(args, "report", None))
+    overrides = {k: v for k, v in vars(args).items() if k != "report"}
+    return make_config(overrides), extras
+
+
+def fields_with_role(role: str) -> tuple[str, ...]:
+    """Names of the Config fields whose resume role is `role` (one of RESUME_ROLES)."""
+    return tuple(f.name for f in dataclasses.fields(Config) if f.metadata["resume"] == role)
+
+
+def config_diff(cfg: "Config") -> dict:
+    """Fields that differ from the plain Config defaults: what a recipe and the flags changed."""
+    base = Config()
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(Config)
+            if getattr(cfg, f.name) != getattr(base, f.name)}
+
+
+def recipe_diff(cfg: "Config") -> dict:
+    """Fields that differ from cfg's recipe as it stands: what the flags (and --demo's run settings) changed."""
+    base = Config(**{**RECIPES[cfg.recipe], "recipe": cfg.recipe})
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(Config)
+            if getattr(cfg, f.name) != getattr(base, f.name)}
+
+
+# ====================================================================================================
 # src/layers.py
 # GAN building blocks: spectral norm, conditional BN, self-attention, minibatch stddev, pixel norm, G/D blocks.
 # ====================================================================================================
@@ -1852,6 +1893,7 @@ class ResNetGenerator(nn.Module):
         super().__init__()
         self.z_dim = z_dim
         self.n_classes = n_classes
+        self.draw_res = MODEL_IMG_SIZE
         self.conditional = conditional
         channels = [16 * ch, 8 * ch, 4 * ch, 2 * ch, 1 * ch]
         n_blocks = len(channels) - 1
@@ -1874,7 +1916,8 @@ class ResNetGenerator(nn.Module):
         self.out_bn = nn.BatchNorm2d(channels[-1])
         self.out_conv = sn_conv2d(channels[-1], 3, 3, padding=1, sn=sn)
 
-    def forward(self, z: "torch.Tensor", y: "torch.Tensor | None" = None) -> "torch.Tensor":
+    def forward(self, z: "torch.Tensor", y: "torch.Tensor | None" = None, full_res: bool = True) -> "torch.Tensor":
+        # full_res is every G's training switch (the drawing itself, not its 64x64 copy): this G draws at 64
         _check_g_inputs(z, y, self.z_dim, self.conditional)
         z_chunks = torch.split(z, self.z_sizes, dim=1)
         shared = self.shared(y) if self.shared is not None else None
@@ -1896,6 +1939,7 @@ class ResNetDiscriminator(nn.Module):
     def __init__(self, n_classes: int, ch: int, cond: str, attn_res: int, sn: bool, mbstd: bool):
         super().__init__()
         self.cond = cond
+        self.draw_res = MODEL_IMG_SIZE
         self.label_map = LabelMap(n_classes, MODEL_IMG_SIZE) if cond == "concat" else None
         channels = [3 + (1 if cond == "concat" else 0), ch, 2 * ch, 4 * ch, 8 * ch, 16 * ch]
         self.blocks = nn.ModuleList()
@@ -1911,6 +1955,10 @@ class ResNetDiscriminator(nn.Module):
                 self.attn[str(i)] = SelfAttention2d(channels[i + 1], sn=sn)
         self.mbstd = MinibatchStdDev() if mbstd else None
         self.head = DiscriminatorHead(channels[-1], n_classes, cond, sn=sn)
+
+    def fit_real(self, real_img: "torch.Tensor") -> "torch.Tensor":
+        """Real 64x64 images as this D judges them in training: as they are."""
+        return real_img
 
     def forward(self, img: "torch.Tensor", y: "torch.Tensor | None" = None) -> "tuple[torch.Tensor, torch.Tensor | None]":
         _check_d_inputs(img, y, self.cond in ("projection", "concat"))
@@ -1997,6 +2045,10 @@ class DCGANDiscriminator(nn.Module):
                 self.attn[str(i)] = SelfAttention2d(channels[i + 1], sn=sn)
         self.mbstd = MinibatchStdDev() if mbstd else None
         self.head = DiscriminatorHead((channels[-1] + (1 if mbstd else 0)) * 4 * 4, n_classes, cond, sn=sn)
+
+    def fit_real(self, real_img: "torch.Tensor") -> "torch.Tensor":
+        """Real 64x64 images as this D judges them in training: 2x2-averaged once to what a 32x32 G draws."""
+        return F.avg_pool2d(real_img, self.downscale) if self.downscale > 1 else real_img
 
     def forward(self, img: "torch.Tensor", y: "torch.Tensor | None" = None) -> "tuple[torch.Tensor, torch.Tensor | None]":
         _check_d_inputs(img, y, self.cond in ("projection", "concat"), self.draw_res)
@@ -2514,6 +2566,7 @@ class GanNets:
     scaler_d: object
     sn_G: list                   # spectral_norm_layers(G), (D): advanced once per optimiser step
     sn_D: list
+    precision: "Precision"         # how the nets run on this device (autocast dtype, scaler, memory layout)
 
 
 def build_gan_nets(cfg: "Config", n_classes: int, device, precision: "Precision", dist_info: "DistInfo") -> "GanNets":
@@ -2534,7 +2587,7 @@ def build_gan_nets(cfg: "Config", n_classes: int, device, precision: "Precision"
     opt_d = make_adam(D.parameters(), cfg.lr_d, (cfg.beta1, cfg.beta2), precision)
     return GanNets(G=G, D=D, G_ema=G_ema, G_train=G_train, D_train=D_train, G_fwd=G_fwd, D_fwd=D_fwd,
                    opt_g=opt_g, opt_d=opt_d, scaler_g=make_grad_scaler(precision), scaler_d=make_grad_scaler(precision),
-                   sn_G=spectral_norm_layers(G), sn_D=spectral_norm_layers(D))
+                   sn_G=spectral_norm_layers(G), sn_D=spectral_norm_layers(D), precision=precision)
 
 
 # ====================================================================================================
@@ -3220,7 +3273,8 @@ def print_banner(cfg: "Config", device, precision: "Precision", data, deadline, 
     layout = "channels_last" if precision.channels_last else "NCHW"
     log("train", f"device {device_name(device)} x{world_size}, {precision.name}, {layout}"
         f"{', torch.compile' if cfg.compile else ''}")
-    log("train", f"recipe {cfg.recipe}; settings changed from the defaults: {config_diff(cfg) or 'none'}")
+    log("train", f"recipe {cfg.recipe}: {RECIPE_SUMMARIES[cfg.recipe]}; changed from the recipe: "
+        f"{recipe_diff(cfg) or 'nothing'}")
     log("train", f"data: {len(data.images)} images, {len(data.breeds)} breeds; {dict(data.counts)}")
     log("train", describe_models(G, D))
     log("train", f"budget {format_duration(deadline.end - deadline.start)}: {format_duration(deadline.elapsed())} used, "
@@ -4181,7 +4235,7 @@ def reserve_for_scoring(cfg: "Config", extractor) -> float:
 
     The real images' features are computed before training (real_features), so they need no reserve.
     """
-    training_fid = parse_duration(cfg.fid_every) > 0
+    training_fid = cfg.fid_every > 0
     n_generated = (cfg.n_images + (len(TRUNCATION_CANDIDATES) * cfg.fid_samples if cfg.truncation_search else 0)
                    + (cfg.fid_samples if training_fid else 0))
     # training-time FID measures the final G_ema once after the training window (its sqrtm alone is ~15 s at 2048-d)
@@ -4210,7 +4264,7 @@ def real_features(extractor, data, out_dir: str, reference: str) -> "torch.Tenso
 def make_training_fid(cfg: "Config", extractor, real_feats: "torch.Tensor", device):
     """fid_fn(G_ema) -> FID of cfg.fid_samples generated images against the reference features (cfg.fid_reference),
     or None when off."""
-    if parse_duration(cfg.fid_every) <= 0:
+    if cfg.fid_every <= 0:
         return None
     real_mu, real_sigma = feature_stats(real_feats)
     reference = fid_reference_label(cfg.fid_reference, len(real_feats))
@@ -4564,6 +4618,128 @@ def signals_interrupt_run():
 
 
 # ====================================================================================================
+# src/gan_step.py
+# The GAN maths of a training round in one place, as StyleGAN2-ADA's loss.accumulate_gradients: losses, noisy
+# targets, penalties, the auxiliary breed loss, reuse of fakes, the spectral-norm power iteration, augmentation and
+# the optimiser steps. The loop only names the phases: `begin_round`, `d_phase` per real batch, `g_phase`, `end_round`.
+#
+# Nothing here reads a value back to the host: the round's sums stay on the device until the status tick.
+# ====================================================================================================
+# What a round sums on the device, in this order: D's loss, mean D(x), mean D(G(z)) over the D phases; G's loss.
+ROUND_SUMS = ("d_loss", "d_real", "d_fake", "g_loss")
+
+
+class GanStep:
+    """Built once from the settled config and the run's nets; holds the round's device sums and kept fakes."""
+
+    def __init__(self, cfg: "Config", nets: "GanNets", n_classes: int):
+        self.nets, self.precision, self.n_classes = nets, nets.precision, n_classes
+        self.loss = GAN_LOSSES[cfg.loss]
+        self.diffaug, self.flip = cfg.diffaug, cfg.flip
+        self.aux_weight, self.gp_weight = cfg.aux_weight, cfg.gp_weight
+        self.real_label_min, self.fake_label_max = cfg.real_label_min, cfg.fake_label_max
+        self.g_steps = cfg.g_steps
+        self.device = next(nets.G.parameters()).device
+        self.sums = torch.zeros(len(ROUND_SUMS), device=self.device)
+        self.batch_size, self.reuse_fakes, self.kept_fakes, self.real_logit = 0, False, None, None
+
+    def begin_round(self, batch_size: int, n_dis: int) -> None:
+        """A round of n_dis D phases then g_steps G phases on `batch_size` images per phase (this rank's share)."""
+        self.batch_size = batch_size
+        self.sums = torch.zeros(len(ROUND_SUMS), device=self.device)
+        # With one D phase, its fakes (with G's graph kept) also serve the first G phase: one G forward fewer.
+        self.reuse_fakes = n_dis == 1 and self.g_steps >= 1
+        self.kept_fakes, self.real_logit = None, None
+        spectral_norm_power_iteration_(self.nets.sn_G)  # G's one iteration for its first update
+
+    def _latents(self) -> "tuple[torch.Tensor, torch.Tensor]":
+        # z and breeds of one generated batch
+        z = torch.randn(self.batch_size, self.nets.G.z_dim, device=self.device)
+        gen_y = torch.randint(0, self.n_classes, (self.batch_size,), device=self.device)
+        return z, gen_y
+
+    def _real_img(self, real_u8: "torch.Tensor") -> "torch.Tensor":
+        # uint8 -> [-1, 1], brought to what D judges in training (the model knows its resolution), random mirror
+        real_img = self.nets.D.fit_real(uint8_to_unit(real_u8))
+        if self.flip:
+            real_img = random_flip(real_img)
+        return to_memory_format(real_img, self.precision)
+
+    def _augment(self, img: "torch.Tensor") -> "torch.Tensor":
+        # DiffAugment: the same policy on real and fake, differentiable so G learns through it
+        if self.diffaug:
+            img = to_memory_format(diff_augment(img, self.diffaug), self.precision)
+        return img
+
+    def _optimizer_step(self, loss: "torch.Tensor", optimizer, scaler) -> None:
+        # scale (fp16 only) -> backward -> unscale + inf check + step -> update the scale
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    def d_phase(self, real_u8: "torch.Tensor", real_y: "torch.Tensor") -> None:
+        """One D update: real and generated batches through D; D's loss sees the fakes detached from G."""
+        nets = self.nets
+        spectral_norm_power_iteration_(nets.sn_D)
+        z, gen_y = self._latents()
+        real_target, fake_target = self.loss.d_targets(self.batch_size, self.real_label_min, self.fake_label_max,
+                                                       self.device)
+        with precision_autocast(self.precision):
+            if self.reuse_fakes:
+                self.kept_fakes = (nets.G_train(z, gen_y, full_res=False), gen_y)
+                gen_img = self.kept_fakes[0].detach()
+            else:
+                with torch.no_grad():
+                    gen_img = nets.G_fwd(z, gen_y, full_res=False)
+            real_img = self._real_img(real_u8)
+            real_logit, real_class = nets.D_train(self._augment(real_img), real_y)
+            fake_logit, _ = nets.D_train(self._augment(gen_img), gen_y)
+            d_loss = self.loss.d_loss(real_logit, fake_logit, real_target, fake_target)
+            if real_class is not None:
+                d_loss = d_loss + self.aux_weight * aux_class_loss(real_class, real_y)
+        if self.loss.penalty is not None:
+            # the penalty's double backward runs in fp32 (fp16 would underflow the input gradients) and through the
+            # plain D: a torch.compile'd graph cannot be differentiated twice
+            with autocast_disabled(self.precision):
+                d_loss = d_loss + self.loss.penalty(nets.D, real_img.float(), gen_img.float(), real_y,
+                                                    weight=self.gp_weight)
+        self._optimizer_step(d_loss, nets.opt_d, nets.scaler_d)
+        # RaLS's G loss compares with D(x): the last D phase's real logits (detached) serve
+        self.real_logit = real_logit.detach()
+        self.sums[:3] += torch.stack([d_loss.detach().float(), self.real_logit.float().mean(),
+                                      fake_logit.detach().float().mean()])
+
+    def g_phase(self, g_step: int) -> None:
+        """One G update: gradients flow through the frozen (just updated) D into G."""
+        nets = self.nets
+        if g_step > 0:
+            spectral_norm_power_iteration_(nets.sn_G)
+        nets.D.requires_grad_(False)
+        try:
+            with precision_autocast(self.precision):
+                if g_step == 0 and self.kept_fakes is not None:
+                    gen_img, gen_y = self.kept_fakes
+                    self.kept_fakes = None
+                else:
+                    z, gen_y = self._latents()
+                    gen_img = nets.G_train(z, gen_y, full_res=False)
+                fake_logit, fake_class = nets.D_fwd(self._augment(gen_img), gen_y)
+                g_loss = self.loss.g_loss(self.real_logit, fake_logit)
+                if fake_class is not None:
+                    g_loss = g_loss + self.aux_weight * aux_class_loss(fake_class, gen_y)
+            self._optimizer_step(g_loss, nets.opt_g, nets.scaler_g)
+        finally:
+            nets.D.requires_grad_(True)
+        self.sums[3] += g_loss.detach().float()
+
+    def end_round(self) -> "torch.Tensor":
+        """The round's device sums, in the order of ROUND_SUMS (nothing is read back to the host)."""
+        self.kept_fakes = None
+        return self.sums
+
+
+# ====================================================================================================
 # src/train.py
 # The training loop: D and G steps on device-resident data until the deadline, watched, checkpointed, resumable.
 #
@@ -4637,104 +4813,30 @@ def set_lr(optimizer: "torch.optim.Optimizer", lr: float) -> None:
         group["lr"] = lr
 
 
-def _prepare_real(img_uint8: "torch.Tensor", cfg: "Config", precision: "Precision") -> "torch.Tensor":
-    # uint8 -> [-1, 1] on the device, averaged down to what G draws (--draw-res), random mirror (real images only)
-    real_img = uint8_to_unit(img_uint8)
-    if cfg.draw_res != MODEL_IMG_SIZE:
-        real_img = F.avg_pool2d(real_img, MODEL_IMG_SIZE // cfg.draw_res)
-    if cfg.flip:
-        real_img = random_flip(real_img)
-    return to_memory_format(real_img, precision)
+class Diverged(ArithmeticError):
+    """NaN/Inf in the losses or weights at a status tick: the loop rolls back to its last good state."""
 
 
-def _augment_for_d(img: "torch.Tensor", cfg: "Config", precision: "Precision") -> "torch.Tensor":
-    # DiffAugment: the same policy on real and fake, differentiable so G learns through it
-    if cfg.diffaug:
-        img = to_memory_format(diff_augment(img, cfg.diffaug), precision)
-    return img
+class GaveUp(RuntimeError):
+    """Training cannot go on (NaN/Inf after every rollback, out of memory at batch 1); the message says why."""
 
 
-def _optimizer_step(loss: "torch.Tensor", optimizer, scaler) -> None:
-    # scale (fp16 only) -> backward -> unscale + inf check + step -> update the scale
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-
-
-def gan_round(nets: "GanNets", sampler: "DeviceSampler", cfg: "Config", precision: "Precision", batch_size: int,
-              n_dis: int, n_classes: int) -> "torch.Tensor":
-    """n_dis D steps then cfg.g_steps G steps on one rank's batch; returns device sums
-    [D loss, mean D(x), mean D(G(z)), G loss] over the steps (nothing is read back to the host)."""
-    loss = GAN_LOSSES[cfg.loss]
-    device = sampler.images.device
-    sums = torch.zeros(4, device=device)
-    real_logit = None
-    # With one D step, its fakes (with G's graph kept) also serve the first G step: one G forward fewer per round.
-    reuse_fakes = n_dis == 1 and cfg.g_steps >= 1
-    kept_fakes = None
-    # a G drawing below 64x64 hands D its drawing as it is (the reals are averaged down to match)
-    drawn = {"full_res": False} if cfg.draw_res != MODEL_IMG_SIZE else {}
-    spectral_norm_power_iteration_(nets.sn_G)  # G's one iteration for its first update (its forward may come first)
+def gan_round(step: "GanStep", sampler: "DeviceSampler", batch_size: int, n_dis: int, g_steps: int) -> "torch.Tensor":
+    """One round on this rank's share of the batch: n_dis D phases, each on a fresh real batch, then g_steps G
+    phases; returns the round's device sums (GanStep does the maths, nothing is read back to the host)."""
+    step.begin_round(batch_size, n_dis)
     for _ in range(n_dis):
-        spectral_norm_power_iteration_(nets.sn_D)
-        # D step: real and generated batches through D; D's loss sees the fakes detached from G
-        real_u8, real_y = sampler.next(batch_size)
-        z = torch.randn(batch_size, nets.G.z_dim, device=device)
-        gen_y = torch.randint(0, n_classes, (batch_size,), device=device)
-        real_target, fake_target = loss.d_targets(batch_size, cfg.real_label_min, cfg.fake_label_max, device)
-        with precision_autocast(precision):
-            if reuse_fakes:
-                kept_fakes = (nets.G_train(z, gen_y, **drawn), gen_y)
-                gen_img = kept_fakes[0].detach()
-            else:
-                with torch.no_grad():
-                    gen_img = nets.G_fwd(z, gen_y, **drawn)
-            real_img = _prepare_real(real_u8, cfg, precision)
-            real_logit, real_class = nets.D_train(_augment_for_d(real_img, cfg, precision), real_y)
-            fake_logit, _ = nets.D_train(_augment_for_d(gen_img, cfg, precision), gen_y)
-            d_loss = loss.d_loss(real_logit, fake_logit, real_target, fake_target)
-            if real_class is not None:
-                d_loss = d_loss + cfg.aux_weight * aux_class_loss(real_class, real_y)
-        if loss.penalty is not None:
-            # the penalty's double backward runs in fp32 (fp16 would underflow the input gradients) and through the
-            # plain D: a torch.compile'd graph cannot be differentiated twice
-            with autocast_disabled(precision):
-                d_loss = d_loss + loss.penalty(nets.D, real_img.float(), gen_img.float(), real_y, weight=cfg.gp_weight)
-        _optimizer_step(d_loss, nets.opt_d, nets.scaler_d)
-        sums[:3] += torch.stack([d_loss.detach().float(), real_logit.detach().float().mean(),
-                                 fake_logit.detach().float().mean()])
-    # RaLS's G loss compares with D(x): the last D step's real logits (detached) serve
-    real_logit_for_g = real_logit.detach() if real_logit is not None else None
-    nets.D.requires_grad_(False)
-    try:
-        for g_step in range(cfg.g_steps):
-            # G step: gradients flow through the frozen (just updated) D into G
-            if g_step > 0:
-                spectral_norm_power_iteration_(nets.sn_G)
-            with precision_autocast(precision):
-                if g_step == 0 and kept_fakes is not None:
-                    gen_img, gen_y = kept_fakes
-                else:
-                    z = torch.randn(batch_size, nets.G.z_dim, device=device)
-                    gen_y = torch.randint(0, n_classes, (batch_size,), device=device)
-                    gen_img = nets.G_train(z, gen_y, **drawn)
-                fake_logit, fake_class = nets.D_fwd(_augment_for_d(gen_img, cfg, precision), gen_y)
-                g_loss = loss.g_loss(real_logit_for_g, fake_logit)
-                if fake_class is not None:
-                    g_loss = g_loss + cfg.aux_weight * aux_class_loss(fake_class, gen_y)
-            _optimizer_step(g_loss, nets.opt_g, nets.scaler_g)
-            sums[3] += g_loss.detach().float()
-    finally:
-        nets.D.requires_grad_(True)
-    return sums
+        step.d_phase(*sampler.next(batch_size))
+    for g_step in range(g_steps):
+        step.g_phase(g_step)
+    return step.end_round()
 
 
 @dataclass
 class RunParts:
     """What set_up_training builds for the loop."""
     nets: "GanNets"
-    precision: "Precision"
+    step: "GanStep"
     state: "LoopState"
     fid: "FidTracker"
     sampler: "DeviceSampler"
@@ -4742,23 +4844,33 @@ class RunParts:
     grid_y: "torch.Tensor"
     n_classes: int
 
+    @property
+    def precision(self) -> "Precision":
+        return self.nets.precision
 
-def set_up_training(cfg: "Config", data, device: "torch.device", dist_info, fid_fn, resume: dict | None) -> "RunParts":
-    """Seeds, models and optimisers, the fixed grid latents and the device-resident data; a resumed run's state."""
-    world = dist_info.world_size
-    if cfg.batch_size < world:
-        raise ValueError(f"--batch-size {cfg.batch_size} is smaller than the {world} processes: each needs an image")
-    parse_diffaug_policy(cfg.diffaug)
+
+def build_run_nets(cfg: "Config", n_classes: int, device, dist_info) -> "GanNets":
+    """The run's models, optimisers and call paths, built once: seeded first, so the same seed gives the same
+    starting weights whoever builds them (main before measuring the reserve, or train itself)."""
     seed_all(cfg.seed)
     configure_backends(device)
     precision = choose_precision(cfg.amp, device, cfg.channels_last)
+    return build_gan_nets(cfg, n_classes, device, precision, dist_info)
+
+
+def set_up_training(cfg: "Config", data, device: "torch.device", dist_info, fid_fn, resume: dict | None,
+                    nets: "GanNets | None") -> "RunParts":
+    """The nets (built here unless given), the GAN step, the fixed grid latents and the device-resident data; a
+    resumed run's state. The config is settled already (batch fitted to the data and the ranks)."""
+    world = dist_info.world_size
     n_classes = len(data.breeds)
-    nets = build_gan_nets(cfg, n_classes, device, precision, dist_info)
+    if nets is None:
+        nets = build_run_nets(cfg, n_classes, device, dist_info)
     grid_z, grid_y = make_grid_latents(cfg.z_dim, n_classes, cfg.seed, device)
     state, fid = LoopState(batch_size=cfg.batch_size, n_dis=cfg.n_dis), FidTracker(fid_fn)
     if resume is not None:
         state = restore_training_snapshot(nets, resume)
-        state.batch_size = min(state.batch_size, cfg.batch_size)  # main may have fitted the batch to smaller data
+        state.batch_size = min(state.batch_size, cfg.batch_size)  # the data may hold fewer images than before
         grid_z, grid_y = resume["grid_z"].to(device), resume["grid_y"].to(device)
         fid.load_state_dict(resume.get("fid", {}))
         restore_rng_state(resume["rng"])
@@ -4767,11 +4879,8 @@ def set_up_training(cfg: "Config", data, device: "torch.device", dist_info, fid_
     if world > 1:
         # ranks draw different batches and noise; the models stay identical (DDP broadcasts rank 0's weights)
         torch.manual_seed(cfg.seed * 7919 + dist_info.rank * 104729 + state.step)
-    if len(data.images) < state.batch_size // world:
-        raise ValueError(f"the dataset has {len(data.images)} images, fewer than one batch of "
-                         f"{state.batch_size // world}: lower --batch-size")
     sampler = DeviceSampler(data.images.to(device), data.labels.to(device))
-    return RunParts(nets, precision, state, fid, sampler, grid_z, grid_y, n_classes)
+    return RunParts(nets, GanStep(cfg, nets, n_classes), state, fid, sampler, grid_z, grid_y, n_classes)
 
 
 @contextlib.contextmanager
@@ -4802,7 +4911,8 @@ class RollbackGuard:
         self.snapshot, self.time = training_snapshot(nets, state), now
 
     def restore(self, nets: "GanNets", state: "LoopState") -> None:
-        """Weights and optimisers of the snapshot; the step counters go back too, the rest of `state` stays."""
+        """Weights and optimisers of the snapshot; the step counters go back too, the rest of `state` stays.
+        G_ema comes back with G's batch-norm buffers: the wrap-up recomputes its own before any use."""
         good = restore_training_snapshot(nets, self.snapshot)
         state.step, state.images_seen = good.step, good.images_seen
 
@@ -4815,22 +4925,20 @@ class RollbackGuard:
         self.restore(nets, state)
         return error
 
-    def roll_back(self, nets: "GanNets", state: "LoopState", means: dict, status_log: "StatusLog", now: float) -> str:
-        """After NaN/Inf: restore and halve both lrs; returns why the run ends once the rollbacks run out, else ""."""
+    def roll_back(self, diverged: "Diverged", nets: "GanNets", state: "LoopState", status_log: "StatusLog") -> None:
+        """After NaN/Inf: restore and halve both lrs; raises GaveUp once the rollbacks run out."""
         state.rollbacks += 1
         self.restore(nets, state)
         if state.rollbacks > MAX_ROLLBACKS:
             gave_up = (f"losses or weights became NaN/Inf {state.rollbacks} times even with lower learning rates; "
                        f"restored the last good state (step {state.step})")
             log("train", f"giving up: {gave_up}. Try a lower --lr-g/--lr-d, --amp fp32 or another --loss")
-            return gave_up
+            raise GaveUp(gave_up)
         state.lr_scale *= 0.5
-        log("train", f"NaN/Inf in the losses or weights (D {means['d_loss']:.3g}, G {means['g_loss']:.3g}): rolled "
-            f"back to step {state.step} and halved both learning rates (x{state.lr_scale:g} now, rollback "
-            f"{state.rollbacks} of {MAX_ROLLBACKS})")
-        status_log.event({"time": now, "event": "rollback", "step": state.step, "kimg": state.images_seen / 1000,
-                          "lr_scale": state.lr_scale})
-        return ""
+        log("train", f"NaN/Inf in the losses or weights ({diverged}): rolled back to step {state.step} and halved "
+            f"both learning rates (x{state.lr_scale:g} now, rollback {state.rollbacks} of {MAX_ROLLBACKS})")
+        status_log.event({"time": time.time(), "event": "rollback", "step": state.step,
+                          "kimg": state.images_seen / 1000, "lr_scale": state.lr_scale})
 
 
 def _decide(now: float, step: int, max_steps: int, train_end: float, caught_signals: set, status_due: "Every",
@@ -4865,10 +4973,10 @@ def _adapt_n_dis(state: "LoopState", cfg: "Config", d_loss: float) -> None:
             state.n_dis -= 1
 
 
-def _save_grid(nets: "GanNets", grid_z, grid_y, out_dir: str, kimg: float, precision: "Precision") -> None:
+def _save_grid(nets: "GanNets", grid_z, grid_y, out_dir: str, kimg: float) -> None:
     # a full or read-only disk costs this grid, not the run
     try:
-        save_sample_grid(nets.G_ema, grid_z, grid_y, out_dir, kimg, precision)
+        save_sample_grid(nets.G_ema, grid_z, grid_y, out_dir, kimg, nets.precision)
     except OSError as error:
         log("train", f"WARNING: could not write the sample grid ({error})")
 
@@ -4889,8 +4997,8 @@ def _save_run(out_dir: str, cfg: "Config", run: "RunParts", train_seconds: float
                               grid_y=run.grid_y.cpu(), fid=run.fid.state_dict())
 
 
-def _halve_batch_after_oom(nets: "GanNets", state: "LoopState", device: "torch.device", status_log: "StatusLog") -> str:
-    """Free what the failed round held and halve the batch; returns the error that ends the run at batch 1, else ""."""
+def _halve_batch_after_oom(nets: "GanNets", state: "LoopState", device: "torch.device", status_log: "StatusLog") -> None:
+    """Free what the failed round held and halve the batch; raises GaveUp at batch 1."""
     nets.opt_g.zero_grad(set_to_none=True)
     nets.opt_d.zero_grad(set_to_none=True)
     gc.collect()
@@ -4898,21 +5006,31 @@ def _halve_batch_after_oom(nets: "GanNets", state: "LoopState", device: "torch.d
         torch.cuda.empty_cache()
     if state.batch_size < 2:
         log("train", "CUDA out of memory even at batch size 1")
-        return "CUDA out of memory even at batch size 1"
+        raise GaveUp("CUDA out of memory even at batch size 1")
     state.batch_size //= 2
     log("train", f"CUDA out of memory at batch {state.batch_size * 2}: freed memory, batch size {state.batch_size} "
         f"from now on")
     status_log.event({"time": time.time(), "event": "oom", "step": state.step, "batch_size": state.batch_size})
-    return ""
+
+
+def _finite_means(meter: "TickMeter", nets: "GanNets", now: float, world: int) -> dict:
+    """One host read of the tick's sums; raises Diverged when a loss, D output or weight is NaN/Inf."""
+    means = meter.read(now, _weight_sum(nets), world)
+    broken = {name: value for name, value in means.items() if not math.isfinite(value)}
+    if broken:
+        raise Diverged(", ".join(f"{name} {value:.3g}" for name, value in broken.items()))
+    del means["weight_sum"]
+    return means
 
 
 def train(cfg: "Config", data, deadline: "Deadline", out_dir: str, device, fid_fn=None, *, resume: dict | None = None,
-          max_steps: int = 0) -> "TrainResult":
+          max_steps: int = 0, nets: "GanNets | None" = None) -> "TrainResult":
     """Train G and D on `data` until the deadline's training window ends, a signal, cfg.max_kimg thousand images
     over all sessions, or max_steps rounds (tests).
 
-    `resume`: the checkpoint settled by checkpoint.open_resume (its config is already cfg). Rank 0 prints and writes
-    OUT/stats.jsonl, OUT/samples/, OUT/ckpt.pt (always before returning). Each rank trains on batch_size // world.
+    `cfg` is the settled config (main.settle_run); `resume` the checkpoint it settled; `nets` the run's nets when
+    main built them already (build_run_nets), else they are built here. Rank 0 prints and writes OUT/stats.jsonl,
+    OUT/samples/, OUT/ckpt.pt (always before returning). Each rank trains on batch_size // world.
     """
     # Set-up: ranks, models, optimisers, data on the device; the banner says what this run is.
     device = torch.device(device)
@@ -4920,32 +5038,27 @@ def train(cfg: "Config", data, deadline: "Deadline", out_dir: str, device, fid_f
     is_main, world = dist_info.is_main, dist_info.world_size
     if is_main:
         os.makedirs(out_dir, exist_ok=True)
-    run = set_up_training(cfg, data, device, dist_info, fid_fn, resume)
-    nets, precision, state, fid = run.nets, run.precision, run.state, run.fid
+    run = set_up_training(cfg, data, device, dist_info, fid_fn, resume, nets)
+    nets, state, fid = run.nets, run.state, run.fid
     if is_main:
-        print_banner(cfg, device, precision, data, deadline, nets.G, nets.D, world, resume and resume.get("path"))
+        print_banner(cfg, device, nets.precision, data, deadline, nets.G, nets.D, world, resume and resume.get("path"))
 
     # Watching: status ticks, grids, checkpoints and FID on their own wall-clock periods; a rollback point.
     train_start = time.time()
     schedule_start, seconds_before, session_first_step = state.schedule_progress, state.train_seconds, state.step
-    status_due = Every(parse_duration(cfg.status_every), train_start, zero_means_always=True)
-    grid_due = Every(parse_duration(cfg.grid_every), train_start)
-    ckpt_due = Every(parse_duration(cfg.ckpt_every), train_start)
-    fid_due = Every(parse_duration(cfg.fid_every) if fid.enabled else 0.0, train_start)
+    status_due = Every(cfg.status_every, train_start, zero_means_always=True)
+    grid_due = Every(cfg.grid_every, train_start)
+    ckpt_due = Every(cfg.ckpt_every, train_start)
+    fid_due = Every(cfg.fid_every if fid.enabled else 0.0, train_start)
     meter, guard = TickMeter(device, train_start), RollbackGuard(nets, state, train_start)
     status_log = StatusLog(os.path.join(out_dir, STATS_NAME), is_main, len(data.images), train_start,
                            deadline.train_end)
     lrs_set, stop, error = (None, None), None, ""
 
-    def status_tick(now: float, record: dict) -> tuple[bool, str]:
-        # one host read of the tick's sums -> (healthy, why the run gives up): NaN/Inf rolls back, else adapt + log
-        means = meter.read(now, _weight_sum(nets), world)
-        if not all(math.isfinite(value) for value in means.values()):
-            return False, guard.roll_back(nets, state, means, status_log, now)
+    def status_tick(now: float, means: dict, record: dict) -> None:
+        # the adaptive D steps follow the tick's D loss; one status line and record
         _adapt_n_dis(state, cfg, means["d_loss"])
-        del means["weight_sum"]
         status_log.status(now, state, means, current_lrs(cfg, state), {"next_ckpt_s": ckpt_due.left(now), **record})
-        return True, ""
 
     with catch_stop_signals() as caught_signals:
         try:
@@ -4957,55 +5070,52 @@ def train(cfg: "Config", data, deadline: "Deadline", out_dir: str, device, fid_f
                                                       cfg.max_kimg * 1000)
                 if stop is not None:
                     break
-
-                # Status tick: FID when due, the tick's numbers (a rollback skips the rest), grid, checkpoint.
-                if tick_now and meter.d_steps:
-                    status_due.reset(now)
-                    record = {}
-                    if is_main and (grid_due.due(now) or fid_due.due(now) and fid.enabled):
-                        standing_bn_stats_(nets.G_ema, seed=cfg.seed)  # once, for the FID and the grid below
-                    if is_main and fid_due.due(now) and fid.enabled:
-                        record = fid.measure(nets.G_ema, state.images_seen / 1000)
-                        fid_due.reset(time.time())
-                    healthy, error = status_tick(now, record)
-                    if error:
-                        stop = StopReason.ERROR
-                        break
-                    if not healthy:
-                        continue
-                    if refresh_now:
-                        guard.refresh(nets, state, now)
-                    if is_main and grid_due.due(now):
-                        _save_grid(nets, run.grid_z, run.grid_y, out_dir, state.images_seen / 1000, precision)
-                        grid_due.reset(time.time())
-                    if is_main and ckpt_due.due(now):
-                        _save_run(out_dir, cfg, run, seconds_before + (now - train_start), "periodic")
-                        ckpt_due.reset(time.time())
-
-                # Learning rates follow the training clock, or the images of a fixed-length run (and the batch
-                # size, and the rollback scale).
-                if cfg.max_kimg > 0:
-                    state.schedule_progress = image_progress(state.images_seen, cfg.max_kimg * 1000)
-                else:
-                    state.schedule_progress = schedule_progress(schedule_start, deadline.train_fraction(train_start))
-                lrs = current_lrs(cfg, state)
-                if lrs != lrs_set:
-                    set_lr(nets.opt_g, lrs[0])
-                    set_lr(nets.opt_d, lrs[1])
-                    lrs_set = lrs
-
-                # One round: n_dis D steps + g_steps G steps; an out-of-memory error halves the batch and retries.
-                rank_batch = state.batch_size // world
-                round_start = time.time()
                 try:
-                    round_sums = gan_round(nets, run.sampler, cfg, precision, rank_batch, state.n_dis, run.n_classes)
+                    # Status tick: FID when due, the tick's numbers, then the rollback point, grid and checkpoint.
+                    if tick_now and meter.d_steps:
+                        status_due.reset(now)
+                        record = {}
+                        if is_main and (grid_due.due(now) or fid_due.due(now) and fid.enabled):
+                            standing_bn_stats_(nets.G_ema, seed=cfg.seed)  # once, for the FID and the grid below
+                        if is_main and fid_due.due(now) and fid.enabled:
+                            record = fid.measure(nets.G_ema, state.images_seen / 1000)
+                            fid_due.reset(time.time())
+                        status_tick(now, _finite_means(meter, nets, now, world), record)
+                        if refresh_now:
+                            guard.refresh(nets, state, now)
+                        if is_main and grid_due.due(now):
+                            _save_grid(nets, run.grid_z, run.grid_y, out_dir, state.images_seen / 1000)
+                            grid_due.reset(time.time())
+                        if is_main and ckpt_due.due(now):
+                            _save_run(out_dir, cfg, run, seconds_before + (now - train_start), "periodic")
+                            ckpt_due.reset(time.time())
+
+                    # Learning rates follow the training clock, or the images of a fixed-length run (and the batch
+                    # size, and the rollback scale).
+                    if cfg.max_kimg > 0:
+                        state.schedule_progress = image_progress(state.images_seen, cfg.max_kimg * 1000)
+                    else:
+                        state.schedule_progress = schedule_progress(schedule_start,
+                                                                    deadline.train_fraction(train_start))
+                    lrs = current_lrs(cfg, state)
+                    if lrs != lrs_set:
+                        set_lr(nets.opt_g, lrs[0])
+                        set_lr(nets.opt_d, lrs[1])
+                        lrs_set = lrs
+
+                    # One round: n_dis D phases + g_steps G phases.
+                    rank_batch = state.batch_size // world
+                    round_start = time.time()
+                    round_sums = gan_round(run.step, run.sampler, rank_batch, state.n_dis, cfg.g_steps)
+                except Diverged as diverged:
+                    # NaN/Inf: back to the last good state with halved lrs (GaveUp once the rollbacks run out)
+                    guard.roll_back(diverged, nets, state, status_log)
+                    continue
                 except OOM_ERRORS:
+                    # out of memory: half the batch from now on (GaveUp at batch 1; under DDP the ranks cannot agree)
                     if world > 1:
                         raise
-                    error = _halve_batch_after_oom(nets, state, device, status_log)
-                    if error:
-                        stop = StopReason.ERROR
-                        break
+                    _halve_batch_after_oom(nets, state, device, status_log)
                     continue
                 if state.step == session_first_step:
                     log("train", f"first round took {time.time() - round_start:.1f}s"
@@ -5016,6 +5126,8 @@ def train(cfg: "Config", data, deadline: "Deadline", out_dir: str, device, fid_f
 
                 # G_ema follows G, averaging over at most ema_rampup of the rounds so far.
                 ema_update(nets.G_ema, nets.G, ema_beta_at(state.step, cfg.ema_beta, cfg.ema_rampup))
+        except GaveUp as gave_up:
+            stop, error = StopReason.ERROR, str(gave_up)
         except Exception as failure:
             # Before the first round it is a set-up problem, and under DDP the other ranks must not wait in a
             # collective: raise. Later, keep the last good state and return, so the caller can still write images.
@@ -5023,19 +5135,30 @@ def train(cfg: "Config", data, deadline: "Deadline", out_dir: str, device, fid_f
                 raise
             stop, error = StopReason.ERROR, guard.recover(failure, nets, state)
 
-    # Wrap-up: same buffers on every rank, G_ema's own BN statistics; the final G_ema competes for best FID (else up
-    # to fid_every of training would be thrown away); last status, grid, checkpoint; the caller gets the best G_ema.
+    # Wrap-up: same buffers on every rank; the last status tick (a rollback may restore G_ema with G's batch-norm
+    # buffers), then G_ema's own BN statistics on every path; the final G_ema competes for best FID (else up to
+    # fid_every of training would be thrown away); last grid, checkpoint; the caller gets the best G_ema.
     for module in (nets.G, nets.D, nets.G_ema):
         sync_buffers(module, world)
+    final_means, now = None, time.time()
+    if stop is not StopReason.ERROR and meter.d_steps:
+        try:
+            final_means = _finite_means(meter, nets, now, world)
+        except Diverged as diverged:
+            try:
+                guard.roll_back(diverged, nets, state, status_log)
+            except GaveUp as gave_up:
+                stop, error = StopReason.ERROR, str(gave_up)
     standing_bn_stats_(nets.G_ema, seed=cfg.seed)
-    if stop is not StopReason.ERROR:
-        record = {}
-        if is_main and fid.enabled and fid_due.seconds > 0 and state.images_seen / 1000 > fid.last_kimg:
-            record = fid.measure(nets.G_ema, state.images_seen / 1000)
-        error = status_tick(time.time(), record)[1] if meter.d_steps else ""
-        stop = StopReason.ERROR if error else stop
+    record = {}
+    if is_main and fid.enabled and fid_due.seconds > 0 and state.images_seen / 1000 > fid.last_kimg:
+        record = fid.measure(nets.G_ema, state.images_seen / 1000)
+    if final_means is not None:
+        status_tick(now, final_means, record)
+    elif record:
+        status_log.event({"time": now, "step": state.step, "kimg": state.images_seen / 1000, **record})
     if is_main and state.step > 0:  # an untrained state never replaces a checkpoint
-        _save_grid(nets, run.grid_z, run.grid_y, out_dir, state.images_seen / 1000, precision)
+        _save_grid(nets, run.grid_z, run.grid_y, out_dir, state.images_seen / 1000)
         reason = f"error: {error}" if error else stop.value
         _save_run(out_dir, cfg, run, seconds_before + (time.time() - train_start), reason)
     if fid.best_G_ema is not None:
@@ -5050,13 +5173,26 @@ def train(cfg: "Config", data, deadline: "Deadline", out_dir: str, device, fid_f
 
 
 # ====================================================================================================
-# src/main.py
-# The pipeline: flags -> data -> training until the deadline -> 10,000 images in images.zip -> MiFID.
+# src/settle.py
+# The run settled once: flags + recipe (already a Config) + checkpoint + data + device -> the settings every later
+# stage uses as they are. Each problem found here is one line naming the flag or file; nothing reshapes the run after.
 # ====================================================================================================
 KAGGLE_OUT = "/kaggle/working"
 KAGGLE_INPUT = "/kaggle/input"
 # Below this many dog crops a GAN has nothing to learn from (and a batch of one breaks batch statistics).
 MIN_TRAIN_IMAGES = 2
+
+
+@dataclass(frozen=True)
+class SettledRun:
+    """What the run is, decided at start-up."""
+    cfg: "Config"              # the final settings: recipe, flags, the checkpoint's training recipe, batch fitted
+    dist: "DistInfo"           # this process's rank and device
+    data_dir: str
+    out_dir: str
+    resume: dict | None      # the checkpoint this run continues (its config is already cfg), or None
+    data: "DogData"            # the decoded training crops (and the whole photos while their features are needed)
+    extractor: object | None  # the MiFID backbone (rank 0, with weights), or None: scoring skipped
 
 
 def resolve_paths(cfg: "Config") -> tuple[str, str]:
@@ -5075,29 +5211,7 @@ def resolve_paths(cfg: "Config") -> tuple[str, str]:
                     "(a folder with all-dogs/ and Annotation/), or --demo for the built-in tiny dataset")
 
 
-def fit_batch_to_data(cfg: "Config", n_images: int, world_size: int) -> "Config":
-    """cfg with a batch no larger than the data (each rank draws its share from the whole set), said in one line;
-    DataError when there are too few images to train on at all."""
-    if n_images < MIN_TRAIN_IMAGES:
-        raise DataError(f"only {n_images} dog image(s) could be loaded; training needs at least {MIN_TRAIN_IMAGES}")
-    largest = n_images * world_size
-    if cfg.batch_size <= largest:
-        return cfg
-    log("main", f"only {n_images} dog images, fewer than one batch of {cfg.batch_size}: this run uses batches of "
-        f"{largest}")
-    return dataclasses.replace(cfg, batch_size=largest)
-
-
-def fits_in_time(deadline: "Deadline", seconds: float, what: str) -> bool:
-    """True when `seconds` of work still fit before the deadline, else one line saying `what` is skipped."""
-    if deadline.remaining() >= seconds:
-        return True
-    log("main", f"skipping {what}: it needs ~{format_duration(seconds)}, {format_duration(max(0.0, deadline.remaining()))} "
-        f"of the budget are left")
-    return False
-
-
-def open_extractor(cfg: "Config", device: "torch.device"):
+def open_extractor(cfg: "Config", device):
     """The MiFID backbone if weights are given or found under /kaggle/input, else None (MiFID skipped, said once)."""
     weights, backbone = cfg.fid_weights, cfg.fid_backbone
     if not weights:
@@ -5108,6 +5222,55 @@ def open_extractor(cfg: "Config", device: "torch.device"):
             return None
         backbone, weights = found
     return load_feature_extractor(backbone, weights, device)
+
+
+def fit_batch_to_data(cfg: "Config", n_images: int, world_size: int) -> "Config":
+    """cfg with a batch no larger than the data (each rank draws its share from the whole set), said in one line;
+    DataError when there are too few images to train on at all, ConfigError when the ranks outnumber the batch."""
+    if n_images < MIN_TRAIN_IMAGES:
+        raise DataError(f"only {n_images} dog image(s) could be loaded; training needs at least {MIN_TRAIN_IMAGES}")
+    if cfg.batch_size < world_size:
+        raise ConfigError(f"--batch-size {cfg.batch_size} is smaller than the {world_size} processes: each needs "
+                          f"an image; give --batch-size {world_size} or more")
+    largest = n_images * world_size
+    if cfg.batch_size <= largest:
+        return cfg
+    log("main", f"only {n_images} dog images, fewer than one batch of {cfg.batch_size}: this run uses batches of "
+        f"{largest}")
+    return dataclasses.replace(cfg, batch_size=largest)
+
+
+def settle_run(cfg: "Config") -> "SettledRun":
+    """Device and ranks, paths, the checkpoint (before anything else reads the config), the MiFID backbone, the
+    data, and the batch fitted to the data and the ranks: the run as every later stage sees it."""
+    dist = setup_distributed(cfg.device)
+    data_dir, out_dir = resolve_paths(cfg)
+    if dist.is_main:
+        log("main", f"dogkernel: recipe {cfg.recipe}, device {dist.device}, out {out_dir}, "
+            f"budget {format_duration(cfg.time_budget)}")
+        log("main", f"config (differs from defaults): {config_diff(cfg)}")
+    cfg, resume = open_resume(cfg, out_dir)
+    extractor = open_extractor(cfg, dist.device) if dist.is_main else None
+    # the whole photos are decoded only where they are scored: rank 0, with a backbone, against --fid-reference photos
+    data = load_dogs(data_dir, crop_margin=cfg.crop_margin, max_images=cfg.max_images, workers=cfg.decode_workers,
+                     min_box=cfg.min_box, whole_photos=extractor is not None and cfg.fid_reference == "photos")
+    cfg = fit_batch_to_data(cfg, len(data.images), dist.world_size)
+    check_resume_fits_data(resume, len(data.breeds))
+    return SettledRun(cfg=cfg, dist=dist, data_dir=data_dir, out_dir=out_dir, resume=resume, data=data,
+                      extractor=extractor)
+
+
+# ====================================================================================================
+# src/main.py
+# The pipeline: flags -> data -> training until the deadline -> 10,000 images in images.zip -> MiFID.
+# ====================================================================================================
+def fits_in_time(deadline: "Deadline", seconds: float, what: str) -> bool:
+    """True when `seconds` of work still fit before the deadline, else one line saying `what` is skipped."""
+    if deadline.remaining() >= seconds:
+        return True
+    log("main", f"skipping {what}: it needs ~{format_duration(seconds)}, {format_duration(max(0.0, deadline.remaining()))} "
+        f"of the budget are left")
+    return False
 
 
 def write_submission(G_ema, cfg: "Config", out_dir: str, device: "torch.device", truncation: float,
@@ -5175,29 +5338,21 @@ def show_inline(out_dir: str) -> None:
 
 def run(cfg: "Config", start: float) -> int:
     """The whole job; returns the process exit code (0: images.zip written after a clean run)."""
-    deadline = Deadline(parse_duration(cfg.time_budget), start)
-    dist = setup_distributed(cfg.device)
-    device = dist.device
-    data_dir, out_dir = resolve_paths(cfg)
-    if dist.is_main:
-        log("main", f"dogkernel: recipe {cfg.recipe}, device {device}, out {out_dir}, budget {cfg.time_budget}")
-        log("main", f"config (differs from defaults): {config_diff(cfg)}")
-    cfg, resume = open_resume(cfg, out_dir)  # settled once, before anything below uses the config
-    extractor = open_extractor(cfg, device) if dist.is_main else None
-    # the whole photos are decoded only where they are scored: rank 0, with a backbone, against --fid-reference photos
-    data = load_dogs(data_dir, crop_margin=cfg.crop_margin, max_images=cfg.max_images, workers=cfg.decode_workers,
-                     min_box=cfg.min_box, whole_photos=extractor is not None and cfg.fid_reference == "photos")
-    cfg = fit_batch_to_data(cfg, len(data.images), dist.world_size)
+    deadline = Deadline(cfg.time_budget, start)
+    settled = settle_run(cfg)  # from here on the run's settings are fixed
+    cfg, dist, device, out_dir, data, extractor = (settled.cfg, settled.dist, settled.dist.device, settled.out_dir,
+                                                   settled.data, settled.extractor)
     n_classes = len(data.breeds)
-    check_resume_fits_data(resume, n_classes)
     real_feats = real_features(extractor, data, out_dir, cfg.fid_reference) if extractor is not None else None
     data.photos = None  # their features are computed: the ~250 MB of whole-photo pixels are not needed again
+    # the models are built once: the reserve is measured with them, then they train
+    nets = build_run_nets(cfg, n_classes, device, dist)
     plan = plan_reserve(cfg, deadline, n_classes, device, extractor, out_dir)
     fid_fn = make_training_fid(cfg, extractor, real_feats, device) if extractor is not None else None
 
     exit_code, G_ema = 0, None
     try:
-        result = train(cfg, data, deadline, out_dir, device, fid_fn=fid_fn, resume=resume)
+        result = train(cfg, data, deadline, out_dir, device, fid_fn=fid_fn, resume=settled.resume, nets=nets)
         if result.progress.step > 0:
             G_ema = result.G_ema
         log("main", f"training stopped ({result.stop_reason.value}) after {result.progress.step} steps, "

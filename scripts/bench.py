@@ -26,6 +26,7 @@ from src.config import make_config  # noqa: E402
 from src.console import log  # noqa: E402
 from src.data import load_dogs  # noqa: E402
 from src.distributed import current_dist_info  # noqa: E402
+from src.gan_step import GanStep  # noqa: E402
 from src.generate import generate_images, write_images_zip  # noqa: E402
 from src.layers import spectral_norm_layers, spectral_norm_power_iteration_  # noqa: E402
 from src.losses import GAN_LOSSES  # noqa: E402
@@ -75,9 +76,10 @@ def time_ours(cfg, data, device, steps: int, warmup: int) -> dict:
     n_classes = len(data.breeds)
     nets = build_gan_nets(cfg, n_classes, device, precision, current_dist_info(device))
     sampler = DeviceSampler(data.images.to(device), data.labels.to(device))
+    step = GanStep(cfg, nets, n_classes)
 
     def run_round():
-        return gan_round(nets, sampler, cfg, precision, cfg.batch_size, cfg.n_dis, n_classes)
+        return gan_round(step, sampler, cfg.batch_size, cfg.n_dis, cfg.g_steps)
 
     for _ in range(warmup):
         run_round()

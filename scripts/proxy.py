@@ -24,9 +24,9 @@ the held-out crops, and the memorization distance d against the training crops (
 Without the weights the FID is skipped, and the table says so. Output: the table printed and in OUT/table.md,
 OUT/results.json, OUT/contact_sheet.png (every variant's seed-0 grid, labelled).
 
-The base configuration is the demo's conditional DCGAN drawing at 32x32 (src/config.py DEMO_OVERRIDES and
-DEMO_DCGAN_OVERRIDES: 16 channels, z 64, hinge, lr 1e-3 annealed to half, Adam beta1 0, minibatch stddev, no
-DiffAugment), at batch 32 instead of the demo's 16, for speed. Why, measured 2026-12-06 on the development machine
+The base configuration is the demo's conditional DCGAN drawing at 32x32 (the "demo" recipe of src/config.py:
+16 channels, z 64, hinge, lr 1e-3 annealed to half, Adam beta1 0, minibatch stddev, no DiffAugment), at batch 32
+instead of the demo's 16, for speed. Why, measured 2026-12-06 on the development machine
 (2 cores shared with other jobs, load average 5: wall clock meant nothing, so the speed is in images per CPU-second
 of one thread, 20-40 s of training on the 17,080 training photos after a warm-up):
 
@@ -80,13 +80,10 @@ DEFAULT_CACHE = "/tmp/dogkernel_proxy"
 HOLDOUT_FILE = os.path.join(SCRIPTS_DIR, "proxy_holdout.txt")
 HOLDOUT_PHOTOS = 2000
 SPLIT_SEED = 18            # the issue's number; the split it drew is in HOLDOUT_FILE and is read, not re-drawn
-# The kernel flags every proxy run starts from: the demo's DCGAN (DEMO_OVERRIDES + DEMO_DCGAN_OVERRIDES) on the real
-# crops, on the CPU, with no in-run FID and a budget far above any run (the run ends at --max-kimg).
-PROXY_FLAGS = ("--recipe", "cgan", "--draw-res", "32", "--g-ch", "16", "--d-ch", "16", "--z-dim", "64",
-               "--batch-size", "32", "--lr-g", "1e-3", "--lr-d", "1e-3", "--beta1", "0", "--loss", "hinge", "--mbstd",
-               "--diffaug", "", "--lr-min-ratio", "0.5", "--ema-rampup", "0.2", "--device", "cpu",
-               "--fid-every", "0", "--time-budget", "3h", "--status-every", "30s", "--grid-every", "1h",
-               "--ckpt-every", "1h")
+# The kernel flags every proxy run starts from: the demo's recipe at batch 32 on the real crops, on the CPU, with no
+# in-run FID and a budget far above any run (the run ends at --max-kimg).
+PROXY_FLAGS = ("--recipe", "demo", "--batch-size", "32", "--device", "cpu", "--fid-every", "0", "--time-budget", "3h",
+               "--status-every", "30s", "--grid-every", "1h", "--ckpt-every", "1h")
 # Set by the proxy for every run alike (parse_variants refuses gpu_protocol's PROTOCOL_KEYS and COMMON_ONLY_KEYS).
 PROXY_KEYS = ("seed", "max_kimg", "max_images")
 PROXY_KIMG = 525.0         # 30 epochs of the 17,435 training crops, ~9 minutes on 2 idle cores (the docstring says why)
@@ -99,9 +96,9 @@ TABLE_MD, RESULTS_JSON, CONTACT_SHEET = "table.md", "results.json", "contact_she
 
 # --smoke: the whole path in seconds on the tiny generated data set, one thread per kernel.
 SMOKE_PHOTOS, SMOKE_HOLDOUT = 96, 16
-SMOKE_FLAGS = ("--recipe", "cgan", "--draw-res", "32", "--g-ch", "8", "--d-ch", "8", "--z-dim", "16",
-               "--batch-size", "8", "--loss", "hinge", "--device", "cpu", "--fid-every", "0", "--time-budget", "10m",
-               "--status-every", "5s", "--grid-every", "1h", "--ckpt-every", "1h", "--decode-workers", "1")
+SMOKE_FLAGS = ("--recipe", "demo", "--g-ch", "8", "--d-ch", "8", "--z-dim", "16", "--batch-size", "8",
+               "--device", "cpu", "--fid-every", "0", "--time-budget", "10m", "--status-every", "5s",
+               "--grid-every", "1h", "--ckpt-every", "1h", "--decode-workers", "1")
 SMOKE_VARIANTS = "baseline\nlr2x --lr-g 4e-4 --lr-d 4e-4\n"
 SMOKE_KIMG, SMOKE_N_GENERATED, SMOKE_D_PROBE = 0.16, 64, 16
 

@@ -7,6 +7,7 @@ import math
 import sys
 from dataclasses import dataclass, field
 
+from src.augment import parse_diffaug_policy
 from src.host import running_in_notebook
 
 
@@ -21,13 +22,14 @@ class ConfigError(ValueError):
 RESUME_ROLES = ("this_run", "from_ckpt", "model_shape")
 
 
-def _config_field(role: str, default, choices: tuple = ()):
-    # one dataclass field with its resume role and, for a setting picked from a registry, its allowed names
-    return field(default=default, metadata={"resume": role, "choices": tuple(choices)})
+def _config_field(role: str, default, choices: tuple = (), duration: bool = False):
+    # one dataclass field with its resume role; for a setting picked from a registry, its allowed names; for a
+    # duration, the mark that its flag reads '90s' / '20m' / '8h30m' (the field itself holds seconds)
+    return field(default=default, metadata={"resume": role, "choices": tuple(choices), "duration": duration})
 
 
-def this_run(default, choices: tuple = ()):
-    return _config_field("this_run", default, choices)
+def this_run(default, choices: tuple = (), duration: bool = False):
+    return _config_field("this_run", default, choices, duration)
 
 
 def from_ckpt(default, choices: tuple = ()):
@@ -46,7 +48,8 @@ class Config:
     resume: str = this_run("")          # ckpt.pt to continue from; "auto": OUT/ckpt.pt when it exists
     demo: bool = this_run(False)        # train on a tiny generated dataset (CPU, seconds): the embedded default
     # ---- budget -----------------------------------------------------------------------------------
-    time_budget: str = this_run("8h30m")  # whole run: start-up, training, generation, zip, MiFID; Kaggle stops at 9h
+    # whole run in seconds (flag: 90s, 20m, 8h30m): start-up, training, generation, zip, MiFID; Kaggle stops at 9h
+    time_budget: float = this_run(8.5 * 3600, duration=True)
     # stop training after this many thousand images over all sessions, the lr annealing by images instead of the
     # clock: a run of fixed length whatever the machine's load (0: no limit; the budget still applies)
     max_kimg: float = this_run(0.0)
@@ -111,10 +114,10 @@ class Config:
     channels_last: bool = this_run(True)  # NHWC convolutions on the GPU
     compile: bool = this_run(False)     # torch.compile G and D (compile time comes out of the budget)
     # ---- watching ---------------------------------------------------------------------------------
-    status_every: str = this_run("10s")  # status line and one stats.jsonl record
-    grid_every: str = this_run("10m")   # sample grid from the fixed grid_z
-    ckpt_every: str = this_run("30m")   # checkpoint (also written before the deadline and on SIGTERM)
-    fid_every: str = this_run("0")      # FID of G_ema during training with the available backbone (0: off)
+    status_every: float = this_run(10.0, duration=True)  # status line and one stats.jsonl record
+    grid_every: float = this_run(600.0, duration=True)   # sample grid from the fixed grid_z
+    ckpt_every: float = this_run(1800.0, duration=True)  # checkpoint (also written before the deadline and on SIGTERM)
+    fid_every: float = this_run(0.0, duration=True)      # FID of G_ema during training with the backbone (0: off)
     fid_samples: int = this_run(2000)   # generated images per training-time FID
     # ---- generation and score ---------------------------------------------------------------------
     n_images: int = this_run(10000)     # images in images.zip (Kaggle wants exactly 10,000)
@@ -149,27 +152,27 @@ RECIPES: dict[str, dict] = {
     # The default: BigGAN-style ResNet, shared embedding, hierarchical z, projection D, hinge,
     # DiffAugment, EMA, lr annealed to the deadline.
     "biggan": dict(),
+    # The embedded default's model (--demo): a small conditional DCGAN that learns the cartoon dogs on 2 CPU cores in
+    # 45 s. Why each setting: BENCHMARKS.md, "What makes the demo learn" and "The demo reaches the bar".
+    "demo": dict(arch="dcgan", cond="concat", g_sn=False, d_sn=False, shared_dim=32, hier_z=False, z_dim=64,
+                 g_ch=16, d_ch=16, draw_res=32, mbstd=True, loss="hinge", diffaug="", batch_size=16,
+                 lr_g=1e-3, lr_d=1e-3, beta1=0.0, n_dis=1, lr_min_ratio=0.5, ema_rampup=0.2),
 }
 
+# What each recipe trains, in the words the start-up banner uses.
+RECIPE_SUMMARIES: dict[str, str] = {
+    "dcgan": "unconditional DCGAN, BCE, Adam 2e-4 / beta1 0.5",
+    "cgan": "conditional DCGAN (breed concatenated to z and to D's input), BCE",
+    "acgan": "DCGAN with an auxiliary breed classifier in D, RaLS",
+    "sngan": "ResNet SNGAN, projection D, hinge, adaptive D steps",
+    "sagan": "ResNet SAGAN, self-attention at 32x32, hinge, TTUR",
+    "biggan": "BigGAN-style ResNet, shared class embedding, hierarchical z, projection D, hinge, DiffAugment",
+    "demo": "small conditional DCGAN drawing at 32x32 (16 channels, batch 16, hinge, lr 1e-3, minibatch stddev)",
+}
 
-# The embedded default (--demo): a tiny generated dataset and a small model that trains on a CPU in seconds.
-# The demo's recipe is the conditional DCGAN: on a CPU it generates the 10,000 images ~5x faster than the ResNet
-# (measured), which keeps the whole demo under a minute; `--demo --recipe biggan` runs the default model instead.
-DEMO_RECIPE = "cgan"
-# Hinge + translation/cutout DiffAugment: on the 115 demo crops BCE collapsed to one image (with or without colour
-# augmentation); this kept variety in the same 25 s (grids compared by eye). The DCGAN demo drops the DiffAugment.
-DEMO_OVERRIDES: dict = dict(time_budget="45s", device="cpu", g_ch=16, d_ch=16, shared_dim=32, z_dim=64,
-                            batch_size=16, loss="hinge", diffaug="translation,cutout", status_every="3s",
-                            grid_every="10s", ckpt_every="15s")
-# The demo's DCGAN learns shapes only after ~1,000 rounds: it draws at 32x32 (a quarter of the work per image) with
-# batches of 16, at lr 1e-3 with Adam beta1 0 (scripts/learning_bench.py, 1,200 rounds: FID 228 vs 330-420 for the
-# 64x64 DCGAN at lr 2e-4 in the same seconds). In its ~2,000 rounds D does not overfit the 115 crops enough for
-# DiffAugment to pay (timed demo: FID 223 without, 252 with it, three seeds each); the lr anneals only to half and
-# G_ema averages over up to a fifth of the rounds (FID ~190 when training works out); the minibatch standard
-# deviation lets D see a batch of look-alikes, which ended the one-run-in-five collapse into two-headed dogs (FID
-# 285 -> 199 on that seed; seven seeds 184-199). BENCHMARKS.md has the runs.
-DEMO_DCGAN_OVERRIDES: dict = dict(draw_res=32, lr_g=1e-3, lr_d=1e-3, beta1=0.0, diffaug="", lr_min_ratio=0.5,
-                                  ema_rampup=0.2, mbstd=True)
+# --demo: the tiny generated data set, on the CPU, for 45 s, watched often; the model is the "demo" recipe unless
+# --recipe names another. Only this_run settings: a recipe never sees them.
+DEMO_RUN: dict = dict(time_budget=45.0, device="cpu", status_every=3.0, grid_every=10.0, ckpt_every=15.0)
 
 
 def parse_duration(text: str | float | int) -> float:
@@ -215,8 +218,16 @@ def format_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
-def _flag_type(default):
-    return type(default) if not isinstance(default, bool) else None
+def _flag_type(config_field):
+    # durations are read as text and settled (with the flag's name in any error) by make_config
+    if config_field.metadata["duration"]:
+        return str
+    return type(config_field.default)
+
+
+def _flag_help(config_field) -> str:
+    default = config_field.default
+    return f"default: {format_duration(default) if config_field.metadata['duration'] else repr(default)}"
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
@@ -226,34 +237,50 @@ def build_arg_parser() -> argparse.ArgumentParser:
         description="dogkernel: train a GAN on the Kaggle dogs and write images.zip",
         allow_abbrev=False,
         epilog="Each flag sets the Config field of the same name (see class Config for what it does); "
-               "--recipe picks a named set of defaults, and flags given explicitly override it.",
+               "--recipe picks a named set of defaults, and flags given explicitly override it. "
+               "Durations read 90s, 20m, 8h or 8h30m.",
         argument_default=argparse.SUPPRESS)  # absent flags stay absent, so recipes can fill them
     for config_field in dataclasses.fields(Config):
         flag = "--" + config_field.name.replace("_", "-")
         if isinstance(config_field.default, bool):
             parser.add_argument(flag, dest=config_field.name, action=argparse.BooleanOptionalAction)
         else:
-            parser.add_argument(flag, dest=config_field.name, type=_flag_type(config_field.default),
-                                metavar=type(config_field.default).__name__.upper(), help=f"default: {config_field.default!r}")
+            metavar = "DURATION" if config_field.metadata["duration"] else type(config_field.default).__name__.upper()
+            parser.add_argument(flag, dest=config_field.name, type=_flag_type(config_field), metavar=metavar,
+                                help=_flag_help(config_field))
     parser.add_argument("--report", metavar="OUT", dest="report",
                         help="rebuild the plots of a finished run from OUT/stats.jsonl and exit")
     return parser
 
 
+def _flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def settle_durations(values: dict) -> dict:
+    """values with every duration field read as seconds ('90s' -> 90.0); a bad one is a ConfigError naming its flag."""
+    settled = dict(values)
+    for f in dataclasses.fields(Config):
+        if f.metadata["duration"] and f.name in settled:
+            try:
+                settled[f.name] = parse_duration(settled[f.name])
+            except ValueError as error:
+                raise ConfigError(f"{_flag_name(f.name)}: {error}") from None
+    return settled
+
+
 def make_config(overrides: dict | None = None) -> Config:
-    """Config from the recipe named in overrides, then the explicit overrides on top."""
+    """Config from the recipe named in overrides (the "demo" recipe for --demo), --demo's run settings, then the
+    explicit overrides on top; durations become seconds and everything is validated here, once."""
     overrides = dict(overrides or {})
-    recipe = overrides.get("recipe", DEMO_RECIPE if overrides.get("demo") else Config.recipe)
+    recipe = overrides.get("recipe", "demo" if overrides.get("demo") else Config.recipe)
     if recipe not in RECIPES:
         raise ConfigError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
     unknown = set(overrides) - {f.name for f in dataclasses.fields(Config)}
     if unknown:
         raise ConfigError(f"unknown config keys: {', '.join(sorted(unknown))}")
-    demo = {}
-    if overrides.get("demo"):
-        dcgan = RECIPES[recipe].get("arch", Config.arch) == "dcgan"
-        demo = {**DEMO_OVERRIDES, **(DEMO_DCGAN_OVERRIDES if dcgan else {})}
-    cfg = Config(**{**RECIPES[recipe], **demo, "recipe": recipe, **overrides})
+    demo_run = DEMO_RUN if overrides.get("demo") else {}
+    cfg = Config(**settle_durations({**RECIPES[recipe], **demo_run, "recipe": recipe, **overrides}))
     validate_config(cfg)
     return cfg
 
@@ -263,29 +290,30 @@ def validate_config(cfg: Config) -> None:
     for f in dataclasses.fields(Config):
         allowed = f.metadata["choices"]
         if allowed and getattr(cfg, f.name) not in allowed:
-            flag, value = "--" + f.name.replace("_", "-"), getattr(cfg, f.name)
-            raise ConfigError(f"{flag} {value!r}: choose one of {', '.join(allowed)}")
-    for name in ("time_budget", "status_every", "grid_every", "ckpt_every", "fid_every"):
-        try:
-            parse_duration(getattr(cfg, name))
-        except ValueError as error:
-            raise ConfigError(f"--{name.replace('_', '-')}: {error}") from None
-    if parse_duration(cfg.time_budget) <= 0:
-        raise ConfigError(f"--time-budget must be more than 0, got {cfg.time_budget!r}: use e.g. 90s, 20m or 8h30m")
+            raise ConfigError(f"{_flag_name(f.name)} {getattr(cfg, f.name)!r}: choose one of {', '.join(allowed)}")
     for f in dataclasses.fields(Config):
         value = getattr(cfg, f.name)
         if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
+            raise ConfigError(f"{_flag_name(f.name)} must be a finite number, got {value}")
+    if cfg.time_budget <= 0:
+        raise ConfigError(f"--time-budget must be more than 0, got {format_duration(cfg.time_budget)}: "
+                          f"use e.g. 90s, 20m or 8h30m")
     positive = ("batch_size", "z_dim", "g_ch", "d_ch", "n_dis", "g_steps", "n_images")
     for name in positive:
         if getattr(cfg, name) <= 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+            raise ConfigError(f"{_flag_name(name)} must be positive, got {getattr(cfg, name)}")
     not_negative = ("max_kimg", "max_images", "decode_workers", "fid_samples", "crop_margin", "truncation", "mifid_eps", "min_box")
     for name in not_negative:
         if getattr(cfg, name) < 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(cfg, name)}")
+            raise ConfigError(f"{_flag_name(name)} must be 0 or more, got {getattr(cfg, name)}")
     if cfg.hier_z and cfg.arch != "resnet":
         raise ConfigError("--hier-z needs --arch resnet")
+    if cfg.draw_res != 64 and cfg.arch != "dcgan":
+        raise ConfigError(f"--draw-res {cfg.draw_res} is a DCGAN option (the ResNet G draws at 64): use --arch dcgan")
+    try:
+        parse_diffaug_policy(cfg.diffaug)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def strip_jupyter_args(argv: list[str]) -> list[str]:
@@ -323,5 +351,12 @@ def fields_with_role(role: str) -> tuple[str, ...]:
 def config_diff(cfg: Config) -> dict:
     """Fields that differ from the plain Config defaults: what a recipe and the flags changed."""
     base = Config()
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(Config)
+            if getattr(cfg, f.name) != getattr(base, f.name)}
+
+
+def recipe_diff(cfg: Config) -> dict:
+    """Fields that differ from cfg's recipe as it stands: what the flags (and --demo's run settings) changed."""
+    base = Config(**{**RECIPES[cfg.recipe], "recipe": cfg.recipe})
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(Config)
             if getattr(cfg, f.name) != getattr(base, f.name)}

@@ -1,7 +1,6 @@
 """The pipeline: flags -> data -> training until the deadline -> 10,000 images in images.zip -> MiFID."""
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 import time
@@ -10,57 +9,21 @@ import traceback
 import torch
 
 from src.budget import BudgetError, Deadline, OutOfTime, deadline_check
-from src.checkpoint import CheckpointError, check_resume_fits_data, load_generator_from_checkpoint, open_resume
-from src.config import Config, ConfigError, config_diff, format_duration, parse_config, parse_duration
+from src.checkpoint import CheckpointError, load_generator_from_checkpoint
+from src.config import Config, ConfigError, format_duration, parse_config
 from src.console import log, quiet_other_ranks
-from src.data import DataError, load_dogs
-from src.distributed import cleanup_distributed, setup_distributed
+from src.data import DataError
+from src.distributed import cleanup_distributed
 from src.generate import generate_images, write_images_zip
-from src.host import on_kaggle, running_in_notebook
+from src.host import running_in_notebook
 from src.interrupt import RunInterrupted, signals_interrupt_run
-from src.mifid import find_fid_weights, load_feature_extractor
 from src.models import build_models
-from src.preflight import OutputError, prepare_out_dir
+from src.preflight import OutputError
 from src.report import write_plots
 from src.reserve import OutputPlan, plan_reserve
 from src.scoring import make_training_fid, pick_truncation, real_features, report_mifid
-from src.synthetic import make_tiny_dataset
-from src.train import StopReason, train
-
-KAGGLE_OUT = "/kaggle/working"
-KAGGLE_INPUT = "/kaggle/input"
-# Below this many dog crops a GAN has nothing to learn from (and a batch of one breaks batch statistics).
-MIN_TRAIN_IMAGES = 2
-
-
-def resolve_paths(cfg: Config) -> tuple[str, str]:
-    """(data_dir, out_dir): explicit flags first, then Kaggle's folders, then ./out; --demo makes its own data."""
-    out_dir = cfg.out or (KAGGLE_OUT if on_kaggle() else "out")
-    prepare_out_dir(out_dir)
-    if cfg.demo:
-        data_dir = make_tiny_dataset(os.path.join(out_dir, "demo_data"))
-        log("main", f"demo: generated a tiny dataset in {data_dir}")
-        return data_dir, out_dir
-    if cfg.data_dir:
-        return cfg.data_dir, out_dir
-    if os.path.isdir(KAGGLE_INPUT):
-        return KAGGLE_INPUT, out_dir
-    raise DataError("no --data-dir given and /kaggle/input does not exist: pass --data-dir DIR "
-                    "(a folder with all-dogs/ and Annotation/), or --demo for the built-in tiny dataset")
-
-
-def fit_batch_to_data(cfg: Config, n_images: int, world_size: int) -> Config:
-    """cfg with a batch no larger than the data (each rank draws its share from the whole set), said in one line;
-    DataError when there are too few images to train on at all."""
-    if n_images < MIN_TRAIN_IMAGES:
-        raise DataError(f"only {n_images} dog image(s) could be loaded; training needs at least {MIN_TRAIN_IMAGES}")
-    largest = n_images * world_size
-    if cfg.batch_size <= largest:
-        return cfg
-    log("main", f"only {n_images} dog images, fewer than one batch of {cfg.batch_size}: this run uses batches of "
-        f"{largest}")
-    return dataclasses.replace(cfg, batch_size=largest)
-
+from src.settle import settle_run
+from src.train import StopReason, build_run_nets, train
 
 def fits_in_time(deadline: Deadline, seconds: float, what: str) -> bool:
     """True when `seconds` of work still fit before the deadline, else one line saying `what` is skipped."""
@@ -69,19 +32,6 @@ def fits_in_time(deadline: Deadline, seconds: float, what: str) -> bool:
     log("main", f"skipping {what}: it needs ~{format_duration(seconds)}, {format_duration(max(0.0, deadline.remaining()))} "
         f"of the budget are left")
     return False
-
-
-def open_extractor(cfg: Config, device: torch.device):
-    """The MiFID backbone if weights are given or found under /kaggle/input, else None (MiFID skipped, said once)."""
-    weights, backbone = cfg.fid_weights, cfg.fid_backbone
-    if not weights:
-        found = find_fid_weights(KAGGLE_INPUT) if os.path.isdir(KAGGLE_INPUT) else None
-        if found is None:
-            log("main", "MiFID: no --fid-weights given and none found under /kaggle/input; scoring is skipped "
-                "(attach pt_inception-2015-12-05-6726825d.pth as a dataset to get Kaggle's metric)")
-            return None
-        backbone, weights = found
-    return load_feature_extractor(backbone, weights, device)
 
 
 def write_submission(G_ema, cfg: Config, out_dir: str, device: torch.device, truncation: float,
@@ -149,29 +99,21 @@ def show_inline(out_dir: str) -> None:
 
 def run(cfg: Config, start: float) -> int:
     """The whole job; returns the process exit code (0: images.zip written after a clean run)."""
-    deadline = Deadline(parse_duration(cfg.time_budget), start)
-    dist = setup_distributed(cfg.device)
-    device = dist.device
-    data_dir, out_dir = resolve_paths(cfg)
-    if dist.is_main:
-        log("main", f"dogkernel: recipe {cfg.recipe}, device {device}, out {out_dir}, budget {cfg.time_budget}")
-        log("main", f"config (differs from defaults): {config_diff(cfg)}")
-    cfg, resume = open_resume(cfg, out_dir)  # settled once, before anything below uses the config
-    extractor = open_extractor(cfg, device) if dist.is_main else None
-    # the whole photos are decoded only where they are scored: rank 0, with a backbone, against --fid-reference photos
-    data = load_dogs(data_dir, crop_margin=cfg.crop_margin, max_images=cfg.max_images, workers=cfg.decode_workers,
-                     min_box=cfg.min_box, whole_photos=extractor is not None and cfg.fid_reference == "photos")
-    cfg = fit_batch_to_data(cfg, len(data.images), dist.world_size)
+    deadline = Deadline(cfg.time_budget, start)
+    settled = settle_run(cfg)  # from here on the run's settings are fixed
+    cfg, dist, device, out_dir, data, extractor = (settled.cfg, settled.dist, settled.dist.device, settled.out_dir,
+                                                   settled.data, settled.extractor)
     n_classes = len(data.breeds)
-    check_resume_fits_data(resume, n_classes)
     real_feats = real_features(extractor, data, out_dir, cfg.fid_reference) if extractor is not None else None
     data.photos = None  # their features are computed: the ~250 MB of whole-photo pixels are not needed again
+    # the models are built once: the reserve is measured with them, then they train
+    nets = build_run_nets(cfg, n_classes, device, dist)
     plan = plan_reserve(cfg, deadline, n_classes, device, extractor, out_dir)
     fid_fn = make_training_fid(cfg, extractor, real_feats, device) if extractor is not None else None
 
     exit_code, G_ema = 0, None
     try:
-        result = train(cfg, data, deadline, out_dir, device, fid_fn=fid_fn, resume=resume)
+        result = train(cfg, data, deadline, out_dir, device, fid_fn=fid_fn, resume=settled.resume, nets=nets)
         if result.progress.step > 0:
             G_ema = result.G_ema
         log("main", f"training stopped ({result.stop_reason.value}) after {result.progress.step} steps, "

@@ -58,6 +58,7 @@ class ResNetGenerator(nn.Module):
         super().__init__()
         self.z_dim = z_dim
         self.n_classes = n_classes
+        self.draw_res = MODEL_IMG_SIZE
         self.conditional = conditional
         channels = [16 * ch, 8 * ch, 4 * ch, 2 * ch, 1 * ch]
         n_blocks = len(channels) - 1
@@ -80,7 +81,8 @@ class ResNetGenerator(nn.Module):
         self.out_bn = nn.BatchNorm2d(channels[-1])
         self.out_conv = sn_conv2d(channels[-1], 3, 3, padding=1, sn=sn)
 
-    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None, full_res: bool = True) -> torch.Tensor:
+        # full_res is every G's training switch (the drawing itself, not its 64x64 copy): this G draws at 64
         _check_g_inputs(z, y, self.z_dim, self.conditional)
         z_chunks = torch.split(z, self.z_sizes, dim=1)
         shared = self.shared(y) if self.shared is not None else None
@@ -102,6 +104,7 @@ class ResNetDiscriminator(nn.Module):
     def __init__(self, n_classes: int, ch: int, cond: str, attn_res: int, sn: bool, mbstd: bool):
         super().__init__()
         self.cond = cond
+        self.draw_res = MODEL_IMG_SIZE
         self.label_map = LabelMap(n_classes, MODEL_IMG_SIZE) if cond == "concat" else None
         channels = [3 + (1 if cond == "concat" else 0), ch, 2 * ch, 4 * ch, 8 * ch, 16 * ch]
         self.blocks = nn.ModuleList()
@@ -117,6 +120,10 @@ class ResNetDiscriminator(nn.Module):
                 self.attn[str(i)] = SelfAttention2d(channels[i + 1], sn=sn)
         self.mbstd = MinibatchStdDev() if mbstd else None
         self.head = DiscriminatorHead(channels[-1], n_classes, cond, sn=sn)
+
+    def fit_real(self, real_img: torch.Tensor) -> torch.Tensor:
+        """Real 64x64 images as this D judges them in training: as they are."""
+        return real_img
 
     def forward(self, img: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         _check_d_inputs(img, y, self.cond in ("projection", "concat"))
@@ -203,6 +210,10 @@ class DCGANDiscriminator(nn.Module):
                 self.attn[str(i)] = SelfAttention2d(channels[i + 1], sn=sn)
         self.mbstd = MinibatchStdDev() if mbstd else None
         self.head = DiscriminatorHead((channels[-1] + (1 if mbstd else 0)) * 4 * 4, n_classes, cond, sn=sn)
+
+    def fit_real(self, real_img: torch.Tensor) -> torch.Tensor:
+        """Real 64x64 images as this D judges them in training: 2x2-averaged once to what a 32x32 G draws."""
+        return F.avg_pool2d(real_img, self.downscale) if self.downscale > 1 else real_img
 
     def forward(self, img: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         _check_d_inputs(img, y, self.cond in ("projection", "concat"), self.draw_res)

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from src.atomic import atomic_write_bytes
-from src.config import Config, config_diff, format_duration
+from src.config import RECIPE_SUMMARIES, Config, format_duration, recipe_diff
 from src.distributed import mean_over_ranks
 from src.console import log
 from src.generate import balanced_labels, sample_z
@@ -39,7 +39,8 @@ def print_banner(cfg: Config, device, precision: Precision, data, deadline, G, D
     layout = "channels_last" if precision.channels_last else "NCHW"
     log("train", f"device {device_name(device)} x{world_size}, {precision.name}, {layout}"
         f"{', torch.compile' if cfg.compile else ''}")
-    log("train", f"recipe {cfg.recipe}; settings changed from the defaults: {config_diff(cfg) or 'none'}")
+    log("train", f"recipe {cfg.recipe}: {RECIPE_SUMMARIES[cfg.recipe]}; changed from the recipe: "
+        f"{recipe_diff(cfg) or 'nothing'}")
     log("train", f"data: {len(data.images)} images, {len(data.breeds)} breeds; {dict(data.counts)}")
     log("train", describe_models(G, D))
     log("train", f"budget {format_duration(deadline.end - deadline.start)}: {format_duration(deadline.elapsed())} used, "

@@ -43,6 +43,7 @@ class GanNets:
     scaler_d: object
     sn_G: list                   # spectral_norm_layers(G), (D): advanced once per optimiser step
     sn_D: list
+    precision: Precision         # how the nets run on this device (autocast dtype, scaler, memory layout)
 
 
 def build_gan_nets(cfg: Config, n_classes: int, device, precision: Precision, dist_info: DistInfo) -> GanNets:
@@ -63,4 +64,4 @@ def build_gan_nets(cfg: Config, n_classes: int, device, precision: Precision, di
     opt_d = make_adam(D.parameters(), cfg.lr_d, (cfg.beta1, cfg.beta2), precision)
     return GanNets(G=G, D=D, G_ema=G_ema, G_train=G_train, D_train=D_train, G_fwd=G_fwd, D_fwd=D_fwd,
                    opt_g=opt_g, opt_d=opt_d, scaler_g=make_grad_scaler(precision), scaler_d=make_grad_scaler(precision),
-                   sn_G=spectral_norm_layers(G), sn_D=spectral_norm_layers(D))
+                   sn_G=spectral_norm_layers(G), sn_D=spectral_norm_layers(D), precision=precision)

@@ -10,7 +10,7 @@ import torch
 
 from src.atomic import atomic_write_text
 from src.checkpoint import ckpt_cpu_copy
-from src.config import Config, parse_duration
+from src.config import Config
 from src.console import log
 from src.generate import generate_images
 from src.mifid import cached_real_features, feature_stats, frechet_distance, mifid_score, read_images_zip
@@ -36,7 +36,7 @@ def reserve_for_scoring(cfg: Config, extractor) -> float:
 
     The real images' features are computed before training (real_features), so they need no reserve.
     """
-    training_fid = parse_duration(cfg.fid_every) > 0
+    training_fid = cfg.fid_every > 0
     n_generated = (cfg.n_images + (len(TRUNCATION_CANDIDATES) * cfg.fid_samples if cfg.truncation_search else 0)
                    + (cfg.fid_samples if training_fid else 0))
     # training-time FID measures the final G_ema once after the training window (its sqrtm alone is ~15 s at 2048-d)
@@ -65,7 +65,7 @@ def real_features(extractor, data, out_dir: str, reference: str) -> torch.Tensor
 def make_training_fid(cfg: Config, extractor, real_feats: torch.Tensor, device):
     """fid_fn(G_ema) -> FID of cfg.fid_samples generated images against the reference features (cfg.fid_reference),
     or None when off."""
-    if parse_duration(cfg.fid_every) <= 0:
+    if cfg.fid_every <= 0:
         return None
     real_mu, real_sigma = feature_stats(real_feats)
     reference = fid_reference_label(cfg.fid_reference, len(real_feats))

@@ -125,7 +125,7 @@ def test_merge_keeps_session_flags_and_the_checkpoint_model(capsys):
     now = make_config(dict(recipe="dcgan", g_ch=64, time_budget="2h", out="new", data_dir="/data"))
     merged = merge_resumed_config(now, dict(saved, some_future_field=1))
     assert (merged.g_ch, merged.lr_g) == (32, 3e-4)
-    assert (merged.time_budget, merged.out, merged.data_dir) == ("2h", "new", "/data")
+    assert (merged.time_budget, merged.out, merged.data_dir) == (7200.0, "new", "/data")
     log = capsys.readouterr().out
     assert "WARNING: model settings differ" in log and "g_ch=64 (checkpoint 32)" in log
 

@@ -3,8 +3,8 @@ import sys
 
 import pytest
 
-from src.config import (RECIPES, Config, ConfigError, config_diff, format_duration, make_config, parse_config,
-                        parse_duration, strip_jupyter_args)
+from src.config import (RECIPE_SUMMARIES, RECIPES, Config, ConfigError, config_diff, format_duration, make_config,
+                        parse_config, parse_duration, recipe_diff, strip_jupyter_args)
 
 
 @pytest.mark.parametrize("text, seconds", [("90s", 90), ("20m", 1200), ("8h", 28800), ("8h30m", 30600),
@@ -32,12 +32,36 @@ def test_recipe_then_flags_precedence():
     assert cfg.flip is False
 
 
-def test_demo_overrides_sit_between_recipe_and_flags():
+def test_demo_is_one_named_recipe_plus_its_run_settings():
     cfg, _ = parse_config(["--demo", "--g-ch", "8"])
-    assert cfg.device == "cpu" and cfg.time_budget == "45s" and cfg.recipe == "cgan" and cfg.arch == "dcgan"
-    assert cfg.g_ch == 8
+    assert cfg.device == "cpu" and cfg.time_budget == 45.0 and cfg.recipe == "demo" and cfg.arch == "dcgan"
+    assert cfg.g_ch == 8 and cfg.draw_res == 32  # the flag wins, the rest is the demo recipe's
+    # everything the demo trains with is the recipe: the banner's "recipe demo" and the flags say it all
+    assert recipe_diff(cfg) == {"demo": True, "device": "cpu", "time_budget": 45.0, "status_every": 3.0,
+                                "grid_every": 10.0, "ckpt_every": 15.0, "g_ch": 8}
     cfg, _ = parse_config(["--demo", "--recipe", "biggan"])
     assert cfg.recipe == "biggan" and cfg.arch == "resnet" and cfg.device == "cpu"
+    assert (cfg.g_ch, cfg.batch_size) == (64, 64)  # --demo's run settings never touch a recipe's model
+
+
+def test_every_recipe_has_a_summary_for_the_banner():
+    assert set(RECIPE_SUMMARIES) == set(RECIPES)
+
+
+@pytest.mark.parametrize("argv, seconds", [
+    (["--time-budget", "8h30m"], {"time_budget": 30600.0}),
+    (["--status-every", "90s", "--grid-every", "2m", "--ckpt-every", "1h", "--fid-every", "0"],
+     {"status_every": 90.0, "grid_every": 120.0, "ckpt_every": 3600.0, "fid_every": 0.0}),
+    ([], {"time_budget": 30600.0, "status_every": 10.0, "grid_every": 600.0, "ckpt_every": 1800.0}),
+])
+def test_durations_are_settled_as_seconds(argv, seconds):
+    cfg, _ = parse_config(argv)
+    assert {name: getattr(cfg, name) for name in seconds} == seconds
+
+
+def test_the_diffaug_policy_is_checked_with_the_config():
+    with pytest.raises(ConfigError, match="unknown DiffAugment policy 'colour' in --diffaug 'colour,cutout'"):
+        parse_config(["--diffaug", "colour,cutout"])
 
 
 def test_default_recipe_is_the_plain_config():
@@ -59,8 +83,9 @@ def test_every_recipe_builds_a_valid_config():
     (["--time-budget", "nan"], "--time-budget: duration 'nan' must be a finite number of seconds, 0 or more"),
     (["--time-budget", "inf"], "--time-budget: duration 'inf' must be a finite number"),
     (["--time-budget", "-5"], "--time-budget: duration '-5' must be a finite number of seconds, 0 or more"),
-    (["--time-budget", "0"], "--time-budget must be more than 0, got '0'"),
-    (["--time-budget", "0h0m"], "--time-budget must be more than 0, got '0h0m'"),
+    (["--time-budget", "0"], "--time-budget must be more than 0, got 0.0s"),
+    (["--time-budget", "0h0m"], "--time-budget must be more than 0, got 0.0s"),
+    (["--recipe", "biggan", "--draw-res", "32"], "--draw-res 32 is a DCGAN option"),
     (["--status-every=-1"], "--status-every: duration '-1' must be a finite number of seconds, 0 or more"),
     (["--ckpt-every", "nan"], "--ckpt-every: duration 'nan' must be a finite number"),
     (["--lr-g", "nan"], "--lr-g must be a finite number, got nan"),
@@ -84,7 +109,7 @@ def test_jupyter_arguments_are_ignored_in_a_notebook(monkeypatch):
     cfg, _ = parse_config(["-f", "/root/.local/share/jupyter/runtime/kernel-1234.json"])
     assert cfg == Config()
     cfg, _ = parse_config(["--f=/root/.local/share/jupyter/runtime/kernel-v2-77.json", "--time-budget", "1h"])
-    assert cfg.time_budget == "1h"
+    assert cfg.time_budget == 3600.0
 
 
 def test_a_misspelt_flag_in_a_notebook_is_refused_not_dropped(monkeypatch, capsys):

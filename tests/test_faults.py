@@ -1,6 +1,7 @@
 """Faults injected into a tiny run: NaN losses, CUDA out-of-memory, SIGTERM, a crash after some steps."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -14,6 +15,7 @@ import src.losses
 import src.train as train_module
 from src.budget import Deadline
 from src.config import make_config
+from src.ema import standing_bn_stats_
 from src.train import train
 
 TINY = dict(recipe="dcgan", g_ch=8, d_ch=8, batch_size=8, z_dim=16, status_every="0", lr_schedule="const")
@@ -158,3 +160,31 @@ def test_failing_renames_keep_the_old_checkpoint_and_the_run_goes_on(dogs, tmp_p
     assert "could not write" in log and "the previous checkpoint is kept" in log
     assert (sorted(os.listdir(out)), sorted(os.listdir(samples))) == before  # no temporary file left behind
     assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["progress"]["step"] == 1
+
+
+def has_its_own_bn_statistics(G_ema, seed):
+    """True when G_ema's batch-norm buffers are the standing statistics of its own weights (not G's copies)."""
+    own = copy.deepcopy(G_ema)
+    standing_bn_stats_(own, seed=seed)
+    return all(torch.equal(mine, fresh) for mine, fresh in zip(G_ema.buffers(), own.buffers()))
+
+
+@pytest.mark.parametrize("path", ["rollback at the final tick", "crash after some steps", "gave up"])
+def test_g_ema_leaves_training_with_its_own_bn_statistics_on_every_path(dogs, tmp_path, monkeypatch, path):
+    cfg = make_config({**TINY, "status_every": "1h"})  # one status tick: the final one
+    if path == "rollback at the final tick":
+        monkeypatch.setitem(src.losses.GAN_LOSSES, "bce", nan_d_loss({3}))
+        expected = ("max_steps", 1)
+    elif path == "crash after some steps":
+        patch_round(monkeypatch, lambda n: (_ for _ in ()).throw(RuntimeError("device fell over")) if n == 3 else None)
+        expected = ("error", 0)
+    else:
+        monkeypatch.setattr(train_module, "MAX_ROLLBACKS", 0)
+        monkeypatch.setitem(src.losses.GAN_LOSSES, "bce", nan_d_loss({3}))
+        expected = ("error", 1)
+    result = train(cfg, dogs, Deadline(3600), str(tmp_path), "cpu", max_steps=3)
+    assert (result.stop_reason.value, result.progress.rollbacks) == expected
+    # the restored state is the start of the session; G_ema still gets its own statistics, not the snapshot's
+    assert result.progress.step == 0
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in result.G_ema.modules())
+    assert has_its_own_bn_statistics(result.G_ema, cfg.seed)

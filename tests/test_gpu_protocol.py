@@ -47,7 +47,7 @@ def test_variants_file_names_flags_comments_blank_lines_and_quotes():
     ("x --batch-size abc", "v.txt:1: argument --batch-size: invalid int value: 'abc'"),
     ("x --batch-size", "v.txt:1: argument --batch-size: expected one argument"),
     ("x --loss nope", "v.txt:1: --loss 'nope': choose one of hinge, bce, ls, rals, wgan-gp"),
-    ("x --recipe nope", "v.txt:1: unknown recipe 'nope'; choose one of dcgan, cgan, acgan, sngan, sagan, biggan"),
+    ("x --recipe nope", "v.txt:1: unknown recipe 'nope'; choose one of dcgan, cgan, acgan, sngan, sagan, biggan, demo"),
     ("x --out /tmp/o", "v.txt:1: --out is set by the protocol, the same for every variant"),
     ("x --fid-every 10s", "v.txt:1: --fid-every is set by the protocol, the same for every variant"),
     ("x --n-images 500", "v.txt:1: --n-images must be the same for every variant: give it in --common"),

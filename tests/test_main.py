@@ -119,7 +119,7 @@ def test_an_existing_zip_is_only_replaced_by_a_trained_generator(tmp_path, tiny_
 def test_fit_batch_to_data_by_hand(capsys):
     from src.config import make_config
     from src.data import DataError
-    from src.main import fit_batch_to_data
+    from src.settle import fit_batch_to_data
     cfg = make_config({"batch_size": 64})
     assert fit_batch_to_data(cfg, 500, 1) is cfg  # room for a batch: unchanged, nothing said
     assert capsys.readouterr().out == ""
