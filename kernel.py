@@ -53,10 +53,13 @@
 #                up on this device with the run's own models, and the refusal of a budget that cannot hold them.
 #   interrupt    SIGTERM and Ctrl-C outside the training loop: the stage in progress unwinds cleanly and the run ends
 #                in one line.
+#   ada          Adaptive augmentation strength (Karras et al. 2020, StyleGAN2-ADA's heuristic) for the DiffAugment
+#                ops.
 #   gan_step     The GAN maths of a training round in one place, as StyleGAN2-ADA's loss.accumulate_gradients: losses,
 #                noisy targets, penalties, the auxiliary breed loss, reuse of fakes, the spectral-norm power
-#                iteration, augmentation and the optimiser steps. The loop only names the phases: `begin_round`,
-#                `d_phase` per real batch, `g_phase`, `end_round`.
+#                iteration, augmentation and the optimiser steps, and the small-data levers: ADA's augmentation
+#                probability, LeCam's anchors, G's breeds by the data's frequencies. The loop only names the phases:
+#                `begin_round`, `d_phase` per real batch, `g_phase`, `end_round`.
 #   train        The training loop: D and G steps on device-resident data until the deadline, watched, checkpointed,
 #                resumable.
 #   settle       The run settled once: flags + recipe (already a Config) + checkpoint + data + device -> the settings
@@ -1246,6 +1249,14 @@ class Config:
     # DiffAugment policy on real and fake before D ("": off). BigGAN's DiffAugment runs (CIFAR-10, 10-20 % data) use
     # translation,cutout; colour jitter (StyleGAN2's low-shot policy adds it) slows early learning in short runs
     diffaug: str = from_ckpt("translation,cutout")
+    # ADA (StyleGAN2-ADA's heuristic, src/ada.py): > 0 applies each DiffAugment op to each image with a probability p
+    # that starts at 0 and moves every 4 D steps so that E[sign D(real)] approaches this target (ADA's 0.6); 0: every
+    # op on every image. With ADA the policy may include colour: at a low p it costs little
+    ada_target: float = from_ckpt(0.0)
+    ada_kimg: float = from_ckpt(500.0)  # thousands of images for ADA's p to move by 1 (ADA's 500; short runs: less)
+    # G's breeds in training and in the submission: "uniform", or "data", in the data's proportions (Kaggle's
+    # reference is the photos as they are); see generate.TRAINING_BREEDS
+    labels: str = from_ckpt("uniform", choices=("uniform", "data"))
     # ---- models -----------------------------------------------------------------------------------
     recipe: str = model_shape("biggan")  # named set of overrides below (see RECIPES); flags given explicitly win
     arch: str = model_shape("resnet", choices=("resnet", "dcgan"))  # ResNet: the SNGAN/BigGAN family
@@ -1267,6 +1278,9 @@ class Config:
     loss: str = from_ckpt("hinge", choices=("hinge", "bce", "ls", "rals", "wgan-gp"))  # see losses.GAN_LOSSES
     aux_weight: float = from_ckpt(1.0)  # weight of the auxiliary breed-classification loss (cond=acgan)
     gp_weight: float = from_ckpt(10.0)  # gradient-penalty weight (loss=wgan-gp)
+    # LeCam regularization (Tseng et al. 2021): D's outputs anchored to moving averages of the other side's; its
+    # weight (0: off; the authors' BigGAN runs 0.3)
+    lecam_weight: float = from_ckpt(0.0)
     real_label_min: float = from_ckpt(1.0)  # noisy soft labels for bce/ls: real targets drawn from [min, 1]
     fake_label_max: float = from_ckpt(0.0)  # fake targets drawn from [0, max]
     # ---- optimisation -----------------------------------------------------------------------------
@@ -1288,6 +1302,9 @@ class Config:
     # G_ema averages over at most this fraction of the steps so far (StyleGAN2-ADA's ramp-up): short runs get a
     # short average instead of a G_ema stuck near init
     ema_rampup: float = from_ckpt(0.05)
+    # > 0: G_ema's half-life in thousands of images (StyleGAN2-ADA's ema_kimg, 10 per 32 images of batch), ema_rampup
+    # then a fraction of the images seen; a batch change keeps the horizon. 0: ema_beta per step
+    ema_kimg: float = from_ckpt(0.0)
     # ---- speed ------------------------------------------------------------------------------------
     amp: str = this_run("auto", choices=("auto", "bf16", "fp16", "fp32"))  # auto: bf16 on sm>=80, fp16 below, CPU fp32
     channels_last: bool = this_run(True)  # NHWC convolutions on the GPU
@@ -1481,7 +1498,8 @@ def validate_config(cfg: "Config") -> None:
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"{_flag_name(name)} must be positive, got {getattr(cfg, name)}")
-    not_negative = ("max_kimg", "max_images", "decode_workers", "fid_samples", "crop_margin", "truncation", "mifid_eps", "min_box")
+    not_negative = ("max_kimg", "lecam_weight", "ema_kimg", "max_images", "decode_workers", "fid_samples", "crop_margin",
+                    "truncation", "mifid_eps", "min_box")
     for name in not_negative:
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{_flag_name(name)} must be 0 or more, got {getattr(cfg, name)}")
@@ -1493,6 +1511,11 @@ def validate_config(cfg: "Config") -> None:
         parse_diffaug_policy(cfg.diffaug)
     except ValueError as error:
         raise ConfigError(str(error)) from None
+    if not 0 <= cfg.ada_target <= 1 or cfg.ada_kimg <= 0:
+        raise ConfigError(f"--ada-target {cfg.ada_target} must be in [0, 1] (a mean of signs; 0: off) and --ada-kimg "
+                          f"{cfg.ada_kimg} more than 0")
+    if cfg.ada_target > 0 and not cfg.diffaug:
+        raise ConfigError("--ada-target needs a DiffAugment policy to steer: give --diffaug, e.g. translation,cutout")
 
 
 def strip_jupyter_args(argv: list[str]) -> list[str]:
@@ -2807,22 +2830,9 @@ def breeds_like_the_data(n: int, counts: "torch.Tensor") -> "torch.Tensor":
     return torch.multinomial(counts.float(), n, replacement=True)
 
 
-def balanced_submission_labels(n: int, counts: "torch.Tensor", device, generator: "torch.Generator | None" = None):
-    # balanced_labels as it always was (the same seed gives the same images as before)
-    return balanced_labels(n, len(counts), device, generator)
-
-
-@dataclass(frozen=True)
-class BreedDraw:
-    """How a run picks G's breeds: in training (one batch at a time) and for the submission (exact counts)."""
-    training: "Callable"     # training(n, counts on the device) -> n labels
-    submission: "Callable"   # submission(n, counts, device, generator) -> n labels, shuffled
-
-
-BREED_DRAWS = {
-    "uniform": BreedDraw(uniform_breeds, balanced_submission_labels),
-    "data": BreedDraw(breeds_like_the_data, proportional_labels),
-}
+# How G draws its breeds in training, one batch at a time, by --labels; the submission follows the same choice
+# (generate_images: balanced, or proportional_labels of the data's counts).
+TRAINING_BREEDS = {"uniform": uniform_breeds, "data": breeds_like_the_data}
 
 
 def to_uint8(img: "torch.Tensor") -> "torch.Tensor":
@@ -2856,14 +2866,18 @@ def generation_batch_size(device) -> int:
 
 @torch.no_grad()
 def generate_images(G_ema: "torch.nn.Module", n: int, device, batch_size: int | None = None, truncation: float = 0.0,
-                    seed: int = 0, stop_check=None) -> "torch.Tensor":
-    """n images (uint8 N x 3 x 64 x 64, CPU) from G_ema, breeds balanced, fixed seed -> same images.
+                    seed: int = 0, stop_check=None, breed_counts: "torch.Tensor | None" = None) -> "torch.Tensor":
+    """n images (uint8 N x 3 x 64 x 64, CPU) from G_ema, fixed seed -> same images; breeds balanced, or in the
+    proportions of breed_counts (--labels data: images per breed of the training data).
 
     stop_check (optional) is called before every batch; it raises to abandon the generation (e.g. OutOfTime).
     """
     batch_size = batch_size or generation_batch_size(device)
     generator = torch.Generator().manual_seed(seed)
-    labels = balanced_labels(n, G_ema.n_classes, "cpu", generator)
+    if breed_counts is None:
+        labels = balanced_labels(n, G_ema.n_classes, "cpu", generator)
+    else:
+        labels = proportional_labels(n, breed_counts, "cpu", generator)
     # every latent drawn up front (10,000 x 128 floats: 5 MB): the images do not depend on the batch size
     latents = sample_z(n, G_ema.z_dim, "cpu", truncation, generator)
     G_ema.eval()
@@ -3347,6 +3361,8 @@ def format_status(record: dict) -> str:
             f"D(x) {record['d_real']:+.3f} D(G(z)) {record['d_fake']:+.3f} | "
             f"lr {record['lr_g']:.2e}/{record['lr_d']:.2e} | bs {record['batch_size']} n_dis {record['n_dis']} | "
             f"{format_duration(record['elapsed_s'])} elapsed, {format_duration(record['train_left_s'])} left")
+    if record.get("ada_p") is not None:
+        line += f" | ADA p {record['ada_p']:.3f}"
     if record.get("next_ckpt_s") is not None:
         line += f" | ckpt in {format_duration(record['next_ckpt_s'])}"
     if record.get("fid") is not None:
@@ -3461,8 +3477,25 @@ def _report_series(records: list[dict], key: str) -> tuple[list[float], list[flo
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
+# The four panels of plots.png: (title, [(stats key, label)]). ADA's p (--ada-target) shares the D outputs' panel:
+# it answers them (it rises while D(x) runs positive on the training images).
+REPORT_PANELS = [("losses", [("g_loss", "G loss"), ("d_loss", "D loss")]),
+                 ("D outputs (logits), ADA's p", [("d_real", "D(x)"), ("d_fake", "D(G(z))"), ("ada_p", "ADA p")]),
+                 ("FID of G_ema", [("fid", "FID")]),
+                 ("speed", [("images_per_s", "images/s")])]
+
+
+def plotted_series(records: list[dict]) -> list[tuple[str, list]]:
+    """For each panel of REPORT_PANELS, (title, [(key, label, kimg, values)]) of the series the records hold."""
+    panels = []
+    for title, series in REPORT_PANELS:
+        drawn = [(key, label, *_report_series(records, key)) for key, label in series]
+        panels.append((title, [line for line in drawn if line[3]]))
+    return panels
+
+
 def write_plots(out_dir: str) -> list[str]:
-    """OUT/plots.png (G/D losses, D(x) and D(G(z)), FID, images/s against kimg); returns the files written.
+    """OUT/plots.png (G/D losses, D(x), D(G(z)) and ADA's p, FID, images/s against kimg); returns the files written.
 
     Returns [] with a one-line note when matplotlib is missing or there is nothing to plot.
     """
@@ -3483,18 +3516,12 @@ def write_plots(out_dir: str) -> list[str]:
         log("report", "matplotlib is not installed: plots skipped (stats.jsonl has the numbers)")
         return []
 
-    panels = [("losses", [("g_loss", "G loss"), ("d_loss", "D loss")]),
-              ("D outputs (logits)", [("d_real", "D(x)"), ("d_fake", "D(G(z))")]),
-              ("FID of G_ema", [("fid", "FID")]),
-              ("speed", [("images_per_s", "images/s")])]
     fig = Figure(figsize=(11, 7))
     FigureCanvasAgg(fig)
     axes = fig.subplots(2, 2)
-    for ax, (title, series) in zip(axes.flat, panels):
-        for key, label in series:
-            kimg, values = _report_series(records, key)
-            if values:
-                ax.plot(kimg, values, marker="o" if key == "fid" else None, markersize=3, label=label)
+    for ax, (title, series) in zip(axes.flat, plotted_series(records)):
+        for key, label, kimg, values in series:
+            ax.plot(kimg, values, marker="o" if key == "fid" else None, markersize=3, label=label)
         ax.set_title(title)
         ax.set_xlabel("kimg")
         if ax.lines:
@@ -4261,9 +4288,10 @@ def real_features(extractor, data, out_dir: str, reference: str) -> "torch.Tenso
     return cached_real_features(extractor, real_img, os.path.join(out_dir, "cache"), kind=reference)
 
 
-def make_training_fid(cfg: "Config", extractor, real_feats: "torch.Tensor", device):
-    """fid_fn(G_ema) -> FID of cfg.fid_samples generated images against the reference features (cfg.fid_reference),
-    or None when off."""
+def make_training_fid(cfg: "Config", extractor, real_feats: "torch.Tensor", device,
+                      breed_counts: "torch.Tensor | None" = None):
+    """fid_fn(G_ema) -> FID of cfg.fid_samples generated images (breeds as the submission's: balanced, or in the
+    proportions of breed_counts) against the reference features (cfg.fid_reference), or None when off."""
     if cfg.fid_every <= 0:
         return None
     real_mu, real_sigma = feature_stats(real_feats)
@@ -4272,7 +4300,8 @@ def make_training_fid(cfg: "Config", extractor, real_feats: "torch.Tensor", devi
 
     def fid_fn(G_ema) -> float:
         # G_ema's standing BN statistics are the caller's (train recomputes them once per sampling moment)
-        gen_img = generate_images(G_ema, cfg.fid_samples, device, truncation=cfg.truncation, seed=cfg.seed + 1)
+        gen_img = generate_images(G_ema, cfg.fid_samples, device, truncation=cfg.truncation, seed=cfg.seed + 1,
+                                  breed_counts=breed_counts)
         gen_mu, gen_sigma = feature_stats(extractor(gen_img))
         return frechet_distance(gen_mu, gen_sigma, real_mu, real_sigma)
 
@@ -4332,14 +4361,17 @@ class FidTracker:
         self.best_G_ema = saved.get("best_G_ema")
 
 
-def pick_truncation(cfg: "Config", G_ema, extractor, real_feats: "torch.Tensor", device) -> float:
-    """cfg.truncation, or with --truncation-search the candidate with the lowest MiFID on cfg.fid_samples images."""
+def pick_truncation(cfg: "Config", G_ema, extractor, real_feats: "torch.Tensor", device,
+                    breed_counts: "torch.Tensor | None" = None) -> float:
+    """cfg.truncation, or with --truncation-search the candidate with the lowest MiFID on cfg.fid_samples images
+    (breeds as the submission's: balanced, or in the proportions of breed_counts)."""
     if not cfg.truncation_search:
         return cfg.truncation
     eps = cfg.mifid_eps or extractor.default_eps
     scores = {}
     for truncation in sorted(set(TRUNCATION_CANDIDATES) | {cfg.truncation}):
-        gen_img = generate_images(G_ema, cfg.fid_samples, device, truncation=truncation, seed=cfg.seed + 2)
+        gen_img = generate_images(G_ema, cfg.fid_samples, device, truncation=truncation, seed=cfg.seed + 2,
+                                  breed_counts=breed_counts)
         scores[truncation] = mifid_score(extractor(gen_img), real_feats, eps, device=extractor.device)
         result = scores[truncation]
         log("score", f"truncation {truncation or 'off'}: FID {result['fid']:.2f}  d {result['d']:.3f}  "
@@ -4618,10 +4650,80 @@ def signals_interrupt_run():
 
 
 # ====================================================================================================
+# src/ada.py
+# Adaptive augmentation strength (Karras et al. 2020, StyleGAN2-ADA's heuristic) for the DiffAugment ops.
+#
+# D overfits its training set when its outputs on real images turn confidently positive. ADA watches
+# r = E[sign D(real)] and every `interval` D steps moves the per-image augmentation probability p by
+# sign(r - target) * (real images in the interval) / (ada_kimg * 1000): p climbs from 0 to 1 in ada_kimg thousand
+# images while D overfits, and falls back while it does not. The official defaults (stylegan2-ada-pytorch
+# training_loop.py): target 0.6, interval 4, ada_kimg 500; p starts at 0. There p only has a floor of 0; here it is
+# also capped at 1, the largest probability there is.
+#
+# Which ops p drives is the DiffAugment policy's business (augment.diff_augment): ADA's own pipeline applies colour
+# transforms at the same p as the geometric ones, so with ADA the policy may include colour; at p near 0 (a D that
+# does not overfit) colour jitter then costs nothing, which is what kept it out of the default policy for short runs.
+#
+# Everything per step stays on the device (no host sync): p is a 0-dim tensor diff_augment reads on the device.
+# ====================================================================================================
+ADA_TARGET = 0.6      # r = E[sign D(real)] that ADA steers towards
+ADA_INTERVAL = 4      # D steps between two adjustments of p
+ADA_KIMG = 500.0      # thousands of images for p to move by 1 (short runs may need fewer: a parameter)
+
+
+class AdaController:
+    """p, the per-image probability of every DiffAugment op, steered by the sign of D's outputs on real images.
+
+    Call observe(real_logit) after each D step; every `interval` calls p moves and the signs start again.
+    """
+
+    def __init__(self, device, target: float = ADA_TARGET, interval: int = ADA_INTERVAL, ada_kimg: float = ADA_KIMG,
+                 p: float = 0.0):
+        if not 0.0 <= target <= 1.0:
+            raise ValueError(f"ADA target {target} must be in [0, 1]: it is a mean of signs on real images")
+        if interval < 1 or ada_kimg <= 0:
+            raise ValueError(f"ADA interval ({interval}) and ada_kimg ({ada_kimg}) must be positive")
+        self.target, self.interval, self.ada_kimg = float(target), int(interval), float(ada_kimg)
+        self.p = torch.tensor(float(p), device=device)
+        self.sign_sum = torch.zeros((), device=device)
+        self.images = 0   # real images whose signs are in sign_sum
+        self.steps = 0    # D steps observed since the last adjustment
+
+    def observe(self, real_logit: "torch.Tensor") -> None:
+        """Add one D step's real logits (detached; one per image); adjust p when the interval is complete."""
+        logits = real_logit.detach().float().reshape(len(real_logit), -1).mean(dim=1)
+        self.sign_sum += logits.sign().sum()
+        self.images += len(logits)
+        self.steps += 1
+        if self.steps >= self.interval:
+            self.adjust()
+
+    def adjust(self) -> None:
+        # p += sign(r - target) * images / (ada_kimg * 1000), clamped to [0, 1]; on the device
+        r = self.sign_sum / max(1, self.images)
+        step = (r - self.target).sign() * (self.images / (self.ada_kimg * 1000.0))
+        self.p = (self.p + step).clamp(0.0, 1.0)
+        self.sign_sum.zero_()
+        self.images, self.steps = 0, 0
+
+    def state_dict(self) -> dict:
+        """Plain numbers for the checkpoint (a host read: call it at checkpoint time, not every step)."""
+        return {"p": float(self.p), "sign_sum": float(self.sign_sum), "images": self.images, "steps": self.steps,
+                "target": self.target, "interval": self.interval, "ada_kimg": self.ada_kimg}
+
+    def load_state_dict(self, state: dict) -> None:
+        """p and the half-finished interval from a checkpoint; target, interval and speed stay this run's."""
+        self.p = torch.tensor(float(state["p"]), device=self.p.device)
+        self.sign_sum = torch.tensor(float(state["sign_sum"]), device=self.p.device)
+        self.images, self.steps = int(state["images"]), int(state["steps"])
+
+
+# ====================================================================================================
 # src/gan_step.py
 # The GAN maths of a training round in one place, as StyleGAN2-ADA's loss.accumulate_gradients: losses, noisy
 # targets, penalties, the auxiliary breed loss, reuse of fakes, the spectral-norm power iteration, augmentation and
-# the optimiser steps. The loop only names the phases: `begin_round`, `d_phase` per real batch, `g_phase`, `end_round`.
+# the optimiser steps, and the small-data levers: ADA's augmentation probability, LeCam's anchors, G's breeds by the
+# data's frequencies. The loop only names the phases: `begin_round`, `d_phase` per real batch, `g_phase`, `end_round`.
 #
 # Nothing here reads a value back to the host: the round's sums stay on the device until the status tick.
 # ====================================================================================================
@@ -4630,16 +4732,22 @@ ROUND_SUMS = ("d_loss", "d_real", "d_fake", "g_loss")
 
 
 class GanStep:
-    """Built once from the settled config and the run's nets; holds the round's device sums and kept fakes."""
+    """Built once from the settled config, the run's nets and the training data's images per breed; holds the
+    round's device sums and kept fakes, and the levers' state (state_dict: for the checkpoint)."""
 
-    def __init__(self, cfg: "Config", nets: "GanNets", n_classes: int):
-        self.nets, self.precision, self.n_classes = nets, nets.precision, n_classes
+    def __init__(self, cfg: "Config", nets: "GanNets", breed_counts: "torch.Tensor"):
+        self.nets, self.precision, self.n_classes = nets, nets.precision, len(breed_counts)
         self.loss = GAN_LOSSES[cfg.loss]
         self.diffaug, self.flip = cfg.diffaug, cfg.flip
         self.aux_weight, self.gp_weight = cfg.aux_weight, cfg.gp_weight
         self.real_label_min, self.fake_label_max = cfg.real_label_min, cfg.fake_label_max
         self.g_steps = cfg.g_steps
         self.device = next(nets.G.parameters()).device
+        self.breed_counts, self.draw_breeds = breed_counts.to(self.device), TRAINING_BREEDS[cfg.labels]
+        # ADA: p drives every DiffAugment op, from 0 (None: the whole policy on every image)
+        self.ada = AdaController(self.device, cfg.ada_target, ada_kimg=cfg.ada_kimg) if cfg.ada_target > 0 else None
+        self.lecam = LeCamAnchors(self.device) if cfg.lecam_weight > 0 else None
+        self.lecam_weight = cfg.lecam_weight
         self.sums = torch.zeros(len(ROUND_SUMS), device=self.device)
         self.batch_size, self.reuse_fakes, self.kept_fakes, self.real_logit = 0, False, None, None
 
@@ -4655,8 +4763,7 @@ class GanStep:
     def _latents(self) -> "tuple[torch.Tensor, torch.Tensor]":
         # z and breeds of one generated batch
         z = torch.randn(self.batch_size, self.nets.G.z_dim, device=self.device)
-        gen_y = torch.randint(0, self.n_classes, (self.batch_size,), device=self.device)
-        return z, gen_y
+        return z, self.draw_breeds(self.batch_size, self.breed_counts)
 
     def _real_img(self, real_u8: "torch.Tensor") -> "torch.Tensor":
         # uint8 -> [-1, 1], brought to what D judges in training (the model knows its resolution), random mirror
@@ -4668,7 +4775,8 @@ class GanStep:
     def _augment(self, img: "torch.Tensor") -> "torch.Tensor":
         # DiffAugment: the same policy on real and fake, differentiable so G learns through it
         if self.diffaug:
-            img = to_memory_format(diff_augment(img, self.diffaug), self.precision)
+            p = self.ada.p if self.ada is not None else 1.0
+            img = to_memory_format(diff_augment(img, self.diffaug, p), self.precision)
         return img
 
     def _optimizer_step(self, loss: "torch.Tensor", optimizer, scaler) -> None:
@@ -4698,6 +4806,8 @@ class GanStep:
             d_loss = self.loss.d_loss(real_logit, fake_logit, real_target, fake_target)
             if real_class is not None:
                 d_loss = d_loss + self.aux_weight * aux_class_loss(real_class, real_y)
+            if self.lecam is not None:
+                d_loss = d_loss + self.lecam_weight * self.lecam.penalty(real_logit, fake_logit)
         if self.loss.penalty is not None:
             # the penalty's double backward runs in fp32 (fp16 would underflow the input gradients) and through the
             # plain D: a torch.compile'd graph cannot be differentiated twice
@@ -4707,6 +4817,8 @@ class GanStep:
         self._optimizer_step(d_loss, nets.opt_d, nets.scaler_d)
         # RaLS's G loss compares with D(x): the last D phase's real logits (detached) serve
         self.real_logit = real_logit.detach()
+        if self.ada is not None:
+            self.ada.observe(self.real_logit)
         self.sums[:3] += torch.stack([d_loss.detach().float(), self.real_logit.float().mean(),
                                       fake_logit.detach().float().mean()])
 
@@ -4732,6 +4844,22 @@ class GanStep:
         finally:
             nets.D.requires_grad_(True)
         self.sums[3] += g_loss.detach().float()
+
+    def ada_p(self) -> float | None:
+        """ADA's current p (one host read: for the status tick), None without ADA."""
+        return float(self.ada.p) if self.ada is not None else None
+
+    def state_dict(self) -> dict:
+        """The levers' state for the checkpoint: ADA's p and interval, LeCam's anchors (plain numbers)."""
+        return {"ada": self.ada.state_dict() if self.ada is not None else None,
+                "lecam": self.lecam.state_dict() if self.lecam is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        """A resumed run's levers as they were; a lever the checkpoint's run did not use starts afresh."""
+        if self.ada is not None and state.get("ada"):
+            self.ada.load_state_dict(state["ada"])
+        if self.lecam is not None and state.get("lecam"):
+            self.lecam.load_state_dict(state["lecam"])
 
     def end_round(self) -> "torch.Tensor":
         """The round's device sums, in the order of ROUND_SUMS (nothing is read back to the host)."""
@@ -4879,8 +5007,11 @@ def set_up_training(cfg: "Config", data, device: "torch.device", dist_info, fid_
     if world > 1:
         # ranks draw different batches and noise; the models stay identical (DDP broadcasts rank 0's weights)
         torch.manual_seed(cfg.seed * 7919 + dist_info.rank * 104729 + state.step)
+    step = GanStep(cfg, nets, breed_counts(data.labels, n_classes))
+    if resume is not None:
+        step.load_state_dict(resume.get("gan_step") or {})  # ADA's p, LeCam's anchors
     sampler = DeviceSampler(data.images.to(device), data.labels.to(device))
-    return RunParts(nets, GanStep(cfg, nets, n_classes), state, fid, sampler, grid_z, grid_y, n_classes)
+    return RunParts(nets, step, state, fid, sampler, grid_z, grid_y, n_classes)
 
 
 @contextlib.contextmanager
@@ -4994,7 +5125,7 @@ def _save_run(out_dir: str, cfg: "Config", run: "RunParts", train_seconds: float
     run.state.train_seconds = train_seconds
     write_training_checkpoint(os.path.join(out_dir, CKPT_NAME), run.nets, run.state, f"checkpoint ({reason})",
                               config=dataclasses.asdict(cfg), n_classes=run.n_classes, grid_z=run.grid_z.cpu(),
-                              grid_y=run.grid_y.cpu(), fid=run.fid.state_dict())
+                              grid_y=run.grid_y.cpu(), fid=run.fid.state_dict(), gan_step=run.step.state_dict())
 
 
 def _halve_batch_after_oom(nets: "GanNets", state: "LoopState", device: "torch.device", status_log: "StatusLog") -> None:
@@ -5058,7 +5189,9 @@ def train(cfg: "Config", data, deadline: "Deadline", out_dir: str, device, fid_f
     def status_tick(now: float, means: dict, record: dict) -> None:
         # the adaptive D steps follow the tick's D loss; one status line and record
         _adapt_n_dis(state, cfg, means["d_loss"])
-        status_log.status(now, state, means, current_lrs(cfg, state), {"next_ckpt_s": ckpt_due.left(now), **record})
+        levers = {"ada_p": run.step.ada_p()} if run.step.ada is not None else {}
+        status_log.status(now, state, means, current_lrs(cfg, state),
+                          {"next_ckpt_s": ckpt_due.left(now), **levers, **record})
 
     with catch_stop_signals() as caught_signals:
         try:
@@ -5120,12 +5253,18 @@ def train(cfg: "Config", data, deadline: "Deadline", out_dir: str, device, fid_f
                 if state.step == session_first_step:
                     log("train", f"first round took {time.time() - round_start:.1f}s"
                         f"{' (includes torch.compile)' if cfg.compile else ''}")
+                round_images = rank_batch * world * state.n_dis
                 state.step += 1
-                state.images_seen += rank_batch * world * state.n_dis
-                meter.add(round_sums, state.n_dis, cfg.g_steps, rank_batch * world * state.n_dis)
+                state.images_seen += round_images
+                meter.add(round_sums, state.n_dis, cfg.g_steps, round_images)
 
-                # G_ema follows G, averaging over at most ema_rampup of the rounds so far.
-                ema_update(nets.G_ema, nets.G, ema_beta_at(state.step, cfg.ema_beta, cfg.ema_rampup))
+                # G_ema follows G, averaging over at most ema_rampup of the rounds (or images) so far; with ema_kimg
+                # its half-life is counted in images, so a batch change keeps the horizon.
+                if cfg.ema_kimg > 0:
+                    beta = ema_beta_for_images(round_images, cfg.ema_kimg, state.images_seen, cfg.ema_rampup)
+                else:
+                    beta = ema_beta_at(state.step, cfg.ema_beta, cfg.ema_rampup)
+                ema_update(nets.G_ema, nets.G, beta)
         except GaveUp as gave_up:
             stop, error = StopReason.ERROR, str(gave_up)
         except Exception as failure:
@@ -5274,8 +5413,10 @@ def fits_in_time(deadline: "Deadline", seconds: float, what: str) -> bool:
 
 
 def write_submission(G_ema, cfg: "Config", out_dir: str, device: "torch.device", truncation: float,
-                     deadline: "Deadline", batch_size: int | None = None) -> str | None:
-    """10,000 balanced images from G_ema into OUT/images.zip (atomic: the old zip stays until the new one is whole).
+                     deadline: "Deadline", batch_size: int | None = None,
+                     submission_breeds: "torch.Tensor | None" = None) -> str | None:
+    """10,000 images from G_ema into OUT/images.zip (atomic: the old zip stays until the new one is whole), breeds
+    balanced or in the proportions of submission_breeds (--labels data).
 
     Generation and zipping stop a few seconds past the deadline rather than overrun it; a full disk or a lost
     deadline is one line and None, and the previous images.zip (if any) is kept.
@@ -5287,7 +5428,7 @@ def write_submission(G_ema, cfg: "Config", out_dir: str, device: "torch.device",
     start = time.time()
     try:
         images = generate_images(G_ema, cfg.n_images, device, batch_size=batch_size, truncation=truncation,
-                                 seed=cfg.seed, stop_check=stop_check)
+                                 seed=cfg.seed, stop_check=stop_check, breed_counts=submission_breeds)
         generate_s = time.time() - start
         zip_s = write_images_zip(images, zip_path, stop_check=stop_check)
     except (OutOfTime, OSError) as error:
@@ -5343,12 +5484,15 @@ def run(cfg: "Config", start: float) -> int:
     cfg, dist, device, out_dir, data, extractor = (settled.cfg, settled.dist, settled.dist.device, settled.out_dir,
                                                    settled.data, settled.extractor)
     n_classes = len(data.breeds)
+    # --labels data: every image G_ema makes for a score or the submission has the data's breed proportions
+    submission_breeds = breed_counts(data.labels, n_classes) if cfg.labels == "data" else None
     real_feats = real_features(extractor, data, out_dir, cfg.fid_reference) if extractor is not None else None
     data.photos = None  # their features are computed: the ~250 MB of whole-photo pixels are not needed again
     # the models are built once: the reserve is measured with them, then they train
     nets = build_run_nets(cfg, n_classes, device, dist)
     plan = plan_reserve(cfg, deadline, n_classes, device, extractor, out_dir)
-    fid_fn = make_training_fid(cfg, extractor, real_feats, device) if extractor is not None else None
+    fid_fn = (make_training_fid(cfg, extractor, real_feats, device, submission_breeds) if extractor is not None
+              else None)
 
     exit_code, G_ema = 0, None
     try:
@@ -5371,9 +5515,10 @@ def run(cfg: "Config", start: float) -> int:
         cleanup_distributed()
         return exit_code or 1
 
-    truncation = (pick_truncation(cfg, G_ema, extractor, real_feats, device)
+    truncation = (pick_truncation(cfg, G_ema, extractor, real_feats, device, submission_breeds)
                   if extractor is not None and search_fits(cfg, deadline, plan) else cfg.truncation)
-    zip_path = write_submission(G_ema, cfg, out_dir, device, truncation, deadline, plan.generate_batch)
+    zip_path = write_submission(G_ema, cfg, out_dir, device, truncation, deadline, plan.generate_batch,
+                                submission_breeds)
     exit_code = exit_code if zip_path else 1
     if zip_path and extractor is not None and fits_in_time(deadline, plan.mifid_s, "MiFID of images.zip"):
         report_mifid(cfg, extractor, zip_path, real_feats, out_dir)

@@ -6,9 +6,7 @@ import io
 import os
 import time
 import zipfile
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -68,22 +66,9 @@ def breeds_like_the_data(n: int, counts: torch.Tensor) -> torch.Tensor:
     return torch.multinomial(counts.float(), n, replacement=True)
 
 
-def balanced_submission_labels(n: int, counts: torch.Tensor, device, generator: torch.Generator | None = None):
-    # balanced_labels as it always was (the same seed gives the same images as before)
-    return balanced_labels(n, len(counts), device, generator)
-
-
-@dataclass(frozen=True)
-class BreedDraw:
-    """How a run picks G's breeds: in training (one batch at a time) and for the submission (exact counts)."""
-    training: Callable     # training(n, counts on the device) -> n labels
-    submission: Callable   # submission(n, counts, device, generator) -> n labels, shuffled
-
-
-BREED_DRAWS = {
-    "uniform": BreedDraw(uniform_breeds, balanced_submission_labels),
-    "data": BreedDraw(breeds_like_the_data, proportional_labels),
-}
+# How G draws its breeds in training, one batch at a time, by --labels; the submission follows the same choice
+# (generate_images: balanced, or proportional_labels of the data's counts).
+TRAINING_BREEDS = {"uniform": uniform_breeds, "data": breeds_like_the_data}
 
 
 def to_uint8(img: torch.Tensor) -> torch.Tensor:
@@ -117,14 +102,18 @@ def generation_batch_size(device) -> int:
 
 @torch.no_grad()
 def generate_images(G_ema: torch.nn.Module, n: int, device, batch_size: int | None = None, truncation: float = 0.0,
-                    seed: int = 0, stop_check=None) -> torch.Tensor:
-    """n images (uint8 N x 3 x 64 x 64, CPU) from G_ema, breeds balanced, fixed seed -> same images.
+                    seed: int = 0, stop_check=None, breed_counts: torch.Tensor | None = None) -> torch.Tensor:
+    """n images (uint8 N x 3 x 64 x 64, CPU) from G_ema, fixed seed -> same images; breeds balanced, or in the
+    proportions of breed_counts (--labels data: images per breed of the training data).
 
     stop_check (optional) is called before every batch; it raises to abandon the generation (e.g. OutOfTime).
     """
     batch_size = batch_size or generation_batch_size(device)
     generator = torch.Generator().manual_seed(seed)
-    labels = balanced_labels(n, G_ema.n_classes, "cpu", generator)
+    if breed_counts is None:
+        labels = balanced_labels(n, G_ema.n_classes, "cpu", generator)
+    else:
+        labels = proportional_labels(n, breed_counts, "cpu", generator)
     # every latent drawn up front (10,000 x 128 floats: 5 MB): the images do not depend on the batch size
     latents = sample_z(n, G_ema.z_dim, "cpu", truncation, generator)
     G_ema.eval()

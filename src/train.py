@@ -27,8 +27,9 @@ from src.checkpoint import (CKPT_NAME, restore_rng_state, restore_training_snaps
 from src.config import Config, format_duration
 from src.console import log
 from src.distributed import any_rank_flags, current_dist_info, sync_buffers
-from src.ema import ema_beta_at, ema_update, standing_bn_stats_
+from src.ema import ema_beta_at, ema_beta_for_images, ema_update, standing_bn_stats_
 from src.gan_step import GanStep
+from src.generate import breed_counts
 from src.interrupt import handling_stop_signals
 from src.monitor import (STATS_NAME, StatusLog, TickMeter, make_grid_latents, print_banner, save_interpolation_strip,
                          save_sample_grid)
@@ -169,8 +170,11 @@ def set_up_training(cfg: Config, data, device: torch.device, dist_info, fid_fn, 
     if world > 1:
         # ranks draw different batches and noise; the models stay identical (DDP broadcasts rank 0's weights)
         torch.manual_seed(cfg.seed * 7919 + dist_info.rank * 104729 + state.step)
+    step = GanStep(cfg, nets, breed_counts(data.labels, n_classes))
+    if resume is not None:
+        step.load_state_dict(resume.get("gan_step") or {})  # ADA's p, LeCam's anchors
     sampler = DeviceSampler(data.images.to(device), data.labels.to(device))
-    return RunParts(nets, GanStep(cfg, nets, n_classes), state, fid, sampler, grid_z, grid_y, n_classes)
+    return RunParts(nets, step, state, fid, sampler, grid_z, grid_y, n_classes)
 
 
 @contextlib.contextmanager
@@ -284,7 +288,7 @@ def _save_run(out_dir: str, cfg: Config, run: RunParts, train_seconds: float, re
     run.state.train_seconds = train_seconds
     write_training_checkpoint(os.path.join(out_dir, CKPT_NAME), run.nets, run.state, f"checkpoint ({reason})",
                               config=dataclasses.asdict(cfg), n_classes=run.n_classes, grid_z=run.grid_z.cpu(),
-                              grid_y=run.grid_y.cpu(), fid=run.fid.state_dict())
+                              grid_y=run.grid_y.cpu(), fid=run.fid.state_dict(), gan_step=run.step.state_dict())
 
 
 def _halve_batch_after_oom(nets: GanNets, state: LoopState, device: torch.device, status_log: StatusLog) -> None:
@@ -348,7 +352,9 @@ def train(cfg: Config, data, deadline: Deadline, out_dir: str, device, fid_fn=No
     def status_tick(now: float, means: dict, record: dict) -> None:
         # the adaptive D steps follow the tick's D loss; one status line and record
         _adapt_n_dis(state, cfg, means["d_loss"])
-        status_log.status(now, state, means, current_lrs(cfg, state), {"next_ckpt_s": ckpt_due.left(now), **record})
+        levers = {"ada_p": run.step.ada_p()} if run.step.ada is not None else {}
+        status_log.status(now, state, means, current_lrs(cfg, state),
+                          {"next_ckpt_s": ckpt_due.left(now), **levers, **record})
 
     with catch_stop_signals() as caught_signals:
         try:
@@ -410,12 +416,18 @@ def train(cfg: Config, data, deadline: Deadline, out_dir: str, device, fid_fn=No
                 if state.step == session_first_step:
                     log("train", f"first round took {time.time() - round_start:.1f}s"
                         f"{' (includes torch.compile)' if cfg.compile else ''}")
+                round_images = rank_batch * world * state.n_dis
                 state.step += 1
-                state.images_seen += rank_batch * world * state.n_dis
-                meter.add(round_sums, state.n_dis, cfg.g_steps, rank_batch * world * state.n_dis)
+                state.images_seen += round_images
+                meter.add(round_sums, state.n_dis, cfg.g_steps, round_images)
 
-                # G_ema follows G, averaging over at most ema_rampup of the rounds so far.
-                ema_update(nets.G_ema, nets.G, ema_beta_at(state.step, cfg.ema_beta, cfg.ema_rampup))
+                # G_ema follows G, averaging over at most ema_rampup of the rounds (or images) so far; with ema_kimg
+                # its half-life is counted in images, so a batch change keeps the horizon.
+                if cfg.ema_kimg > 0:
+                    beta = ema_beta_for_images(round_images, cfg.ema_kimg, state.images_seen, cfg.ema_rampup)
+                else:
+                    beta = ema_beta_at(state.step, cfg.ema_beta, cfg.ema_rampup)
+                ema_update(nets.G_ema, nets.G, beta)
         except GaveUp as gave_up:
             stop, error = StopReason.ERROR, str(gave_up)
         except Exception as failure:
