@@ -4665,6 +4665,8 @@ def signals_interrupt_run():
 # does not overfit) colour jitter then costs nothing, which is what kept it out of the default policy for short runs.
 #
 # Everything per step stays on the device (no host sync): p is a 0-dim tensor diff_augment reads on the device.
+# Under DDP each rank steers its own p from its own batches (no collective): the ranks' p stay close, and rank 0's is
+# the one logged and checkpointed.
 # ====================================================================================================
 ADA_TARGET = 0.6      # r = E[sign D(real)] that ADA steers towards
 ADA_INTERVAL = 4      # D steps between two adjustments of p

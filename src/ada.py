@@ -12,6 +12,8 @@ transforms at the same p as the geometric ones, so with ADA the policy may inclu
 does not overfit) colour jitter then costs nothing, which is what kept it out of the default policy for short runs.
 
 Everything per step stays on the device (no host sync): p is a 0-dim tensor diff_augment reads on the device.
+Under DDP each rank steers its own p from its own batches (no collective): the ranks' p stay close, and rank 0's is
+the one logged and checkpointed.
 """
 from __future__ import annotations
 
