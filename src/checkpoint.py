@@ -22,6 +22,8 @@ from src.nets import GanNets, LoopState
 
 CKPT_NAME = "ckpt.pt"
 CKPT_FORMAT = 2                  # 2: the FID history and best G_ema moved from 'progress' into 'fid'
+# Fields named in the line about a checkpoint's missing config fields before the rest are only counted.
+CKPT_FIELDS_NAMED = 12
 CKPT_REQUIRED_KEYS = ("format", "config", "n_classes", "G", "D", "G_ema", "opt_g", "opt_d", "progress")
 
 
@@ -111,11 +113,28 @@ def save_checkpoint(path: str, state: dict) -> None:
         torch.save(state, tmp_path)
 
 
+def _ckpt_not_a_file(path: str) -> str:
+    """What stands at a checkpoint path that is not a file: 'no such file', 'a directory, ...', ..."""
+    if os.path.islink(path) and not os.path.exists(path):
+        return f"a symbolic link to {os.readlink(path)}, which does not exist"
+    if os.path.isdir(path):
+        return "a directory, not a checkpoint file"
+    if os.path.exists(path):
+        return "not a regular file (a device, pipe or socket)"
+    return "no such file"
+
+
 def load_checkpoint(path: str, map_location="cpu") -> dict:
     """Read a ckpt.pt written by save_checkpoint; a damaged file raises CheckpointError naming it and the fix."""
     if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path} does not exist; check the path, or pass --resume \"\" to start fresh")
+        raise CheckpointError(f"checkpoint {path}: {_ckpt_not_a_file(path)}; check the path, or pass --resume \"\" "
+                              f"to start fresh")
     advice = (f"delete {path} (or move it away), or pass --resume \"\" to start a fresh run")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as error:
+        raise CheckpointError(f"cannot open checkpoint {path} ({error.strerror or error}); {advice}") from None
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises several types for broken zips / pickles; all mean the same here
@@ -127,29 +146,70 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
         raise CheckpointError(f"{path} is not a dogkernel checkpoint (missing {', '.join(missing)}); {advice}")
     if state["format"] != CKPT_FORMAT:
         raise CheckpointError(f"{path} has checkpoint format {state['format']}, this code reads {CKPT_FORMAT}; {advice}")
+    if not isinstance(state["config"], dict):
+        raise CheckpointError(f"{path} holds no config dict (a {type(state['config']).__name__}): it was not "
+                              f"written by dogkernel; {advice}")
     return state
 
 
 def resolve_resume_path(resume: str, out_dir: str) -> str | None:
-    """--resume: '' -> None (fresh run), 'auto' -> OUT/ckpt.pt when it exists, else the given file (must exist)."""
+    """--resume: '' -> None (fresh run), 'auto' -> OUT/ckpt.pt when it exists, else the given file (must exist).
+
+    'auto' with no OUT/ckpt.pt says so and starts fresh; anything else standing there, or a --resume path that is
+    no file, is refused."""
     if not resume:
         return None
     if resume == "auto":
         path = os.path.join(out_dir, CKPT_NAME)
-        return path if os.path.isfile(path) else None
+        if os.path.isfile(path):
+            return path
+        if os.path.lexists(path):
+            raise CheckpointError(f"--resume auto: {path} is {_ckpt_not_a_file(path)}; move it away, or pass "
+                                  f"--resume \"\" to start fresh")
+        log("checkpoint", f"--resume auto: there is no {path}, so training starts fresh")
+        return None
     if not os.path.isfile(resume):
-        raise CheckpointError(f"--resume {resume}: no such file; give an existing ckpt.pt, 'auto', or \"\" to start fresh")
+        raise CheckpointError(f"--resume {resume}: {_ckpt_not_a_file(resume)}; give an existing ckpt.pt, 'auto', "
+                              f"or \"\" to start fresh")
     return resume
+
+
+def _ckpt_check_value(name: str, value, current) -> None:
+    """A setting the resumed run takes from the checkpoint must be of this kernel's type and among its choices: a
+    newer kernel's new loss or model, or a foreign file, stops here in one line instead of deep in training."""
+    choices = next(f.metadata["choices"] for f in dataclasses.fields(Config) if f.name == name)
+    expected = type(current)
+    fits = isinstance(value, expected) and (expected is bool or not isinstance(value, bool))
+    fits = fits or (expected is float and isinstance(value, int) and not isinstance(value, bool))
+    if fits and (not choices or value in choices):
+        return
+    wanted = f"one of {', '.join(map(str, choices))}" if choices else f"a {expected.__name__}"
+    raise CheckpointError(f"the checkpoint's config has {name}={value!r}, which this kernel cannot train with "
+                          f"(it takes {wanted}): resume with the kernel.py that wrote it, or pass --resume \"\" "
+                          f"to start fresh")
 
 
 def merge_resumed_config(cfg: Config, saved: dict) -> Config:
     """The config a resumed run uses: each field by its resume role in Config (this_run / from_ckpt / model_shape).
 
-    Fields the checkpoint does not know (added since it was written) keep this run's value.
+    Fields this kernel does not know (the checkpoint was written by a newer kernel.py) are ignored, and fields the
+    checkpoint lacks (written by an older one) keep this run's value; each is said in one line.
     """
+    known = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(saved) - known)
+    if unknown:
+        log("checkpoint", f"the checkpoint's config has fields this kernel does not know (written by a newer "
+            f"kernel.py?), ignored: {', '.join(unknown)}")
+    lacking = [f"{name}={getattr(cfg, name)!r}" for name in sorted(known) if name not in saved]
+    if lacking:
+        log("checkpoint", f"the checkpoint's config lacks fields of this kernel (written by an older kernel.py?), "
+            f"this run's values are used: {', '.join(lacking[:CKPT_FIELDS_NAMED])}"
+            + (f" and {len(lacking) - CKPT_FIELDS_NAMED} more" if len(lacking) > CKPT_FIELDS_NAMED else ""))
     shape_fields = fields_with_role("model_shape")
     kept = set(shape_fields + fields_with_role("from_ckpt"))
     from_ckpt = {k: v for k, v in saved.items() if k in kept}
+    for name, value in from_ckpt.items():
+        _ckpt_check_value(name, value, getattr(cfg, name))
     shape_diffs = [f"{k}={getattr(cfg, k)!r} (checkpoint {v!r})" for k, v in from_ckpt.items()
                    if k in shape_fields and getattr(cfg, k) != v]
     other_diffs = [f"{k}={getattr(cfg, k)!r} (checkpoint {v!r})" for k, v in from_ckpt.items()

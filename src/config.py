@@ -75,6 +75,9 @@ class Config:
     # G's breeds in training and in the submission: "uniform", or "data", in the data's proportions (Kaggle's
     # reference is the photos as they are); see generate.TRAINING_BREEDS
     labels: str = from_ckpt("uniform", choices=("uniform", "data"))
+    # what D sees as real: the dog crops, the whole photos squashed to 64x64 (what Kaggle's MiFID compares with), or
+    # both (the crops, then the photos); see data.training_images
+    train_on: str = from_ckpt("crops", choices=("crops", "photos", "both"))
     # ---- models -----------------------------------------------------------------------------------
     recipe: str = model_shape("biggan")  # named set of overrides below (see RECIPES); flags given explicitly win
     arch: str = model_shape("resnet", choices=("resnet", "dcgan"))  # ResNet: the SNGAN/BigGAN family
@@ -127,6 +130,9 @@ class Config:
     amp: str = this_run("auto", choices=("auto", "bf16", "fp16", "fp32"))  # auto: bf16 on sm>=80, fp16 below, CPU fp32
     channels_last: bool = this_run(True)  # NHWC convolutions on the GPU
     compile: bool = this_run(False)     # torch.compile G and D (compile time comes out of the budget)
+    # before training, run every stage briefly on the device (rounds, grid, zip, MiFID backbone): a failure is one
+    # line in the first minute, not hours later; it changes nothing the run then does
+    self_check: bool = this_run(True)
     # ---- watching ---------------------------------------------------------------------------------
     status_every: float = this_run(10.0, duration=True)  # status line and one stats.jsonl record
     grid_every: float = this_run(600.0, duration=True)   # sample grid from the fixed grid_z

@@ -6,7 +6,9 @@ import io
 import math
 import multiprocessing
 import os
+import re
 import stat
+import tarfile
 import time
 import xml.etree.ElementTree as ET
 import zipfile
@@ -35,6 +37,10 @@ class DataError(ValueError):
 DOG_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 # Below this many photos a process pool costs more than it saves.
 DOG_POOL_MIN_PHOTOS = 512
+# Folders (and zips, with .zip) that hold the VOC files, in any case: Kaggle's Annotation, PASCAL VOC's Annotations.
+DOG_ANNOTATION_FOLDER_NAMES = ("annotation", "annotations")
+# Stanford's breed folders: <wnid>-<Breed>, e.g. n02085620-Chihuahua.
+DOG_BREED_FOLDER = re.compile(r"n\d+-.+")
 # Skipped files named in the log before the rest are only counted.
 DOG_SKIP_LOG_LIMIT = 5
 # JPEG's largest dimension: a VOC <size> above it is no real photo's size.
@@ -42,7 +48,8 @@ DOG_MAX_SIDE = 65535
 # Boxes may run past their VOC <size> by this fraction (+ 2 px) before the size is distrusted; Stanford's two boxes
 # past the edge overshoot by 2.2 % and 5.6 %.
 DOG_BOX_SLACK = 0.1
-# A VOC <size> whose aspect ratio is within this fraction of the photo's describes a resized copy of it.
+# A VOC <size> whose aspect ratio is within this fraction of the photo's, beyond a pixel of rounding on each side,
+# describes a resized copy of it.
 DOG_ASPECT_TOLERANCE = 0.02
 # min_box never asks for more than this fraction of the photo's shortest side: a small photo's one dog is kept.
 DOG_MIN_BOX_PHOTO_FRACTION = 0.5
@@ -58,27 +65,38 @@ class DogCropSettings:
     margin: float = 0.0           # widen each box by this fraction of its size on every side
     size: int = 64                # side of the square crops and of the whole-photo images
     min_box: int = 0              # drop boxes whose shortest side is under this many px (see _dog_min_side)
-    whole_photos: bool = False    # also return each whole photo squashed to size x size (Kaggle's MiFID reference)
+    whole_photos: bool = False    # also return each whole photo squashed to size x size (MiFID reference, training)
 
 
-# ---- sources: a folder on disk or a .zip read in place ------------------------------------------------
-# A "source" is just a path string: a folder, or a .zip file whose entries are read without extracting.
+# ---- sources: a folder on disk, a .zip read in place, or a folder inside such a zip ---------------------
+# A "source" is just a path string: a folder, a .zip file whose entries are read without extracting, or
+# 'x.zip/all-dogs' (the entries of x.zip under all-dogs/; a --data-dir that is one zip of the Kaggle layout).
 
-def _dog_source_is_zip(source: str) -> bool:
-    return source.lower().endswith(".zip") and os.path.isfile(source)
+def _dog_zip_and_folder(source: str) -> tuple[str, str] | None:
+    """(zip file, folder inside it: '' or 'a/b/') when the source is a zip or a folder inside one, else None."""
+    head, inner = source, []
+    while head:
+        if head.lower().endswith(".zip") and os.path.isfile(head):
+            return head, "".join(f"{part}/" for part in reversed(inner))
+        parent, tail = os.path.split(head)
+        if parent == head or not tail:
+            return None
+        inner.append(tail)
+        head = parent
+    return None
 
 
 # One open ZipFile per (process, zip): forked workers must not share the parent's file offset.
 _DOG_ZIP_HANDLES: dict = {}
 
 
-def _dog_zip(source: str) -> zipfile.ZipFile:
-    key = (os.getpid(), source)
+def _dog_zip(path: str) -> zipfile.ZipFile:
+    key = (os.getpid(), path)
     if key not in _DOG_ZIP_HANDLES:
         try:
-            _DOG_ZIP_HANDLES[key] = zipfile.ZipFile(source)
+            _DOG_ZIP_HANDLES[key] = zipfile.ZipFile(path)
         except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as exc:
-            raise DataError(f"{source} is not a readable zip file (truncated or damaged?): {exc}") from None
+            raise DataError(f"{path} is not a readable zip file (truncated or damaged?): {exc}") from None
     return _DOG_ZIP_HANDLES[key]
 
 
@@ -92,8 +110,11 @@ def _dog_entry_is_file(entry: os.DirEntry) -> bool:
 def _dog_source_files(source: str, recursive: bool) -> list[str]:
     """Names in `source` ('/'-separated, relative), sorted: zip entries, every folder entry when not recursive
     (odd ones, such as broken links or a folder named x.jpg, are skipped and counted when read), else files."""
-    if _dog_source_is_zip(source):
-        return sorted(info.filename for info in _dog_zip(source).infolist() if not info.is_dir())
+    zipped = _dog_zip_and_folder(source)
+    if zipped is not None:
+        path, folder = zipped
+        return sorted(info.filename[len(folder):] for info in _dog_zip(path).infolist()
+                      if not info.is_dir() and info.filename.startswith(folder))
     if not recursive:
         with os.scandir(source) as entries:
             return sorted(e.name for e in entries)
@@ -105,8 +126,10 @@ def _dog_source_files(source: str, recursive: bool) -> list[str]:
 
 
 def _dog_source_read(source: str, name: str) -> bytes:
-    if _dog_source_is_zip(source):
-        return _dog_zip(source).read(name)
+    zipped = _dog_zip_and_folder(source)
+    if zipped is not None:
+        path, folder = zipped
+        return _dog_zip(path).read(folder + name)
     path = os.path.join(source, name)
     # stat follows links: a loop or a dangling link raises here; a FIFO would block open(), so only plain files pass
     mode = os.stat(path).st_mode
@@ -121,13 +144,25 @@ def _dog_is_image_name(name: str) -> bool:
     return base.lower().endswith(DOG_IMAGE_EXTENSIONS) and not base.startswith(".")  # no macOS ._ files
 
 
+def _dog_is_hidden(name: str) -> bool:
+    """A '/'-separated name inside a hidden folder or file, or macOS's __MACOSX shadow folder of a zip."""
+    return any(part.startswith(".") or part == "__MACOSX" for part in name.split("/"))
+
+
 # ---- finding the Kaggle layout --------------------------------------------------------------------------
+
+def _dog_scandir(folder: str) -> list[os.DirEntry]:
+    try:
+        with os.scandir(folder) as entries:
+            return sorted(entries, key=lambda e: e.name)
+    except OSError:  # unreadable or vanished: nothing to find there
+        return []
+
 
 def _dog_folder_has_images(folder: str) -> bool:
     if not os.path.isdir(folder):
         return False
-    with os.scandir(folder) as entries:
-        return any(_dog_is_image_name(e.name) and _dog_entry_is_file(e) for e in entries)
+    return any(_dog_is_image_name(e.name) and _dog_entry_is_file(e) for e in _dog_scandir(folder))
 
 
 def _dog_zip_has_images(path: str) -> bool:
@@ -148,48 +183,176 @@ def _dog_images_at(root: str, bare: bool) -> str | None:
     return None
 
 
+def _dog_is_annotation_name(name: str) -> bool:
+    """Annotation, annotation, Annotations (PASCAL VOC's own name), in any case."""
+    return name.lower() in DOG_ANNOTATION_FOLDER_NAMES
+
+
+def _dog_is_zip_name(name: str) -> bool:
+    return name.lower().endswith(".zip")
+
+
+def _dog_annotation_candidates(root: str) -> list[str]:
+    """Paths directly under root named like an annotation folder or zip, in the order they are tried: each
+    folder's own annotation folder first (Kaggle's annotation/Annotation), then the folder, then the zips."""
+    entries = _dog_scandir(root)
+    folders = [e.path for e in entries if _dog_is_annotation_name(e.name) and not _dog_is_zip_name(e.name)]
+    zips = [e.path for e in entries if _dog_is_zip_name(e.name) and _dog_is_annotation_name(e.name[:-4])]
+    candidates = []
+    for folder in folders:
+        candidates += [e.path for e in _dog_scandir(folder) if _dog_is_annotation_name(e.name) and _dog_entry_is_dir(e)]
+        candidates.append(folder)
+    return candidates + zips
+
+
+def _dog_folder_has_files(folder: str) -> bool:
+    """Whether any non-hidden file lies anywhere under folder (VOC files loose in it or in breed folders)."""
+    for _, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not _dog_is_hidden(d)]
+        if any(not _dog_is_hidden(f) for f in files):
+            return True
+    return False
+
+
 def _dog_annotations_at(root: str) -> str | None:
-    """The annotation source (breed folders of VOC files) directly under `root`, or None."""
-    for parts in (("annotation", "Annotation"), ("Annotation", "Annotation"), ("Annotation",), ("annotation",)):
-        folder = os.path.join(root, *parts)
-        if os.path.isdir(folder) and _dog_subfolders(folder):
-            return folder
-    for name in ("Annotation.zip", "annotation.zip"):
-        if os.path.isfile(os.path.join(root, name)):
-            return os.path.join(root, name)
+    """The annotation source directly under `root`: a folder holding VOC files (in breed folders, loose, or
+    nested deeper) or an Annotation.zip; None when there is none."""
+    for path in _dog_annotation_candidates(root):
+        if os.path.isdir(path) and _dog_folder_has_files(path):
+            return path
+        if _dog_is_zip_name(path) and os.path.isfile(path):
+            return path
     return None
 
 
-def _dog_layout_at(root: str, bare: bool) -> tuple[str, str | None] | None:
+def _dog_annotation_roots(images: str, root: str) -> list[str]:
+    """Where the annotations of the photo source `images` found under `root` are looked for: root, and one and
+    two levels up when root is the all-dogs folder (or all-dogs/all-dogs) itself."""
+    if images != root:
+        return [root]
+    parent = os.path.dirname(os.path.abspath(root))
+    return [root, parent, os.path.dirname(parent)]
+
+
+def _dog_annotations_missing(roots: list[str]) -> str:
+    """What was seen where annotations were looked for and none was usable: one clause for the data line."""
+    seen = []
+    for root in roots:
+        for path in _dog_annotation_candidates(root):
+            if os.path.isdir(path):
+                seen.append(f"{path} holds no files")
+            elif os.path.islink(path) and not os.path.exists(path):
+                seen.append(f"{path} is a link to {os.readlink(path)}, which does not exist")
+            elif not os.path.exists(path):
+                continue
+            elif not os.path.isfile(path):
+                seen.append(f"{path} is not a folder or a file")
+            elif not _dog_is_zip_name(path):
+                seen.append(f"{path} is a file, not a folder or a zip")
+    return "; ".join(seen) if seen else f"no Annotation folder or zip in {' or '.join(dict.fromkeys(roots))}"
+
+
+def _dog_layout_at(root: str, bare: bool) -> tuple[str, str | None, list[str]] | None:
     images = _dog_images_at(root, bare)
     if images is None:
         return None
-    # When root is the all-dogs folder itself (or all-dogs/all-dogs), Annotation sits one or two levels up.
-    search = [root] if images != root else [root, os.path.dirname(root), os.path.dirname(os.path.dirname(root))]
-    for folder in search:
+    roots = _dog_annotation_roots(images, root)
+    for folder in roots:
         annotations = _dog_annotations_at(folder)
         if annotations is not None:
-            return images, annotations
-    return images, None
+            return images, annotations, roots
+    return images, None, roots
 
 
 def _dog_subfolders(folder: str) -> list[str]:
+    return [e.path for e in _dog_scandir(folder) if not e.name.startswith(".") and _dog_entry_is_dir(e)]
+
+
+def _dog_entry_is_dir(entry: os.DirEntry) -> bool:
     try:
-        with os.scandir(folder) as entries:
-            return sorted(e.path for e in entries if e.is_dir() and not e.name.startswith("."))
+        return entry.is_dir()
     except OSError:
-        return []
+        return False
 
 
-def find_kaggle_layout(data_dir: str) -> tuple[str, str | None]:
-    """(photo source, annotation source or None) under data_dir; a source is a folder or a .zip read in place.
+def _dog_common_folder(names: list[str]) -> str:
+    """The deepest folder ('' or 'a/b/') holding every one of the '/'-separated names."""
+    folders = [name.split("/")[:-1] for name in names]
+    common = []
+    for parts in zip(*folders):
+        if any(part != parts[0] for part in parts):
+            break
+        common.append(parts[0])
+    return "".join(f"{part}/" for part in common)
 
-    Looks at data_dir (which may be the all-dogs folder itself), then for an all-dogs folder or zip one and two
-    folder levels down (a /kaggle/input-style root, where other data sets' stray .jpg files must not win).
-    """
+
+def _dog_zip_annotation_folder(names: list[str]) -> str | None:
+    """The folder of a zip's entries ('' or 'a/b/') where its annotations start: the first annotation folder or,
+    without one, the folder holding the breed folders; None when no entry is a VOC file in either."""
+    for name in names:
+        parts = name.split("/")[:-1]
+        for depth, part in enumerate(parts):
+            if _dog_is_annotation_name(part):
+                return "".join(f"{p}/" for p in parts[:depth + 1])
+            if DOG_BREED_FOLDER.fullmatch(part):
+                return "".join(f"{p}/" for p in parts[:depth])
+    return None
+
+
+def _dog_layout_in_zip(path: str) -> tuple[str, str | None, list[str]]:
+    """(photo source, annotation source or None, folders searched beside it) of a --data-dir that is a zip file:
+    one zip of the Kaggle layout (all-dogs/ and Annotation/ inside), or all-dogs.zip with its annotations beside it."""
+    names = [n for n in _dog_zip(path).namelist() if not n.endswith("/") and not _dog_is_hidden(n)]
+    photos = [n for n in names if _dog_is_image_name(n)]
+    if not photos:
+        inner_zips = [n for n in names if _dog_is_zip_name(n)]
+        if inner_zips:
+            raise DataError(f"--data-dir {path} is a zip of zips ({', '.join(inner_zips[:3])}), which are not read "
+                            f"in place: unzip it (unzip {path} -d DIR) and pass --data-dir DIR")
+        raise DataError(f"--data-dir {path} is a zip without dog photos: {len(names)} files, none named "
+                        f"{'/'.join('*' + ext for ext in DOG_IMAGE_EXTENSIONS)}"
+                        + (f" (e.g. {names[0]})" if names else "")
+                        + "; pass the folder or zip holding all-dogs/ and Annotation/")
+    photo_folder = _dog_common_folder(photos)
+    images = os.path.join(path, photo_folder[:-1]) if photo_folder else path
+    annotation_folder = _dog_zip_annotation_folder([n for n in names if not _dog_is_image_name(n)])
+    if annotation_folder is not None:
+        return images, os.path.join(path, annotation_folder[:-1]) if annotation_folder else path, [path]
+    beside = os.path.dirname(os.path.abspath(path))
+    return images, _dog_annotations_at(beside), [path, beside]
+
+
+def _dog_not_a_folder(path: str) -> str:
+    """Why a --data-dir that is no folder cannot be read, and what to pass instead."""
+    wanted = "pass the folder holding Kaggle's all-dogs/ and Annotation/ (or one zip of them)"
+    if os.path.islink(path) and not os.path.exists(path):
+        return f"--data-dir {path} is a symbolic link to {os.readlink(path)}, which does not exist; {wanted}"
+    if not os.path.lexists(path):
+        return f"data folder {path!r} does not exist (expected Kaggle's all-dogs/ and Annotation/ in it)"
+    if not os.path.isfile(path):
+        return f"--data-dir {path} is not a folder, a file or a zip (a device, pipe or socket); {wanted}"
+    try:
+        size = os.path.getsize(path)
+        is_tar = tarfile.is_tarfile(path)
+    except OSError as exc:
+        return f"--data-dir {path} is a file that cannot be read ({exc.strerror or exc}); {wanted}"
+    if is_tar:
+        return (f"--data-dir {path} is a tar archive, which is not read in place: extract it "
+                f"(tar -xf {path} -C DIR) and pass --data-dir DIR")
+    if _dog_is_zip_name(path):
+        return f"--data-dir {path} is not a readable zip file (truncated or damaged?); {wanted}"
+    return f"--data-dir {path} is a file ({size} bytes), not a folder or a zip; {wanted}"
+
+
+def _dog_find_layout(data_dir: str) -> tuple[str, str | None, list[str]]:
+    """find_kaggle_layout, with the folders where annotations were looked for (for the data line)."""
     data_dir = os.fspath(data_dir)
+    if os.path.isfile(data_dir) and zipfile.is_zipfile(data_dir):
+        return _dog_layout_in_zip(data_dir)
     if not os.path.isdir(data_dir):
-        raise DataError(f"data folder {data_dir!r} does not exist (expected Kaggle's all-dogs/ and Annotation/ in it)")
+        raise DataError(_dog_not_a_folder(data_dir))
+    if not os.access(data_dir, os.R_OK | os.X_OK):
+        raise DataError(f"--data-dir {data_dir} is a folder this user may not read (permission denied)")
     level1 = _dog_subfolders(data_dir)
     level2 = [sub for folder in level1 for sub in _dog_subfolders(folder)]
     for root in [data_dir] + level1 + level2:
@@ -200,6 +363,20 @@ def find_kaggle_layout(data_dir: str) -> tuple[str, str | None]:
         f"no dog photos found under {data_dir!r}: looked for all-dogs/*.jpg, all-dogs/all-dogs/*.jpg, "
         f"all-dogs.zip and *.jpg directly in it and in its sub-folders one and two levels down "
         f"({len(level1)} + {len(level2)} folders searched)")
+
+
+def find_kaggle_layout(data_dir: str) -> tuple[str, str | None]:
+    """(photo source, annotation source or None) under data_dir; a source is a folder, a .zip read in place, or a
+    folder inside such a zip ('x.zip/all-dogs').
+
+    Looks at data_dir (which may be the all-dogs folder itself), then for an all-dogs folder or zip one and two
+    folder levels down (a /kaggle/input-style root, where other data sets' stray .jpg files must not win).
+    data_dir may also be one zip holding the layout, or all-dogs.zip itself (annotations beside it).
+    Annotations are a folder named Annotation (any case, also Annotations) holding VOC files in breed folders,
+    loose, or nested deeper, or an Annotation.zip.
+    """
+    images, annotations, _ = _dog_find_layout(data_dir)
+    return images, annotations
 
 
 # ---- VOC annotations ------------------------------------------------------------------------------------
@@ -252,20 +429,51 @@ def _dog_breed_of_folder(folder: str) -> str:
     return folder.split("-", 1)[1] if "-" in folder else folder
 
 
-def _dog_annotation_index(source: str) -> tuple[dict[str, list[tuple[str, str]]], dict[str, str]]:
-    """photo id -> [(annotation file name, folder breed), ...] (several when an id sits in several breed folders)
-    and wnid -> folder breed."""
-    by_id, by_wnid = {}, {}
+def _dog_annotation_index(source: str) -> tuple[dict[str, list[tuple[str, str | None]]], dict[str, str], Counter]:
+    """photo id -> [(annotation file name, breed of its folder or None), ...] (several when an id sits in several
+    folders), wnid -> folder breed, and the layout seen (files in breed folders, loose, nested deeper).
+
+    A file's breed folder is the nearest folder above it named <wnid>-<Breed> (Stanford's, e.g.
+    n02085620-Chihuahua); a file without one is loose and its dogs' breeds come from their VOC <name>. Images
+    (a zip holding photos and annotations together) and hidden files are not annotations.
+    """
+    by_id, by_wnid, layout, folders = {}, {}, Counter(), set()
     for name in _dog_source_files(source, recursive=True):
-        parts = name.split("/")
-        if len(parts) < 2 or parts[-1].startswith("."):
+        if _dog_is_hidden(name) or _dog_is_image_name(name):
             continue
-        folder, file = parts[-2], parts[-1]
-        breed = _dog_breed_of_folder(folder)
+        parts = name.split("/")
+        breed_folder = next((part for part in reversed(parts[:-1]) if DOG_BREED_FOLDER.fullmatch(part)), None)
+        breed = None
+        if breed_folder is None:
+            layout["loose"] += 1
+        else:
+            breed = _dog_breed_of_folder(breed_folder)
+            by_wnid.setdefault(breed_folder.split("-", 1)[0], breed)
+            folders.add(breed_folder)
+            layout["in_breed_folders"] += 1
+        # folders other than the breed folder and an Annotation folder (a zip's top one, Annotation/Annotation)
+        layout["nested"] += any(part != breed_folder and not _dog_is_annotation_name(part) for part in parts[:-1])
+        file = parts[-1]
         photo_id = file[:-4] if file.lower().endswith(".xml") else file
         by_id.setdefault(photo_id, []).append((name, breed))
-        by_wnid.setdefault(folder.split("-", 1)[0], breed)
-    return by_id, by_wnid
+    layout["breed_folders"] = len(folders)
+    return by_id, by_wnid, layout
+
+
+def _dog_describe_layout(layout: Counter) -> str:
+    """The annotation layout seen, for the data line."""
+    in_folders, loose, nested = layout["in_breed_folders"], layout["loose"], layout["nested"]
+    if in_folders and loose:
+        described = (f"mixed, {in_folders} VOC files in {layout['breed_folders']} breed folders and {loose} loose "
+                     f"(breeds from their <name>)")
+    elif in_folders:
+        described = f"{in_folders} VOC files in {layout['breed_folders']} breed folders"
+        described = described if nested else f"Kaggle's layout, {described}"
+    elif loose:
+        described = f"{loose} loose VOC files, no breed folders (breeds from their <name>)"
+    else:
+        return "no annotation files"
+    return described + (f"; {nested} of them below other folders" if nested else "")
 
 
 def _dog_read_annotations(annotation_source, entries, counts) -> list[tuple[str, tuple[int, int], list]]:
@@ -377,16 +585,22 @@ def _dog_boxes_fit(boxes, width: int, height: int) -> bool:
                for _, _, _, x1, y1 in boxes)
 
 
-def _dog_aspect_matches(size_a, size_b) -> bool:
-    ratio_a, ratio_b = size_a[0] / size_a[1], size_b[0] / size_b[1]
-    return abs(ratio_a - ratio_b) <= DOG_ASPECT_TOLERANCE * ratio_b
+def _dog_is_resized_copy(xml_size, frame) -> bool:
+    """Whether a photo of `frame` pixels can be a resized copy of one of `xml_size` pixels: one scale fits both
+    sides, each rounded to whole pixels (up to 1 px either way: round, floor or ceil), within DOG_ASPECT_TOLERANCE.
+    A photo shrunk to a thumbnail keeps its aspect only to a pixel, which is several percent at 32 px."""
+    (xml_w, xml_h), (width, height) = xml_size, frame
+    lowest = max((width - 1) / xml_w, (height - 1) / xml_h)
+    highest = min((width + 1) / xml_w, (height + 1) / xml_h)
+    return lowest <= highest * (1 + DOG_ASPECT_TOLERANCE)
 
 
 def _dog_box_frame(xml_size, boxes, stored_size, orientation: int) -> tuple[bool, float, float, str]:
     """(exif_frame, sx, sy, how): whether the boxes refer to the EXIF-rotated photo, the scale from the XML's
     <size> onto that frame's pixels, and how that was decided: "same" (the size matches the stored pixels),
-    "exif" (it matches the photo turned by its EXIF orientation), "rescaled" (a resized copy's size: same aspect),
-    or "fallback" (missing, absurd or inconsistent with the boxes: the photo's real size is used)."""
+    "exif" (it matches the photo turned by its EXIF orientation), "rescaled" (the size of another copy of the
+    photo, larger or smaller: same aspect to a pixel, boxes inside it; scaled by photo size / stated size), or
+    "fallback" (missing, zero, absurd, boxes outside it, or another aspect: the photo's own pixels are used)."""
     width, height = stored_size
     if not boxes or tuple(xml_size) == (width, height):
         return False, 1.0, 1.0, "same"
@@ -398,7 +612,7 @@ def _dog_box_frame(xml_size, boxes, stored_size, orientation: int) -> tuple[bool
             if tuple(xml_size) == frame:
                 return exif_frame, 1.0, 1.0, "exif"
         for exif_frame, frame in frames:
-            if _dog_aspect_matches(xml_size, frame):
+            if _dog_is_resized_copy(xml_size, frame):
                 return exif_frame, frame[0] / xml_w, frame[1] / xml_h, "rescaled"
     return False, 1.0, 1.0, "fallback"
 
@@ -454,11 +668,15 @@ def _dog_centre_region(img_size) -> tuple[float, float, float, float]:
     return (left, top, left + side, top + side)
 
 
-def _dog_decode_photo(image_source, annotation_source, task, settings: DogCropSettings, counts):
-    """One photo -> ([3 x size x size uint8 crops], [breed name or None per crop], whole photo or None).
+def _dog_decode_photo(image_source, annotation_source, task, settings: DogCropSettings, counts, notes):
+    """One photo -> ([3 x size x size uint8 crops], [breed name or None per crop], whole photo or None, the
+    photo's breed name or None).
 
-    Raises on unreadable files. `counts` is this photo's own Counter. The whole photo is the stored pixels as PIL
-    opens them, without EXIF rotation, as Kaggle's evaluator read them; crops follow the frame the boxes were drawn in.
+    Raises on unreadable files. `counts` is this photo's own Counter; `notes` keeps the first example of each
+    <size> decision ("rescaled_annotations", "size_fallback"). The whole photo is the stored pixels as PIL opens
+    them, without EXIF rotation, as Kaggle's evaluator read them; crops follow the frame the boxes were drawn in.
+    The photo's breed is its first annotated dog's (XML order, even a dog too small to crop), else its centre
+    crop's, else its wnid's breed folder's.
     """
     image_name, annotation_entries, folder_breed = task
     annotations = []
@@ -477,8 +695,11 @@ def _dog_decode_photo(image_source, annotation_source, task, settings: DogCropSe
     for file_breed, xml_size, boxes in annotations:
         exif_frame, sx, sy, how = _dog_box_frame(xml_size, boxes, img.size, orientation)
         counts["exif_transposed"] += exif_frame
-        counts["rescaled_annotations"] += how == "rescaled"
-        counts["size_fallback"] += how == "fallback"
+        if how in ("rescaled", "fallback"):
+            key = "rescaled_annotations" if how == "rescaled" else "size_fallback"
+            counts[key] += 1
+            stated = f"<size> {xml_size[0]}x{xml_size[1]}" if min(xml_size) > 0 else "<size> missing or not a number"
+            notes.setdefault(key, f"{image_name}: {stated}, photo {img.size[0]}x{img.size[1]}")
         if exif_frame and turned_img is None:
             turned_img = ImageOps.exif_transpose(img)
         frame_img = turned_img if exif_frame else img
@@ -486,10 +707,11 @@ def _dog_decode_photo(image_source, annotation_source, task, settings: DogCropSe
             regions.append(region)
             names.append(name or file_breed)
             frames.append(frame_img)
+    first_dog = next((name or file_breed for file_breed, _, boxes in annotations for name, *_ in boxes), None)
     if not regions and counts["tiny_boxes"]:
         # every dog of the photo is too small: its smudge, or a centre crop of the background, would be no better
         counts["tiny_only_photos"] += 1
-        return [], [], whole
+        return [], [], whole, first_dog or folder_breed
     if not regions:
         counts["centre_crops"] += 1
         xml_breed = next((name for _, _, boxes in annotations for name, *_ in boxes if name), None)
@@ -497,25 +719,39 @@ def _dog_decode_photo(image_source, annotation_source, task, settings: DogCropSe
     crops = [_dog_crop_resize(frame_img, region, settings.size) for frame_img, region in zip(frames, regions)]
     if len(crops) > 1:
         counts["multi_dog_photos"] += 1
-    return crops, names, whole
+    return crops, names, whole, first_dog or names[0]
 
 
-def _dog_decode_chunk(job):
+@dataclass
+class DogDecodedChunk:
+    """What a decode worker sends back for its share of the photos."""
+    crops: np.ndarray             # uint8 N x 3 x size x size
+    names: list                   # breed name or None per crop
+    counts: Counter
+    skipped: list                 # (file name, reason) of unreadable files
+    truncated: list               # names of JPEGs kept without their end marker
+    photos: np.ndarray            # uint8 P x 3 x size x size whole photos (P = 0 unless asked for)
+    photo_names: list             # breed name or None per decoded photo
+    notes: dict                   # first example of each <size> decision
+
+
+def _dog_decode_chunk(job) -> DogDecodedChunk:
     """Pool worker (top level, so pickling finds it in a bundled __main__ or a notebook): a list of photos."""
     image_source, annotation_source, tasks, settings = job
-    counts, crops, names, skipped, truncated, wholes = Counter(), [], [], [], [], []
+    counts, crops, names, skipped, truncated, wholes, photo_names, notes = Counter(), [], [], [], [], [], [], {}
     for task in tasks:
         photo_counts = Counter()
         try:
-            photo_crops, photo_names, whole = _dog_decode_photo(image_source, annotation_source, task, settings,
-                                                                photo_counts)
+            photo_crops, crop_names, whole, photo_name = _dog_decode_photo(image_source, annotation_source, task,
+                                                                           settings, photo_counts, notes)
         except Exception as exc:  # any unreadable file (truncated JPEG, not an image, a broken link) is a counted skip
             counts["skipped_files"] += 1
             skipped.append((task[0], f"{type(exc).__name__}: {exc}"))
             continue
         counts.update(photo_counts)
         crops.extend(photo_crops)
-        names.extend(photo_names)
+        names.extend(crop_names)
+        photo_names.append(photo_name)
         if photo_counts["truncated"]:
             truncated.append(task[0])
         if whole is not None:
@@ -523,7 +759,7 @@ def _dog_decode_chunk(job):
     size = settings.size
     stacked = np.stack(crops) if crops else np.zeros((0, 3, size, size), np.uint8)
     photos = np.stack(wholes) if wholes else np.zeros((0, 3, size, size), np.uint8)
-    return stacked, names, counts, skipped, truncated, photos
+    return DogDecodedChunk(stacked, names, counts, skipped, truncated, photos, photo_names, notes)
 
 
 # ---- the loader -----------------------------------------------------------------------------------------
@@ -537,8 +773,9 @@ class DogData:
     counts: dict = field(default_factory=dict)  # photos, samples, multi_dog_photos, centre_crops, skipped_*, ...
     seconds: float = 0.0          # load time
     # uint8 P x 3 x size x size, one per decoded photo, squashed with Lanczos and not EXIF-rotated: Kaggle's MiFID
-    # reference (load_dogs(whole_photos=True)); None otherwise. Scoring only: training never moves it to a GPU.
+    # reference, and training images for --train-on photos|both (load_dogs(whole_photos=True)); None otherwise.
     photos: torch.Tensor | None = None
+    photo_labels: torch.Tensor | None = None    # int64 P with photos: each photo's breed (see load_dogs)
 
 
 def _dog_worker_count(workers: int) -> int:
@@ -648,9 +885,22 @@ def _dog_warn_about_annotations(photo_ids: list[str], by_id: dict, annotation_so
             f"they are centre-cropped")
     shared = [photo_id for photo_id in photo_ids if len(by_id.get(photo_id, ())) > 1]
     if shared:
-        folders = " and ".join(name.rsplit("/", 2)[-2] for name, _ in by_id[shared[0]])
+        folders = " and ".join(name.rsplit("/", 1)[0] if "/" in name else "the top folder"
+                               for name, _ in by_id[shared[0]])
         log("data", f"warning: {len(shared)} photo ids have annotation files in several folders (e.g. {shared[0]} in "
             f"{folders}); the boxes of every file are kept")
+
+
+def _dog_log_size_decisions(counts: Counter, notes: dict) -> None:
+    """One line for each way a VOC <size> other than the photo's was read, with the first example."""
+    if counts["rescaled_annotations"]:
+        log("data", f"{counts['rescaled_annotations']} annotation files state the size of another copy of their "
+            f"photo (same aspect to a pixel, boxes inside it): boxes scaled onto the photo "
+            f"(e.g. {notes['rescaled_annotations']})")
+    if counts["size_fallback"]:
+        log("data", f"{counts['size_fallback']} annotation files state a <size> that cannot be their photo's "
+            f"(missing, zero, absurd, boxes outside it, or another aspect): boxes read in the photo's own pixels "
+            f"(e.g. {notes['size_fallback']})")
 
 
 def load_dogs(data_dir: str, crop_margin: float = 0.0, max_images: int = 0, workers: int = 0,
@@ -660,28 +910,32 @@ def load_dogs(data_dir: str, crop_margin: float = 0.0, max_images: int = 0, work
     Photos without a usable box are centre-cropped; their label is the breed of the folder their wnid belongs to,
     else the most common breed of the set (or the single breed "dog" when there are no annotations at all).
     min_box > 0 drops dogs whose box is smaller (see _dog_min_side); a photo that loses every dog gives no crop.
-    whole_photos: also keep every photo squashed to size x size (DogData.photos, Kaggle's MiFID reference).
+    whole_photos: also keep every decoded photo squashed to size x size (DogData.photos): Kaggle's MiFID reference,
+    and the training images of --train-on photos|both (training_images). Each photo's label (DogData.photo_labels)
+    is the breed of its first annotated dog; a photo with no usable annotation keeps the label its centre crop
+    got, and a first dog of a breed no crop has (all its dogs under min_box) gives the most common breed.
     """
     start = time.time()
     data_dir = os.fspath(data_dir)
-    image_source, annotation_source = find_kaggle_layout(data_dir)
+    image_source, annotation_source, annotation_roots = _dog_find_layout(data_dir)
     image_names = _dog_pick_subset([n for n in _dog_source_files(image_source, recursive=False)
                                     if _dog_is_image_name(n)], max_images)
     photo_ids = [os.path.splitext(name.rsplit("/", 1)[-1])[0] for name in image_names]
     if annotation_source is None:
-        log("data", f"warning: no Annotation folder or zip found near {image_source}; "
-            f"every photo is centre-cropped and labelled 'dog'")
-        by_id, by_wnid = {}, {}
+        missing = _dog_annotations_missing(annotation_roots)
+        log("data", f"warning: {missing}; every photo is centre-cropped and labelled 'dog'")
+        by_id, by_wnid, layout = {}, {}, f"none ({missing})"
     else:
-        by_id, by_wnid = _dog_annotation_index(annotation_source)
+        by_id, by_wnid, seen = _dog_annotation_index(annotation_source)
+        layout = f"{annotation_source}: {_dog_describe_layout(seen)}"
         if image_names:
             _dog_warn_about_annotations(photo_ids, by_id, annotation_source)
 
     tasks = []
     for name, photo_id in zip(image_names, photo_ids):
         entries = tuple(by_id.get(photo_id, ()))
-        fallback_breed = entries[0][1] if entries else by_wnid.get(photo_id.split("_", 1)[0])
-        tasks.append((name, entries, fallback_breed))
+        folder_breed = next((breed for _, breed in entries if breed), None)
+        tasks.append((name, entries, folder_breed or by_wnid.get(photo_id.split("_", 1)[0])))
 
     processes = _dog_worker_count(workers)
     if len(tasks) < DOG_POOL_MIN_PHOTOS and workers == 0:
@@ -694,18 +948,22 @@ def load_dogs(data_dir: str, crop_margin: float = 0.0, max_images: int = 0, work
     results, processes = _dog_run_jobs(jobs, processes)
 
     counts = Counter()
-    names, skipped, truncated = [], [], []
-    for _, chunk_names, chunk_counts, chunk_skipped, chunk_truncated, _ in results:
-        names.extend(chunk_names)
-        counts.update(chunk_counts)
-        skipped.extend(chunk_skipped)
-        truncated.extend(chunk_truncated)
+    names, photo_names, skipped, truncated, notes = [], [], [], [], {}
+    for result in results:
+        names.extend(result.names)
+        photo_names.extend(result.photo_names)
+        counts.update(result.counts)
+        skipped.extend(result.skipped)
+        truncated.extend(result.truncated)
+        for key, example in result.notes.items():
+            notes.setdefault(key, example)
     for file_name, reason in skipped[:DOG_SKIP_LOG_LIMIT]:
         log("data", f"skipped unreadable {file_name}: {reason}")
     if len(skipped) > DOG_SKIP_LOG_LIMIT:
         log("data", f"... and {len(skipped) - DOG_SKIP_LOG_LIMIT} more unreadable files")
     if truncated:
         log("data", f"{len(truncated)} JPEGs lack their end marker but decode whole; kept (e.g. {truncated[0]})")
+    _dog_log_size_decisions(counts, notes)
     if not names:
         raise DataError(f"no usable dog images in {image_source}: {len(tasks)} photos found, "
                         f"{counts['skipped_files']} unreadable, {counts['tiny_only_photos']} with only dogs "
@@ -719,33 +977,62 @@ def load_dogs(data_dir: str, crop_margin: float = 0.0, max_images: int = 0, work
     labels = torch.tensor([breed_id[n] for n in names], dtype=torch.int64)
     # Copy chunk by chunk into one tensor, dropping each chunk: peak memory stays near one copy of the set.
     images = torch.empty((len(names), 3, size, size), dtype=torch.uint8)
-    n_photos = sum(len(result[5]) for result in results)
+    n_photos = sum(len(result.photos) for result in results)
     photos = torch.empty((n_photos, 3, size, size), dtype=torch.uint8) if whole_photos else None
     row, photo_row = 0, 0
-    for i, (chunk_images, *_, chunk_photos) in enumerate(results):
-        images[row:row + len(chunk_images)] = torch.from_numpy(chunk_images)
-        row += len(chunk_images)
+    for i, result in enumerate(results):
+        images[row:row + len(result.crops)] = torch.from_numpy(result.crops)
+        row += len(result.crops)
         if photos is not None:
-            photos[photo_row:photo_row + len(chunk_photos)] = torch.from_numpy(chunk_photos)
-            photo_row += len(chunk_photos)
+            photos[photo_row:photo_row + len(result.photos)] = torch.from_numpy(result.photos)
+            photo_row += len(result.photos)
         results[i] = None
+    photo_labels = None
+    if whole_photos:
+        photo_labels = torch.tensor([breed_id.get(n, breed_id[fallback_breed]) for n in photo_names],
+                                    dtype=torch.int64)
+        counts["photos_of_no_cropped_breed"] = sum(n not in breed_id for n in photo_names)
 
     summary = {"photos": len(tasks), "samples": len(names), "breeds": len(breeds)}
     for key in ("multi_dog_photos", "centre_crops", "skipped_files", "truncated", "skipped_boxes", "clipped_boxes",
                 "tiny_boxes", "tiny_only_photos", "no_annotation", "bad_xml", "duplicate_boxes",
-                "rescaled_annotations", "exif_transposed", "size_fallback"):
+                "rescaled_annotations", "exif_transposed", "size_fallback", "photos_of_no_cropped_breed"):
         summary[key] = counts.get(key, 0)
     summary["whole_photos"] = n_photos if whole_photos else 0
     summary["decode_processes"] = processes
     seconds = time.time() - start
     how = f"{processes} processes" if processes > 1 else "in-process"
-    notes = ", ".join(f"{k} {v}" for k, v in summary.items()
-                      if v and k not in ("photos", "samples", "breeds", "decode_processes", "whole_photos"))
+    notes_line = ", ".join(f"{k} {v}" for k, v in summary.items()
+                           if v and k not in ("photos", "samples", "breeds", "decode_processes", "whole_photos"))
     log("data", f"{summary['photos']} photos -> {summary['samples']} dogs of {len(breeds)} breeds"
         + (f" + {n_photos} whole photos ({size}x{size} Lanczos)" if whole_photos else "")
-        + f" in {seconds:.1f}s ({how}) from {image_source}; min_box {min_box} px"
-        + (f"; {notes}" if notes else ""))
-    return DogData(images=images, labels=labels, breeds=breeds, counts=summary, seconds=seconds, photos=photos)
+        + f" in {seconds:.1f}s ({how}) from {image_source}; annotations: {layout}; min_box {min_box} px"
+        + (f"; {notes_line}" if notes_line else ""))
+    return DogData(images=images, labels=labels, breeds=breeds, counts=summary, seconds=seconds, photos=photos,
+                   photo_labels=photo_labels)
+
+
+# What --train-on chooses between: the dog crops, the whole photos (what Kaggle's MiFID compares with), or both.
+TRAIN_ON_CHOICES = ("crops", "photos", "both")
+
+
+def training_images(data: DogData, train_on: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 N x 3 x size x size images, int64 N labels) to train on: the dog crops ("crops"), every decoded whole
+    photo squashed to size x size with its photo label ("photos"), or the crops followed by the photos ("both")."""
+    if train_on not in TRAIN_ON_CHOICES:
+        raise DataError(f"--train-on {train_on!r}: choose one of {', '.join(TRAIN_ON_CHOICES)}")
+    if train_on == "crops":
+        images, labels = data.images, data.labels
+    elif data.photos is None or data.photo_labels is None:
+        raise DataError(f"--train-on {train_on} needs the whole photos, which were not decoded "
+                        f"(load_dogs(..., whole_photos=True))")
+    elif train_on == "photos":
+        images, labels = data.photos, data.photo_labels
+    else:
+        images, labels = torch.cat([data.images, data.photos]), torch.cat([data.labels, data.photo_labels])
+    log("data", f"training on {train_on}: {len(images)} images"
+        + (f" ({len(data.images)} dog crops + {len(data.photos)} whole photos)" if train_on == "both" else ""))
+    return images, labels
 
 
 if __name__ == "__main__":

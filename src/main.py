@@ -21,6 +21,7 @@ from src.models import build_models
 from src.preflight import OutputError
 from src.report import write_plots
 from src.reserve import OutputPlan, plan_reserve
+from src.selfcheck import SelfCheckError, run_self_check
 from src.scoring import make_training_fid, pick_truncation, real_features, report_mifid
 from src.settle import settle_run
 from src.train import StopReason, build_run_nets, train
@@ -112,6 +113,8 @@ def run(cfg: Config, start: float) -> int:
     data.photos = None  # their features are computed: the ~250 MB of whole-photo pixels are not needed again
     # the models are built once: the reserve is measured with them, then they train
     nets = build_run_nets(cfg, n_classes, device, dist)
+    if cfg.self_check:
+        run_self_check(cfg, nets, data, out_dir, extractor, dist)
     plan = plan_reserve(cfg, deadline, n_classes, device, extractor, out_dir)
     fid_fn = (make_training_fid(cfg, extractor, real_feats, device, submission_breeds) if extractor is not None
               else None)
@@ -176,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         with signals_interrupt_run():
             return run(cfg, start)
-    except (DataError, ConfigError, CheckpointError, FileNotFoundError, OutputError, BudgetError) as error:
+    except (DataError, ConfigError, CheckpointError, FileNotFoundError, OutputError, BudgetError,
+            SelfCheckError) as error:
         log("dogkernel", f"error: {error}", error=True)
         return 2
     except RunInterrupted as stop:

@@ -65,3 +65,12 @@ def build_gan_nets(cfg: Config, n_classes: int, device, precision: Precision, di
     return GanNets(G=G, D=D, G_ema=G_ema, G_train=G_train, D_train=D_train, G_fwd=G_fwd, D_fwd=D_fwd,
                    opt_g=opt_g, opt_d=opt_d, scaler_g=make_grad_scaler(precision), scaler_d=make_grad_scaler(precision),
                    sn_G=spectral_norm_layers(G), sn_D=spectral_norm_layers(D), precision=precision)
+
+
+def use_eager_paths(nets: GanNets, dist_info: DistInfo) -> None:
+    """The call paths without torch.compile (the fallback when compiling fails on this device); same modules."""
+    nets.G_fwd, nets.D_fwd = nets.G, nets.D
+    if dist_info.world_size > 1:
+        nets.G_train, nets.D_train = wrap_ddp(nets.G, dist_info), wrap_ddp(nets.D, dist_info)
+    else:
+        nets.G_train, nets.D_train = nets.G, nets.D

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from src.checkpoint import check_resume_fits_data, open_resume
 from src.config import Config, ConfigError, config_diff, format_duration
 from src.console import log
-from src.data import DataError, DogData, load_dogs
+from src.data import DataError, DogData, load_dogs, training_images
 from src.distributed import DistInfo, setup_distributed
 from src.host import on_kaggle
 from src.mifid import find_fid_weights, load_feature_extractor
@@ -31,7 +31,7 @@ class SettledRun:
     data_dir: str
     out_dir: str
     resume: dict | None      # the checkpoint this run continues (its config is already cfg), or None
-    data: DogData            # the decoded training crops (and the whole photos while their features are needed)
+    data: DogData            # the training images (--train-on) and labels; the whole photos while they are needed
     extractor: object | None  # the MiFID backbone (rank 0, with weights), or None: scoring skipped
 
 
@@ -91,9 +91,14 @@ def settle_run(cfg: Config) -> SettledRun:
         log("main", f"config (differs from defaults): {config_diff(cfg)}")
     cfg, resume = open_resume(cfg, out_dir)
     extractor = open_extractor(cfg, dist.device) if dist.is_main else None
-    # the whole photos are decoded only where they are scored: rank 0, with a backbone, against --fid-reference photos
+    # the whole photos are decoded where they are scored (rank 0, with a backbone, against --fid-reference photos)
+    # and, on every rank, where they are trained on
+    scored = extractor is not None and cfg.fid_reference == "photos"
     data = load_dogs(data_dir, crop_margin=cfg.crop_margin, max_images=cfg.max_images, workers=cfg.decode_workers,
-                     min_box=cfg.min_box, whole_photos=extractor is not None and cfg.fid_reference == "photos")
+                     min_box=cfg.min_box, whole_photos=scored or cfg.train_on != "crops")
+    if cfg.train_on != "crops":
+        images, labels = training_images(data, cfg.train_on)
+        data = dataclasses.replace(data, images=images, labels=labels)
     cfg = fit_batch_to_data(cfg, len(data.images), dist.world_size)
     check_resume_fits_data(resume, len(data.breeds))
     return SettledRun(cfg=cfg, dist=dist, data_dir=data_dir, out_dir=out_dir, resume=resume, data=data,

@@ -317,44 +317,130 @@ def _finite_means(meter: TickMeter, nets: GanNets, now: float, world: int) -> di
     return means
 
 
+@dataclass
+class Watch:
+    """How a session is watched: status ticks, grids, checkpoints and FID on their own wall-clock periods, the tick's
+    device sums, the rollback point and the records. Rank 0 alone writes."""
+    out_dir: str
+    is_main: bool
+    world: int
+    train_start: float
+    seconds_before: float        # training seconds of earlier sessions (resume)
+    status_due: Every
+    grid_due: Every
+    ckpt_due: Every
+    fid_due: Every
+    meter: TickMeter
+    guard: RollbackGuard
+    status_log: StatusLog
+
+    def train_seconds(self, now: float) -> float:
+        return self.seconds_before + (now - self.train_start)
+
+
+def start_watch(cfg: Config, run: RunParts, deadline: Deadline, out_dir: str, dist_info, n_images: int) -> Watch:
+    """The watchers of a session starting now."""
+    now, device = time.time(), run.sampler.images.device
+    return Watch(out_dir=out_dir, is_main=dist_info.is_main, world=dist_info.world_size, train_start=now,
+                 seconds_before=run.state.train_seconds,
+                 status_due=Every(cfg.status_every, now, zero_means_always=True), grid_due=Every(cfg.grid_every, now),
+                 ckpt_due=Every(cfg.ckpt_every, now), fid_due=Every(cfg.fid_every if run.fid.enabled else 0.0, now),
+                 meter=TickMeter(device, now), guard=RollbackGuard(run.nets, run.state, now),
+                 status_log=StatusLog(os.path.join(out_dir, STATS_NAME), dist_info.is_main, n_images, now,
+                                      deadline.train_end))
+
+
+def _log_status(cfg: Config, run: RunParts, watch: Watch, now: float, means: dict, record: dict) -> None:
+    # the adaptive D steps follow the tick's D loss; one status line and record
+    _adapt_n_dis(run.state, cfg, means["d_loss"])
+    levers = {"ada_p": run.step.ada_p()} if run.step.ada is not None else {}
+    watch.status_log.status(now, run.state, means, current_lrs(cfg, run.state),
+                            {"next_ckpt_s": watch.ckpt_due.left(now), **levers, **record})
+
+
+def status_tick(cfg: Config, run: RunParts, watch: Watch, now: float, refresh_now: bool) -> None:
+    """FID when due, the tick's numbers (Diverged on NaN/Inf), then the rollback point, grid and checkpoint."""
+    nets, state, fid, is_main = run.nets, run.state, run.fid, watch.is_main
+    watch.status_due.reset(now)
+    record = {}
+    fid_now = is_main and fid.enabled and watch.fid_due.due(now)
+    if fid_now or is_main and watch.grid_due.due(now):
+        standing_bn_stats_(nets.G_ema, seed=cfg.seed)  # once, for the FID and the grid below
+    if fid_now:
+        record = fid.measure(nets.G_ema, state.images_seen / 1000)
+        watch.fid_due.reset(time.time())
+    _log_status(cfg, run, watch, now, _finite_means(watch.meter, nets, now, watch.world), record)
+    if refresh_now:
+        watch.guard.refresh(nets, state, now)
+    if is_main and watch.grid_due.due(now):
+        _save_grid(nets, run.grid_z, run.grid_y, watch.out_dir, state.images_seen / 1000)
+        watch.grid_due.reset(time.time())
+    if is_main and watch.ckpt_due.due(now):
+        _save_run(watch.out_dir, cfg, run, watch.train_seconds(now), "periodic")
+        watch.ckpt_due.reset(time.time())
+
+
+def wrap_up(cfg: Config, run: RunParts, watch: Watch, stop: StopReason, error: str) -> tuple[StopReason, str]:
+    """The end of a session, on every path: same buffers on every rank; the last status tick (its rollback may
+    restore G_ema with G's batch-norm buffers), then G_ema's own BN statistics; the final G_ema competes for best
+    FID (else up to fid_every of training would be thrown away); the last grid and checkpoint; the best G_ema is
+    put back. Returns (stop, error), changed when the last tick gave up."""
+    nets, state, fid = run.nets, run.state, run.fid
+    for module in (nets.G, nets.D, nets.G_ema):
+        sync_buffers(module, watch.world)
+    final_means, now = None, time.time()
+    if stop is not StopReason.ERROR and watch.meter.d_steps:
+        try:
+            final_means = _finite_means(watch.meter, nets, now, watch.world)
+        except Diverged as diverged:
+            try:
+                watch.guard.roll_back(diverged, nets, state, watch.status_log)
+            except GaveUp as gave_up:
+                stop, error = StopReason.ERROR, str(gave_up)
+    standing_bn_stats_(nets.G_ema, seed=cfg.seed)
+    record = {}
+    if watch.is_main and fid.enabled and watch.fid_due.seconds > 0 and state.images_seen / 1000 > fid.last_kimg:
+        record = fid.measure(nets.G_ema, state.images_seen / 1000)
+    if final_means is not None:
+        _log_status(cfg, run, watch, now, final_means, record)
+    elif record:
+        watch.status_log.event({"time": now, "step": state.step, "kimg": state.images_seen / 1000, **record})
+    if watch.is_main and state.step > 0:  # an untrained state never replaces a checkpoint
+        _save_grid(nets, run.grid_z, run.grid_y, watch.out_dir, state.images_seen / 1000)
+        _save_run(watch.out_dir, cfg, run, watch.train_seconds(time.time()), f"error: {error}" if error else stop.value)
+    if fid.best_G_ema is not None:
+        nets.G_ema.load_state_dict(fid.best_G_ema)
+        log("train", f"returning the best G_ema (FID {fid.best:.2f} at {fid.best_kimg:.1f} kimg), not the last one")
+    if watch.is_main:
+        _save_interpolation_strip(nets, watch.out_dir, cfg.seed)
+        log("train", f"stopped ({stop.value}{': ' + error if error else ''}) at step {state.step}, "
+            f"{state.images_seen / 1000:.1f} kimg, {format_duration(time.time() - watch.train_start)} of training "
+            f"this session")
+    return stop, error
+
+
 def train(cfg: Config, data, deadline: Deadline, out_dir: str, device, fid_fn=None, *, resume: dict | None = None,
           max_steps: int = 0, nets: GanNets | None = None) -> TrainResult:
     """Train G and D on `data` until the deadline's training window ends, a signal, cfg.max_kimg thousand images
     over all sessions, or max_steps rounds (tests).
 
-    `cfg` is the settled config (main.settle_run); `resume` the checkpoint it settled; `nets` the run's nets when
+    `cfg` is the settled config (settle.settle_run); `resume` the checkpoint it settled; `nets` the run's nets when
     main built them already (build_run_nets), else they are built here. Rank 0 prints and writes OUT/stats.jsonl,
     OUT/samples/, OUT/ckpt.pt (always before returning). Each rank trains on batch_size // world.
     """
-    # Set-up: ranks, models, optimisers, data on the device; the banner says what this run is.
+    # Set-up: ranks, models, optimisers, data on the device; the banner says what this run is; the watchers.
     device = torch.device(device)
     dist_info = current_dist_info(device)
-    is_main, world = dist_info.is_main, dist_info.world_size
-    if is_main:
+    world = dist_info.world_size
+    if dist_info.is_main:
         os.makedirs(out_dir, exist_ok=True)
     run = set_up_training(cfg, data, device, dist_info, fid_fn, resume, nets)
-    nets, state, fid = run.nets, run.state, run.fid
-    if is_main:
+    nets, state = run.nets, run.state
+    if dist_info.is_main:
         print_banner(cfg, device, nets.precision, data, deadline, nets.G, nets.D, world, resume and resume.get("path"))
-
-    # Watching: status ticks, grids, checkpoints and FID on their own wall-clock periods; a rollback point.
-    train_start = time.time()
-    schedule_start, seconds_before, session_first_step = state.schedule_progress, state.train_seconds, state.step
-    status_due = Every(cfg.status_every, train_start, zero_means_always=True)
-    grid_due = Every(cfg.grid_every, train_start)
-    ckpt_due = Every(cfg.ckpt_every, train_start)
-    fid_due = Every(cfg.fid_every if fid.enabled else 0.0, train_start)
-    meter, guard = TickMeter(device, train_start), RollbackGuard(nets, state, train_start)
-    status_log = StatusLog(os.path.join(out_dir, STATS_NAME), is_main, len(data.images), train_start,
-                           deadline.train_end)
+    watch = start_watch(cfg, run, deadline, out_dir, dist_info, len(data.images))
+    schedule_start, session_first_step = state.schedule_progress, state.step
     lrs_set, stop, error = (None, None), None, ""
-
-    def status_tick(now: float, means: dict, record: dict) -> None:
-        # the adaptive D steps follow the tick's D loss; one status line and record
-        _adapt_n_dis(state, cfg, means["d_loss"])
-        levers = {"ada_p": run.step.ada_p()} if run.step.ada is not None else {}
-        status_log.status(now, state, means, current_lrs(cfg, state),
-                          {"next_ckpt_s": ckpt_due.left(now), **levers, **record})
 
     with catch_stop_signals() as caught_signals:
         try:
@@ -362,29 +448,13 @@ def train(cfg: Config, data, deadline: Deadline, out_dir: str, device, fid_fn=No
                 # Decide, identically on every rank: stop (step limit / deadline / signal), tick, rollback refresh.
                 now = time.time()
                 stop, tick_now, refresh_now = _decide(now, state.step, max_steps, deadline.train_end, caught_signals,
-                                                      status_due, guard, device, world, state.images_seen,
+                                                      watch.status_due, watch.guard, device, world, state.images_seen,
                                                       cfg.max_kimg * 1000)
                 if stop is not None:
                     break
                 try:
-                    # Status tick: FID when due, the tick's numbers, then the rollback point, grid and checkpoint.
-                    if tick_now and meter.d_steps:
-                        status_due.reset(now)
-                        record = {}
-                        if is_main and (grid_due.due(now) or fid_due.due(now) and fid.enabled):
-                            standing_bn_stats_(nets.G_ema, seed=cfg.seed)  # once, for the FID and the grid below
-                        if is_main and fid_due.due(now) and fid.enabled:
-                            record = fid.measure(nets.G_ema, state.images_seen / 1000)
-                            fid_due.reset(time.time())
-                        status_tick(now, _finite_means(meter, nets, now, world), record)
-                        if refresh_now:
-                            guard.refresh(nets, state, now)
-                        if is_main and grid_due.due(now):
-                            _save_grid(nets, run.grid_z, run.grid_y, out_dir, state.images_seen / 1000)
-                            grid_due.reset(time.time())
-                        if is_main and ckpt_due.due(now):
-                            _save_run(out_dir, cfg, run, seconds_before + (now - train_start), "periodic")
-                            ckpt_due.reset(time.time())
+                    if tick_now and watch.meter.d_steps:
+                        status_tick(cfg, run, watch, now, refresh_now)
 
                     # Learning rates follow the training clock, or the images of a fixed-length run (and the batch
                     # size, and the rollback scale).
@@ -392,7 +462,7 @@ def train(cfg: Config, data, deadline: Deadline, out_dir: str, device, fid_fn=No
                         state.schedule_progress = image_progress(state.images_seen, cfg.max_kimg * 1000)
                     else:
                         state.schedule_progress = schedule_progress(schedule_start,
-                                                                    deadline.train_fraction(train_start))
+                                                                    deadline.train_fraction(watch.train_start))
                     lrs = current_lrs(cfg, state)
                     if lrs != lrs_set:
                         set_lr(nets.opt_g, lrs[0])
@@ -405,13 +475,13 @@ def train(cfg: Config, data, deadline: Deadline, out_dir: str, device, fid_fn=No
                     round_sums = gan_round(run.step, run.sampler, rank_batch, state.n_dis, cfg.g_steps)
                 except Diverged as diverged:
                     # NaN/Inf: back to the last good state with halved lrs (GaveUp once the rollbacks run out)
-                    guard.roll_back(diverged, nets, state, status_log)
+                    watch.guard.roll_back(diverged, nets, state, watch.status_log)
                     continue
                 except OOM_ERRORS:
                     # out of memory: half the batch from now on (GaveUp at batch 1; under DDP the ranks cannot agree)
                     if world > 1:
                         raise
-                    _halve_batch_after_oom(nets, state, device, status_log)
+                    _halve_batch_after_oom(nets, state, device, watch.status_log)
                     continue
                 if state.step == session_first_step:
                     log("train", f"first round took {time.time() - round_start:.1f}s"
@@ -419,7 +489,7 @@ def train(cfg: Config, data, deadline: Deadline, out_dir: str, device, fid_fn=No
                 round_images = rank_batch * world * state.n_dis
                 state.step += 1
                 state.images_seen += round_images
-                meter.add(round_sums, state.n_dis, cfg.g_steps, round_images)
+                watch.meter.add(round_sums, state.n_dis, cfg.g_steps, round_images)
 
                 # G_ema follows G, averaging over at most ema_rampup of the rounds (or images) so far; with ema_kimg
                 # its half-life is counted in images, so a batch change keeps the horizon.
@@ -435,40 +505,8 @@ def train(cfg: Config, data, deadline: Deadline, out_dir: str, device, fid_fn=No
             # collective: raise. Later, keep the last good state and return, so the caller can still write images.
             if world > 1 or state.step == session_first_step:
                 raise
-            stop, error = StopReason.ERROR, guard.recover(failure, nets, state)
+            stop, error = StopReason.ERROR, watch.guard.recover(failure, nets, state)
 
-    # Wrap-up: same buffers on every rank; the last status tick (a rollback may restore G_ema with G's batch-norm
-    # buffers), then G_ema's own BN statistics on every path; the final G_ema competes for best FID (else up to
-    # fid_every of training would be thrown away); last grid, checkpoint; the caller gets the best G_ema.
-    for module in (nets.G, nets.D, nets.G_ema):
-        sync_buffers(module, world)
-    final_means, now = None, time.time()
-    if stop is not StopReason.ERROR and meter.d_steps:
-        try:
-            final_means = _finite_means(meter, nets, now, world)
-        except Diverged as diverged:
-            try:
-                guard.roll_back(diverged, nets, state, status_log)
-            except GaveUp as gave_up:
-                stop, error = StopReason.ERROR, str(gave_up)
-    standing_bn_stats_(nets.G_ema, seed=cfg.seed)
-    record = {}
-    if is_main and fid.enabled and fid_due.seconds > 0 and state.images_seen / 1000 > fid.last_kimg:
-        record = fid.measure(nets.G_ema, state.images_seen / 1000)
-    if final_means is not None:
-        status_tick(now, final_means, record)
-    elif record:
-        status_log.event({"time": now, "step": state.step, "kimg": state.images_seen / 1000, **record})
-    if is_main and state.step > 0:  # an untrained state never replaces a checkpoint
-        _save_grid(nets, run.grid_z, run.grid_y, out_dir, state.images_seen / 1000)
-        reason = f"error: {error}" if error else stop.value
-        _save_run(out_dir, cfg, run, seconds_before + (time.time() - train_start), reason)
-    if fid.best_G_ema is not None:
-        nets.G_ema.load_state_dict(fid.best_G_ema)
-        log("train", f"returning the best G_ema (FID {fid.best:.2f} at {fid.best_kimg:.1f} kimg), not the last one")
-    if is_main:
-        _save_interpolation_strip(nets, out_dir, cfg.seed)
-        log("train", f"stopped ({stop.value}{': ' + error if error else ''}) at step {state.step}, "
-            f"{state.images_seen / 1000:.1f} kimg, {format_duration(time.time() - train_start)} of training this session")
+    stop, error = wrap_up(cfg, run, watch, stop, error)
     return TrainResult(G_ema=nets.G_ema.eval(), G=nets.G, D=nets.D, progress=state, stop_reason=stop, error=error,
-                       fid=fid, grid_z=run.grid_z)
+                       fid=run.fid, grid_z=run.grid_z)

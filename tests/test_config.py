@@ -155,6 +155,7 @@ def test_every_field_declares_its_resume_role():
 def test_choices_are_the_registries_names():
     """Each setting picked from a registry lists exactly the registry's names (one list, checked here)."""
     import dataclasses
+    from src.data import TRAIN_ON_CHOICES
     from src.generate import TRAINING_BREEDS
     from src.losses import GAN_LOSSES
     from src.schedule import LR_SCHEDULES
@@ -162,6 +163,7 @@ def test_choices_are_the_registries_names():
     assert choices["loss"] == set(GAN_LOSSES)
     assert choices["lr_schedule"] == set(LR_SCHEDULES)
     assert choices["labels"] == set(TRAINING_BREEDS)
+    assert choices["train_on"] == set(TRAIN_ON_CHOICES)
 
 
 def test_a_name_outside_the_choices_is_refused_with_the_list():

@@ -15,7 +15,8 @@ import torch
 from PIL import Image, ImageFile
 
 import src.data as data_module
-from src.data import DataError, DogData, find_kaggle_layout, load_dogs, parse_voc
+from src.data import (DataError, DogData, find_kaggle_layout, lanczos_square, load_dogs, parse_voc,
+                      training_images)
 from src.synthetic import make_tiny_dataset
 
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
@@ -67,6 +68,13 @@ def assert_all_pixels(img: torch.Tensor, colour, tol: int = 0) -> None:
 def copy_tiny(tiny_data_dir: str, dest: Path) -> Path:
     shutil.copytree(tiny_data_dir, dest)
     return dest
+
+
+def _zip_folder(root: Path, zip_path: Path, prefix: str = "") -> None:
+    with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for p in sorted(root.rglob("*")):
+            if p.is_file():
+                zf.write(p, prefix + p.relative_to(root).as_posix())
 
 
 # ---- layouts ------------------------------------------------------------------------------------------------
@@ -159,6 +167,218 @@ def test_no_annotations_warns_and_centre_crops(tmp_path, capsys):
     # Lanczos reaches 3 source pixels (~3.2 output pixels) across the colour edge at output column 32.
     assert_all_pixels(data.images[0, :, :, :28], RED)
     assert_all_pixels(data.images[0, :, :, 36:], BLUE)
+
+
+# ---- annotation layouts other than Kaggle's, and what the data line says about them (issue 20) ----------------
+
+# (photo id, breed folder, objects): four photos, five dogs; the colour each crop must show.
+LAYOUT_PHOTOS = [("n01_1", "n01-Alpha", [("Alpha", 50, 0, 100, 80)]),
+                 ("n02_1", "n02-Beta", [("Beta", 0, 0, 50, 80)]),
+                 ("n02_2", "n02-Beta", [("Beta", 0, 0, 50, 80), ("Gamma", 50, 0, 100, 80)]),
+                 ("n03_1", "n03-Gamma", [("Gamma", 50, 0, 100, 80)])]
+LAYOUT_LABELS, LAYOUT_COLOURS = ["Alpha", "Beta", "Beta", "Gamma", "Gamma"], [BLUE, RED, RED, BLUE, BLUE]
+# where each photo's VOC file goes (relative to the data folder), and the data line's account of it
+ANNOTATION_LAYOUTS = {
+    "kaggle": (lambda i, folder, pid: f"Annotation/{folder}/{pid}",
+               "Annotation: Kaggle's layout, 4 VOC files in 3 breed folders"),
+    "loose": (lambda i, folder, pid: f"Annotation/{pid}",
+              "Annotation: 4 loose VOC files, no breed folders (breeds from their <name>)"),
+    "loose_xml_in_voc_annotations": (lambda i, folder, pid: f"Annotations/{pid}.xml",
+                                     "Annotations: 4 loose VOC files, no breed folders (breeds from their <name>)"),
+    "mixed": (lambda i, folder, pid: f"Annotation/{folder}/{pid}" if i % 2 else f"Annotation/{pid}",
+              "Annotation: mixed, 2 VOC files in 2 breed folders and 2 loose (breeds from their <name>)"),
+    "loose_one_level_down": (lambda i, folder, pid: f"Annotation/Annotation/{pid}",
+                             "Annotation/Annotation: 4 loose VOC files, no breed folders"),
+    "breed_folders_deeper": (lambda i, folder, pid: f"annotation/stanford/{folder}/{pid}",
+                             "annotation: 4 VOC files in 3 breed folders; 4 of them below other folders"),
+    "below_the_breed_folder": (lambda i, folder, pid: f"Annotation/{folder}/xml/{pid}",
+                               "Annotation: 4 VOC files in 3 breed folders; 4 of them below other folders"),
+    "loose_in_sub_folders": (lambda i, folder, pid: f"ANNOTATION/part{i % 2}/{pid}",
+                             "ANNOTATION: 4 loose VOC files, no breed folders (breeds from their <name>); 4 of them "
+                             "below other folders"),
+}
+
+
+def _write_layout(root: Path, place) -> None:
+    for i, (photo_id, folder, objects) in enumerate(LAYOUT_PHOTOS):
+        add_photo(root, photo_id, halves())
+        path = root / place(i, folder, photo_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(voc_xml(100, 80, objects))
+
+
+@pytest.mark.parametrize("layout", list(ANNOTATION_LAYOUTS))
+def test_every_annotation_layout_is_read_and_named_in_the_data_line(tmp_path, capsys, layout):
+    place, described = ANNOTATION_LAYOUTS[layout]
+    _write_layout(tmp_path, place)
+    data = load_dogs(str(tmp_path))
+    assert [data.breeds[i] for i in data.labels.tolist()] == LAYOUT_LABELS
+    assert crop_colours(data) == LAYOUT_COLOURS
+    assert data.counts["centre_crops"] == data.counts["no_annotation"] == 0
+    out = capsys.readouterr().out
+    assert f"annotations: {tmp_path}/{described}" in out
+    assert "warning" not in out
+
+
+@pytest.mark.parametrize("layout", ["loose", "mixed", "breed_folders_deeper"])
+def test_other_layouts_zipped_read_the_same(tmp_path, capsys, layout):
+    folder = tmp_path / "folder"
+    _write_layout(folder, ANNOTATION_LAYOUTS[layout][0])
+    annotation_dir = next(p for p in folder.iterdir() if p.name != "all-dogs")
+    _zip_folder(annotation_dir, tmp_path / "Annotation.zip", f"{annotation_dir.name}/")
+    shutil.copytree(folder / "all-dogs", tmp_path / "all-dogs")
+    data = load_dogs(str(tmp_path))
+    assert [data.breeds[i] for i in data.labels.tolist()] == LAYOUT_LABELS
+    assert crop_colours(data) == LAYOUT_COLOURS
+
+
+def test_a_loose_file_without_names_falls_back_like_an_unnamed_box(tmp_path):
+    # No breed folder and an empty <name>: the breed comes from the other files' breeds (the most common one).
+    add_photo(tmp_path, "n01_1", halves(), xml=voc_xml(100, 80, [("Beta", 0, 0, 50, 80)]), breed_folder="n01-Alpha")
+    add_photo(tmp_path, "n02_1", halves(), xml=None)
+    (tmp_path / "Annotation" / "n02_1").write_bytes(voc_xml(100, 80, [("", 50, 0, 100, 80)]))
+    data = load_dogs(str(tmp_path))
+    assert [data.breeds[i] for i in data.labels.tolist()] == ["Beta", "Beta"]
+    assert crop_colours(data) == [RED, BLUE]
+
+
+def test_an_id_both_loose_and_in_a_breed_folder_keeps_both_files(tmp_path, capsys):
+    add_photo(tmp_path, "n01_1", halves(), xml=voc_xml(100, 80, [("Alpha", 0, 0, 50, 80)]))
+    (tmp_path / "Annotation" / "n01_1.xml").write_bytes(voc_xml(100, 80, [("Beta", 50, 0, 100, 80)]))
+    data = load_dogs(str(tmp_path))
+    assert [data.breeds[i] for i in data.labels.tolist()] == ["Alpha", "Beta"]
+    assert "(e.g. n01_1 in n01-Alpha and the top folder)" in capsys.readouterr().out
+
+
+def _annotation_thing(root: Path, kind: str) -> str:
+    """Something named like the annotations beside all-dogs/ that holds none; returns what the warning must say."""
+    if kind == "nothing":
+        return f"no Annotation folder or zip in {root}"
+    path = root / "Annotation"
+    if kind == "empty folder":
+        path.mkdir()
+    elif kind == "only empty breed folders and hidden files":
+        (path / "n01-Alpha").mkdir(parents=True)
+        (path / ".DS_Store").write_bytes(b"\0")
+        (path / "n01-Alpha" / "._n01_1").write_bytes(b"\0")
+        (path / "__MACOSX").mkdir()
+        return f"{path} holds no files"
+    elif kind == "a plain file":
+        path.write_text("not a folder")
+        return f"{path} is a file, not a folder or a zip"
+    elif kind == "a dangling link":
+        path.symlink_to(root / "elsewhere")
+        return f"{path} is a link to {root / 'elsewhere'}, which does not exist"
+    return f"{path} holds no files"
+
+
+@pytest.mark.parametrize("kind", ["nothing", "empty folder", "only empty breed folders and hidden files",
+                                  "a plain file", "a dangling link"])
+def test_missing_annotations_say_what_was_seen(tmp_path, capsys, kind):
+    add_photo(tmp_path, "n01_1", halves(120, 60))
+    seen = _annotation_thing(tmp_path, kind)
+    data = load_dogs(str(tmp_path))
+    assert data.breeds == ["dog"] and data.counts["centre_crops"] == 1
+    out = capsys.readouterr().out
+    assert f"[data] warning: {seen}; every photo is centre-cropped and labelled 'dog'" in out
+    assert f"annotations: none ({seen})" in out
+
+
+# ---- a --data-dir that is a file: one zip of the layout, all-dogs.zip, or something else (issue 20) ------------
+
+def _data_dir_zip(tiny_data_dir: str, tmp_path: Path, kind: str) -> Path:
+    """The tiny set as a --data-dir of one kind of zip; returns the path to pass."""
+    root = Path(tiny_data_dir)
+    if kind == "one zip of all-dogs and Annotation":
+        _zip_folder(root, tmp_path / "dogs.zip")
+        return tmp_path / "dogs.zip"
+    if kind == "one zip of Kaggle's nested folders":
+        with zipfile.ZipFile(tmp_path / "generative-dog-images.zip", "w") as zf:
+            for p in sorted(root.rglob("*")):
+                if p.is_file():
+                    rel = p.relative_to(root).as_posix()
+                    zf.write(p, f"input/all-dogs/{rel}" if rel.startswith("all-dogs") else f"input/annotation/{rel}")
+        return tmp_path / "generative-dog-images.zip"
+    if kind == "all-dogs.zip with Annotation/ beside it":
+        _zip_folder(root / "all-dogs", tmp_path / "all-dogs.zip", "all-dogs/")
+        shutil.copytree(root / "Annotation", tmp_path / "Annotation")
+        return tmp_path / "all-dogs.zip"
+    if kind == "all-dogs.zip with Annotation.zip beside it, through a link":
+        _zip_folder(root / "all-dogs", tmp_path / "all-dogs.zip")
+        _zip_folder(root / "Annotation", tmp_path / "Annotation.zip", "Annotation/")
+        (tmp_path / "link.zip").symlink_to(tmp_path / "all-dogs.zip")
+        return tmp_path / "link.zip"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["one zip of all-dogs and Annotation", "one zip of Kaggle's nested folders",
+                                  "all-dogs.zip with Annotation/ beside it",
+                                  "all-dogs.zip with Annotation.zip beside it, through a link"])
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_data_dir_that_is_a_zip_of_the_layout_reads_in_place(tiny_data_dir, dogs, tmp_path, capsys, kind, workers):
+    path = _data_dir_zip(tiny_data_dir, tmp_path, kind)
+    data = load_dogs(str(path), workers=workers)
+    assert data.counts["decode_processes"] == workers
+    assert torch.equal(data.images, dogs.images) and torch.equal(data.labels, dogs.labels)
+    assert data.breeds == dogs.breeds
+    assert "Kaggle's layout, 96 VOC files in 4 breed folders" in capsys.readouterr().out
+
+
+def _not_a_data_zip(tiny_data_dir: str, tmp_path: Path, kind: str) -> tuple[Path, str]:
+    """A --data-dir that is a file, a link or a special file that holds no readable layout, and the error it gets."""
+    root, path = Path(tiny_data_dir), tmp_path / "data.zip"
+    instead = r"pass the folder holding Kaggle's all-dogs/ and Annotation/ \(or one zip of them\)"
+    if kind == "zip of zips":
+        _zip_folder(root / "all-dogs", tmp_path / "all-dogs.zip", "all-dogs/")
+        _zip_folder(root / "Annotation", tmp_path / "Annotation.zip", "Annotation/")
+        with zipfile.ZipFile(path, "w") as zf:
+            zf.write(tmp_path / "Annotation.zip", "Annotation.zip")
+            zf.write(tmp_path / "all-dogs.zip", "all-dogs.zip")
+        return path, (rf"--data-dir {path} is a zip of zips \(Annotation.zip, all-dogs.zip\), which are not read in "
+                      rf"place: unzip it \(unzip {path} -d DIR\) and pass --data-dir DIR")
+    if kind == "zip without photos":
+        _zip_folder(root / "Annotation", path, "Annotation/")
+        return path, rf"--data-dir {path} is a zip without dog photos: 96 files, none named \*.jpg/\*.jpeg/\*.png"
+    if kind in ("truncated zip", "empty file named .zip"):
+        _zip_folder(root, tmp_path / "whole.zip")
+        path.write_bytes((tmp_path / "whole.zip").read_bytes()[:1000] if kind == "truncated zip" else b"")
+        return path, rf"--data-dir {path} is not a readable zip file \(truncated or damaged\?\); {instead}"
+    if kind == "zip with a damaged central directory":
+        _zip_folder(root, path)
+        raw = bytearray(path.read_bytes())
+        central = raw.rfind(b"PK\x01\x02", 0, len(raw) - 22)
+        raw[central:central + 4] = b"XXXX"
+        path.write_bytes(bytes(raw))
+        return path, rf"{path} is not a readable zip file \(truncated or damaged\?\)"
+    if kind == "text file":
+        path = tmp_path / "notes.txt"
+        path.write_text("all-dogs and Annotation are elsewhere")
+        return path, rf"--data-dir {path} is a file \(37 bytes\), not a folder or a zip; {instead}"
+    if kind == "tar archive":
+        path = tmp_path / "dogs.tar.gz"
+        with tarfile.open(path, "w:gz") as tar:
+            tar.add(root / "all-dogs", "all-dogs")
+        return path, (rf"--data-dir {path} is a tar archive, which is not read in place: extract it "
+                      rf"\(tar -xf {path} -C DIR\) and pass --data-dir DIR")
+    if kind == "dangling link":
+        path.symlink_to(tmp_path / "moved.zip")
+        return path, rf"--data-dir {path} is a symbolic link to {tmp_path / 'moved.zip'}, which does not exist"
+    if kind == "fifo":
+        os.mkfifo(path)
+        return path, rf"--data-dir {path} is not a folder, a file or a zip \(a device, pipe or socket\); {instead}"
+    if kind == "missing":
+        return path, rf"data folder '{path}' does not exist \(expected Kaggle's all-dogs/ and Annotation/ in it\)"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["zip of zips", "zip without photos", "truncated zip", "empty file named .zip",
+                                  "zip with a damaged central directory", "text file", "tar archive",
+                                  "dangling link", "fifo", "missing"])
+def test_a_data_dir_that_is_no_usable_folder_or_zip_says_what_it_is(tiny_data_dir, tmp_path, kind):
+    path, message = _not_a_data_zip(tiny_data_dir, tmp_path, kind)
+    with pytest.raises(DataError, match=f"^{message}") as raised:
+        load_dogs(str(path))
+    assert "\n" not in str(raised.value)
 
 
 # ---- VOC parsing --------------------------------------------------------------------------------------------
@@ -353,13 +573,6 @@ def test_large_jpeg_crop_equals_pil_crop_and_lanczos(tmp_path):
 
 # ---- hostile inputs: one clear line or a counted skip, never a traceback or a silent loss ----------------------
 
-def _zip_folder(root: Path, zip_path: Path, prefix: str = "") -> None:
-    with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_DEFLATED) as zf:
-        for p in sorted(root.rglob("*")):
-            if p.is_file():
-                zf.write(p, prefix + p.relative_to(root).as_posix())
-
-
 @pytest.mark.parametrize("which", ["Annotation.zip", "all-dogs.zip"])
 @pytest.mark.parametrize("keep", [0.5, 0.97, 0.0])
 def test_truncated_zip_is_one_data_error(tiny_data_dir, tmp_path, which, keep):
@@ -505,6 +718,67 @@ def test_an_absurd_xml_size_falls_back_to_the_photos_own_size(tmp_path, size_xml
     assert_all_pixels(data.images[0], BLUE)
 
 
+# ---- VOC files at another size of the photo (a downscaled or upscaled copy) vs a nonsense <size> (issue 20) ----
+
+@pytest.mark.parametrize("stated, photo", [
+    ((500, 375), (250, 188)),     # half size, rounded
+    ((500, 375), (250, 187)),     # half size, floored
+    ((500, 333), (64, 43)),       # a 64 px thumbnail
+    ((500, 374), (64, 47)),       # floored to 64 px: 1.9 % off in aspect
+    ((500, 333), (32, 21)),       # a 32 px thumbnail: 1.5 % off
+    ((333, 500), (21, 32)),       # portrait
+    ((500, 321), (32, 20)),       # 2.6 % off, still the nearest whole pixels
+    ((500, 371), (32, 23)),       # floored: 3.2 % off
+    ((400, 500), (25, 32)),       # floored portrait: 2.3 % off
+    ((500, 333), (16, 11)),       # a 16 px icon: 3.1 % off
+    ((640, 480), (1280, 960)),    # an upscaled copy
+    ((50, 40), (100, 80)),
+])
+def test_annotations_for_a_resized_copy_are_scaled_onto_the_photo(tmp_path, capsys, stated, photo):
+    (xml_w, xml_h), (width, height) = stated, photo
+    # the right half of the stated frame: at the photo's size, exactly its blue half (halves() splits at width // 2)
+    box = ("Alpha", xml_w * (width // 2) / width, 0, xml_w, xml_h)
+    add_photo(tmp_path, "n01_1", halves(width, height), xml=voc_xml(xml_w, xml_h, [box]))
+    data = load_dogs(str(tmp_path))
+    assert data.counts["rescaled_annotations"] == 1 and data.counts["size_fallback"] == 0
+    assert_all_pixels(data.images[0], BLUE)
+    out = capsys.readouterr().out
+    assert (f"[data] 1 annotation files state the size of another copy of their photo (same aspect to a pixel, boxes "
+            f"inside it): boxes scaled onto the photo (e.g. n01_1.jpg: <size> {xml_w}x{xml_h}, photo "
+            f"{width}x{height})") in out
+    assert "rescaled_annotations 1" in out
+
+
+@pytest.mark.parametrize("stated, photo", [
+    ((500, 333), (64, 48)),       # 4:3 photo, 3:2 size: not a copy even at thumbnail size
+    ((500, 375), (32, 32)),
+    ((375, 500), (250, 188)),     # the size turned, and no EXIF orientation says so
+    ((500, 300), (250, 188)),
+])
+def test_a_size_of_another_aspect_falls_back_to_the_photo(tmp_path, capsys, stated, photo):
+    (xml_w, xml_h), (width, height) = stated, photo
+    box = ("Alpha", width // 2, 0, width, height)  # drawn on the photo itself: the <size> is the nonsense
+    add_photo(tmp_path, "n01_1", halves(width, height), xml=voc_xml(xml_w, xml_h, [box]))
+    data = load_dogs(str(tmp_path))
+    assert data.counts["size_fallback"] == 1 and data.counts["rescaled_annotations"] == 0
+    assert_all_pixels(data.images[0], BLUE)
+    assert (f"[data] 1 annotation files state a <size> that cannot be their photo's (missing, zero, absurd, boxes "
+            f"outside it, or another aspect): boxes read in the photo's own pixels (e.g. n01_1.jpg: <size> "
+            f"{xml_w}x{xml_h}, photo {width}x{height})") in capsys.readouterr().out
+
+
+def test_the_data_line_counts_resized_and_nonsense_sizes_apart(tmp_path, capsys):
+    add_photo(tmp_path, "n01_1", halves(50, 40), xml=voc_xml(100, 80, [("Alpha", 50, 0, 100, 80)]))   # resized
+    add_photo(tmp_path, "n01_2", halves(50, 40), xml=voc_xml(100, 80, [("Alpha", 50, 0, 100, 80)]))   # resized
+    add_photo(tmp_path, "n01_3", halves(), xml=voc_xml(0, 0, [("Alpha", 50, 0, 100, 80)]))            # nonsense
+    data = load_dogs(str(tmp_path))
+    assert (data.counts["rescaled_annotations"], data.counts["size_fallback"]) == (2, 1)
+    assert crop_colours(data) == [BLUE] * 3
+    out = capsys.readouterr().out
+    assert "rescaled_annotations 2" in out and "size_fallback 1" in out
+    assert "(e.g. n01_3.jpg: <size> missing or not a number, photo 100x80)" in out
+
+
 # ---- tiny boxes (issue 10) -------------------------------------------------------------------------------------
 
 def test_min_box_drops_small_dogs_counts_them_and_keeps_a_small_photos_dog(tmp_path, capsys):
@@ -606,6 +880,71 @@ def test_tiny_dataset_other_sizes(tmp_path):
     root = make_tiny_dataset(str(tmp_path), n_images=20, n_breeds=10, seed=1)
     data = load_dogs(root)
     assert data.counts["photos"] == 20 and len(data.breeds) == 10
+
+
+# ---- what training sees: --train-on crops | photos | both (issue 18) -------------------------------------------
+
+@pytest.fixture(scope="module")
+def dogs_and_photos(tiny_data_dir):
+    return load_dogs(tiny_data_dir, workers=1, whole_photos=True)
+
+
+def test_training_images_of_the_tiny_set(tiny_data_dir, dogs_and_photos, capsys):
+    data = dogs_and_photos
+    files = sorted(Path(tiny_data_dir, "all-dogs").iterdir())
+    # each photo's label: the breed of the first dog in its VOC file
+    by_id = {p.name: p for p in Path(tiny_data_dir, "Annotation").glob("*/*")}
+    first_dog = [parse_voc(by_id[f.stem].read_bytes())[2][0][0] for f in files]
+
+    images, labels = training_images(data, "crops")
+    assert images is data.images and labels is data.labels and len(images) == data.counts["samples"] > 96
+    images, labels = training_images(data, "photos")
+    assert images.shape == (96, 3, 64, 64) and images.dtype == torch.uint8 and labels.dtype == torch.int64
+    assert [data.breeds[i] for i in labels.tolist()] == first_dog
+    assert torch.equal(images[5], torch.from_numpy(lanczos_square(Image.open(files[5]).convert("RGB")).copy()))
+    images, labels = training_images(data, "both")
+    assert torch.equal(images, torch.cat([data.images, data.photos]))
+    assert torch.equal(labels, torch.cat([data.labels, data.photo_labels]))
+    out = capsys.readouterr().out
+    assert f"[data] training on both: {data.counts['samples'] + 96} images ({data.counts['samples']} dog crops + 96 " \
+           f"whole photos)" in out
+
+
+def test_photo_labels_of_multi_dog_and_unannotated_photos(tmp_path):
+    # a: two dogs, the first a Gamma; b: no VOC file, its wnid n02 is Beta's folder; c: a malformed VOC file in
+    # Alpha's folder; d: its only dog (Delta, no other Delta anywhere) too small; e: its first dog too small
+    add_photo(tmp_path, "n01_a", halves(), xml=voc_xml(100, 80, [("Gamma", 50, 0, 100, 80), ("Alpha", 0, 0, 50, 80)]))
+    add_photo(tmp_path, "n02_b", halves(), xml=None)
+    add_photo(tmp_path, "n02_x", halves(), breed_folder="n02-Beta", xml=voc_xml(100, 80, [("Beta", 0, 0, 50, 80)]))
+    add_photo(tmp_path, "n01_c", halves(), xml=b"<annotation><object>")
+    add_photo(tmp_path, "n01_d", halves(), xml=voc_xml(100, 80, [("Delta", 0, 0, 10, 10)]))
+    add_photo(tmp_path, "n01_e", halves(), xml=voc_xml(100, 80, [("Beta", 0, 0, 10, 10), ("Alpha", 0, 0, 50, 80)]))
+    add_photo(tmp_path, "n01_f", b"not an image", xml=voc_xml(100, 80, [("Alpha", 0, 0, 50, 80)]))
+    data = load_dogs(str(tmp_path), whole_photos=True, min_box=16)
+    crop_breeds = [data.breeds[i] for i in data.labels.tolist()]
+    # sorted photos a c d e f b x -> crops: a's two dogs, c's centre crop (its folder's breed), e's second dog, b's
+    # centre crop, x's dog; d has none, f is unreadable
+    assert crop_breeds == ["Gamma", "Alpha", "Alpha", "Alpha", "Beta", "Beta"]
+    images, labels = training_images(data, "photos")
+    assert len(images) == 6 and data.counts["skipped_files"] == 1
+    # a, c, d, e, b, x: c and b keep their centre crop's label; d's Delta has no crop and so no label of its
+    # own (the most common breed, Alpha); e keeps its first dog's breed although that dog is too small to crop
+    assert [data.breeds[i] for i in labels.tolist()] == ["Gamma", "Alpha", "Alpha", "Beta", "Beta", "Beta"]
+    assert data.counts["photos_of_no_cropped_breed"] == 1
+    images, labels = training_images(data, "both")
+    assert len(images) == len(labels) == 6 + 6
+
+
+@pytest.mark.parametrize("train_on, message", [
+    ("photos", r"--train-on photos needs the whole photos, which were not decoded \(load_dogs\(\.\.\., "
+               r"whole_photos=True\)\)"),
+    ("both", "--train-on both needs the whole photos"),
+    ("Photos", "--train-on 'Photos': choose one of crops, photos, both"),
+    ("", "--train-on '': choose one of crops, photos, both"),
+])
+def test_training_images_refuses_what_it_cannot_give(dogs, train_on, message):
+    with pytest.raises(DataError, match=message):
+        training_images(dogs, train_on)
 
 
 # ---- the real material in /work/shared ----------------------------------------------------------------------
@@ -729,3 +1068,59 @@ def test_dev_pack_min_box_drops_exactly_the_boxes_under_16_px(dev_pack_subset):
     data = load_dogs(str(root), min_box=16)
     assert data.counts["tiny_boxes"] == small > 0 and data.counts["tiny_only_photos"] == 0
     assert data.counts["samples"] == sum(n_objects.values()) - small
+
+
+@pytest.mark.parametrize("shrink", ["half", "thumbnail_64_floor", "thumbnail_32"])
+def test_full_frame_xmls_beside_downscaled_real_photos(full_res_dir, tmp_path, shrink):
+    """Stanford's original XMLs next to the same photos made smaller: every box lands on its dog, as on the
+    full-size photo (a box read unscaled would be clipped to the small photo and crop something else)."""
+    full = load_dogs(str(full_res_dir), workers=1)
+    shutil.copytree(full_res_dir / "Annotation", tmp_path / "Annotation")
+    (tmp_path / "all-dogs").mkdir()
+    for path in sorted((full_res_dir / "all-dogs").iterdir()):
+        img = Image.open(path).convert("RGB")
+        w, h = img.size
+        side = {"half": max(w, h) // 2, "thumbnail_64_floor": 64, "thumbnail_32": 32}[shrink]
+        size = (max(1, int(w * side / max(w, h))), max(1, int(h * side / max(w, h))))
+        if shrink == "thumbnail_32":
+            size = (max(1, round(w * side / max(w, h))), max(1, round(h * side / max(w, h))))
+        img.resize(size, Image.LANCZOS).save(tmp_path / "all-dogs" / path.name, "PNG")
+    small = load_dogs(str(tmp_path), workers=1)
+    assert small.counts["rescaled_annotations"] == 80 and small.counts["size_fallback"] == 0
+    assert small.counts["samples"] == full.counts["samples"] and torch.equal(small.labels, full.labels)
+    # the same dogs, blurrier: each crop is far closer to its full-size crop than to the other crops
+    difference = (small.images.float()[:, None] - full.images.float()[None]).abs().mean((2, 3, 4))
+    own = difference.diagonal()  # measured: 4.0 (half), 13.0 (64 px), 19.5 (32 px) of 255 on average
+    assert own.mean().item() < {"half": 8, "thumbnail_64_floor": 20, "thumbnail_32": 28}[shrink]
+    others = difference + torch.eye(len(own)) * 1e9
+    assert (own < others.min(1).values).float().mean().item() >= 0.95
+
+
+def _real_xmls(shared_dir: Path, every: int) -> list[tuple[str, bytes]]:
+    with tarfile.open(shared_dir / "data" / "annotation_original.tar.gz") as tar:
+        members = [m for m in tar if m.isfile()]
+        return [(m.name, tar.extractfile(m).read()) for m in members[::every]]
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5, 0.13])
+def test_real_stanford_xmls_on_generated_photos_at_the_stated_size_and_smaller(shared_dir, tmp_path, scale):
+    """Real XMLs (every 500th of the 20,580) on photos drawn from them: background red, every box blue, at the
+    stated size, half of it and a thumbnail of it. Each crop is the blue of its dog."""
+    expected_boxes = 0
+    for name, xml in _real_xmls(shared_dir, 500):
+        width, height, boxes = parse_voc(xml)
+        folder, photo_id = name.split("/")[-2:]
+        pixels = np.full((height, width, 3), RED, np.uint8)
+        for _, x0, y0, x1, y1 in boxes:
+            pixels[max(0, int(y0)):int(y1), max(0, int(x0)):int(x1)] = BLUE
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        photo = Image.fromarray(pixels).resize(size, Image.NEAREST)
+        add_photo(tmp_path, photo_id, photo, breed_folder=folder, xml=xml)
+        expected_boxes += len(boxes)
+    data = load_dogs(str(tmp_path), workers=1)
+    assert data.counts["samples"] == expected_boxes and data.counts["size_fallback"] == 0
+    assert data.counts["rescaled_annotations"] == (0 if scale == 1.0 else data.counts["photos"])
+    # the boxes' edges fall between the pixels of the smaller photos: a sliver of red background may come along
+    blue_share = (data.images[:, 2].float() > 128).float().mean((1, 2))
+    assert blue_share.mean().item() > 0.93
+    assert blue_share.min().item() > {1.0: 0.99, 0.5: 0.9, 0.13: 0.6}[scale]

@@ -172,3 +172,15 @@ def test_ranks_other_than_0_print_nothing_but_errors(tmp_path, tiny_data_dir, ca
         warnings.warn("a library's warning on rank 1")
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err == ""
+
+
+@pytest.mark.parametrize("train_on", ["photos", "both"])
+def test_train_on_photos_trains_on_the_whole_photos(tmp_path, tiny_data_dir, capsys, train_on):
+    out = tmp_path / "out"
+    code = main(["--data-dir", tiny_data_dir, "--out", str(out), *SMALL, "--train-on", train_on, "--time-budget", "20s"])
+    log = capsys.readouterr().out
+    assert code == 0 and zip_count(out / "images.zip") == 200
+    # the tiny set: 96 photos holding 115 dogs
+    said, banner = {"photos": ("training on photos: 96 images", "data: 96 images"),
+                    "both": ("training on both: 211 images (115 dog crops + 96 whole photos)", "data: 211 images")}[train_on]
+    assert said in log and banner in log

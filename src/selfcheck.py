@@ -1,0 +1,109 @@
+"""The first-minute self-check: every stage of the run, briefly, on the real device with the real settings, before
+the long training starts. A stage that fails is one line naming it now, not a traceback hours later.
+
+The check leaves no trace: the nets, the optimisers and every random generator are put back as they were, so a run
+with the check trains exactly as one without it; its files go to a temporary folder that is removed.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+
+import torch
+
+from src.checkpoint import capture_rng_state, restore_rng_state, restore_training_snapshot, training_snapshot
+from src.config import Config
+from src.console import log
+from src.ema import standing_bn_stats_
+from src.gan_step import GanStep
+from src.generate import breed_counts, generate_images, write_images_zip
+from src.mifid import read_images_zip
+from src.monitor import grid_png_bytes
+from src.nets import GanNets, LoopState, use_eager_paths
+from src.precision import precision_autocast
+
+SELF_CHECK_ROUNDS = 2       # training rounds: the first compiles (when asked), the second runs the compiled graph
+SELF_CHECK_IMAGES = 64      # images through generation, PNG, zip and the MiFID backbone
+
+
+class SelfCheckError(RuntimeError):
+    """A stage cannot run on this device with these settings; the message names the stage and what to do."""
+
+
+def _check_rounds(cfg: Config, nets: GanNets, data, n_classes: int) -> None:
+    # a few real rounds (compiled and autocast as configured) on a few real images; every sum must be finite
+    batch = max(1, min(cfg.batch_size, len(data.images)))
+    device = next(nets.G.parameters()).device
+    real_u8, real_y = data.images[:batch].to(device), data.labels[:batch].to(device)
+    step = GanStep(cfg, nets, breed_counts(data.labels, n_classes))
+    for _ in range(SELF_CHECK_ROUNDS):
+        step.begin_round(batch, cfg.n_dis)
+        for _ in range(cfg.n_dis):
+            step.d_phase(real_u8, real_y)
+        for g_step in range(cfg.g_steps):
+            step.g_phase(g_step)
+        sums = step.end_round().tolist()
+        if not all(math.isfinite(value) for value in sums):
+            raise FloatingPointError(f"a training round gave non-finite losses {sums}")
+
+
+def _check_rounds_or_eager(cfg: Config, nets: GanNets, data, n_classes: int, dist_info) -> None:
+    # a compiled round that fails falls back to eager once, in one line; an eager failure is the device's
+    try:
+        _check_rounds(cfg, nets, data, n_classes)
+    except Exception as error:
+        if not cfg.compile:
+            raise
+        log("selfcheck", f"torch.compile failed on this device ({type(error).__name__}: "
+            f"{str(error).strip().splitlines()[0][:160] if str(error).strip() else ''}); training runs eager")
+        use_eager_paths(nets, dist_info)
+        _check_rounds(cfg, nets, data, n_classes)
+
+
+def _check_outputs(cfg: Config, nets: GanNets, folder: str, extractor) -> None:
+    # standing statistics, a grid, images through PNG and zip, and the MiFID backbone on them
+    device = next(nets.G_ema.parameters()).device
+    standing_bn_stats_(nets.G_ema, seed=cfg.seed)
+    grid_z = torch.randn(SELF_CHECK_IMAGES, cfg.z_dim, device=device)
+    grid_y = torch.arange(SELF_CHECK_IMAGES, device=device) % nets.G_ema.n_classes
+    with torch.no_grad(), precision_autocast(nets.precision):
+        grid_png_bytes(nets.G_ema(grid_z, grid_y), nrow=8)
+    images = generate_images(nets.G_ema, SELF_CHECK_IMAGES, device, seed=cfg.seed)
+    zip_path = os.path.join(folder, "images.zip")
+    write_images_zip(images, zip_path)
+    read_images_zip(zip_path, expect_n=SELF_CHECK_IMAGES, size=64)
+    if extractor is not None:
+        features = extractor(images)
+        if not torch.isfinite(features).all():
+            raise FloatingPointError("the MiFID backbone gave non-finite features")
+
+
+def run_self_check(cfg: Config, nets: GanNets, data, out_dir: str, extractor, dist_info) -> float:
+    """Run every stage briefly and put everything back; returns its seconds. Raises SelfCheckError naming the stage.
+
+    Every rank runs the training rounds (DDP's collectives need them all); rank 0 alone checks the outputs.
+    """
+    start = time.time()
+    n_classes = len(data.breeds)
+    snapshot, rng = training_snapshot(nets, LoopState()), capture_rng_state()
+    stage = "a training round"
+    try:
+        _check_rounds_or_eager(cfg, nets, data, n_classes, dist_info)
+        if dist_info.is_main:
+            stage = "standing statistics, the grid, generation, PNG + zip or the MiFID backbone"
+            with tempfile.TemporaryDirectory(dir=out_dir, prefix=".selfcheck-") as folder:
+                _check_outputs(cfg, nets, folder, extractor)
+    except Exception as error:
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+        raise SelfCheckError(f"self-check failed in {stage} on {nets.precision.device_type} "
+                             f"({nets.precision.name}{', compiled' if cfg.compile else ''}): {type(error).__name__}: "
+                             f"{reason}. Try --amp fp32, --no-compile or --device cpu to narrow it down") from None
+    finally:
+        restore_training_snapshot(nets, snapshot)
+        restore_rng_state(rng)
+    seconds = time.time() - start
+    if dist_info.is_main:
+        log("selfcheck", f"every stage ran on the device in {seconds:.1f}s")
+    return seconds
