@@ -114,7 +114,7 @@ def run(cfg: Config, start: float) -> int:
     # the models are built once: the reserve is measured with them, then they train
     nets = build_run_nets(cfg, n_classes, device, dist)
     if cfg.self_check:
-        run_self_check(cfg, nets, data, out_dir, extractor, dist)
+        run_self_check(cfg, nets, data, extractor, dist)
     plan = plan_reserve(cfg, deadline, n_classes, device, extractor, out_dir)
     fid_fn = (make_training_fid(cfg, extractor, real_feats, device, submission_breeds) if extractor is not None
               else None)

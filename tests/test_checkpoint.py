@@ -170,7 +170,7 @@ def test_merge_keeps_session_flags_and_the_checkpoint_model(capsys):
     assert "does not know" not in log and "lacks" not in log  # the same kernel wrote it: nothing to say
 
 
-@pytest.mark.parametrize("future", [["ada_target"], ["lecam_weight", "ada_target", "train_on"]])
+@pytest.mark.parametrize("future", [["warp_drive"], ["quantum_ema", "warp_drive", "hyper_res"]])
 def test_fields_from_a_newer_kernel_are_named_and_ignored(capsys, future):
     saved = dict(vars(make_config(dict(recipe="dcgan"))), **{name: 0.6 for name in future})
     merged = merge_resumed_config(make_config(dict(recipe="dcgan")), saved)
@@ -225,11 +225,11 @@ def test_an_int_where_a_float_is_kept_is_a_float_value(capsys):
 def test_resuming_a_newer_kernels_checkpoint_says_what_it_ignores(trained_run, tmp_path, capsys):
     saved = load_checkpoint(os.path.join(trained_run[1], "ckpt.pt"))
     config = {k: v for k, v in saved["config"].items() if k != "ema_rampup"}
-    save_checkpoint(str(tmp_path / "ckpt.pt"), dict(saved, config=dict(config, train_on="photos", ada_target=0.6)))
+    save_checkpoint(str(tmp_path / "ckpt.pt"), dict(saved, config=dict(config, hyper_res="photos", warp_drive=0.6)))
     cfg, resumed = open_resume(make_config({**TINY, "resume": "auto", "ema_rampup": 0.3}), str(tmp_path))
     assert resumed["path"] == str(tmp_path / "ckpt.pt") and cfg.ema_rampup == 0.3
     out = capsys.readouterr().out
-    assert "does not know (written by a newer kernel.py?), ignored: ada_target, train_on\n" in out
+    assert "does not know (written by a newer kernel.py?), ignored: hyper_res, warp_drive\n" in out
     assert "lacks fields of this kernel (written by an older kernel.py?), this run's values are used: " \
            "ema_rampup=0.3\n" in out
 

@@ -18,26 +18,27 @@ def state_of(nets):
             for name, module in (("G", nets.G), ("D", nets.D), ("G_ema", nets.G_ema))}
 
 
-def test_the_check_runs_every_stage_and_puts_everything_back(dogs, tmp_path, capsys):
+def test_the_check_runs_every_stage_and_puts_everything_back(dogs, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
     cfg = make_config(TINY)
     dist = current_dist_info("cpu")
     nets = build_run_nets(cfg, len(dogs.breeds), "cpu", dist)
     before, rng = state_of(nets), torch.get_rng_state()
-    seconds = run_self_check(cfg, nets, dogs, str(tmp_path), None, dist)
+    seconds = run_self_check(cfg, nets, dogs, None, dist)
     assert seconds > 0 and "every stage ran on the device" in capsys.readouterr().out
     after = state_of(nets)
     assert all(torch.equal(before[m][k], after[m][k]) for m in before for k in before[m])
     assert torch.equal(torch.get_rng_state(), rng)  # training draws the same batches and noise as without the check
     assert not nets.opt_d.state and not nets.opt_g.state  # Adam starts from scratch, as without the check
-    assert list(tmp_path.iterdir()) == []  # its zip went to a temporary folder that is gone
+    assert list(tmp_path.iterdir()) == []  # it writes no file, not even into the working folder
 
 
 @pytest.mark.parametrize("broken, stage", [
     ("GanStep.d_phase", "a training round"),
-    ("write_images_zip", "generation, PNG + zip"),
+    ("encode_png", "generation, PNG"),
     ("standing_bn_stats_", "standing statistics"),
 ])
-def test_a_failing_stage_is_one_line_naming_it(dogs, tmp_path, monkeypatch, broken, stage):
+def test_a_failing_stage_is_one_line_naming_it(dogs, monkeypatch, broken, stage):
     def fail(*args, **kwargs):
         raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
 
@@ -49,13 +50,13 @@ def test_a_failing_stage_is_one_line_naming_it(dogs, tmp_path, monkeypatch, brok
     dist = current_dist_info("cpu")
     nets = build_run_nets(cfg, len(dogs.breeds), "cpu", dist)
     with pytest.raises(SelfCheckError) as caught:
-        run_self_check(cfg, nets, dogs, str(tmp_path), None, dist)
+        run_self_check(cfg, nets, dogs, None, dist)
     message = str(caught.value)
     assert "self-check failed in " in message and stage in message and "no kernel image" in message
     assert "\n" not in message
 
 
-def test_a_failing_compiled_round_falls_back_to_eager(dogs, tmp_path, monkeypatch, capsys):
+def test_a_failing_compiled_round_falls_back_to_eager(dogs, monkeypatch, capsys):
     class BrokenCompiled(torch.nn.Module):
         def __init__(self, module):
             super().__init__()
@@ -69,14 +70,14 @@ def test_a_failing_compiled_round_falls_back_to_eager(dogs, tmp_path, monkeypatc
     dist = current_dist_info("cpu")
     nets = build_run_nets(cfg, len(dogs.breeds), "cpu", dist)
     assert isinstance(nets.D_train, BrokenCompiled)
-    run_self_check(cfg, nets, dogs, str(tmp_path), None, dist)
+    run_self_check(cfg, nets, dogs, None, dist)
     log = capsys.readouterr().out
     assert "torch.compile failed on this device (RuntimeError: triton" in log and "training runs eager" in log
     assert nets.G_train is nets.G and nets.D_train is nets.D and nets.D_fwd is nets.D
 
 
 def test_main_ends_in_one_line_when_the_check_fails(tiny_data_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(selfcheck_module, "write_images_zip", lambda *a, **k: (_ for _ in ()).throw(OSError("EIO")))
+    monkeypatch.setattr(selfcheck_module, "encode_png", lambda *a, **k: (_ for _ in ()).throw(OSError("EIO")))
     code = main(["--data-dir", tiny_data_dir, "--out", str(tmp_path / "out"), "--recipe", "dcgan", "--g-ch", "8",
                  "--d-ch", "8", "--decode-workers", "1", "--time-budget", "1m"])
     captured = capsys.readouterr()
