@@ -29,10 +29,11 @@
 #                needs.
 #   nets         What a run trains: G, D and G_ema with their optimisers and call paths, and the counters that go with
 #                them.
-#   schedule     Learning-rate schedules on the training clock.
+#   schedule     Learning-rate schedules on the training clock, or on the images seen when a run has a fixed length.
 #   budget       Wall-clock budget (when training must stop so that generation, zip and MiFID still fit) and periodic
 #                events.
-#   generate     Generation: latents, balanced breed labels, 10,000 images from G_ema, and the submission zip.
+#   generate     Generation: latents, breed labels (balanced, or in the data's proportions), 10,000 images from G_ema,
+#                and the submission zip.
 #   ema          G_ema: the exponential moving average of G's weights (StyleGAN2-ADA's ramp-up of the horizon), and
 #                the batch-norm statistics that fit the averaged weights (BigGAN's standing statistics).
 #   checkpoint   One ckpt.pt holding everything a run needs to continue: models, optimisers, scalers, counters, RNG,
@@ -52,10 +53,13 @@
 #                up on this device with the run's own models, and the refusal of a budget that cannot hold them.
 #   interrupt    SIGTERM and Ctrl-C outside the training loop: the stage in progress unwinds cleanly and the run ends
 #                in one line.
+#   ada          Adaptive augmentation strength (Karras et al. 2020, StyleGAN2-ADA's heuristic) for the DiffAugment
+#                ops.
 #   gan_step     The GAN maths of a training round in one place, as StyleGAN2-ADA's loss.accumulate_gradients: losses,
 #                noisy targets, penalties, the auxiliary breed loss, reuse of fakes, the spectral-norm power
-#                iteration, augmentation and the optimiser steps. The loop only names the phases: `begin_round`,
-#                `d_phase` per real batch, `g_phase`, `end_round`.
+#                iteration, augmentation and the optimiser steps, and the small-data levers: ADA's augmentation
+#                probability, LeCam's anchors, G's breeds by the data's frequencies. The loop only names the phases:
+#                `begin_round`, `d_phase` per real batch, `g_phase`, `end_round`.
 #   train        The training loop: D and G steps on device-resident data until the deadline, watched, checkpointed,
 #                resumable.
 #   selfcheck    The first-minute self-check: every stage of the run, briefly, on the real device with the real
@@ -1437,11 +1441,27 @@ def parse_diffaug_policy(policy: str) -> list[str]:
     return names
 
 
-def diff_augment(x: "torch.Tensor", policy: str) -> "torch.Tensor":
-    """Apply the policy's ops in order, the same way to real and fake batches (D only ever sees augmented images)."""
-    for name in parse_diffaug_policy(policy):
+def apply_per_image(fn, x: "torch.Tensor", p) -> "torch.Tensor":
+    """fn(x) for each image with probability p (a float or a 0-dim device tensor, read on the device: no host sync),
+    x itself for the others. Both branches are computed and blended, so gradients flow through the chosen one."""
+    chosen = torch.rand(x.shape[0], 1, 1, 1, device=x.device) < p
+    return torch.where(chosen, fn(x), x)
+
+
+def diff_augment(x: "torch.Tensor", policy: str, p=1.0) -> "torch.Tensor":
+    """Apply the policy's ops in order, the same way to real and fake batches (D only ever sees augmented images).
+
+    p: each op is applied to each image independently with this probability (ADA's per-image probability; a float
+    or a 0-dim device tensor). p = 1 (a float) is DiffAugment itself, every op on every image, and draws exactly the
+    random numbers it always did; p = 0 (a float) returns x.
+    """
+    names = parse_diffaug_policy(policy)
+    if isinstance(p, (int, float)) and p <= 0:
+        return x
+    always = isinstance(p, (int, float)) and p >= 1
+    for name in names:
         for fn in AUGMENT_FNS[name]:
-            x = fn(x)
+            x = fn(x) if always else apply_per_image(fn, x, p)
     return x
 
 
@@ -1501,6 +1521,9 @@ class Config:
     # ---- budget -----------------------------------------------------------------------------------
     # whole run in seconds (flag: 90s, 20m, 8h30m): start-up, training, generation, zip, MiFID; Kaggle stops at 9h
     time_budget: float = this_run(8.5 * 3600, duration=True)
+    # stop training after this many thousand images over all sessions, the lr annealing by images instead of the
+    # clock: a run of fixed length whatever the machine's load (0: no limit; the budget still applies)
+    max_kimg: float = this_run(0.0)
     seed: int = from_ckpt(0)            # seeds python, numpy and torch (same seed + config + device = same run)
     device: str = this_run("auto")      # auto | cpu | cuda | cuda:N
     # ---- data -------------------------------------------------------------------------------------
@@ -1515,6 +1538,14 @@ class Config:
     # DiffAugment policy on real and fake before D ("": off). BigGAN's DiffAugment runs (CIFAR-10, 10-20 % data) use
     # translation,cutout; colour jitter (StyleGAN2's low-shot policy adds it) slows early learning in short runs
     diffaug: str = from_ckpt("translation,cutout")
+    # ADA (StyleGAN2-ADA's heuristic, src/ada.py): > 0 applies each DiffAugment op to each image with a probability p
+    # that starts at 0 and moves every 4 D steps so that E[sign D(real)] approaches this target (ADA's 0.6); 0: every
+    # op on every image. With ADA the policy may include colour: at a low p it costs little
+    ada_target: float = from_ckpt(0.0)
+    ada_kimg: float = from_ckpt(500.0)  # thousands of images for ADA's p to move by 1 (ADA's 500; short runs: less)
+    # G's breeds in training and in the submission: "uniform", or "data", in the data's proportions (Kaggle's
+    # reference is the photos as they are); see generate.TRAINING_BREEDS
+    labels: str = from_ckpt("uniform", choices=("uniform", "data"))
     # what D sees as real: the dog crops, the whole photos squashed to 64x64 (what Kaggle's MiFID compares with), or
     # both (the crops, then the photos); see data.training_images
     train_on: str = from_ckpt("crops", choices=("crops", "photos", "both"))
@@ -1539,6 +1570,9 @@ class Config:
     loss: str = from_ckpt("hinge", choices=("hinge", "bce", "ls", "rals", "wgan-gp"))  # see losses.GAN_LOSSES
     aux_weight: float = from_ckpt(1.0)  # weight of the auxiliary breed-classification loss (cond=acgan)
     gp_weight: float = from_ckpt(10.0)  # gradient-penalty weight (loss=wgan-gp)
+    # LeCam regularization (Tseng et al. 2021): D's outputs anchored to moving averages of the other side's; its
+    # weight (0: off; the authors' BigGAN runs 0.3)
+    lecam_weight: float = from_ckpt(0.0)
     real_label_min: float = from_ckpt(1.0)  # noisy soft labels for bce/ls: real targets drawn from [min, 1]
     fake_label_max: float = from_ckpt(0.0)  # fake targets drawn from [0, max]
     # ---- optimisation -----------------------------------------------------------------------------
@@ -1560,6 +1594,9 @@ class Config:
     # G_ema averages over at most this fraction of the steps so far (StyleGAN2-ADA's ramp-up): short runs get a
     # short average instead of a G_ema stuck near init
     ema_rampup: float = from_ckpt(0.05)
+    # > 0: G_ema's half-life in thousands of images (StyleGAN2-ADA's ema_kimg, 10 per 32 images of batch), ema_rampup
+    # then a fraction of the images seen; a batch change keeps the horizon. 0: ema_beta per step
+    ema_kimg: float = from_ckpt(0.0)
     # ---- speed ------------------------------------------------------------------------------------
     amp: str = this_run("auto", choices=("auto", "bf16", "fp16", "fp32"))  # auto: bf16 on sm>=80, fp16 below, CPU fp32
     channels_last: bool = this_run(True)  # NHWC convolutions on the GPU
@@ -1756,7 +1793,8 @@ def validate_config(cfg: "Config") -> None:
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"{_flag_name(name)} must be positive, got {getattr(cfg, name)}")
-    not_negative = ("max_images", "decode_workers", "fid_samples", "crop_margin", "truncation", "mifid_eps", "min_box")
+    not_negative = ("max_kimg", "lecam_weight", "ema_kimg", "max_images", "decode_workers", "fid_samples", "crop_margin",
+                    "truncation", "mifid_eps", "min_box")
     for name in not_negative:
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{_flag_name(name)} must be 0 or more, got {getattr(cfg, name)}")
@@ -1768,6 +1806,11 @@ def validate_config(cfg: "Config") -> None:
         parse_diffaug_policy(cfg.diffaug)
     except ValueError as error:
         raise ConfigError(str(error)) from None
+    if not 0 <= cfg.ada_target <= 1 or cfg.ada_kimg <= 0:
+        raise ConfigError(f"--ada-target {cfg.ada_target} must be in [0, 1] (a mean of signs; 0: off) and --ada-kimg "
+                          f"{cfg.ada_kimg} more than 0")
+    if cfg.ada_target > 0 and not cfg.diffaug:
+        raise ConfigError("--ada-target needs a DiffAugment policy to steer: give --diffaug, e.g. translation,cutout")
 
 
 def strip_jupyter_args(argv: list[str]) -> list[str]:
@@ -2509,6 +2552,53 @@ def gradient_penalty(D, real_img: "torch.Tensor", fake_img: "torch.Tensor", labe
     return weight * (grad_norm - 1.0).pow(2).mean()
 
 
+# ---- LeCam regularization (Tseng et al., CVPR 2021) --------------------------------------------------------
+# From the authors' BigGAN code (google/lecam-gan, biggan_cifar): the anchors are moving averages of D's mean real and
+# fake outputs with decay 0.9, updated at every D step before the penalty; for the first 1,000 iterations they just
+# follow the batch (decay 0) and the penalty is off; weight ("--LC") 0.3 in their CIFAR runs. (Their StyleGAN2 code
+# uses decay 0.99 with TF's zero-debiasing instead.)
+LECAM_DECAY = 0.9
+LECAM_START_STEPS = 1000
+LECAM_WEIGHT = 0.3
+
+
+def lecam_penalty(real_logit: "torch.Tensor", fake_logit: "torch.Tensor", anchor_real: "torch.Tensor",
+                  anchor_fake: "torch.Tensor") -> "torch.Tensor":
+    """E[relu(D(x) - a_fake)^2] + E[relu(a_real - D(G(z)))^2]: D's real outputs are pulled towards the fake anchor
+    and its fake outputs towards the real anchor, only from the side where they overshoot (anchors held fixed)."""
+    real_logit, fake_logit = real_logit.float(), fake_logit.float()
+    return (F.relu(real_logit - anchor_fake.detach()).pow(2).mean()
+            + F.relu(anchor_real.detach() - fake_logit).pow(2).mean())
+
+
+class LeCamAnchors:
+    """The moving averages of D's mean real and fake outputs that lecam_penalty anchors to: device tensors updated
+    from logits D already computed (no extra forward pass, no host sync)."""
+
+    def __init__(self, device, decay: float = LECAM_DECAY, start_steps: int = LECAM_START_STEPS):
+        self.decay, self.start_steps = float(decay), int(start_steps)
+        self.anchors = torch.zeros(2, device=device)  # [real, fake]
+        self.steps = 0
+
+    def penalty(self, real_logit: "torch.Tensor", fake_logit: "torch.Tensor") -> "torch.Tensor":
+        """Move the anchors with this D step's logits, then the LeCam term for them (0 while warming up)."""
+        decay = self.decay if self.steps >= self.start_steps else 0.0
+        means = torch.stack([real_logit.detach().float().mean(), fake_logit.detach().float().mean()])
+        self.anchors = decay * self.anchors + (1.0 - decay) * means
+        self.steps += 1
+        if self.steps <= self.start_steps:
+            return torch.zeros((), device=self.anchors.device)
+        return lecam_penalty(real_logit, fake_logit, self.anchors[0], self.anchors[1])
+
+    def state_dict(self) -> dict:
+        """Plain numbers for the checkpoint (a host read: at checkpoint time only)."""
+        return {"real": float(self.anchors[0]), "fake": float(self.anchors[1]), "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.anchors = torch.tensor([state["real"], state["fake"]], device=self.anchors.device)
+        self.steps = int(state["steps"])
+
+
 def aux_class_loss(class_logits: "torch.Tensor | None", labels: "torch.Tensor") -> "torch.Tensor":
     """ACGAN's auxiliary breed loss: cross-entropy(class_logits, labels); a 0 tensor when D has no classifier."""
     if class_logits is None:
@@ -2829,7 +2919,7 @@ def use_eager_paths(nets: "GanNets", dist_info: "DistInfo") -> None:
 
 # ====================================================================================================
 # src/schedule.py
-# Learning-rate schedules on the training clock.
+# Learning-rate schedules on the training clock, or on the images seen when a run has a fixed length.
 # ====================================================================================================
 LR_SCHEDULES = ("const", "cosine", "linear", "restarts")
 
@@ -2871,6 +2961,12 @@ def schedule_progress(progress_before: float, window_fraction: float) -> float:
     """
     p0 = min(1.0, max(0.0, float(progress_before)))
     return p0 + (1.0 - p0) * min(1.0, max(0.0, float(window_fraction)))
+
+
+def image_progress(images_seen: int, max_images: float) -> float:
+    """Schedule position of a run of fixed length (--max-kimg): the fraction of its images seen, over all sessions,
+    so the lr at a given image does not depend on how fast the machine was."""
+    return min(1.0, max(0.0, images_seen / max_images))
 
 
 # ====================================================================================================
@@ -2984,7 +3080,8 @@ def deadline_check(deadline: "Deadline", what: str, grace_s: float = OVERRUN_GRA
 
 # ====================================================================================================
 # src/generate.py
-# Generation: latents, balanced breed labels, 10,000 images from G_ema, and the submission zip.
+# Generation: latents, breed labels (balanced, or in the data's proportions), 10,000 images from G_ema, and the
+# submission zip.
 # ====================================================================================================
 def sample_z(n: int, z_dim: int, device, truncation: float = 0.0, generator: "torch.Generator | None" = None) -> "torch.Tensor":
     """Standard normal latents; with truncation > 0 every |z_i| > truncation is redrawn (BigGAN's truncation trick)."""
@@ -3004,6 +3101,42 @@ def balanced_labels(n: int, n_classes: int, device, generator: "torch.Generator 
     labels = torch.arange(n) % max(1, n_classes)
     order = torch.randperm(n, generator=generator)
     return labels[order].to(device)
+
+
+def breed_counts(labels: "torch.Tensor", n_classes: int) -> "torch.Tensor":
+    """Images per breed (int64, n_classes, CPU) of a data set's labels."""
+    return torch.bincount(labels.cpu(), minlength=n_classes)
+
+
+def proportional_labels(n: int, counts: "torch.Tensor", device, generator: "torch.Generator | None" = None) -> "torch.Tensor":
+    """n labels in the proportions of `counts` (largest-remainder rounding: each class gets floor(n c / total), and
+    the images left over go one each to the largest remainders, ties to the lower class), in shuffled order.
+    Kaggle's reference is the photos as they are, so the submission's breeds follow the data, not a uniform draw."""
+    counts = torch.as_tensor(counts, dtype=torch.int64).cpu()
+    total = int(counts.sum())
+    if total <= 0:
+        raise ValueError("proportional_labels needs at least one image in counts")
+    whole, remainder = torch.div(n * counts, total, rounding_mode="floor"), (n * counts) % total
+    left = n - int(whole.sum())
+    largest = torch.sort(remainder, descending=True, stable=True).indices[:left]
+    whole[largest] += 1
+    labels = torch.repeat_interleave(torch.arange(len(counts)), whole)
+    return labels[torch.randperm(n, generator=generator)].to(device)
+
+
+def uniform_breeds(n: int, counts: "torch.Tensor") -> "torch.Tensor":
+    """n training labels for G, every breed equally likely (on counts' device)."""
+    return torch.randint(0, len(counts), (n,), device=counts.device)
+
+
+def breeds_like_the_data(n: int, counts: "torch.Tensor") -> "torch.Tensor":
+    """n training labels for G drawn with the data's breed frequencies (on counts' device, no host sync)."""
+    return torch.multinomial(counts.float(), n, replacement=True)
+
+
+# How G draws its breeds in training, one batch at a time, by --labels; the submission follows the same choice
+# (generate_images: balanced, or proportional_labels of the data's counts).
+TRAINING_BREEDS = {"uniform": uniform_breeds, "data": breeds_like_the_data}
 
 
 def to_uint8(img: "torch.Tensor") -> "torch.Tensor":
@@ -3037,14 +3170,18 @@ def generation_batch_size(device) -> int:
 
 @torch.no_grad()
 def generate_images(G_ema: "torch.nn.Module", n: int, device, batch_size: int | None = None, truncation: float = 0.0,
-                    seed: int = 0, stop_check=None) -> "torch.Tensor":
-    """n images (uint8 N x 3 x 64 x 64, CPU) from G_ema, breeds balanced, fixed seed -> same images.
+                    seed: int = 0, stop_check=None, breed_counts: "torch.Tensor | None" = None) -> "torch.Tensor":
+    """n images (uint8 N x 3 x 64 x 64, CPU) from G_ema, fixed seed -> same images; breeds balanced, or in the
+    proportions of breed_counts (--labels data: images per breed of the training data).
 
     stop_check (optional) is called before every batch; it raises to abandon the generation (e.g. OutOfTime).
     """
     batch_size = batch_size or generation_batch_size(device)
     generator = torch.Generator().manual_seed(seed)
-    labels = balanced_labels(n, G_ema.n_classes, "cpu", generator)
+    if breed_counts is None:
+        labels = balanced_labels(n, G_ema.n_classes, "cpu", generator)
+    else:
+        labels = proportional_labels(n, breed_counts, "cpu", generator)
     # every latent drawn up front (10,000 x 128 floats: 5 MB): the images do not depend on the batch size
     latents = sample_z(n, G_ema.z_dim, "cpu", truncation, generator)
     G_ema.eval()
@@ -3161,6 +3298,22 @@ def ema_beta_at(step: int, beta: float, rampup: float) -> float:
         return float(beta)
     horizon = min(1.0 / (1.0 - beta), max(1.0, rampup * step))
     return 1.0 - 1.0 / horizon
+
+
+def ema_beta_for_images(batch_size: int, ema_kimg: float, images_seen: int, rampup: float) -> float:
+    """EMA decay for one step of batch_size images when G_ema's half-life is ema_kimg thousand images
+    (StyleGAN2-ADA: beta = 0.5 ** (batch / ema_nimg), ema_nimg = min(ema_kimg * 1000, images_seen * rampup)).
+
+    Counting in images, a batch change (a flag, an out-of-memory halving) keeps how far G_ema averages: two steps
+    of half the batch decay exactly as one full one. StyleGAN2-ADA's settings: ema_kimg = 10 per 32 images of batch
+    (its "auto" config; 500 on CIFAR), rampup 0.05 (None for its paper configs); rampup <= 0 turns the ramp off.
+    """
+    ema_nimg = ema_kimg * 1000.0
+    if rampup > 0:
+        ema_nimg = min(ema_nimg, images_seen * rampup)
+    if ema_nimg <= 0:
+        return 0.0  # no history yet: G_ema copies G
+    return 0.5 ** (batch_size / ema_nimg)
 
 
 @torch.no_grad()
@@ -3572,6 +3725,8 @@ def format_status(record: dict) -> str:
             f"D(x) {record['d_real']:+.3f} D(G(z)) {record['d_fake']:+.3f} | "
             f"lr {record['lr_g']:.2e}/{record['lr_d']:.2e} | bs {record['batch_size']} n_dis {record['n_dis']} | "
             f"{format_duration(record['elapsed_s'])} elapsed, {format_duration(record['train_left_s'])} left")
+    if record.get("ada_p") is not None:
+        line += f" | ADA p {record['ada_p']:.3f}"
     if record.get("next_ckpt_s") is not None:
         line += f" | ckpt in {format_duration(record['next_ckpt_s'])}"
     if record.get("fid") is not None:
@@ -3686,8 +3841,25 @@ def _report_series(records: list[dict], key: str) -> tuple[list[float], list[flo
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
+# The four panels of plots.png: (title, [(stats key, label)]). ADA's p (--ada-target) shares the D outputs' panel:
+# it answers them (it rises while D(x) runs positive on the training images).
+REPORT_PANELS = [("losses", [("g_loss", "G loss"), ("d_loss", "D loss")]),
+                 ("D outputs (logits), ADA's p", [("d_real", "D(x)"), ("d_fake", "D(G(z))"), ("ada_p", "ADA p")]),
+                 ("FID of G_ema", [("fid", "FID")]),
+                 ("speed", [("images_per_s", "images/s")])]
+
+
+def plotted_series(records: list[dict]) -> list[tuple[str, list]]:
+    """For each panel of REPORT_PANELS, (title, [(key, label, kimg, values)]) of the series the records hold."""
+    panels = []
+    for title, series in REPORT_PANELS:
+        drawn = [(key, label, *_report_series(records, key)) for key, label in series]
+        panels.append((title, [line for line in drawn if line[3]]))
+    return panels
+
+
 def write_plots(out_dir: str) -> list[str]:
-    """OUT/plots.png (G/D losses, D(x) and D(G(z)), FID, images/s against kimg); returns the files written.
+    """OUT/plots.png (G/D losses, D(x), D(G(z)) and ADA's p, FID, images/s against kimg); returns the files written.
 
     Returns [] with a one-line note when matplotlib is missing or there is nothing to plot.
     """
@@ -3708,18 +3880,12 @@ def write_plots(out_dir: str) -> list[str]:
         log("report", "matplotlib is not installed: plots skipped (stats.jsonl has the numbers)")
         return []
 
-    panels = [("losses", [("g_loss", "G loss"), ("d_loss", "D loss")]),
-              ("D outputs (logits)", [("d_real", "D(x)"), ("d_fake", "D(G(z))")]),
-              ("FID of G_ema", [("fid", "FID")]),
-              ("speed", [("images_per_s", "images/s")])]
     fig = Figure(figsize=(11, 7))
     FigureCanvasAgg(fig)
     axes = fig.subplots(2, 2)
-    for ax, (title, series) in zip(axes.flat, panels):
-        for key, label in series:
-            kimg, values = _report_series(records, key)
-            if values:
-                ax.plot(kimg, values, marker="o" if key == "fid" else None, markersize=3, label=label)
+    for ax, (title, series) in zip(axes.flat, plotted_series(records)):
+        for key, label, kimg, values in series:
+            ax.plot(kimg, values, marker="o" if key == "fid" else None, markersize=3, label=label)
         ax.set_title(title)
         ax.set_xlabel("kimg")
         if ax.lines:
@@ -4486,9 +4652,10 @@ def real_features(extractor, data, out_dir: str, reference: str) -> "torch.Tenso
     return cached_real_features(extractor, real_img, os.path.join(out_dir, "cache"), kind=reference)
 
 
-def make_training_fid(cfg: "Config", extractor, real_feats: "torch.Tensor", device):
-    """fid_fn(G_ema) -> FID of cfg.fid_samples generated images against the reference features (cfg.fid_reference),
-    or None when off."""
+def make_training_fid(cfg: "Config", extractor, real_feats: "torch.Tensor", device,
+                      breed_counts: "torch.Tensor | None" = None):
+    """fid_fn(G_ema) -> FID of cfg.fid_samples generated images (breeds as the submission's: balanced, or in the
+    proportions of breed_counts) against the reference features (cfg.fid_reference), or None when off."""
     if cfg.fid_every <= 0:
         return None
     real_mu, real_sigma = feature_stats(real_feats)
@@ -4497,7 +4664,8 @@ def make_training_fid(cfg: "Config", extractor, real_feats: "torch.Tensor", devi
 
     def fid_fn(G_ema) -> float:
         # G_ema's standing BN statistics are the caller's (train recomputes them once per sampling moment)
-        gen_img = generate_images(G_ema, cfg.fid_samples, device, truncation=cfg.truncation, seed=cfg.seed + 1)
+        gen_img = generate_images(G_ema, cfg.fid_samples, device, truncation=cfg.truncation, seed=cfg.seed + 1,
+                                  breed_counts=breed_counts)
         gen_mu, gen_sigma = feature_stats(extractor(gen_img))
         return frechet_distance(gen_mu, gen_sigma, real_mu, real_sigma)
 
@@ -4557,14 +4725,17 @@ class FidTracker:
         self.best_G_ema = saved.get("best_G_ema")
 
 
-def pick_truncation(cfg: "Config", G_ema, extractor, real_feats: "torch.Tensor", device) -> float:
-    """cfg.truncation, or with --truncation-search the candidate with the lowest MiFID on cfg.fid_samples images."""
+def pick_truncation(cfg: "Config", G_ema, extractor, real_feats: "torch.Tensor", device,
+                    breed_counts: "torch.Tensor | None" = None) -> float:
+    """cfg.truncation, or with --truncation-search the candidate with the lowest MiFID on cfg.fid_samples images
+    (breeds as the submission's: balanced, or in the proportions of breed_counts)."""
     if not cfg.truncation_search:
         return cfg.truncation
     eps = cfg.mifid_eps or extractor.default_eps
     scores = {}
     for truncation in sorted(set(TRUNCATION_CANDIDATES) | {cfg.truncation}):
-        gen_img = generate_images(G_ema, cfg.fid_samples, device, truncation=truncation, seed=cfg.seed + 2)
+        gen_img = generate_images(G_ema, cfg.fid_samples, device, truncation=truncation, seed=cfg.seed + 2,
+                                  breed_counts=breed_counts)
         scores[truncation] = mifid_score(extractor(gen_img), real_feats, eps, device=extractor.device)
         result = scores[truncation]
         log("score", f"truncation {truncation or 'off'}: FID {result['fid']:.2f}  d {result['d']:.3f}  "
@@ -4843,10 +5014,82 @@ def signals_interrupt_run():
 
 
 # ====================================================================================================
+# src/ada.py
+# Adaptive augmentation strength (Karras et al. 2020, StyleGAN2-ADA's heuristic) for the DiffAugment ops.
+#
+# D overfits its training set when its outputs on real images turn confidently positive. ADA watches
+# r = E[sign D(real)] and every `interval` D steps moves the per-image augmentation probability p by
+# sign(r - target) * (real images in the interval) / (ada_kimg * 1000): p climbs from 0 to 1 in ada_kimg thousand
+# images while D overfits, and falls back while it does not. The official defaults (stylegan2-ada-pytorch
+# training_loop.py): target 0.6, interval 4, ada_kimg 500; p starts at 0. There p only has a floor of 0; here it is
+# also capped at 1, the largest probability there is.
+#
+# Which ops p drives is the DiffAugment policy's business (augment.diff_augment): ADA's own pipeline applies colour
+# transforms at the same p as the geometric ones, so with ADA the policy may include colour; at p near 0 (a D that
+# does not overfit) colour jitter then costs nothing, which is what kept it out of the default policy for short runs.
+#
+# Everything per step stays on the device (no host sync): p is a 0-dim tensor diff_augment reads on the device.
+# Under DDP each rank steers its own p from its own batches (no collective): the ranks' p stay close, and rank 0's is
+# the one logged and checkpointed.
+# ====================================================================================================
+ADA_TARGET = 0.6      # r = E[sign D(real)] that ADA steers towards
+ADA_INTERVAL = 4      # D steps between two adjustments of p
+ADA_KIMG = 500.0      # thousands of images for p to move by 1 (short runs may need fewer: a parameter)
+
+
+class AdaController:
+    """p, the per-image probability of every DiffAugment op, steered by the sign of D's outputs on real images.
+
+    Call observe(real_logit) after each D step; every `interval` calls p moves and the signs start again.
+    """
+
+    def __init__(self, device, target: float = ADA_TARGET, interval: int = ADA_INTERVAL, ada_kimg: float = ADA_KIMG,
+                 p: float = 0.0):
+        if not 0.0 <= target <= 1.0:
+            raise ValueError(f"ADA target {target} must be in [0, 1]: it is a mean of signs on real images")
+        if interval < 1 or ada_kimg <= 0:
+            raise ValueError(f"ADA interval ({interval}) and ada_kimg ({ada_kimg}) must be positive")
+        self.target, self.interval, self.ada_kimg = float(target), int(interval), float(ada_kimg)
+        self.p = torch.tensor(float(p), device=device)
+        self.sign_sum = torch.zeros((), device=device)
+        self.images = 0   # real images whose signs are in sign_sum
+        self.steps = 0    # D steps observed since the last adjustment
+
+    def observe(self, real_logit: "torch.Tensor") -> None:
+        """Add one D step's real logits (detached; one per image); adjust p when the interval is complete."""
+        logits = real_logit.detach().float().reshape(len(real_logit), -1).mean(dim=1)
+        self.sign_sum += logits.sign().sum()
+        self.images += len(logits)
+        self.steps += 1
+        if self.steps >= self.interval:
+            self.adjust()
+
+    def adjust(self) -> None:
+        # p += sign(r - target) * images / (ada_kimg * 1000), clamped to [0, 1]; on the device
+        r = self.sign_sum / max(1, self.images)
+        step = (r - self.target).sign() * (self.images / (self.ada_kimg * 1000.0))
+        self.p = (self.p + step).clamp(0.0, 1.0)
+        self.sign_sum.zero_()
+        self.images, self.steps = 0, 0
+
+    def state_dict(self) -> dict:
+        """Plain numbers for the checkpoint (a host read: call it at checkpoint time, not every step)."""
+        return {"p": float(self.p), "sign_sum": float(self.sign_sum), "images": self.images, "steps": self.steps,
+                "target": self.target, "interval": self.interval, "ada_kimg": self.ada_kimg}
+
+    def load_state_dict(self, state: dict) -> None:
+        """p and the half-finished interval from a checkpoint; target, interval and speed stay this run's."""
+        self.p = torch.tensor(float(state["p"]), device=self.p.device)
+        self.sign_sum = torch.tensor(float(state["sign_sum"]), device=self.p.device)
+        self.images, self.steps = int(state["images"]), int(state["steps"])
+
+
+# ====================================================================================================
 # src/gan_step.py
 # The GAN maths of a training round in one place, as StyleGAN2-ADA's loss.accumulate_gradients: losses, noisy
 # targets, penalties, the auxiliary breed loss, reuse of fakes, the spectral-norm power iteration, augmentation and
-# the optimiser steps. The loop only names the phases: `begin_round`, `d_phase` per real batch, `g_phase`, `end_round`.
+# the optimiser steps, and the small-data levers: ADA's augmentation probability, LeCam's anchors, G's breeds by the
+# data's frequencies. The loop only names the phases: `begin_round`, `d_phase` per real batch, `g_phase`, `end_round`.
 #
 # Nothing here reads a value back to the host: the round's sums stay on the device until the status tick.
 # ====================================================================================================
@@ -4855,16 +5098,22 @@ ROUND_SUMS = ("d_loss", "d_real", "d_fake", "g_loss")
 
 
 class GanStep:
-    """Built once from the settled config and the run's nets; holds the round's device sums and kept fakes."""
+    """Built once from the settled config, the run's nets and the training data's images per breed; holds the
+    round's device sums and kept fakes, and the levers' state (state_dict: for the checkpoint)."""
 
-    def __init__(self, cfg: "Config", nets: "GanNets", n_classes: int):
-        self.nets, self.precision, self.n_classes = nets, nets.precision, n_classes
+    def __init__(self, cfg: "Config", nets: "GanNets", breed_counts: "torch.Tensor"):
+        self.nets, self.precision, self.n_classes = nets, nets.precision, len(breed_counts)
         self.loss = GAN_LOSSES[cfg.loss]
         self.diffaug, self.flip = cfg.diffaug, cfg.flip
         self.aux_weight, self.gp_weight = cfg.aux_weight, cfg.gp_weight
         self.real_label_min, self.fake_label_max = cfg.real_label_min, cfg.fake_label_max
         self.g_steps = cfg.g_steps
         self.device = next(nets.G.parameters()).device
+        self.breed_counts, self.draw_breeds = breed_counts.to(self.device), TRAINING_BREEDS[cfg.labels]
+        # ADA: p drives every DiffAugment op, from 0 (None: the whole policy on every image)
+        self.ada = AdaController(self.device, cfg.ada_target, ada_kimg=cfg.ada_kimg) if cfg.ada_target > 0 else None
+        self.lecam = LeCamAnchors(self.device) if cfg.lecam_weight > 0 else None
+        self.lecam_weight = cfg.lecam_weight
         self.sums = torch.zeros(len(ROUND_SUMS), device=self.device)
         self.batch_size, self.reuse_fakes, self.kept_fakes, self.real_logit = 0, False, None, None
 
@@ -4880,8 +5129,7 @@ class GanStep:
     def _latents(self) -> "tuple[torch.Tensor, torch.Tensor]":
         # z and breeds of one generated batch
         z = torch.randn(self.batch_size, self.nets.G.z_dim, device=self.device)
-        gen_y = torch.randint(0, self.n_classes, (self.batch_size,), device=self.device)
-        return z, gen_y
+        return z, self.draw_breeds(self.batch_size, self.breed_counts)
 
     def _real_img(self, real_u8: "torch.Tensor") -> "torch.Tensor":
         # uint8 -> [-1, 1], brought to what D judges in training (the model knows its resolution), random mirror
@@ -4893,7 +5141,8 @@ class GanStep:
     def _augment(self, img: "torch.Tensor") -> "torch.Tensor":
         # DiffAugment: the same policy on real and fake, differentiable so G learns through it
         if self.diffaug:
-            img = to_memory_format(diff_augment(img, self.diffaug), self.precision)
+            p = self.ada.p if self.ada is not None else 1.0
+            img = to_memory_format(diff_augment(img, self.diffaug, p), self.precision)
         return img
 
     def _optimizer_step(self, loss: "torch.Tensor", optimizer, scaler) -> None:
@@ -4923,6 +5172,8 @@ class GanStep:
             d_loss = self.loss.d_loss(real_logit, fake_logit, real_target, fake_target)
             if real_class is not None:
                 d_loss = d_loss + self.aux_weight * aux_class_loss(real_class, real_y)
+            if self.lecam is not None:
+                d_loss = d_loss + self.lecam_weight * self.lecam.penalty(real_logit, fake_logit)
         if self.loss.penalty is not None:
             # the penalty's double backward runs in fp32 (fp16 would underflow the input gradients) and through the
             # plain D: a torch.compile'd graph cannot be differentiated twice
@@ -4932,6 +5183,8 @@ class GanStep:
         self._optimizer_step(d_loss, nets.opt_d, nets.scaler_d)
         # RaLS's G loss compares with D(x): the last D phase's real logits (detached) serve
         self.real_logit = real_logit.detach()
+        if self.ada is not None:
+            self.ada.observe(self.real_logit)
         self.sums[:3] += torch.stack([d_loss.detach().float(), self.real_logit.float().mean(),
                                       fake_logit.detach().float().mean()])
 
@@ -4957,6 +5210,22 @@ class GanStep:
         finally:
             nets.D.requires_grad_(True)
         self.sums[3] += g_loss.detach().float()
+
+    def ada_p(self) -> float | None:
+        """ADA's current p (one host read: for the status tick), None without ADA."""
+        return float(self.ada.p) if self.ada is not None else None
+
+    def state_dict(self) -> dict:
+        """The levers' state for the checkpoint: ADA's p and interval, LeCam's anchors (plain numbers)."""
+        return {"ada": self.ada.state_dict() if self.ada is not None else None,
+                "lecam": self.lecam.state_dict() if self.lecam is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        """A resumed run's levers as they were; a lever the checkpoint's run did not use starts afresh."""
+        if self.ada is not None and state.get("ada"):
+            self.ada.load_state_dict(state["ada"])
+        if self.lecam is not None and state.get("lecam"):
+            self.lecam.load_state_dict(state["lecam"])
 
     def end_round(self) -> "torch.Tensor":
         """The round's device sums, in the order of ROUND_SUMS (nothing is read back to the host)."""
@@ -4984,6 +5253,7 @@ class StopReason(str, enum.Enum):
     DEADLINE = "deadline"
     SIGNAL = "signal"        # SIGTERM / SIGINT: the step was finished and a checkpoint saved
     MAX_STEPS = "max_steps"  # the step limit of a test or benchmark
+    MAX_KIMG = "max_kimg"    # --max-kimg: the run's images, counted over all sessions, are done
     ERROR = "error"          # TrainResult.error says what; the last good state was restored
 
 
@@ -5103,8 +5373,11 @@ def set_up_training(cfg: "Config", data, device: "torch.device", dist_info, fid_
     if world > 1:
         # ranks draw different batches and noise; the models stay identical (DDP broadcasts rank 0's weights)
         torch.manual_seed(cfg.seed * 7919 + dist_info.rank * 104729 + state.step)
+    step = GanStep(cfg, nets, breed_counts(data.labels, n_classes))
+    if resume is not None:
+        step.load_state_dict(resume.get("gan_step") or {})  # ADA's p, LeCam's anchors
     sampler = DeviceSampler(data.images.to(device), data.labels.to(device))
-    return RunParts(nets, GanStep(cfg, nets, n_classes), state, fid, sampler, grid_z, grid_y, n_classes)
+    return RunParts(nets, step, state, fid, sampler, grid_z, grid_y, n_classes)
 
 
 @contextlib.contextmanager
@@ -5166,10 +5439,14 @@ class RollbackGuard:
 
 
 def _decide(now: float, step: int, max_steps: int, train_end: float, caught_signals: set, status_due: "Every",
-            guard: "RollbackGuard", device, world: int) -> "tuple[StopReason | None, bool, bool]":
+            guard: "RollbackGuard", device, world: int, images_seen: int = 0,
+            max_images: float = 0.0) -> "tuple[StopReason | None, bool, bool]":
     """(why to stop or None, status tick due, rollback point due), the same on every rank: under DDP the ranks
-    agree every DDP_SYNC_STEPS steps (one small all-reduce) and tick or stop only then."""
+    agree every DDP_SYNC_STEPS steps (one small all-reduce) and tick or stop only then. The step and image limits
+    need no agreement: every rank counts the same global steps and images."""
     stop = StopReason.MAX_STEPS if max_steps and step >= max_steps else None
+    if stop is None and max_images > 0 and images_seen >= max_images:
+        stop = StopReason.MAX_KIMG
     if world > 1 and step % DDP_SYNC_STEPS:
         return stop, False, False
     stop_now, tick_now, refresh_now = any_rank_flags([now >= train_end or bool(caught_signals), status_due.due(now),
@@ -5214,7 +5491,7 @@ def _save_run(out_dir: str, cfg: "Config", run: "RunParts", train_seconds: float
     run.state.train_seconds = train_seconds
     write_training_checkpoint(os.path.join(out_dir, CKPT_NAME), run.nets, run.state, f"checkpoint ({reason})",
                               config=dataclasses.asdict(cfg), n_classes=run.n_classes, grid_z=run.grid_z.cpu(),
-                              grid_y=run.grid_y.cpu(), fid=run.fid.state_dict())
+                              grid_y=run.grid_y.cpu(), fid=run.fid.state_dict(), gan_step=run.step.state_dict())
 
 
 def _halve_batch_after_oom(nets: "GanNets", state: "LoopState", device: "torch.device", status_log: "StatusLog") -> None:
@@ -5279,8 +5556,9 @@ def start_watch(cfg: "Config", run: "RunParts", deadline: "Deadline", out_dir: s
 def _log_status(cfg: "Config", run: "RunParts", watch: "Watch", now: float, means: dict, record: dict) -> None:
     # the adaptive D steps follow the tick's D loss; one status line and record
     _adapt_n_dis(run.state, cfg, means["d_loss"])
+    levers = {"ada_p": run.step.ada_p()} if run.step.ada is not None else {}
     watch.status_log.status(now, run.state, means, current_lrs(cfg, run.state),
-                            {"next_ckpt_s": watch.ckpt_due.left(now), **record})
+                            {"next_ckpt_s": watch.ckpt_due.left(now), **levers, **record})
 
 
 def status_tick(cfg: "Config", run: "RunParts", watch: "Watch", now: float, refresh_now: bool) -> None:
@@ -5346,7 +5624,8 @@ def wrap_up(cfg: "Config", run: "RunParts", watch: "Watch", stop: "StopReason", 
 
 def train(cfg: "Config", data, deadline: "Deadline", out_dir: str, device, fid_fn=None, *, resume: dict | None = None,
           max_steps: int = 0, nets: "GanNets | None" = None) -> "TrainResult":
-    """Train G and D on `data` until the deadline's training window ends, a signal, or max_steps rounds (tests).
+    """Train G and D on `data` until the deadline's training window ends, a signal, cfg.max_kimg thousand images
+    over all sessions, or max_steps rounds (tests).
 
     `cfg` is the settled config (settle.settle_run); `resume` the checkpoint it settled; `nets` the run's nets when
     main built them already (build_run_nets), else they are built here. Rank 0 prints and writes OUT/stats.jsonl,
@@ -5372,16 +5651,21 @@ def train(cfg: "Config", data, deadline: "Deadline", out_dir: str, device, fid_f
                 # Decide, identically on every rank: stop (step limit / deadline / signal), tick, rollback refresh.
                 now = time.time()
                 stop, tick_now, refresh_now = _decide(now, state.step, max_steps, deadline.train_end, caught_signals,
-                                                      watch.status_due, watch.guard, device, world)
+                                                      watch.status_due, watch.guard, device, world, state.images_seen,
+                                                      cfg.max_kimg * 1000)
                 if stop is not None:
                     break
                 try:
                     if tick_now and watch.meter.d_steps:
                         status_tick(cfg, run, watch, now, refresh_now)
 
-                    # Learning rates follow the training clock (and the batch size, and the rollback scale).
-                    state.schedule_progress = schedule_progress(schedule_start,
-                                                                deadline.train_fraction(watch.train_start))
+                    # Learning rates follow the training clock, or the images of a fixed-length run (and the batch
+                    # size, and the rollback scale).
+                    if cfg.max_kimg > 0:
+                        state.schedule_progress = image_progress(state.images_seen, cfg.max_kimg * 1000)
+                    else:
+                        state.schedule_progress = schedule_progress(schedule_start,
+                                                                    deadline.train_fraction(watch.train_start))
                     lrs = current_lrs(cfg, state)
                     if lrs != lrs_set:
                         set_lr(nets.opt_g, lrs[0])
@@ -5405,12 +5689,18 @@ def train(cfg: "Config", data, deadline: "Deadline", out_dir: str, device, fid_f
                 if state.step == session_first_step:
                     log("train", f"first round took {time.time() - round_start:.1f}s"
                         f"{' (includes torch.compile)' if cfg.compile else ''}")
+                round_images = rank_batch * world * state.n_dis
                 state.step += 1
-                state.images_seen += rank_batch * world * state.n_dis
-                watch.meter.add(round_sums, state.n_dis, cfg.g_steps, rank_batch * world * state.n_dis)
+                state.images_seen += round_images
+                watch.meter.add(round_sums, state.n_dis, cfg.g_steps, round_images)
 
-                # G_ema follows G, averaging over at most ema_rampup of the rounds so far.
-                ema_update(nets.G_ema, nets.G, ema_beta_at(state.step, cfg.ema_beta, cfg.ema_rampup))
+                # G_ema follows G, averaging over at most ema_rampup of the rounds (or images) so far; with ema_kimg
+                # its half-life is counted in images, so a batch change keeps the horizon.
+                if cfg.ema_kimg > 0:
+                    beta = ema_beta_for_images(round_images, cfg.ema_kimg, state.images_seen, cfg.ema_rampup)
+                else:
+                    beta = ema_beta_at(state.step, cfg.ema_beta, cfg.ema_rampup)
+                ema_update(nets.G_ema, nets.G, beta)
         except GaveUp as gave_up:
             stop, error = StopReason.ERROR, str(gave_up)
         except Exception as failure:
@@ -5450,7 +5740,7 @@ def _check_rounds(cfg: "Config", nets: "GanNets", data, n_classes: int) -> None:
     batch = cfg.batch_size if device.type == "cuda" else min(cfg.batch_size, SELF_CHECK_CPU_BATCH)
     batch = max(1, min(batch, len(data.images)))
     real_u8, real_y = data.images[:batch].to(device), data.labels[:batch].to(device)
-    step = GanStep(cfg, nets, n_classes)
+    step = GanStep(cfg, nets, breed_counts(data.labels, n_classes))
     for _ in range(SELF_CHECK_ROUNDS):
         step.begin_round(batch, cfg.n_dis)
         for _ in range(cfg.n_dis):
@@ -5634,8 +5924,10 @@ def fits_in_time(deadline: "Deadline", seconds: float, what: str) -> bool:
 
 
 def write_submission(G_ema, cfg: "Config", out_dir: str, device: "torch.device", truncation: float,
-                     deadline: "Deadline", batch_size: int | None = None) -> str | None:
-    """10,000 balanced images from G_ema into OUT/images.zip (atomic: the old zip stays until the new one is whole).
+                     deadline: "Deadline", batch_size: int | None = None,
+                     submission_breeds: "torch.Tensor | None" = None) -> str | None:
+    """10,000 images from G_ema into OUT/images.zip (atomic: the old zip stays until the new one is whole), breeds
+    balanced or in the proportions of submission_breeds (--labels data).
 
     Generation and zipping stop a few seconds past the deadline rather than overrun it; a full disk or a lost
     deadline is one line and None, and the previous images.zip (if any) is kept.
@@ -5647,7 +5939,7 @@ def write_submission(G_ema, cfg: "Config", out_dir: str, device: "torch.device",
     start = time.time()
     try:
         images = generate_images(G_ema, cfg.n_images, device, batch_size=batch_size, truncation=truncation,
-                                 seed=cfg.seed, stop_check=stop_check)
+                                 seed=cfg.seed, stop_check=stop_check, breed_counts=submission_breeds)
         generate_s = time.time() - start
         zip_s = write_images_zip(images, zip_path, stop_check=stop_check)
     except (OutOfTime, OSError) as error:
@@ -5703,6 +5995,8 @@ def run(cfg: "Config", start: float) -> int:
     cfg, dist, device, out_dir, data, extractor = (settled.cfg, settled.dist, settled.dist.device, settled.out_dir,
                                                    settled.data, settled.extractor)
     n_classes = len(data.breeds)
+    # --labels data: every image G_ema makes for a score or the submission has the data's breed proportions
+    submission_breeds = breed_counts(data.labels, n_classes) if cfg.labels == "data" else None
     real_feats = real_features(extractor, data, out_dir, cfg.fid_reference) if extractor is not None else None
     data.photos = None  # their features are computed: the ~250 MB of whole-photo pixels are not needed again
     # the models are built once: the reserve is measured with them, then they train
@@ -5710,7 +6004,8 @@ def run(cfg: "Config", start: float) -> int:
     if cfg.self_check:
         run_self_check(cfg, nets, data, extractor, dist)
     plan = plan_reserve(cfg, deadline, n_classes, device, extractor, out_dir)
-    fid_fn = make_training_fid(cfg, extractor, real_feats, device) if extractor is not None else None
+    fid_fn = (make_training_fid(cfg, extractor, real_feats, device, submission_breeds) if extractor is not None
+              else None)
 
     exit_code, G_ema = 0, None
     try:
@@ -5733,9 +6028,10 @@ def run(cfg: "Config", start: float) -> int:
         cleanup_distributed()
         return exit_code or 1
 
-    truncation = (pick_truncation(cfg, G_ema, extractor, real_feats, device)
+    truncation = (pick_truncation(cfg, G_ema, extractor, real_feats, device, submission_breeds)
                   if extractor is not None and search_fits(cfg, deadline, plan) else cfg.truncation)
-    zip_path = write_submission(G_ema, cfg, out_dir, device, truncation, deadline, plan.generate_batch)
+    zip_path = write_submission(G_ema, cfg, out_dir, device, truncation, deadline, plan.generate_batch,
+                                submission_breeds)
     exit_code = exit_code if zip_path else 1
     if zip_path and extractor is not None and fits_in_time(deadline, plan.mifid_s, "MiFID of images.zip"):
         report_mifid(cfg, extractor, zip_path, real_feats, out_dir)

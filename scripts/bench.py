@@ -27,7 +27,7 @@ from src.console import log  # noqa: E402
 from src.data import load_dogs  # noqa: E402
 from src.distributed import current_dist_info  # noqa: E402
 from src.gan_step import GanStep  # noqa: E402
-from src.generate import generate_images, write_images_zip  # noqa: E402
+from src.generate import breed_counts, generate_images, write_images_zip  # noqa: E402
 from src.layers import spectral_norm_layers, spectral_norm_power_iteration_  # noqa: E402
 from src.losses import GAN_LOSSES  # noqa: E402
 from src.mifid import cached_real_features, load_feature_extractor, mifid_score  # noqa: E402
@@ -76,7 +76,7 @@ def time_ours(cfg, data, device, steps: int, warmup: int) -> dict:
     n_classes = len(data.breeds)
     nets = build_gan_nets(cfg, n_classes, device, precision, current_dist_info(device))
     sampler = DeviceSampler(data.images.to(device), data.labels.to(device))
-    step = GanStep(cfg, nets, n_classes)
+    step = GanStep(cfg, nets, breed_counts(data.labels, n_classes))
 
     def run_round():
         return gan_round(step, sampler, cfg.batch_size, cfg.n_dis, cfg.g_steps)

@@ -81,11 +81,27 @@ def parse_diffaug_policy(policy: str) -> list[str]:
     return names
 
 
-def diff_augment(x: torch.Tensor, policy: str) -> torch.Tensor:
-    """Apply the policy's ops in order, the same way to real and fake batches (D only ever sees augmented images)."""
-    for name in parse_diffaug_policy(policy):
+def apply_per_image(fn, x: torch.Tensor, p) -> torch.Tensor:
+    """fn(x) for each image with probability p (a float or a 0-dim device tensor, read on the device: no host sync),
+    x itself for the others. Both branches are computed and blended, so gradients flow through the chosen one."""
+    chosen = torch.rand(x.shape[0], 1, 1, 1, device=x.device) < p
+    return torch.where(chosen, fn(x), x)
+
+
+def diff_augment(x: torch.Tensor, policy: str, p=1.0) -> torch.Tensor:
+    """Apply the policy's ops in order, the same way to real and fake batches (D only ever sees augmented images).
+
+    p: each op is applied to each image independently with this probability (ADA's per-image probability; a float
+    or a 0-dim device tensor). p = 1 (a float) is DiffAugment itself, every op on every image, and draws exactly the
+    random numbers it always did; p = 0 (a float) returns x.
+    """
+    names = parse_diffaug_policy(policy)
+    if isinstance(p, (int, float)) and p <= 0:
+        return x
+    always = isinstance(p, (int, float)) and p >= 1
+    for name in names:
         for fn in AUGMENT_FNS[name]:
-            x = fn(x)
+            x = fn(x) if always else apply_per_image(fn, x, p)
     return x
 
 

@@ -50,6 +50,9 @@ class Config:
     # ---- budget -----------------------------------------------------------------------------------
     # whole run in seconds (flag: 90s, 20m, 8h30m): start-up, training, generation, zip, MiFID; Kaggle stops at 9h
     time_budget: float = this_run(8.5 * 3600, duration=True)
+    # stop training after this many thousand images over all sessions, the lr annealing by images instead of the
+    # clock: a run of fixed length whatever the machine's load (0: no limit; the budget still applies)
+    max_kimg: float = this_run(0.0)
     seed: int = from_ckpt(0)            # seeds python, numpy and torch (same seed + config + device = same run)
     device: str = this_run("auto")      # auto | cpu | cuda | cuda:N
     # ---- data -------------------------------------------------------------------------------------
@@ -64,6 +67,14 @@ class Config:
     # DiffAugment policy on real and fake before D ("": off). BigGAN's DiffAugment runs (CIFAR-10, 10-20 % data) use
     # translation,cutout; colour jitter (StyleGAN2's low-shot policy adds it) slows early learning in short runs
     diffaug: str = from_ckpt("translation,cutout")
+    # ADA (StyleGAN2-ADA's heuristic, src/ada.py): > 0 applies each DiffAugment op to each image with a probability p
+    # that starts at 0 and moves every 4 D steps so that E[sign D(real)] approaches this target (ADA's 0.6); 0: every
+    # op on every image. With ADA the policy may include colour: at a low p it costs little
+    ada_target: float = from_ckpt(0.0)
+    ada_kimg: float = from_ckpt(500.0)  # thousands of images for ADA's p to move by 1 (ADA's 500; short runs: less)
+    # G's breeds in training and in the submission: "uniform", or "data", in the data's proportions (Kaggle's
+    # reference is the photos as they are); see generate.TRAINING_BREEDS
+    labels: str = from_ckpt("uniform", choices=("uniform", "data"))
     # what D sees as real: the dog crops, the whole photos squashed to 64x64 (what Kaggle's MiFID compares with), or
     # both (the crops, then the photos); see data.training_images
     train_on: str = from_ckpt("crops", choices=("crops", "photos", "both"))
@@ -88,6 +99,9 @@ class Config:
     loss: str = from_ckpt("hinge", choices=("hinge", "bce", "ls", "rals", "wgan-gp"))  # see losses.GAN_LOSSES
     aux_weight: float = from_ckpt(1.0)  # weight of the auxiliary breed-classification loss (cond=acgan)
     gp_weight: float = from_ckpt(10.0)  # gradient-penalty weight (loss=wgan-gp)
+    # LeCam regularization (Tseng et al. 2021): D's outputs anchored to moving averages of the other side's; its
+    # weight (0: off; the authors' BigGAN runs 0.3)
+    lecam_weight: float = from_ckpt(0.0)
     real_label_min: float = from_ckpt(1.0)  # noisy soft labels for bce/ls: real targets drawn from [min, 1]
     fake_label_max: float = from_ckpt(0.0)  # fake targets drawn from [0, max]
     # ---- optimisation -----------------------------------------------------------------------------
@@ -109,6 +123,9 @@ class Config:
     # G_ema averages over at most this fraction of the steps so far (StyleGAN2-ADA's ramp-up): short runs get a
     # short average instead of a G_ema stuck near init
     ema_rampup: float = from_ckpt(0.05)
+    # > 0: G_ema's half-life in thousands of images (StyleGAN2-ADA's ema_kimg, 10 per 32 images of batch), ema_rampup
+    # then a fraction of the images seen; a batch change keeps the horizon. 0: ema_beta per step
+    ema_kimg: float = from_ckpt(0.0)
     # ---- speed ------------------------------------------------------------------------------------
     amp: str = this_run("auto", choices=("auto", "bf16", "fp16", "fp32"))  # auto: bf16 on sm>=80, fp16 below, CPU fp32
     channels_last: bool = this_run(True)  # NHWC convolutions on the GPU
@@ -305,7 +322,8 @@ def validate_config(cfg: Config) -> None:
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"{_flag_name(name)} must be positive, got {getattr(cfg, name)}")
-    not_negative = ("max_images", "decode_workers", "fid_samples", "crop_margin", "truncation", "mifid_eps", "min_box")
+    not_negative = ("max_kimg", "lecam_weight", "ema_kimg", "max_images", "decode_workers", "fid_samples", "crop_margin",
+                    "truncation", "mifid_eps", "min_box")
     for name in not_negative:
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{_flag_name(name)} must be 0 or more, got {getattr(cfg, name)}")
@@ -317,6 +335,11 @@ def validate_config(cfg: Config) -> None:
         parse_diffaug_policy(cfg.diffaug)
     except ValueError as error:
         raise ConfigError(str(error)) from None
+    if not 0 <= cfg.ada_target <= 1 or cfg.ada_kimg <= 0:
+        raise ConfigError(f"--ada-target {cfg.ada_target} must be in [0, 1] (a mean of signs; 0: off) and --ada-kimg "
+                          f"{cfg.ada_kimg} more than 0")
+    if cfg.ada_target > 0 and not cfg.diffaug:
+        raise ConfigError("--ada-target needs a DiffAugment policy to steer: give --diffaug, e.g. translation,cutout")
 
 
 def strip_jupyter_args(argv: list[str]) -> list[str]:

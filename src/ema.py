@@ -22,6 +22,22 @@ def ema_beta_at(step: int, beta: float, rampup: float) -> float:
     return 1.0 - 1.0 / horizon
 
 
+def ema_beta_for_images(batch_size: int, ema_kimg: float, images_seen: int, rampup: float) -> float:
+    """EMA decay for one step of batch_size images when G_ema's half-life is ema_kimg thousand images
+    (StyleGAN2-ADA: beta = 0.5 ** (batch / ema_nimg), ema_nimg = min(ema_kimg * 1000, images_seen * rampup)).
+
+    Counting in images, a batch change (a flag, an out-of-memory halving) keeps how far G_ema averages: two steps
+    of half the batch decay exactly as one full one. StyleGAN2-ADA's settings: ema_kimg = 10 per 32 images of batch
+    (its "auto" config; 500 on CIFAR), rampup 0.05 (None for its paper configs); rampup <= 0 turns the ramp off.
+    """
+    ema_nimg = ema_kimg * 1000.0
+    if rampup > 0:
+        ema_nimg = min(ema_nimg, images_seen * rampup)
+    if ema_nimg <= 0:
+        return 0.0  # no history yet: G_ema copies G
+    return 0.5 ** (batch_size / ema_nimg)
+
+
 @torch.no_grad()
 def ema_update(G_ema: torch.nn.Module, G: torch.nn.Module, beta: float) -> None:
     """G_ema <- beta * G_ema + (1 - beta) * G for parameters (one fused lerp); buffers are copied from G."""

@@ -1,6 +1,7 @@
 """The GAN maths of a training round in one place, as StyleGAN2-ADA's loss.accumulate_gradients: losses, noisy
 targets, penalties, the auxiliary breed loss, reuse of fakes, the spectral-norm power iteration, augmentation and
-the optimiser steps. The loop only names the phases: `begin_round`, `d_phase` per real batch, `g_phase`, `end_round`.
+the optimiser steps, and the small-data levers: ADA's augmentation probability, LeCam's anchors, G's breeds by the
+data's frequencies. The loop only names the phases: `begin_round`, `d_phase` per real batch, `g_phase`, `end_round`.
 
 Nothing here reads a value back to the host: the round's sums stay on the device until the status tick.
 """
@@ -8,10 +9,12 @@ from __future__ import annotations
 
 import torch
 
+from src.ada import AdaController
 from src.augment import diff_augment, random_flip, uint8_to_unit
 from src.config import Config
+from src.generate import TRAINING_BREEDS
 from src.layers import spectral_norm_power_iteration_
-from src.losses import GAN_LOSSES, aux_class_loss
+from src.losses import GAN_LOSSES, LeCamAnchors, aux_class_loss
 from src.nets import GanNets
 from src.precision import autocast_disabled, precision_autocast, to_memory_format
 
@@ -20,16 +23,22 @@ ROUND_SUMS = ("d_loss", "d_real", "d_fake", "g_loss")
 
 
 class GanStep:
-    """Built once from the settled config and the run's nets; holds the round's device sums and kept fakes."""
+    """Built once from the settled config, the run's nets and the training data's images per breed; holds the
+    round's device sums and kept fakes, and the levers' state (state_dict: for the checkpoint)."""
 
-    def __init__(self, cfg: Config, nets: GanNets, n_classes: int):
-        self.nets, self.precision, self.n_classes = nets, nets.precision, n_classes
+    def __init__(self, cfg: Config, nets: GanNets, breed_counts: torch.Tensor):
+        self.nets, self.precision, self.n_classes = nets, nets.precision, len(breed_counts)
         self.loss = GAN_LOSSES[cfg.loss]
         self.diffaug, self.flip = cfg.diffaug, cfg.flip
         self.aux_weight, self.gp_weight = cfg.aux_weight, cfg.gp_weight
         self.real_label_min, self.fake_label_max = cfg.real_label_min, cfg.fake_label_max
         self.g_steps = cfg.g_steps
         self.device = next(nets.G.parameters()).device
+        self.breed_counts, self.draw_breeds = breed_counts.to(self.device), TRAINING_BREEDS[cfg.labels]
+        # ADA: p drives every DiffAugment op, from 0 (None: the whole policy on every image)
+        self.ada = AdaController(self.device, cfg.ada_target, ada_kimg=cfg.ada_kimg) if cfg.ada_target > 0 else None
+        self.lecam = LeCamAnchors(self.device) if cfg.lecam_weight > 0 else None
+        self.lecam_weight = cfg.lecam_weight
         self.sums = torch.zeros(len(ROUND_SUMS), device=self.device)
         self.batch_size, self.reuse_fakes, self.kept_fakes, self.real_logit = 0, False, None, None
 
@@ -45,8 +54,7 @@ class GanStep:
     def _latents(self) -> tuple[torch.Tensor, torch.Tensor]:
         # z and breeds of one generated batch
         z = torch.randn(self.batch_size, self.nets.G.z_dim, device=self.device)
-        gen_y = torch.randint(0, self.n_classes, (self.batch_size,), device=self.device)
-        return z, gen_y
+        return z, self.draw_breeds(self.batch_size, self.breed_counts)
 
     def _real_img(self, real_u8: torch.Tensor) -> torch.Tensor:
         # uint8 -> [-1, 1], brought to what D judges in training (the model knows its resolution), random mirror
@@ -58,7 +66,8 @@ class GanStep:
     def _augment(self, img: torch.Tensor) -> torch.Tensor:
         # DiffAugment: the same policy on real and fake, differentiable so G learns through it
         if self.diffaug:
-            img = to_memory_format(diff_augment(img, self.diffaug), self.precision)
+            p = self.ada.p if self.ada is not None else 1.0
+            img = to_memory_format(diff_augment(img, self.diffaug, p), self.precision)
         return img
 
     def _optimizer_step(self, loss: torch.Tensor, optimizer, scaler) -> None:
@@ -88,6 +97,8 @@ class GanStep:
             d_loss = self.loss.d_loss(real_logit, fake_logit, real_target, fake_target)
             if real_class is not None:
                 d_loss = d_loss + self.aux_weight * aux_class_loss(real_class, real_y)
+            if self.lecam is not None:
+                d_loss = d_loss + self.lecam_weight * self.lecam.penalty(real_logit, fake_logit)
         if self.loss.penalty is not None:
             # the penalty's double backward runs in fp32 (fp16 would underflow the input gradients) and through the
             # plain D: a torch.compile'd graph cannot be differentiated twice
@@ -97,6 +108,8 @@ class GanStep:
         self._optimizer_step(d_loss, nets.opt_d, nets.scaler_d)
         # RaLS's G loss compares with D(x): the last D phase's real logits (detached) serve
         self.real_logit = real_logit.detach()
+        if self.ada is not None:
+            self.ada.observe(self.real_logit)
         self.sums[:3] += torch.stack([d_loss.detach().float(), self.real_logit.float().mean(),
                                       fake_logit.detach().float().mean()])
 
@@ -122,6 +135,22 @@ class GanStep:
         finally:
             nets.D.requires_grad_(True)
         self.sums[3] += g_loss.detach().float()
+
+    def ada_p(self) -> float | None:
+        """ADA's current p (one host read: for the status tick), None without ADA."""
+        return float(self.ada.p) if self.ada is not None else None
+
+    def state_dict(self) -> dict:
+        """The levers' state for the checkpoint: ADA's p and interval, LeCam's anchors (plain numbers)."""
+        return {"ada": self.ada.state_dict() if self.ada is not None else None,
+                "lecam": self.lecam.state_dict() if self.lecam is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        """A resumed run's levers as they were; a lever the checkpoint's run did not use starts afresh."""
+        if self.ada is not None and state.get("ada"):
+            self.ada.load_state_dict(state["ada"])
+        if self.lecam is not None and state.get("lecam"):
+            self.lecam.load_state_dict(state["lecam"])
 
     def end_round(self) -> torch.Tensor:
         """The round's device sums, in the order of ROUND_SUMS (nothing is read back to the host)."""

@@ -1,4 +1,5 @@
-"""Generation: latents, balanced breed labels, 10,000 images from G_ema, and the submission zip."""
+"""Generation: latents, breed labels (balanced, or in the data's proportions), 10,000 images from G_ema, and the
+submission zip."""
 from __future__ import annotations
 
 import io
@@ -34,6 +35,42 @@ def balanced_labels(n: int, n_classes: int, device, generator: torch.Generator |
     return labels[order].to(device)
 
 
+def breed_counts(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Images per breed (int64, n_classes, CPU) of a data set's labels."""
+    return torch.bincount(labels.cpu(), minlength=n_classes)
+
+
+def proportional_labels(n: int, counts: torch.Tensor, device, generator: torch.Generator | None = None) -> torch.Tensor:
+    """n labels in the proportions of `counts` (largest-remainder rounding: each class gets floor(n c / total), and
+    the images left over go one each to the largest remainders, ties to the lower class), in shuffled order.
+    Kaggle's reference is the photos as they are, so the submission's breeds follow the data, not a uniform draw."""
+    counts = torch.as_tensor(counts, dtype=torch.int64).cpu()
+    total = int(counts.sum())
+    if total <= 0:
+        raise ValueError("proportional_labels needs at least one image in counts")
+    whole, remainder = torch.div(n * counts, total, rounding_mode="floor"), (n * counts) % total
+    left = n - int(whole.sum())
+    largest = torch.sort(remainder, descending=True, stable=True).indices[:left]
+    whole[largest] += 1
+    labels = torch.repeat_interleave(torch.arange(len(counts)), whole)
+    return labels[torch.randperm(n, generator=generator)].to(device)
+
+
+def uniform_breeds(n: int, counts: torch.Tensor) -> torch.Tensor:
+    """n training labels for G, every breed equally likely (on counts' device)."""
+    return torch.randint(0, len(counts), (n,), device=counts.device)
+
+
+def breeds_like_the_data(n: int, counts: torch.Tensor) -> torch.Tensor:
+    """n training labels for G drawn with the data's breed frequencies (on counts' device, no host sync)."""
+    return torch.multinomial(counts.float(), n, replacement=True)
+
+
+# How G draws its breeds in training, one batch at a time, by --labels; the submission follows the same choice
+# (generate_images: balanced, or proportional_labels of the data's counts).
+TRAINING_BREEDS = {"uniform": uniform_breeds, "data": breeds_like_the_data}
+
+
 def to_uint8(img: torch.Tensor) -> torch.Tensor:
     """[-1, 1] float images -> uint8 0..255 (round to nearest), on the CPU."""
     return ((img.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
@@ -65,14 +102,18 @@ def generation_batch_size(device) -> int:
 
 @torch.no_grad()
 def generate_images(G_ema: torch.nn.Module, n: int, device, batch_size: int | None = None, truncation: float = 0.0,
-                    seed: int = 0, stop_check=None) -> torch.Tensor:
-    """n images (uint8 N x 3 x 64 x 64, CPU) from G_ema, breeds balanced, fixed seed -> same images.
+                    seed: int = 0, stop_check=None, breed_counts: torch.Tensor | None = None) -> torch.Tensor:
+    """n images (uint8 N x 3 x 64 x 64, CPU) from G_ema, fixed seed -> same images; breeds balanced, or in the
+    proportions of breed_counts (--labels data: images per breed of the training data).
 
     stop_check (optional) is called before every batch; it raises to abandon the generation (e.g. OutOfTime).
     """
     batch_size = batch_size or generation_batch_size(device)
     generator = torch.Generator().manual_seed(seed)
-    labels = balanced_labels(n, G_ema.n_classes, "cpu", generator)
+    if breed_counts is None:
+        labels = balanced_labels(n, G_ema.n_classes, "cpu", generator)
+    else:
+        labels = proportional_labels(n, breed_counts, "cpu", generator)
     # every latent drawn up front (10,000 x 128 floats: 5 MB): the images do not depend on the batch size
     latents = sample_z(n, G_ema.z_dim, "cpu", truncation, generator)
     G_ema.eval()

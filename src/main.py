@@ -14,7 +14,7 @@ from src.config import Config, ConfigError, format_duration, parse_config
 from src.console import log, quiet_other_ranks
 from src.data import DataError
 from src.distributed import cleanup_distributed
-from src.generate import generate_images, write_images_zip
+from src.generate import breed_counts, generate_images, write_images_zip
 from src.host import running_in_notebook
 from src.interrupt import RunInterrupted, signals_interrupt_run
 from src.models import build_models
@@ -36,8 +36,10 @@ def fits_in_time(deadline: Deadline, seconds: float, what: str) -> bool:
 
 
 def write_submission(G_ema, cfg: Config, out_dir: str, device: torch.device, truncation: float,
-                     deadline: Deadline, batch_size: int | None = None) -> str | None:
-    """10,000 balanced images from G_ema into OUT/images.zip (atomic: the old zip stays until the new one is whole).
+                     deadline: Deadline, batch_size: int | None = None,
+                     submission_breeds: torch.Tensor | None = None) -> str | None:
+    """10,000 images from G_ema into OUT/images.zip (atomic: the old zip stays until the new one is whole), breeds
+    balanced or in the proportions of submission_breeds (--labels data).
 
     Generation and zipping stop a few seconds past the deadline rather than overrun it; a full disk or a lost
     deadline is one line and None, and the previous images.zip (if any) is kept.
@@ -49,7 +51,7 @@ def write_submission(G_ema, cfg: Config, out_dir: str, device: torch.device, tru
     start = time.time()
     try:
         images = generate_images(G_ema, cfg.n_images, device, batch_size=batch_size, truncation=truncation,
-                                 seed=cfg.seed, stop_check=stop_check)
+                                 seed=cfg.seed, stop_check=stop_check, breed_counts=submission_breeds)
         generate_s = time.time() - start
         zip_s = write_images_zip(images, zip_path, stop_check=stop_check)
     except (OutOfTime, OSError) as error:
@@ -105,6 +107,8 @@ def run(cfg: Config, start: float) -> int:
     cfg, dist, device, out_dir, data, extractor = (settled.cfg, settled.dist, settled.dist.device, settled.out_dir,
                                                    settled.data, settled.extractor)
     n_classes = len(data.breeds)
+    # --labels data: every image G_ema makes for a score or the submission has the data's breed proportions
+    submission_breeds = breed_counts(data.labels, n_classes) if cfg.labels == "data" else None
     real_feats = real_features(extractor, data, out_dir, cfg.fid_reference) if extractor is not None else None
     data.photos = None  # their features are computed: the ~250 MB of whole-photo pixels are not needed again
     # the models are built once: the reserve is measured with them, then they train
@@ -112,7 +116,8 @@ def run(cfg: Config, start: float) -> int:
     if cfg.self_check:
         run_self_check(cfg, nets, data, extractor, dist)
     plan = plan_reserve(cfg, deadline, n_classes, device, extractor, out_dir)
-    fid_fn = make_training_fid(cfg, extractor, real_feats, device) if extractor is not None else None
+    fid_fn = (make_training_fid(cfg, extractor, real_feats, device, submission_breeds) if extractor is not None
+              else None)
 
     exit_code, G_ema = 0, None
     try:
@@ -135,9 +140,10 @@ def run(cfg: Config, start: float) -> int:
         cleanup_distributed()
         return exit_code or 1
 
-    truncation = (pick_truncation(cfg, G_ema, extractor, real_feats, device)
+    truncation = (pick_truncation(cfg, G_ema, extractor, real_feats, device, submission_breeds)
                   if extractor is not None and search_fits(cfg, deadline, plan) else cfg.truncation)
-    zip_path = write_submission(G_ema, cfg, out_dir, device, truncation, deadline, plan.generate_batch)
+    zip_path = write_submission(G_ema, cfg, out_dir, device, truncation, deadline, plan.generate_batch,
+                                submission_breeds)
     exit_code = exit_code if zip_path else 1
     if zip_path and extractor is not None and fits_in_time(deadline, plan.mifid_s, "MiFID of images.zip"):
         report_mifid(cfg, extractor, zip_path, real_feats, out_dir)

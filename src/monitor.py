@@ -113,6 +113,8 @@ def format_status(record: dict) -> str:
             f"D(x) {record['d_real']:+.3f} D(G(z)) {record['d_fake']:+.3f} | "
             f"lr {record['lr_g']:.2e}/{record['lr_d']:.2e} | bs {record['batch_size']} n_dis {record['n_dis']} | "
             f"{format_duration(record['elapsed_s'])} elapsed, {format_duration(record['train_left_s'])} left")
+    if record.get("ada_p") is not None:
+        line += f" | ADA p {record['ada_p']:.3f}"
     if record.get("next_ckpt_s") is not None:
         line += f" | ckpt in {format_duration(record['next_ckpt_s'])}"
     if record.get("fid") is not None:

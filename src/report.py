@@ -30,8 +30,25 @@ def _report_series(records: list[dict], key: str) -> tuple[list[float], list[flo
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
+# The four panels of plots.png: (title, [(stats key, label)]). ADA's p (--ada-target) shares the D outputs' panel:
+# it answers them (it rises while D(x) runs positive on the training images).
+REPORT_PANELS = [("losses", [("g_loss", "G loss"), ("d_loss", "D loss")]),
+                 ("D outputs (logits), ADA's p", [("d_real", "D(x)"), ("d_fake", "D(G(z))"), ("ada_p", "ADA p")]),
+                 ("FID of G_ema", [("fid", "FID")]),
+                 ("speed", [("images_per_s", "images/s")])]
+
+
+def plotted_series(records: list[dict]) -> list[tuple[str, list]]:
+    """For each panel of REPORT_PANELS, (title, [(key, label, kimg, values)]) of the series the records hold."""
+    panels = []
+    for title, series in REPORT_PANELS:
+        drawn = [(key, label, *_report_series(records, key)) for key, label in series]
+        panels.append((title, [line for line in drawn if line[3]]))
+    return panels
+
+
 def write_plots(out_dir: str) -> list[str]:
-    """OUT/plots.png (G/D losses, D(x) and D(G(z)), FID, images/s against kimg); returns the files written.
+    """OUT/plots.png (G/D losses, D(x), D(G(z)) and ADA's p, FID, images/s against kimg); returns the files written.
 
     Returns [] with a one-line note when matplotlib is missing or there is nothing to plot.
     """
@@ -52,18 +69,12 @@ def write_plots(out_dir: str) -> list[str]:
         log("report", "matplotlib is not installed: plots skipped (stats.jsonl has the numbers)")
         return []
 
-    panels = [("losses", [("g_loss", "G loss"), ("d_loss", "D loss")]),
-              ("D outputs (logits)", [("d_real", "D(x)"), ("d_fake", "D(G(z))")]),
-              ("FID of G_ema", [("fid", "FID")]),
-              ("speed", [("images_per_s", "images/s")])]
     fig = Figure(figsize=(11, 7))
     FigureCanvasAgg(fig)
     axes = fig.subplots(2, 2)
-    for ax, (title, series) in zip(axes.flat, panels):
-        for key, label in series:
-            kimg, values = _report_series(records, key)
-            if values:
-                ax.plot(kimg, values, marker="o" if key == "fid" else None, markersize=3, label=label)
+    for ax, (title, series) in zip(axes.flat, plotted_series(records)):
+        for key, label, kimg, values in series:
+            ax.plot(kimg, values, marker="o" if key == "fid" else None, markersize=3, label=label)
         ax.set_title(title)
         ax.set_xlabel("kimg")
         if ax.lines:

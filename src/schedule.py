@@ -1,4 +1,4 @@
-"""Learning-rate schedules on the training clock."""
+"""Learning-rate schedules on the training clock, or on the images seen when a run has a fixed length."""
 from __future__ import annotations
 
 import math
@@ -44,3 +44,9 @@ def schedule_progress(progress_before: float, window_fraction: float) -> float:
     """
     p0 = min(1.0, max(0.0, float(progress_before)))
     return p0 + (1.0 - p0) * min(1.0, max(0.0, float(window_fraction)))
+
+
+def image_progress(images_seen: int, max_images: float) -> float:
+    """Schedule position of a run of fixed length (--max-kimg): the fraction of its images seen, over all sessions,
+    so the lr at a given image does not depend on how fast the machine was."""
+    return min(1.0, max(0.0, images_seen / max_images))

@@ -62,9 +62,10 @@ def real_features(extractor, data, out_dir: str, reference: str) -> torch.Tensor
     return cached_real_features(extractor, real_img, os.path.join(out_dir, "cache"), kind=reference)
 
 
-def make_training_fid(cfg: Config, extractor, real_feats: torch.Tensor, device):
-    """fid_fn(G_ema) -> FID of cfg.fid_samples generated images against the reference features (cfg.fid_reference),
-    or None when off."""
+def make_training_fid(cfg: Config, extractor, real_feats: torch.Tensor, device,
+                      breed_counts: torch.Tensor | None = None):
+    """fid_fn(G_ema) -> FID of cfg.fid_samples generated images (breeds as the submission's: balanced, or in the
+    proportions of breed_counts) against the reference features (cfg.fid_reference), or None when off."""
     if cfg.fid_every <= 0:
         return None
     real_mu, real_sigma = feature_stats(real_feats)
@@ -73,7 +74,8 @@ def make_training_fid(cfg: Config, extractor, real_feats: torch.Tensor, device):
 
     def fid_fn(G_ema) -> float:
         # G_ema's standing BN statistics are the caller's (train recomputes them once per sampling moment)
-        gen_img = generate_images(G_ema, cfg.fid_samples, device, truncation=cfg.truncation, seed=cfg.seed + 1)
+        gen_img = generate_images(G_ema, cfg.fid_samples, device, truncation=cfg.truncation, seed=cfg.seed + 1,
+                                  breed_counts=breed_counts)
         gen_mu, gen_sigma = feature_stats(extractor(gen_img))
         return frechet_distance(gen_mu, gen_sigma, real_mu, real_sigma)
 
@@ -133,14 +135,17 @@ class FidTracker:
         self.best_G_ema = saved.get("best_G_ema")
 
 
-def pick_truncation(cfg: Config, G_ema, extractor, real_feats: torch.Tensor, device) -> float:
-    """cfg.truncation, or with --truncation-search the candidate with the lowest MiFID on cfg.fid_samples images."""
+def pick_truncation(cfg: Config, G_ema, extractor, real_feats: torch.Tensor, device,
+                    breed_counts: torch.Tensor | None = None) -> float:
+    """cfg.truncation, or with --truncation-search the candidate with the lowest MiFID on cfg.fid_samples images
+    (breeds as the submission's: balanced, or in the proportions of breed_counts)."""
     if not cfg.truncation_search:
         return cfg.truncation
     eps = cfg.mifid_eps or extractor.default_eps
     scores = {}
     for truncation in sorted(set(TRUNCATION_CANDIDATES) | {cfg.truncation}):
-        gen_img = generate_images(G_ema, cfg.fid_samples, device, truncation=truncation, seed=cfg.seed + 2)
+        gen_img = generate_images(G_ema, cfg.fid_samples, device, truncation=truncation, seed=cfg.seed + 2,
+                                  breed_counts=breed_counts)
         scores[truncation] = mifid_score(extractor(gen_img), real_feats, eps, device=extractor.device)
         result = scores[truncation]
         log("score", f"truncation {truncation or 'off'}: FID {result['fid']:.2f}  d {result['d']:.3f}  "

@@ -18,7 +18,7 @@ from src.config import Config
 from src.console import log
 from src.ema import standing_bn_stats_
 from src.gan_step import GanStep
-from src.generate import encode_png, generate_images
+from src.generate import breed_counts, encode_png, generate_images
 from src.monitor import grid_png_bytes
 from src.nets import GanNets, LoopState, use_eager_paths
 from src.precision import precision_autocast
@@ -40,7 +40,7 @@ def _check_rounds(cfg: Config, nets: GanNets, data, n_classes: int) -> None:
     batch = cfg.batch_size if device.type == "cuda" else min(cfg.batch_size, SELF_CHECK_CPU_BATCH)
     batch = max(1, min(batch, len(data.images)))
     real_u8, real_y = data.images[:batch].to(device), data.labels[:batch].to(device)
-    step = GanStep(cfg, nets, n_classes)
+    step = GanStep(cfg, nets, breed_counts(data.labels, n_classes))
     for _ in range(SELF_CHECK_ROUNDS):
         step.begin_round(batch, cfg.n_dis)
         for _ in range(cfg.n_dis):

@@ -27,14 +27,15 @@ from src.checkpoint import (CKPT_NAME, restore_rng_state, restore_training_snaps
 from src.config import Config, format_duration
 from src.console import log
 from src.distributed import any_rank_flags, current_dist_info, sync_buffers
-from src.ema import ema_beta_at, ema_update, standing_bn_stats_
+from src.ema import ema_beta_at, ema_beta_for_images, ema_update, standing_bn_stats_
 from src.gan_step import GanStep
+from src.generate import breed_counts
 from src.interrupt import handling_stop_signals
 from src.monitor import (STATS_NAME, StatusLog, TickMeter, make_grid_latents, print_banner, save_interpolation_strip,
                          save_sample_grid)
 from src.nets import GanNets, LoopState, build_gan_nets
 from src.precision import Precision, choose_precision, configure_backends
-from src.schedule import lr_factor, schedule_progress
+from src.schedule import image_progress, lr_factor, schedule_progress
 from src.scoring import FidTracker
 
 MAX_ROLLBACKS = 3            # NaN/Inf rollbacks before the run gives up
@@ -49,6 +50,7 @@ class StopReason(str, enum.Enum):
     DEADLINE = "deadline"
     SIGNAL = "signal"        # SIGTERM / SIGINT: the step was finished and a checkpoint saved
     MAX_STEPS = "max_steps"  # the step limit of a test or benchmark
+    MAX_KIMG = "max_kimg"    # --max-kimg: the run's images, counted over all sessions, are done
     ERROR = "error"          # TrainResult.error says what; the last good state was restored
 
 
@@ -168,8 +170,11 @@ def set_up_training(cfg: Config, data, device: torch.device, dist_info, fid_fn, 
     if world > 1:
         # ranks draw different batches and noise; the models stay identical (DDP broadcasts rank 0's weights)
         torch.manual_seed(cfg.seed * 7919 + dist_info.rank * 104729 + state.step)
+    step = GanStep(cfg, nets, breed_counts(data.labels, n_classes))
+    if resume is not None:
+        step.load_state_dict(resume.get("gan_step") or {})  # ADA's p, LeCam's anchors
     sampler = DeviceSampler(data.images.to(device), data.labels.to(device))
-    return RunParts(nets, GanStep(cfg, nets, n_classes), state, fid, sampler, grid_z, grid_y, n_classes)
+    return RunParts(nets, step, state, fid, sampler, grid_z, grid_y, n_classes)
 
 
 @contextlib.contextmanager
@@ -231,10 +236,14 @@ class RollbackGuard:
 
 
 def _decide(now: float, step: int, max_steps: int, train_end: float, caught_signals: set, status_due: Every,
-            guard: RollbackGuard, device, world: int) -> tuple[StopReason | None, bool, bool]:
+            guard: RollbackGuard, device, world: int, images_seen: int = 0,
+            max_images: float = 0.0) -> tuple[StopReason | None, bool, bool]:
     """(why to stop or None, status tick due, rollback point due), the same on every rank: under DDP the ranks
-    agree every DDP_SYNC_STEPS steps (one small all-reduce) and tick or stop only then."""
+    agree every DDP_SYNC_STEPS steps (one small all-reduce) and tick or stop only then. The step and image limits
+    need no agreement: every rank counts the same global steps and images."""
     stop = StopReason.MAX_STEPS if max_steps and step >= max_steps else None
+    if stop is None and max_images > 0 and images_seen >= max_images:
+        stop = StopReason.MAX_KIMG
     if world > 1 and step % DDP_SYNC_STEPS:
         return stop, False, False
     stop_now, tick_now, refresh_now = any_rank_flags([now >= train_end or bool(caught_signals), status_due.due(now),
@@ -279,7 +288,7 @@ def _save_run(out_dir: str, cfg: Config, run: RunParts, train_seconds: float, re
     run.state.train_seconds = train_seconds
     write_training_checkpoint(os.path.join(out_dir, CKPT_NAME), run.nets, run.state, f"checkpoint ({reason})",
                               config=dataclasses.asdict(cfg), n_classes=run.n_classes, grid_z=run.grid_z.cpu(),
-                              grid_y=run.grid_y.cpu(), fid=run.fid.state_dict())
+                              grid_y=run.grid_y.cpu(), fid=run.fid.state_dict(), gan_step=run.step.state_dict())
 
 
 def _halve_batch_after_oom(nets: GanNets, state: LoopState, device: torch.device, status_log: StatusLog) -> None:
@@ -344,8 +353,9 @@ def start_watch(cfg: Config, run: RunParts, deadline: Deadline, out_dir: str, di
 def _log_status(cfg: Config, run: RunParts, watch: Watch, now: float, means: dict, record: dict) -> None:
     # the adaptive D steps follow the tick's D loss; one status line and record
     _adapt_n_dis(run.state, cfg, means["d_loss"])
+    levers = {"ada_p": run.step.ada_p()} if run.step.ada is not None else {}
     watch.status_log.status(now, run.state, means, current_lrs(cfg, run.state),
-                            {"next_ckpt_s": watch.ckpt_due.left(now), **record})
+                            {"next_ckpt_s": watch.ckpt_due.left(now), **levers, **record})
 
 
 def status_tick(cfg: Config, run: RunParts, watch: Watch, now: float, refresh_now: bool) -> None:
@@ -411,7 +421,8 @@ def wrap_up(cfg: Config, run: RunParts, watch: Watch, stop: StopReason, error: s
 
 def train(cfg: Config, data, deadline: Deadline, out_dir: str, device, fid_fn=None, *, resume: dict | None = None,
           max_steps: int = 0, nets: GanNets | None = None) -> TrainResult:
-    """Train G and D on `data` until the deadline's training window ends, a signal, or max_steps rounds (tests).
+    """Train G and D on `data` until the deadline's training window ends, a signal, cfg.max_kimg thousand images
+    over all sessions, or max_steps rounds (tests).
 
     `cfg` is the settled config (settle.settle_run); `resume` the checkpoint it settled; `nets` the run's nets when
     main built them already (build_run_nets), else they are built here. Rank 0 prints and writes OUT/stats.jsonl,
@@ -437,16 +448,21 @@ def train(cfg: Config, data, deadline: Deadline, out_dir: str, device, fid_fn=No
                 # Decide, identically on every rank: stop (step limit / deadline / signal), tick, rollback refresh.
                 now = time.time()
                 stop, tick_now, refresh_now = _decide(now, state.step, max_steps, deadline.train_end, caught_signals,
-                                                      watch.status_due, watch.guard, device, world)
+                                                      watch.status_due, watch.guard, device, world, state.images_seen,
+                                                      cfg.max_kimg * 1000)
                 if stop is not None:
                     break
                 try:
                     if tick_now and watch.meter.d_steps:
                         status_tick(cfg, run, watch, now, refresh_now)
 
-                    # Learning rates follow the training clock (and the batch size, and the rollback scale).
-                    state.schedule_progress = schedule_progress(schedule_start,
-                                                                deadline.train_fraction(watch.train_start))
+                    # Learning rates follow the training clock, or the images of a fixed-length run (and the batch
+                    # size, and the rollback scale).
+                    if cfg.max_kimg > 0:
+                        state.schedule_progress = image_progress(state.images_seen, cfg.max_kimg * 1000)
+                    else:
+                        state.schedule_progress = schedule_progress(schedule_start,
+                                                                    deadline.train_fraction(watch.train_start))
                     lrs = current_lrs(cfg, state)
                     if lrs != lrs_set:
                         set_lr(nets.opt_g, lrs[0])
@@ -470,12 +486,18 @@ def train(cfg: Config, data, deadline: Deadline, out_dir: str, device, fid_fn=No
                 if state.step == session_first_step:
                     log("train", f"first round took {time.time() - round_start:.1f}s"
                         f"{' (includes torch.compile)' if cfg.compile else ''}")
+                round_images = rank_batch * world * state.n_dis
                 state.step += 1
-                state.images_seen += rank_batch * world * state.n_dis
-                watch.meter.add(round_sums, state.n_dis, cfg.g_steps, rank_batch * world * state.n_dis)
+                state.images_seen += round_images
+                watch.meter.add(round_sums, state.n_dis, cfg.g_steps, round_images)
 
-                # G_ema follows G, averaging over at most ema_rampup of the rounds so far.
-                ema_update(nets.G_ema, nets.G, ema_beta_at(state.step, cfg.ema_beta, cfg.ema_rampup))
+                # G_ema follows G, averaging over at most ema_rampup of the rounds (or images) so far; with ema_kimg
+                # its half-life is counted in images, so a batch change keeps the horizon.
+                if cfg.ema_kimg > 0:
+                    beta = ema_beta_for_images(round_images, cfg.ema_kimg, state.images_seen, cfg.ema_rampup)
+                else:
+                    beta = ema_beta_at(state.step, cfg.ema_beta, cfg.ema_rampup)
+                ema_update(nets.G_ema, nets.G, beta)
         except GaveUp as gave_up:
             stop, error = StopReason.ERROR, str(gave_up)
         except Exception as failure:

@@ -120,3 +120,41 @@ def test_uint8_to_unit():
     assert out.is_contiguous(memory_format=torch.channels_last)
     with pytest.raises(TypeError, match="uint8"):
         uint8_to_unit(img.float())
+
+
+def test_probability_one_is_todays_diff_augment_and_zero_the_identity():
+    x = images(6)
+    torch.manual_seed(5)
+    every_image = diff_augment(x, FULL_POLICY)
+    torch.manual_seed(5)
+    assert torch.equal(diff_augment(x, FULL_POLICY, p=1.0), every_image)
+    assert diff_augment(x, FULL_POLICY, p=0.0) is x
+    # a device tensor p of 0 or 1 gives the same images as the floats, image by image
+    assert torch.equal(diff_augment(x, FULL_POLICY, p=torch.tensor(0.0)), x)
+    torch.manual_seed(5)
+    all_cut = diff_augment(x, "cutout", p=torch.tensor(1.0))
+    assert (all_cut == 0).all(dim=1).flatten(1).any(dim=1).all()  # every image has its hole
+
+
+def test_each_op_reaches_about_a_fraction_p_of_the_images():
+    # cutout zeroes a 32 x 32 square, a whole number of pixels: the images it touched can be counted
+    x = images(4000, size=16) * 0.5 + 0.75  # never 0 on its own
+    torch.manual_seed(0)
+    out = diff_augment(x, "cutout", p=0.3)
+    cut = (out == 0).flatten(1).any(dim=1)
+    assert abs(cut.float().mean().item() - 0.3) < 0.03
+    assert torch.equal(out[~cut], x[~cut])
+    # with two ops, each image gets each op independently: about p^2 get both
+    torch.manual_seed(0)
+    moved = diff_augment(x, "translation,cutout", p=torch.tensor(0.5))
+    changed = (moved != x).flatten(1).any(dim=1)
+    assert 0.70 < changed.float().mean().item() < 0.80  # 1 - (1 - 0.5)^2 = 0.75, less the zero translations
+
+
+def test_gradients_flow_through_the_chosen_branch_only():
+    x = images(64).requires_grad_(True)
+    torch.manual_seed(1)
+    diff_augment(x, "cutout", p=0.5).sum().backward()
+    # an image left alone passes its gradient through whole (all ones); a cut one has a zero square
+    whole = (x.grad == 1).flatten(1).all(dim=1)
+    assert 10 < whole.sum() < 54 and (x.grad[~whole] == 0).flatten(1).any(dim=1).all()

@@ -12,6 +12,7 @@ from src.distributed import current_dist_info
 from src.models import ResNetDiscriminator
 from src.precision import choose_precision
 from src.gan_step import GanStep
+from src.generate import breed_counts
 from src.train import DeviceSampler, build_gan_nets, gan_round
 
 
@@ -26,6 +27,6 @@ def test_compiled_rounds_run_and_train(dogs, monkeypatch):
     nets = build_gan_nets(cfg, len(dogs.breeds), device, precision, current_dist_info(device))
     sampler = DeviceSampler(dogs.images, dogs.labels)
     D_before = [p.detach().clone() for p in nets.D.parameters()]
-    sums = gan_round(GanStep(cfg, nets, len(dogs.breeds)), sampler, 8, cfg.n_dis, cfg.g_steps)
+    sums = gan_round(GanStep(cfg, nets, breed_counts(dogs.labels, len(dogs.breeds))), sampler, 8, cfg.n_dis, cfg.g_steps)
     assert all(math.isfinite(v) for v in sums.tolist())
     assert any(not torch.equal(a, b) for a, b in zip(D_before, nets.D.parameters()))

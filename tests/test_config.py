@@ -91,6 +91,13 @@ def test_every_recipe_builds_a_valid_config():
     (["--lr-g", "nan"], "--lr-g must be a finite number, got nan"),
     (["--crop-margin=-inf"], "--crop-margin must be a finite number, got -inf"),
     (["--fid-samples=-3"], "--fid-samples must be 0 or more, got -3"),
+    (["--max-kimg=-1"], "--max-kimg must be 0 or more, got -1.0"),
+    (["--lecam-weight=-0.3"], "--lecam-weight must be 0 or more, got -0.3"),
+    (["--ema-kimg=-1"], "--ema-kimg must be 0 or more, got -1.0"),
+    (["--ada-target", "1.5"], "--ada-target 1.5 must be in \\[0, 1\\]"),
+    (["--ada-target", "0.6", "--ada-kimg", "0"], "--ada-kimg 0.0 more than 0"),
+    (["--ada-target", "0.6", "--diffaug", ""], "--ada-target needs a DiffAugment policy"),
+    (["--labels", "zipf"], "--labels 'zipf': choose one of uniform, data"),
 ])
 def test_bad_values_name_the_flag(argv, message):
     with pytest.raises(ConfigError, match=message):
@@ -148,12 +155,14 @@ def test_every_field_declares_its_resume_role():
 def test_choices_are_the_registries_names():
     """Each setting picked from a registry lists exactly the registry's names (one list, checked here)."""
     import dataclasses
-    from src.losses import GAN_LOSSES
     from src.data import TRAIN_ON_CHOICES
+    from src.generate import TRAINING_BREEDS
+    from src.losses import GAN_LOSSES
     from src.schedule import LR_SCHEDULES
     choices = {f.name: set(f.metadata["choices"]) for f in dataclasses.fields(Config)}
     assert choices["loss"] == set(GAN_LOSSES)
     assert choices["lr_schedule"] == set(LR_SCHEDULES)
+    assert choices["labels"] == set(TRAINING_BREEDS)
     assert choices["train_on"] == set(TRAIN_ON_CHOICES)
 
 

@@ -10,8 +10,9 @@ import torch
 from PIL import Image
 
 import src.generate
-from src.generate import (ZIP_CHUNK, balanced_labels, generate_images, measure_generation_seconds,
-                          measure_zip_seconds, pick_generation_batch, sample_z, to_uint8, write_images_zip)
+from src.generate import (TRAINING_BREEDS, ZIP_CHUNK, balanced_labels, breed_counts, generate_images,
+                          measure_generation_seconds, measure_zip_seconds, pick_generation_batch, proportional_labels,
+                          sample_z, to_uint8, write_images_zip)
 
 
 class LabelColourG(torch.nn.Module):
@@ -40,6 +41,41 @@ def test_balanced_labels_counts():
     labels = balanced_labels(10000, 120, "cpu", torch.Generator().manual_seed(0))
     counts = torch.bincount(labels, minlength=120)
     assert counts.min() == 83 and counts.max() == 84 and counts.sum() == 10000
+
+
+def test_proportional_labels_by_largest_remainder():
+    # quotas 7 x [5, 3, 2] / 10 = [3.5, 2.1, 1.4]: floors [3, 2, 1], the one left goes to the largest remainder (0.5)
+    labels = proportional_labels(7, torch.tensor([5, 3, 2]), "cpu", torch.Generator().manual_seed(0))
+    assert torch.bincount(labels, minlength=3).tolist() == [4, 2, 1]
+    # equal remainders: the lower class first; a breed with no image gets none
+    assert torch.bincount(proportional_labels(4, torch.tensor([1, 1, 1, 0]), "cpu"), minlength=4).tolist() == [2, 1, 1, 0]
+
+
+def test_the_submission_follows_the_data_in_exact_counts_shuffled_and_seeded():
+    counts = torch.tensor([300, 100, 50, 50])
+    labels = proportional_labels(10_000, counts, "cpu", torch.Generator().manual_seed(1))
+    assert torch.bincount(labels, minlength=4).tolist() == [6000, 2000, 1000, 1000]
+    assert torch.equal(labels, proportional_labels(10_000, counts, "cpu", torch.Generator().manual_seed(1)))
+    assert not torch.equal(labels, labels.sort().values)  # shuffled, not in class order
+
+
+def test_generated_breeds_follow_the_counts_when_given():
+    # the stand-in G writes the label into the red channel: 0 -> 0, 1 -> 128, 2 -> 255
+    red = generate_images(LabelColourG(), 30, "cpu", seed=3, breed_counts=torch.tensor([1, 1, 4]))[:, 0, 0, 0]
+    assert [red.tolist().count(v) for v in (0, 128, 255)] == [5, 5, 20]
+    # without counts, balanced as before
+    red = generate_images(LabelColourG(), 30, "cpu", seed=3)[:, 0, 0, 0]
+    assert [red.tolist().count(v) for v in (0, 128, 255)] == [10, 10, 10]
+
+
+def test_breed_counts_and_training_draws_follow_them():
+    counts = breed_counts(torch.tensor([0, 0, 0, 2, 0, 2]), 3)
+    assert counts.tolist() == [4, 0, 2]
+    torch.manual_seed(0)
+    drawn = torch.bincount(TRAINING_BREEDS["data"](30_000, counts), minlength=3)
+    assert drawn[1] == 0 and abs(drawn[0].item() / 30_000 - 2 / 3) < 0.01
+    uniform = torch.bincount(TRAINING_BREEDS["uniform"](30_000, counts), minlength=3)
+    assert all(abs(c / 30_000 - 1 / 3) < 0.01 for c in uniform.tolist())
 
 
 def test_to_uint8_maps_range_and_rounds():

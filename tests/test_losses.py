@@ -6,8 +6,9 @@ import torch
 import torch.nn as nn
 
 from src.config import make_config
-from src.losses import (GAN_LOSSES, aux_class_loss, d_bce_loss, d_hinge_loss, d_ls_loss, d_rals_loss, d_wgan_loss,
-                        g_bce_loss, g_hinge_loss, g_ls_loss, g_rals_loss, g_wgan_loss, gradient_penalty, noisy_labels)
+from src.losses import (GAN_LOSSES, LECAM_DECAY, LECAM_START_STEPS, LECAM_WEIGHT, LeCamAnchors, aux_class_loss,
+                        d_bce_loss, d_hinge_loss, d_ls_loss, d_rals_loss, d_wgan_loss, g_bce_loss, g_hinge_loss,
+                        g_ls_loss, g_rals_loss, g_wgan_loss, gradient_penalty, lecam_penalty, noisy_labels)
 from src.models import build_models
 
 
@@ -146,3 +147,41 @@ def test_each_loss_carries_what_its_d_step_needs():
     assert real_target.shape == fake_target.shape == (1000,)
     assert 0.9 <= real_target.min() and real_target.max() <= 1.0 and real_target.std() > 0.02
     assert 0.0 <= fake_target.min() and fake_target.max() <= 0.1
+
+
+def test_lecam_penalty_by_hand():
+    real = torch.tensor([2.0, -1.0, 0.5], requires_grad=True)
+    fake = torch.tensor([-3.0, 1.0], requires_grad=True)
+    # real side: relu([2, -1, 0.5] + 0.5) = [2.5, 0, 1] -> (6.25 + 0 + 1) / 3; fake side: relu(1 - [-3, 1]) = [4, 0] -> 8
+    penalty = lecam_penalty(real, fake, torch.tensor(1.0), torch.tensor(-0.5))
+    assert penalty.item() == pytest.approx(7.25 / 3 + 8.0)
+    penalty.backward()
+    # d/dx relu(x - a)^2 / n = 2 relu(x - a) / n: only the overshooting side is pushed back
+    assert real.grad.tolist() == pytest.approx([2 * 2.5 / 3, 0.0, 2 * 1.0 / 3])
+    assert fake.grad.tolist() == pytest.approx([-2 * 4.0 / 2, 0.0])
+
+
+def test_lecam_anchors_follow_the_batch_while_warming_up_then_average():
+    assert (LECAM_DECAY, LECAM_START_STEPS, LECAM_WEIGHT) == (0.9, 1000, 0.3)  # the authors' BigGAN-CIFAR settings
+    anchors = LeCamAnchors("cpu", decay=0.9, start_steps=2)
+    # warm-up: the anchors are the batch means, no penalty
+    assert anchors.penalty(torch.tensor([1.0, 3.0]), torch.tensor([-1.0])).item() == 0.0
+    assert anchors.penalty(torch.tensor([0.5, 1.5]), torch.tensor([-2.0, 0.0])).item() == 0.0
+    assert anchors.anchors.tolist() == pytest.approx([1.0, -1.0])
+    # then a moving average, updated before the penalty: real 0.9 * 1 + 0.1 * 3 = 1.2, fake 0.9 * -1 + 0.1 * 1 = -0.8
+    real, fake = torch.tensor([3.0]), torch.tensor([1.0])
+    penalty = anchors.penalty(real, fake)
+    assert anchors.anchors.tolist() == pytest.approx([1.2, -0.8])
+    # relu(3 + 0.8)^2 + relu(1.2 - 1)^2
+    assert penalty.item() == pytest.approx(3.8 ** 2 + 0.2 ** 2)
+
+
+def test_lecam_anchors_survive_a_checkpoint():
+    anchors = LeCamAnchors("cpu", decay=0.9, start_steps=0)
+    anchors.penalty(torch.tensor([2.0]), torch.tensor([-2.0]))
+    state = anchors.state_dict()
+    assert state == pytest.approx({"real": 0.2, "fake": -0.2, "steps": 1})
+    restored = LeCamAnchors("cpu", decay=0.9, start_steps=0)
+    restored.load_state_dict(state)
+    real, fake = torch.tensor([1.0, 0.0]), torch.tensor([0.5])
+    assert restored.penalty(real, fake).item() == pytest.approx(anchors.penalty(real, fake).item())

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from src.monitor import format_status, make_grid_latents, save_interpolation_strip, save_sample_grid, tile_images
-from src.report import read_stats, write_plots
+from src.report import plotted_series, read_stats, write_plots
 
 
 def status_record(step, fid=None):
@@ -36,6 +36,17 @@ def test_read_stats_keeps_status_records_only(stats_dir):
     records = read_stats(os.path.join(stats_dir, "stats.jsonl"))
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert [r.get("fid") for r in records] == [None, 80.5, None, 61.0]
+
+
+def test_adas_p_is_plotted_beside_d_outputs_only_when_logged():
+    plain = [status_record(1), status_record(2)]
+    assert [label for _, label, *_ in plotted_series(plain)[1][1]] == ["D(x)", "D(G(z))"]
+    with_ada = [{**status_record(1), "ada_p": 0.0}, {**status_record(2), "ada_p": 0.25}]
+    title, series = plotted_series(with_ada)[1]
+    assert "ADA" in title and series[-1][:2] == ("ada_p", "ADA p")
+    assert series[-1][2] == pytest.approx([0.064, 0.128]) and series[-1][3] == [0.0, 0.25]
+    # the FID panel has nothing to draw without FID records
+    assert plotted_series(plain)[2][1] == []
 
 
 def test_write_plots_draws_one_png(stats_dir):
@@ -82,6 +93,8 @@ def test_status_line_has_the_numbers():
     for part in ("step 2", "kimg 0.1", "500 img/s", "G 0.500", "D 1.800", "D(x) +0.500", "D(G(z)) -0.500",
                  "lr 1.00e-04/4.00e-04", "bs 64", "20.0s elapsed", "1h00m00s left", "ckpt in 2m00s", "FID 80.50"):
         assert part in line, part
+    assert "ADA" not in line
+    assert "ADA p 0.125" in format_status({**status_record(2), "ada_p": 0.125})
 
 
 class TinyG(torch.nn.Module):

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from src.config import make_config
-from src.ema import ema_beta_at, ema_update
-from src.schedule import lr_factor, schedule_progress
+from src.ema import ema_beta_at, ema_beta_for_images, ema_update
+from src.schedule import image_progress, lr_factor, schedule_progress
 from src.train import LoopState, current_lrs
 
 
@@ -90,3 +90,32 @@ def test_ema_update_lerps_parameters_and_copies_buffers():
     assert torch.equal(G_ema[1].num_batches_tracked, G[1].num_batches_tracked)
     ema_update(G_ema, G, 0.0)
     assert torch.equal(G_ema[0].weight, G[0].weight)
+
+
+def test_image_progress_is_the_fraction_of_the_runs_images():
+    assert image_progress(0, 4000.0) == 0.0
+    assert image_progress(1000, 4000.0) == 0.25
+    # the round that crosses the limit ends the schedule exactly
+    assert image_progress(4016, 4000.0) == 1.0
+
+
+def test_ema_half_life_in_images_by_hand():
+    # no ramp: 0.5 ** (32 / 10,000)
+    assert ema_beta_for_images(32, 10.0, 10**6, 0.0) == pytest.approx(0.5 ** (32 / 10_000))
+    # ramp-up: after 40,000 images the half-life is 5 % of them, 2,000 images, under the 10 kimg ceiling
+    assert ema_beta_for_images(32, 10.0, 40_000, 0.05) == pytest.approx(0.5 ** (32 / 2_000))
+    # and the ceiling once images_seen * rampup passes it
+    assert ema_beta_for_images(32, 10.0, 10**6, 0.05) == pytest.approx(0.5 ** (32 / 10_000))
+    # no images yet: G_ema copies G
+    assert ema_beta_for_images(32, 10.0, 0, 0.05) == 0.0
+
+
+@pytest.mark.parametrize("images_seen", [5_000, 10**6])
+def test_halving_the_batch_keeps_the_half_life_in_images(images_seen):
+    full = ema_beta_for_images(64, 10.0, images_seen, 0.05)
+    half = ema_beta_for_images(32, 10.0, images_seen, 0.05)
+    # two steps of 32 images weigh the old average exactly as one step of 64
+    assert half ** 2 == pytest.approx(full, rel=1e-12)
+    # and the weight of an update n images back halves every ema_nimg images, whatever the batch
+    ema_nimg = min(10_000, images_seen * 0.05)
+    assert full ** (ema_nimg / 64) == pytest.approx(0.5) and half ** (ema_nimg / 32) == pytest.approx(0.5)

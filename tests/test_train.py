@@ -181,3 +181,31 @@ def test_precision_on_cpu_is_fp32(capsys):
     cpu_bf16 = choose_precision("bf16", "cpu")
     assert (cpu_bf16.name, cpu_bf16.use_scaler, cpu_bf16.channels_last) == ("fp32", False, False)
     assert "training in fp32 on cpu" in capsys.readouterr().out
+
+
+def test_max_kimg_stops_at_a_number_of_images_counted_over_sessions(dogs, tmp_path):
+    out = str(tmp_path)
+    # 8 images a round: 24 images are 3 rounds
+    first = train(fast_cfg(max_kimg=0.024), dogs, Deadline(3600), out, "cpu")
+    assert first.stop_reason == "max_kimg" and first.progress.images_seen == 24 and first.progress.step == 3
+    # resumed with a larger limit, the first session's 24 images count: 40 images are 2 more rounds, not 5
+    cfg, saved = open_resume(fast_cfg(resume="auto", max_kimg=0.04), out)
+    second = train(cfg, dogs, Deadline(3600), out, "cpu", resume=saved)
+    assert second.stop_reason == "max_kimg" and second.progress.images_seen == 40 and second.progress.step == 5
+    # a limit already reached trains no round
+    cfg, saved = open_resume(fast_cfg(resume="auto", max_kimg=0.04), out)
+    third = train(cfg, dogs, Deadline(3600), out, "cpu", resume=saved)
+    assert third.stop_reason == "max_kimg" and third.progress.step == 5
+
+
+def test_max_kimg_anneals_the_lr_by_images_not_by_the_clock(dogs, tmp_path):
+    # An hour's budget: by the clock the lr would not have moved. By images, the round before step k's record ran
+    # at progress (k - 1) * 8 / 80, and linear gives lr * (1 - 0.9 p).
+    cfg = fast_cfg(max_kimg=0.08, lr_schedule="linear", lr_min_ratio=0.1)
+    result = train(cfg, dogs, Deadline(3600), str(tmp_path), "cpu")
+    assert result.stop_reason == "max_kimg" and result.progress.step == 10
+    records = [r for r in read_records(str(tmp_path)) if "lr_g" in r]
+    assert [r["step"] for r in records] == list(range(1, 11))
+    for r in records:
+        assert r["lr_g"] == pytest.approx(cfg.lr_g * (1 - 0.9 * (r["step"] - 1) / 10))
+    assert result.progress.schedule_progress == pytest.approx(0.9)
