@@ -23,16 +23,18 @@
 #                from Config.
 #   losses       GAN losses on D's logits, one uniform signature each, plus the WGAN-GP penalty and the ACGAN class
 #                loss.
+#   schedule     Learning-rate schedules on the training clock.
+#   budget       Wall-clock budget (when training must stop so that generation, zip and MiFID still fit) and periodic
+#                events.
+#   generate     Generation: latents, balanced breed labels, 10,000 images from G_ema, and the submission zip.
+#   device_plan  The run's device settings, decided once from what the device is: precision, torch.compile, batch
+#                sizes.
 #   precision    The one mixed-precision setup: autocast dtype, grad scalers, Adam flavour and memory layout per
 #                device.
 #   distributed  Multi-GPU training with torchrun: process-group set-up, and the few collectives the training loop
 #                needs.
 #   nets         What a run trains: G, D and G_ema with their optimisers and call paths, and the counters that go with
 #                them.
-#   schedule     Learning-rate schedules on the training clock.
-#   budget       Wall-clock budget (when training must stop so that generation, zip and MiFID still fit) and periodic
-#                events.
-#   generate     Generation: latents, balanced breed labels, 10,000 images from G_ema, and the submission zip.
 #   ema          G_ema: the exponential moving average of G's weights (StyleGAN2-ADA's ramp-up of the horizon), and
 #                the batch-norm statistics that fit the averaged weights (BigGAN's standing statistics).
 #   checkpoint   One ckpt.pt holding everything a run needs to continue: models, optimisers, scalers, counters, RNG,
@@ -65,6 +67,7 @@ import enum
 import fnmatch
 import gc
 import hashlib
+import importlib.util
 import io
 import json
 import math
@@ -2201,276 +2204,6 @@ GAN_LOSSES = {
 
 
 # ====================================================================================================
-# src/precision.py
-# The one mixed-precision setup: autocast dtype, grad scalers, Adam flavour and memory layout per device.
-# ====================================================================================================
-@dataclass(frozen=True)
-class Precision:
-    """How the training step runs on this device."""
-    device_type: str            # "cuda" | "cpu" | ...
-    dtype: "torch.dtype | None"   # autocast dtype; None: plain fp32
-    use_scaler: bool            # fp16 needs a loss scaler (one per optimiser)
-    channels_last: bool         # NHWC activations and weights
-
-    @property
-    def name(self) -> str:
-        return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.dtype, "fp32")
-
-
-def choose_precision(amp: str, device: "torch.device | str", channels_last: bool = True) -> "Precision":
-    """auto: bf16 autocast on CUDA sm >= 8.0, fp16 + GradScaler below (P100, T4), fp32 on the CPU.
-
-    An explicit amp the device cannot run falls back with a one-line note.
-    """
-    device = torch.device(device)
-    on_cuda = device.type == "cuda"
-    capability = torch.cuda.get_device_capability(device) if on_cuda else (0, 0)
-    wanted = amp
-    if amp == "auto":
-        wanted = ("bf16" if capability >= (8, 0) else "fp16") if on_cuda else "fp32"
-    if wanted == "bf16" and on_cuda and capability < (8, 0):
-        log("precision", f"bf16 needs compute capability 8.0, this GPU has {capability[0]}.{capability[1]}: using fp16")
-        wanted = "fp16"
-    if wanted in ("bf16", "fp16") and not on_cuda:
-        log("precision", f"--amp {wanted} is for CUDA devices; training in fp32 on {device.type}")
-        wanted = "fp32"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(wanted)
-    return Precision(device_type=device.type, dtype=dtype, use_scaler=wanted == "fp16",
-                     channels_last=bool(channels_last) and on_cuda)
-
-
-def precision_autocast(precision: "Precision"):
-    """The autocast context of the forward passes (a no-op in fp32)."""
-    if precision.dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=precision.device_type, dtype=precision.dtype)
-
-
-def autocast_disabled(precision: "Precision"):
-    """A context that turns autocast off (e.g. for the double-backward of a gradient penalty)."""
-    if precision.dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=precision.device_type, enabled=False)
-
-
-def make_grad_scaler(precision: "Precision"):
-    """A GradScaler (enabled only for fp16); a disabled one passes losses and steps straight through."""
-    if not hasattr(torch.amp, "GradScaler"):  # torch < 2.3 (older Kaggle images)
-        return torch.cuda.amp.GradScaler(enabled=precision.use_scaler)
-    return torch.amp.GradScaler(precision.device_type if precision.use_scaler else "cpu",
-                                enabled=precision.use_scaler)
-
-
-def make_adam(params, lr: float, betas: tuple[float, float], precision: "Precision") -> "torch.optim.Adam":
-    """Adam with the fused CUDA kernel on the GPU, the foreach implementation elsewhere."""
-    if precision.device_type == "cuda":
-        return torch.optim.Adam(params, lr=lr, betas=betas, fused=True)
-    return torch.optim.Adam(params, lr=lr, betas=betas, foreach=True)
-
-
-def to_memory_format(x: "torch.Tensor", precision: "Precision") -> "torch.Tensor":
-    """NCHW -> channels_last when the setup uses it (4-d tensors only)."""
-    if precision.channels_last and x.dim() == 4:
-        return x.contiguous(memory_format=torch.channels_last)
-    return x
-
-
-def place_module(module: "torch.nn.Module", device, precision: "Precision") -> "torch.nn.Module":
-    """Move a model to the device in the setup's memory format."""
-    module = module.to(device)
-    if precision.channels_last:
-        module = module.to(memory_format=torch.channels_last)
-    return module
-
-
-def configure_backends(device) -> None:
-    """Speed settings for CUDA: cuDNN autotuning (fixed shapes) and TF32 matmuls/convs on sm >= 8.0.
-
-    They make GPU runs differ from each other in the last bits; CPU runs stay bit-reproducible.
-    """
-    if torch.device(device).type != "cuda":
-        return
-    torch.backends.cudnn.benchmark = True
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-
-
-# ====================================================================================================
-# src/distributed.py
-# Multi-GPU training with torchrun: process-group set-up, and the few collectives the training loop needs.
-#
-# Launch: `torchrun --standalone --nproc_per_node=2 kernel.py ...` (Kaggle's 2 x T4). Without torchrun the
-# run is one process (world_size 1) and nothing here talks to other processes.
-# ====================================================================================================
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: "torch.device"
-    is_main: bool       # rank 0: the only process that writes files and prints status
-
-
-def dist_resolve_device(device: str = "auto") -> "torch.device":
-    """'auto' -> cuda when available else cpu; 'cuda' / 'cuda:N' must exist."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: no CUDA device is available here; use --device cpu or auto")
-    return resolved
-
-
-def setup_distributed(device: str = "auto") -> "DistInfo":
-    """Join the torchrun process group when WORLD_SIZE > 1 (nccl on CUDA, gloo on CPU), else a single process.
-
-    Under torchrun each rank uses cuda:LOCAL_RANK (or the CPU when there is no GPU or --device cpu).
-    """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
-        return DistInfo(rank=0, world_size=1, local_rank=0, device=dist_resolve_device(device), is_main=True)
-    rank = int(os.environ["RANK"])
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    use_cuda = torch.cuda.is_available() and device != "cpu"
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-        rank_device = torch.device("cuda", local_rank)
-    else:
-        rank_device = torch.device("cpu")
-    if not torch_dist.is_initialized():
-        torch_dist.init_process_group(backend="nccl" if use_cuda else "gloo", rank=rank, world_size=world_size)
-    if rank == 0:
-        log("distributed", f"{world_size} processes, backend {torch_dist.get_backend()}")
-    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=rank_device, is_main=rank == 0)
-
-
-def cleanup_distributed() -> None:
-    """Leave the process group (no-op for a single process)."""
-    if torch_dist.is_available() and torch_dist.is_initialized():
-        torch_dist.destroy_process_group()
-
-
-def current_dist_info(device: "torch.device | str") -> "DistInfo":
-    """The rank and world size of this process as the process group knows them (1 process when there is none)."""
-    device = torch.device(device)
-    if torch_dist.is_available() and torch_dist.is_initialized():
-        rank, world_size = torch_dist.get_rank(), torch_dist.get_world_size()
-        return DistInfo(rank=rank, world_size=world_size, local_rank=int(os.environ.get("LOCAL_RANK", rank)),
-                        device=device, is_main=rank == 0)
-    return DistInfo(rank=0, world_size=1, local_rank=0, device=device, is_main=True)
-
-
-def any_rank_flags(flags: list[bool], device: "torch.device", world_size: int) -> list[bool]:
-    """Element-wise OR of boolean flags over all ranks (one tiny all-reduce), so every rank takes the same branch.
-
-    Used for the stop / tick / snapshot decisions: if rank 0's clock says stop, or any rank caught SIGTERM,
-    all ranks stop after the same step and no rank waits forever in a gradient all-reduce.
-    """
-    if world_size <= 1:
-        return list(flags)
-    flag_tensor = torch.tensor([float(f) for f in flags], device=device)
-    torch_dist.all_reduce(flag_tensor, op=torch_dist.ReduceOp.MAX)
-    return [bool(v) for v in flag_tensor.tolist()]
-
-
-def max_over_ranks(value: float, device: "torch.device", world_size: int) -> float:
-    """The largest of one number over all ranks (one tiny all-reduce), so every rank plans with the same figure."""
-    if world_size <= 1:
-        return value
-    value_tensor = torch.tensor([float(value)], device=device)
-    torch_dist.all_reduce(value_tensor, op=torch_dist.ReduceOp.MAX)
-    return float(value_tensor.item())
-
-
-def mean_over_ranks(values: "torch.Tensor", world_size: int) -> "torch.Tensor":
-    """The mean of a tensor over ranks (SUM / world_size: gloo has no AVG)."""
-    if world_size <= 1:
-        return values
-    summed = values.clone()
-    torch_dist.all_reduce(summed, op=torch_dist.ReduceOp.SUM)
-    return summed / world_size
-
-
-def wrap_ddp(module: "torch.nn.Module", info: "DistInfo") -> "torch.nn.Module":
-    """DistributedDataParallel around `module` when world_size > 1 (else the module itself).
-
-    DDP's default buffer sync (broadcast_buffers=True) is relied on: rank 0's buffers (spectral norm's u/v,
-    BatchNorm running stats) are copied to every rank at each DDP forward. Forwards that bypass the wrapper
-    (no-grad fakes, the frozen D of a G step) update buffers locally; sync_buffers() evens them out at the end.
-    BatchNorm normalises with each rank's own batch statistics (no SyncBatchNorm).
-    """
-    if info.world_size <= 1:
-        return module
-    device_ids = [info.device.index] if info.device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
-
-
-def sync_buffers(module: "torch.nn.Module", world_size: int) -> None:
-    """Copy rank 0's buffers (running stats, power-iteration vectors) to every rank."""
-    if world_size <= 1:
-        return
-    for buffer in module.buffers():
-        torch_dist.broadcast(buffer.data, src=0)
-
-
-# ====================================================================================================
-# src/nets.py
-# What a run trains: G, D and G_ema with their optimisers and call paths, and the counters that go with them.
-# ====================================================================================================
-@dataclass
-class LoopState:
-    """Counters and adaptive settings of the loop; saved in the checkpoint as plain numbers."""
-    step: int = 0
-    images_seen: int = 0
-    batch_size: int = 64         # global batch (all ranks together); an OOM halves it
-    n_dis: int = 1               # current D steps per round (adaptive when dis_loss_limit > 0)
-    lr_scale: float = 1.0        # halved by every NaN rollback
-    rollbacks: int = 0
-    schedule_progress: float = 0.0
-    train_seconds: float = 0.0   # training wall-clock over all sessions
-
-
-@dataclass
-class GanNets:
-    """The modules and optimisers of a run. G, D, G_ema are the plain modules (saved, EMA'd); G_train/D_train are
-    the paths gradients flow through (DDP and/or compiled), G_fwd/D_fwd the same modules without DDP."""
-    G: "torch.nn.Module"
-    D: "torch.nn.Module"
-    G_ema: "torch.nn.Module"
-    G_train: "torch.nn.Module"
-    D_train: "torch.nn.Module"
-    G_fwd: "torch.nn.Module"
-    D_fwd: "torch.nn.Module"
-    opt_g: "torch.optim.Optimizer"
-    opt_d: "torch.optim.Optimizer"
-    scaler_g: object             # torch.amp.GradScaler (disabled unless fp16)
-    scaler_d: object
-    sn_G: list                   # spectral_norm_layers(G), (D): advanced once per optimiser step
-    sn_D: list
-
-
-def build_gan_nets(cfg: "Config", n_classes: int, device, precision: "Precision", dist_info: "DistInfo") -> "GanNets":
-    """G, D (initialised by the models module), G_ema, the DDP / compiled call paths, Adam and grad scalers."""
-    G, D = build_models(cfg, n_classes)
-    G, D = place_module(G, device, precision).train(), place_module(D, device, precision).train()
-    G_ema = copy.deepcopy(G).eval().requires_grad_(False)
-    # Without DDP one (compiled) module serves both paths; with DDP the no-grad / frozen-D paths skip the wrapper.
-    G_fwd = torch.compile(G) if cfg.compile else G
-    D_fwd = torch.compile(D) if cfg.compile else D
-    if dist_info.world_size > 1:
-        G_train, D_train = wrap_ddp(G, dist_info), wrap_ddp(D, dist_info)
-        if cfg.compile:
-            G_train, D_train = torch.compile(G_train), torch.compile(D_train)
-    else:
-        G_train, D_train = G_fwd, D_fwd
-    opt_g = make_adam(G.parameters(), cfg.lr_g, (cfg.beta1, cfg.beta2), precision)
-    opt_d = make_adam(D.parameters(), cfg.lr_d, (cfg.beta1, cfg.beta2), precision)
-    return GanNets(G=G, D=D, G_ema=G_ema, G_train=G_train, D_train=D_train, G_fwd=G_fwd, D_fwd=D_fwd,
-                   opt_g=opt_g, opt_d=opt_d, scaler_g=make_grad_scaler(precision), scaler_d=make_grad_scaler(precision),
-                   sn_G=spectral_norm_layers(G), sn_D=spectral_norm_layers(D))
-
-
-# ====================================================================================================
 # src/schedule.py
 # Learning-rate schedules on the training clock.
 # ====================================================================================================
@@ -2784,6 +2517,461 @@ def measure_zip_seconds(images: "torch.Tensor", workers: int = 0) -> float:
                     archive.writestr(_zip_entry(index), data)
             per_image.append((time.time() - start) / max(1, len(probe)))
     return sum(per_image) / len(per_image)
+
+
+# ====================================================================================================
+# src/device_plan.py
+# The run's device settings, decided once from what the device is: precision, torch.compile, batch sizes.
+#
+# One pure function (`plan_for_device`) turns the device's facts (a `DeviceFacts`, read by `read_device_facts` or
+# faked in tests) into a `DevicePlan`; `device_plan_line` says it in one line. `check_torch_drives_gpu` stops a run at
+# start-up when this torch build has no code for the GPU (Kaggle's P100 under a torch built without sm_60).
+# ====================================================================================================
+# Saved activations of one training round of the default model (BigGAN-style ResNet, ch 64, 64x64) per image: G's
+# forward and D on a real and a fake batch, counted with saved-tensor hooks on the CPU (distinct storages). Under
+# bf16 autocast the same count gave 38.9 MiB: norms and losses stay in fp32, so half precision saves ~40 %, not 50 %.
+TRAIN_BYTES_PER_IMAGE_FP32 = int(62.9 * 2**20)
+HALF_PRECISION_ACTIVATIONS = 0.62
+# Share of a GPU's memory the training activations may take; the rest holds the weights, Adam's moments, G_ema,
+# cuDNN's workspaces, the allocator's slack and the generation batch.
+ACTIVATION_MEMORY_SHARE = 0.5
+# Largest suggested batch per GPU. Assumed, not measured: beyond it a 64x64 model's step is compute-bound on these
+# GPUs, so a larger batch buys fewer updates rather than more speed.
+BATCH_PER_DEVICE_MAX = 256
+# On the CPU time, not memory, limits the batch: the Config default.
+CPU_BATCH = 64
+# Triton, torch.compile's GPU code generator, needs compute capability 7.0 (Volta) or newer.
+TRITON_MIN_CAPABILITY = (7, 0)
+# bf16 runs on fast tensor cores from compute capability 8.0 (Ampere) on; below it fp16 with loss scaling.
+BF16_MIN_CAPABILITY = (8, 0)
+
+
+@dataclass(frozen=True)
+class DeviceFacts:
+    """What the run's device is, as far as the settings depend on it."""
+    type: str                     # "cuda" | "cpu" | ...
+    name: str                     # "Tesla T4", or the CPU's name
+    capability: tuple[int, int]   # CUDA compute capability, (0, 0) off CUDA
+    total_memory: int             # bytes per device (0 where unknown)
+    count: int                    # devices the run trains on (its processes)
+    torch_version: str
+    triton: bool                  # Triton importable (torch.compile's GPU backend)
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    """The run's device settings."""
+    precision: str                # "bf16" | "fp16" | "fp32": the autocast dtype (fp32: none)
+    use_scaler: bool              # fp16 needs a loss scaler
+    compile: bool                 # torch.compile G and D
+    batch_per_device: int         # suggested training batch per device
+    batch_size: int               # the same for the whole run (all devices)
+    generate_batch: int           # images per forward when generating
+    notes: tuple[str, ...]        # requests the device changed, one line each
+
+
+def pick_precision(amp: str, device_type: str, capability: tuple[int, int]) -> tuple[str, str]:
+    """(precision, note): auto is bf16 on CUDA sm >= 8.0, fp16 below (P100, T4), fp32 off CUDA; an explicit amp the
+    device cannot run falls back, and the note (else "") says so."""
+    on_cuda = device_type == "cuda"
+    wanted = amp
+    if amp == "auto":
+        wanted = ("bf16" if capability >= BF16_MIN_CAPABILITY else "fp16") if on_cuda else "fp32"
+    if wanted == "bf16" and on_cuda and capability < BF16_MIN_CAPABILITY:
+        return "fp16", (f"bf16 needs compute capability 8.0, this GPU has {capability[0]}.{capability[1]}: "
+                        f"using fp16")
+    if wanted in ("bf16", "fp16") and not on_cuda:
+        return "fp32", f"--amp {wanted} is for CUDA devices; training in fp32 on {device_type}"
+    return wanted, ""
+
+
+def compile_refusal(facts: "DeviceFacts") -> str:
+    """Why torch.compile cannot run on this device ("" when it can): on CUDA it needs Triton and sm >= 7.0."""
+    if facts.type == "cpu":
+        return ""
+    if facts.type != "cuda":
+        return f"torch.compile is not supported here on {facts.type}: running eager"
+    if facts.capability < TRITON_MIN_CAPABILITY:
+        return (f"torch.compile needs Triton, which needs compute capability 7.0; the {facts.name} has "
+                f"{facts.capability[0]}.{facts.capability[1]}: running eager")
+    if not facts.triton:
+        return "torch.compile needs Triton, which is not installed: running eager"
+    return ""
+
+
+def suggested_batch_per_device(facts: "DeviceFacts", precision: str,
+                               train_bytes_per_image: int = TRAIN_BYTES_PER_IMAGE_FP32) -> int:
+    """The largest power of two up to BATCH_PER_DEVICE_MAX whose training activations fit ACTIVATION_MEMORY_SHARE of
+    one GPU's memory (at least 1); CPU_BATCH off CUDA."""
+    if facts.type != "cuda" or facts.total_memory <= 0:
+        return CPU_BATCH
+    per_image = train_bytes_per_image * (1.0 if precision == "fp32" else HALF_PRECISION_ACTIVATIONS)
+    fits = int(ACTIVATION_MEMORY_SHARE * facts.total_memory // per_image)
+    batch = 1
+    while batch * 2 <= min(fits, BATCH_PER_DEVICE_MAX):
+        batch *= 2
+    return batch
+
+
+def plan_for_device(facts: "DeviceFacts", amp: str = "auto", compile_wanted: bool = False,
+                    train_bytes_per_image: int = TRAIN_BYTES_PER_IMAGE_FP32) -> "DevicePlan":
+    """The run's settings on this device, given what the flags asked for (--amp, --compile)."""
+    precision, precision_note = pick_precision(amp, facts.type, facts.capability)
+    compile_note = compile_refusal(facts) if compile_wanted else ""
+    per_device = suggested_batch_per_device(facts, precision, train_bytes_per_image)
+    return DevicePlan(precision=precision, use_scaler=precision == "fp16",
+                      compile=compile_wanted and not compile_note, batch_per_device=per_device,
+                      batch_size=per_device * max(1, facts.count),
+                      generate_batch=GENERATE_BATCH.get(facts.type, GENERATE_BATCH["cuda"]),
+                      notes=tuple(note for note in (precision_note, compile_note) if note))
+
+
+def triton_importable() -> bool:
+    """Triton is installed (found without importing it: importing costs seconds)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def read_device_facts(device: "torch.device | str", count: int = 1) -> "DeviceFacts":
+    """The facts of `device` (creates the CUDA context on a GPU: call it in the process that trains there)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return DeviceFacts(type=device.type, name=device.type, capability=(0, 0), total_memory=0, count=count,
+                           torch_version=torch.__version__, triton=triton_importable())
+    props = torch.cuda.get_device_properties(device)
+    return DeviceFacts(type="cuda", name=props.name, capability=(props.major, props.minor),
+                       total_memory=props.total_memory, count=count, torch_version=torch.__version__,
+                       triton=triton_importable())
+
+
+def device_plan_line(facts: "DeviceFacts", plan: "DevicePlan") -> str:
+    """The plan in one line, e.g. '2 x Tesla T4 (sm 7.5, 15.0 GiB), torch 2.4.1: fp16 + loss scaling, eager, ...'."""
+    if facts.type == "cuda":
+        device = (f"{facts.count} x {facts.name} (sm {facts.capability[0]}.{facts.capability[1]}, "
+                  f"{facts.total_memory / 2**30:.1f} GiB)")
+    else:
+        device = f"{facts.count} x {facts.type}"
+    precision = {"fp16": "fp16 + loss scaling", "bf16": "bf16"}.get(plan.precision, "fp32")
+    per = "GPU" if facts.type == "cuda" else "process"
+    batch = (f"batch {plan.batch_per_device} per {per} ({plan.batch_size} in all)" if facts.count > 1
+             else f"batch {plan.batch_size}")
+    notes = "".join(f"; {note}" for note in plan.notes)
+    return (f"{device}, torch {facts.torch_version}: {precision}, {'torch.compile' if plan.compile else 'eager'}, "
+            f"suggested {batch}, generation batch {plan.generate_batch}{notes}")
+
+
+# ---- a GPU this torch cannot drive ----------------------------------------------------------------------
+
+def _arch_number(entry: str) -> tuple[str, int, str] | None:
+    # "sm_86" -> ("sm", 86, ""), "compute_90a" -> ("compute", 90, "a"); anything else (gfx names) -> None
+    found = re.fullmatch(r"(sm|compute)_(\d+)([a-z]?)", entry)
+    return (found.group(1), int(found.group(2)), found.group(3)) if found else None
+
+
+def torch_drives_capability(capability: tuple[int, int], arch_list: list[str]) -> bool:
+    """True when the build has code this GPU runs: a cubin of its major version and a minor version no newer
+    (sm_80 runs on 8.6), or PTX of any older or equal capability (the driver compiles it). Architecture-specific
+    entries (sm_90a) count only for exactly their GPU."""
+    major, minor = capability
+    device_number = major * 10 + minor
+    for kind, number, suffix in filter(None, map(_arch_number, arch_list)):
+        if suffix:
+            if number == device_number:
+                return True
+        elif kind == "sm" and number // 10 == major and number % 10 <= minor:
+            return True
+        elif kind == "compute" and number <= device_number:
+            return True
+    return False
+
+
+def unsupported_gpu_message(name: str, capability: tuple[int, int], arch_list: list[str],
+                            torch_version: str) -> str:
+    """One line saying this torch has no code for the GPU and what to do; "" when it has (or lists no CUDA
+    architectures at all: a ROCm or CPU build, which this check cannot judge)."""
+    if not any(_arch_number(entry) for entry in arch_list) or torch_drives_capability(capability, arch_list):
+        return ""
+    sm = f"sm_{capability[0]}{capability[1]}"
+    return (f"this torch {torch_version} cannot drive the {name} (compute capability {capability[0]}.{capability[1]}, "
+            f"{sm}): it was built for {' '.join(arch_list)}. Install a torch build that includes {sm} (for Pascal "
+            f"and Volta GPUs such as the P100: a CUDA 12.6 build) or pick another accelerator in the notebook's "
+            f"settings (e.g. GPU T4 x2)")
+
+
+def check_torch_drives_gpu(device: "torch.device") -> None:
+    """Raise ConfigError (one line) when `device` is a GPU this torch build has no code for; nothing off CUDA."""
+    if device.type != "cuda":
+        return
+    props = torch.cuda.get_device_properties(device)
+    message = unsupported_gpu_message(props.name, (props.major, props.minor), torch.cuda.get_arch_list(),
+                                      torch.__version__)
+    if message:
+        raise ConfigError(message)
+
+
+# ====================================================================================================
+# src/precision.py
+# The one mixed-precision setup: autocast dtype, grad scalers, Adam flavour and memory layout per device.
+# ====================================================================================================
+@dataclass(frozen=True)
+class Precision:
+    """How the training step runs on this device."""
+    device_type: str            # "cuda" | "cpu" | ...
+    dtype: "torch.dtype | None"   # autocast dtype; None: plain fp32
+    use_scaler: bool            # fp16 needs a loss scaler (one per optimiser)
+    channels_last: bool         # NHWC activations and weights
+
+    @property
+    def name(self) -> str:
+        return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.dtype, "fp32")
+
+
+def choose_precision(amp: str, device: "torch.device | str", channels_last: bool = True) -> "Precision":
+    """The Precision of `amp` on `device`, as device_plan.pick_precision decides it (auto: bf16 on CUDA sm >= 8.0,
+    fp16 + GradScaler below, fp32 on the CPU); an explicit amp the device cannot run falls back with a one-line note.
+    """
+    device = torch.device(device)
+    on_cuda = device.type == "cuda"
+    capability = torch.cuda.get_device_capability(device) if on_cuda else (0, 0)
+    name, note = pick_precision(amp, device.type, tuple(capability))
+    if note:
+        log("precision", note)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(name)
+    return Precision(device_type=device.type, dtype=dtype, use_scaler=name == "fp16",
+                     channels_last=bool(channels_last) and on_cuda)
+
+
+def precision_autocast(precision: "Precision"):
+    """The autocast context of the forward passes (a no-op in fp32)."""
+    if precision.dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=precision.device_type, dtype=precision.dtype)
+
+
+def autocast_disabled(precision: "Precision"):
+    """A context that turns autocast off (e.g. for the double-backward of a gradient penalty)."""
+    if precision.dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=precision.device_type, enabled=False)
+
+
+def make_grad_scaler(precision: "Precision"):
+    """A GradScaler (enabled only for fp16); a disabled one passes losses and steps straight through."""
+    if not hasattr(torch.amp, "GradScaler"):  # torch < 2.3 (older Kaggle images)
+        return torch.cuda.amp.GradScaler(enabled=precision.use_scaler)
+    return torch.amp.GradScaler(precision.device_type if precision.use_scaler else "cpu",
+                                enabled=precision.use_scaler)
+
+
+def make_adam(params, lr: float, betas: tuple[float, float], precision: "Precision") -> "torch.optim.Adam":
+    """Adam with the fused CUDA kernel on the GPU, the foreach implementation elsewhere."""
+    if precision.device_type == "cuda":
+        return torch.optim.Adam(params, lr=lr, betas=betas, fused=True)
+    return torch.optim.Adam(params, lr=lr, betas=betas, foreach=True)
+
+
+def to_memory_format(x: "torch.Tensor", precision: "Precision") -> "torch.Tensor":
+    """NCHW -> channels_last when the setup uses it (4-d tensors only)."""
+    if precision.channels_last and x.dim() == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def place_module(module: "torch.nn.Module", device, precision: "Precision") -> "torch.nn.Module":
+    """Move a model to the device in the setup's memory format."""
+    module = module.to(device)
+    if precision.channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    return module
+
+
+def configure_backends(device) -> None:
+    """Speed settings for CUDA: cuDNN autotuning (fixed shapes) and TF32 matmuls/convs on sm >= 8.0.
+
+    They make GPU runs differ from each other in the last bits; CPU runs stay bit-reproducible.
+    """
+    if torch.device(device).type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+
+# ====================================================================================================
+# src/distributed.py
+# Multi-GPU training with torchrun: process-group set-up, and the few collectives the training loop needs.
+#
+# Launch: `torchrun --standalone --nproc_per_node=2 kernel.py ...` (Kaggle's 2 x T4). Without torchrun the
+# run is one process (world_size 1) and nothing here talks to other processes.
+# ====================================================================================================
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: "torch.device"
+    is_main: bool       # rank 0: the only process that writes files and prints status
+
+
+def dist_resolve_device(device: str = "auto") -> "torch.device":
+    """'auto' -> cuda when available else cpu; 'cuda' / 'cuda:N' must exist, and this torch must have code for it."""
+    if device == "auto":
+        resolved = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        resolved = torch.device(device)
+        if resolved.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: no CUDA device is available here; use --device cpu or auto")
+    check_torch_drives_gpu(resolved)
+    return resolved
+
+
+def setup_distributed(device: str = "auto") -> "DistInfo":
+    """Join the torchrun process group when WORLD_SIZE > 1 (nccl on CUDA, gloo on CPU), else a single process.
+
+    Under torchrun each rank uses cuda:LOCAL_RANK (or the CPU when there is no GPU or --device cpu).
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistInfo(rank=0, world_size=1, local_rank=0, device=dist_resolve_device(device), is_main=True)
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    use_cuda = torch.cuda.is_available() and device != "cpu"
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        rank_device = torch.device("cuda", local_rank)
+        check_torch_drives_gpu(rank_device)
+    else:
+        rank_device = torch.device("cpu")
+    if not torch_dist.is_initialized():
+        torch_dist.init_process_group(backend="nccl" if use_cuda else "gloo", rank=rank, world_size=world_size)
+    if rank == 0:
+        log("distributed", f"{world_size} processes, backend {torch_dist.get_backend()}")
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=rank_device, is_main=rank == 0)
+
+
+def cleanup_distributed() -> None:
+    """Leave the process group (no-op for a single process)."""
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+def current_dist_info(device: "torch.device | str") -> "DistInfo":
+    """The rank and world size of this process as the process group knows them (1 process when there is none)."""
+    device = torch.device(device)
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        rank, world_size = torch_dist.get_rank(), torch_dist.get_world_size()
+        return DistInfo(rank=rank, world_size=world_size, local_rank=int(os.environ.get("LOCAL_RANK", rank)),
+                        device=device, is_main=rank == 0)
+    return DistInfo(rank=0, world_size=1, local_rank=0, device=device, is_main=True)
+
+
+def any_rank_flags(flags: list[bool], device: "torch.device", world_size: int) -> list[bool]:
+    """Element-wise OR of boolean flags over all ranks (one tiny all-reduce), so every rank takes the same branch.
+
+    Used for the stop / tick / snapshot decisions: if rank 0's clock says stop, or any rank caught SIGTERM,
+    all ranks stop after the same step and no rank waits forever in a gradient all-reduce.
+    """
+    if world_size <= 1:
+        return list(flags)
+    flag_tensor = torch.tensor([float(f) for f in flags], device=device)
+    torch_dist.all_reduce(flag_tensor, op=torch_dist.ReduceOp.MAX)
+    return [bool(v) for v in flag_tensor.tolist()]
+
+
+def max_over_ranks(value: float, device: "torch.device", world_size: int) -> float:
+    """The largest of one number over all ranks (one tiny all-reduce), so every rank plans with the same figure."""
+    if world_size <= 1:
+        return value
+    value_tensor = torch.tensor([float(value)], device=device)
+    torch_dist.all_reduce(value_tensor, op=torch_dist.ReduceOp.MAX)
+    return float(value_tensor.item())
+
+
+def mean_over_ranks(values: "torch.Tensor", world_size: int) -> "torch.Tensor":
+    """The mean of a tensor over ranks (SUM / world_size: gloo has no AVG)."""
+    if world_size <= 1:
+        return values
+    summed = values.clone()
+    torch_dist.all_reduce(summed, op=torch_dist.ReduceOp.SUM)
+    return summed / world_size
+
+
+def wrap_ddp(module: "torch.nn.Module", info: "DistInfo") -> "torch.nn.Module":
+    """DistributedDataParallel around `module` when world_size > 1 (else the module itself).
+
+    DDP's default buffer sync (broadcast_buffers=True) is relied on: rank 0's buffers (spectral norm's u/v,
+    BatchNorm running stats) are copied to every rank at each DDP forward. Forwards that bypass the wrapper
+    (no-grad fakes, the frozen D of a G step) update buffers locally; sync_buffers() evens them out at the end.
+    BatchNorm normalises with each rank's own batch statistics (no SyncBatchNorm).
+    """
+    if info.world_size <= 1:
+        return module
+    device_ids = [info.device.index] if info.device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
+
+
+def sync_buffers(module: "torch.nn.Module", world_size: int) -> None:
+    """Copy rank 0's buffers (running stats, power-iteration vectors) to every rank."""
+    if world_size <= 1:
+        return
+    for buffer in module.buffers():
+        torch_dist.broadcast(buffer.data, src=0)
+
+
+# ====================================================================================================
+# src/nets.py
+# What a run trains: G, D and G_ema with their optimisers and call paths, and the counters that go with them.
+# ====================================================================================================
+@dataclass
+class LoopState:
+    """Counters and adaptive settings of the loop; saved in the checkpoint as plain numbers."""
+    step: int = 0
+    images_seen: int = 0
+    batch_size: int = 64         # global batch (all ranks together); an OOM halves it
+    n_dis: int = 1               # current D steps per round (adaptive when dis_loss_limit > 0)
+    lr_scale: float = 1.0        # halved by every NaN rollback
+    rollbacks: int = 0
+    schedule_progress: float = 0.0
+    train_seconds: float = 0.0   # training wall-clock over all sessions
+
+
+@dataclass
+class GanNets:
+    """The modules and optimisers of a run. G, D, G_ema are the plain modules (saved, EMA'd); G_train/D_train are
+    the paths gradients flow through (DDP and/or compiled), G_fwd/D_fwd the same modules without DDP."""
+    G: "torch.nn.Module"
+    D: "torch.nn.Module"
+    G_ema: "torch.nn.Module"
+    G_train: "torch.nn.Module"
+    D_train: "torch.nn.Module"
+    G_fwd: "torch.nn.Module"
+    D_fwd: "torch.nn.Module"
+    opt_g: "torch.optim.Optimizer"
+    opt_d: "torch.optim.Optimizer"
+    scaler_g: object             # torch.amp.GradScaler (disabled unless fp16)
+    scaler_d: object
+    sn_G: list                   # spectral_norm_layers(G), (D): advanced once per optimiser step
+    sn_D: list
+
+
+def build_gan_nets(cfg: "Config", n_classes: int, device, precision: "Precision", dist_info: "DistInfo") -> "GanNets":
+    """G, D (initialised by the models module), G_ema, the DDP / compiled call paths, Adam and grad scalers."""
+    G, D = build_models(cfg, n_classes)
+    G, D = place_module(G, device, precision).train(), place_module(D, device, precision).train()
+    G_ema = copy.deepcopy(G).eval().requires_grad_(False)
+    # Without DDP one (compiled) module serves both paths; with DDP the no-grad / frozen-D paths skip the wrapper.
+    G_fwd = torch.compile(G) if cfg.compile else G
+    D_fwd = torch.compile(D) if cfg.compile else D
+    if dist_info.world_size > 1:
+        G_train, D_train = wrap_ddp(G, dist_info), wrap_ddp(D, dist_info)
+        if cfg.compile:
+            G_train, D_train = torch.compile(G_train), torch.compile(D_train)
+    else:
+        G_train, D_train = G_fwd, D_fwd
+    opt_g = make_adam(G.parameters(), cfg.lr_g, (cfg.beta1, cfg.beta2), precision)
+    opt_d = make_adam(D.parameters(), cfg.lr_d, (cfg.beta1, cfg.beta2), precision)
+    return GanNets(G=G, D=D, G_ema=G_ema, G_train=G_train, D_train=D_train, G_fwd=G_fwd, D_fwd=D_fwd,
+                   opt_g=opt_g, opt_d=opt_d, scaler_g=make_grad_scaler(precision), scaler_d=make_grad_scaler(precision),
+                   sn_G=spectral_norm_layers(G), sn_D=spectral_norm_layers(D))
 
 
 # ====================================================================================================

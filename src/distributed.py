@@ -13,6 +13,7 @@ import torch.distributed as torch_dist
 
 from src.config import ConfigError
 from src.console import log
+from src.device_plan import check_torch_drives_gpu
 
 
 @dataclass(frozen=True)
@@ -25,12 +26,14 @@ class DistInfo:
 
 
 def dist_resolve_device(device: str = "auto") -> torch.device:
-    """'auto' -> cuda when available else cpu; 'cuda' / 'cuda:N' must exist."""
+    """'auto' -> cuda when available else cpu; 'cuda' / 'cuda:N' must exist, and this torch must have code for it."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: no CUDA device is available here; use --device cpu or auto")
+        resolved = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        resolved = torch.device(device)
+        if resolved.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: no CUDA device is available here; use --device cpu or auto")
+    check_torch_drives_gpu(resolved)
     return resolved
 
 
@@ -48,6 +51,7 @@ def setup_distributed(device: str = "auto") -> DistInfo:
     if use_cuda:
         torch.cuda.set_device(local_rank)
         rank_device = torch.device("cuda", local_rank)
+        check_torch_drives_gpu(rank_device)
     else:
         rank_device = torch.device("cpu")
     if not torch_dist.is_initialized():
