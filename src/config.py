@@ -49,6 +49,7 @@ class Config:
     time_budget: str = this_run("8h30m")  # whole run: start-up, training, generation, zip, MiFID; Kaggle stops at 9h
     seed: int = from_ckpt(0)            # seeds python, numpy and torch (same seed + config + device = same run)
     device: str = this_run("auto")      # auto | cpu | cuda | cuda:N
+    gpus: int = this_run(0)             # processes: 0 one per visible GPU, 1 a single one; on the CPU N (gloo)
     # ---- data -------------------------------------------------------------------------------------
     crop_margin: float = this_run(0.0)  # widen each box by this fraction of its size on every side before cropping
     max_images: int = this_run(0)       # read only N photos spread over the sorted list (0: all); quick iterations

@@ -1,7 +1,8 @@
-"""Multi-GPU training with torchrun: process-group set-up, and the few collectives the training loop needs.
+"""Multi-GPU training: process-group set-up, and the few collectives the training loop needs.
 
-Launch: `torchrun --standalone --nproc_per_node=2 kernel.py ...` (Kaggle's 2 x T4). Without torchrun the
-run is one process (world_size 1) and nothing here talks to other processes.
+The ranks are started by src/launch.py (one forked process per GPU, from a plain `python kernel.py` or a notebook
+cell) or by `torchrun --standalone --nproc_per_node=2 kernel.py ...`; both set the torchrun environment read here.
+With one process (world_size 1) nothing here talks to other processes.
 """
 from __future__ import annotations
 

@@ -18,6 +18,7 @@ from src.distributed import cleanup_distributed, setup_distributed
 from src.generate import generate_images, write_images_zip
 from src.host import on_kaggle, running_in_notebook
 from src.interrupt import RunInterrupted, signals_interrupt_run
+from src.launch import launch_workers, wants_workers
 from src.mifid import find_fid_weights, load_feature_extractor
 from src.models import build_models
 from src.preflight import OutputError, prepare_out_dir
@@ -226,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
             written = write_plots(extras.report)
             log("main", f"report: wrote {', '.join(written) or 'nothing'}")
             return 0
+        if wants_workers(cfg):  # several GPUs and no torchrun: one forked process per GPU, each running main again
+            return launch_workers(cfg, lambda: main(argv))
         with signals_interrupt_run():
             return run(cfg, start)
     except (DataError, ConfigError, CheckpointError, FileNotFoundError, OutputError, BudgetError) as error:
