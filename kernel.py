@@ -2914,15 +2914,19 @@ def mean_over_ranks(values: "torch.Tensor", world_size: int) -> "torch.Tensor":
 def wrap_ddp(module: "torch.nn.Module", info: "DistInfo") -> "torch.nn.Module":
     """DistributedDataParallel around `module` when world_size > 1 (else the module itself).
 
-    DDP's default buffer sync (broadcast_buffers=True) is relied on: rank 0's buffers (spectral norm's u/v,
-    BatchNorm running stats) are copied to every rank at each DDP forward. Forwards that bypass the wrapper
-    (no-grad fakes, the frozen D of a G step) update buffers locally; sync_buffers() evens them out at the end.
-    BatchNorm normalises with each rank's own batch statistics (no SyncBatchNorm).
+    No buffer broadcast at each DDP forward (broadcast_buffers=False): D runs twice per step (real, then fake), and
+    on torch 2.4 the broadcast before the second forward overwrote buffers the first one had saved for backward
+    (BatchNorm's running stats, SN's u/v: "modified by an inplace operation"). Rank 0's buffers are copied once
+    here, as DDP copies the weights. After that nothing in training reads another rank's buffers: SN's u/v advance
+    by the same explicit power iteration on the same weights on every rank, and BatchNorm's running statistics,
+    each rank's own, serve only in eval mode, after sync_buffers() copied rank 0's (which are what the broadcast
+    kept: rank 0 was its source). BatchNorm normalises with each rank's own batch statistics (no SyncBatchNorm).
     """
     if info.world_size <= 1:
         return module
     device_ids = [info.device.index] if info.device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
+    sync_buffers(module, info.world_size)
+    return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False)
 
 
 def sync_buffers(module: "torch.nn.Module", world_size: int) -> None:
