@@ -2864,9 +2864,17 @@ def setup_distributed(device: str = "auto") -> "DistInfo":
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=rank_device, is_main=rank == 0)
 
 
+# Seconds without the GIL before leaving the process group. Older torch (2.4 at least; pytorch PR #154976, 2025,
+# fixed it) destroys a gloo group holding the GIL while it joins gloo's worker threads, and a worker that is still
+# dropping the tensors of the last collective needs the GIL for that: a rank hung there for good (seen on torch
+# 2.4.1 after training's last all-reduce). Sleeping lets such a worker finish first.
+GLOO_WORKERS_SETTLE_S = 0.2
+
+
 def cleanup_distributed() -> None:
     """Leave the process group (no-op for a single process)."""
     if torch_dist.is_available() and torch_dist.is_initialized():
+        time.sleep(GLOO_WORKERS_SETTLE_S)
         torch_dist.destroy_process_group()
 
 
@@ -5119,7 +5127,8 @@ def train(cfg: "Config", data, deadline: "Deadline", out_dir: str, device, fid_f
 #
 # The parent supervises: SIGINT (a notebook's Interrupt, Ctrl-C) and SIGTERM are passed on to every rank, whose
 # training saves a checkpoint and rank 0 still writes images.zip; a rank that dies ends the run in one line naming it,
-# and the others get WORKER_STOP_GRACE_S to end by themselves before SIGKILL. The children die with the parent
+# and the others get WORKER_STOP_GRACE_S to end by themselves before SIGKILL, as do ranks still running that long after
+# rank 0 ended (a hang in their teardown must not hold the cell). The children die with the parent
 # (PR_SET_PDEATHSIG on Linux), so a killed notebook kernel leaves nothing on the GPUs.
 # On the CPU (`--device cpu`, or no GPU) `--gpus N` starts N processes on the gloo backend.
 # ====================================================================================================
@@ -5253,24 +5262,33 @@ def forward_signals_to(processes: list):
 
 
 def supervise(processes: list, grace_s: float) -> int:
-    """Wait for every rank; the first to end non-zero is named in one line, and the others get grace_s seconds to
-    end by themselves before SIGKILL. Returns that rank's exit code, else rank 0's, as a shell reports it."""
+    """Wait for every rank. The first to end non-zero is named in one line, and the others get grace_s seconds to
+    end by themselves before SIGKILL; so do ranks still running grace_s after rank 0 ended (they have nothing left to
+    do then: a hang in their teardown must not hold the cell). Returns the first failing rank's exit code, else
+    rank 0's, as a shell reports it."""
     failed = None          # multiprocessing exitcode of the first rank that ended non-zero
-    kill_at = None         # when the survivors of a failure get SIGKILL
+    kill_at = None         # when the ranks still running get SIGKILL
+    killed = set()         # pids sent SIGKILL
     while any(process.exitcode is None for process in processes):
         timeout = 1.0 if kill_at is None else max(0.0, min(1.0, kill_at - time.time()))
         multiprocessing.connection.wait([p.sentinel for p in processes if p.exitcode is None], timeout)
         for rank, process in enumerate(processes):
-            if failed is None and process.exitcode not in (None, 0):
+            if failed is None and process.exitcode not in (None, 0) and process.pid not in killed:
                 failed, kill_at = process.exitcode, time.time() + grace_s
                 alive = any(p.exitcode is None for p in processes)
                 stopping = f": the other rank(s) get {grace_s:.0f}s to end, then SIGKILL" if alive else ""
                 log("launch", f"rank {rank} (pid {process.pid}) {describe_exit(process.exitcode)}{stopping}",
                     error=True)
+        if kill_at is None and processes[0].exitcode is not None:
+            kill_at = time.time() + grace_s
         if kill_at is not None and time.time() >= kill_at:
-            for process in processes:
-                if process.exitcode is None:
+            for rank, process in enumerate(processes):
+                if process.exitcode is None and process.pid not in killed:
+                    if failed is None:  # after a failure its line said so already
+                        log("launch", f"rank {rank} (pid {process.pid}) was still running {grace_s:.0f}s after "
+                            f"rank 0 ended: killed", error=True)
                     process.kill()
+                    killed.add(process.pid)
     for process in processes:
         process.join()
     log("launch", "exit codes: " + ", ".join(f"rank {rank} {describe_exit(p.exitcode)}"

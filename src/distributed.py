@@ -7,6 +7,7 @@ With one process (world_size 1) nothing here talks to other processes.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -62,9 +63,17 @@ def setup_distributed(device: str = "auto") -> DistInfo:
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=rank_device, is_main=rank == 0)
 
 
+# Seconds without the GIL before leaving the process group. Older torch (2.4 at least; pytorch PR #154976, 2025,
+# fixed it) destroys a gloo group holding the GIL while it joins gloo's worker threads, and a worker that is still
+# dropping the tensors of the last collective needs the GIL for that: a rank hung there for good (seen on torch
+# 2.4.1 after training's last all-reduce). Sleeping lets such a worker finish first.
+GLOO_WORKERS_SETTLE_S = 0.2
+
+
 def cleanup_distributed() -> None:
     """Leave the process group (no-op for a single process)."""
     if torch_dist.is_available() and torch_dist.is_initialized():
+        time.sleep(GLOO_WORKERS_SETTLE_S)
         torch_dist.destroy_process_group()
 
 

@@ -128,6 +128,26 @@ def test_a_killed_rank_is_named_in_one_line_and_no_rank_outlives_the_run(monkeyp
             os.kill(pid, 0)
 
 
+def test_a_rank_still_running_after_rank_0_ended_is_killed_and_the_run_keeps_rank_0s_code(monkeypatch, capfd):
+    monkeypatch.setattr(launch, "WORKER_STOP_GRACE_S", 1.0)
+    cfg = make_config({"device": "cpu", "gpus": 2})
+
+    def worker():
+        if os.environ["RANK"] == "0":
+            return 0
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # hung in its teardown (seen: torch 2.4's gloo group)
+        time.sleep(60)
+        return 0
+
+    start = time.time()
+    assert launch.launch_workers(cfg, worker) == 0
+    assert time.time() - start < 15
+    captured = capfd.readouterr()
+    pid = int(re.search(r"rank 1 pid (\d+)", captured.out).group(1))
+    assert captured.err.splitlines() == [f"[launch] rank 1 (pid {pid}) was still running 1s after rank 0 ended: killed"]
+    assert "[launch] exit codes: rank 0 exited with code 0, rank 1 was killed by SIGKILL" in captured.out
+
+
 # ---- the whole demo on two gloo CPU ranks -------------------------------------------------------------------
 
 DEMO_FLAGS = ["--demo", "--gpus", "2", "--time-budget", "90s", "--n-images", "200"]
