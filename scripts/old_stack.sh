@@ -55,7 +55,7 @@ run() {  # NAME N_IMAGES COMMAND...: run, show the end of its log, check its zip
     shift 2
     step "$name: $*"
     local started=$(date +%s)
-    if ! "$@" > "$OUT/$name.log" 2>&1; then
+    if ! timeout 300 "$@" > "$OUT/$name.log" 2>&1; then  # a hung run fails instead of waiting for good
         tail -n 30 "$OUT/$name.log"
         echo "FAILED: $name (log: $OUT/$name.log)"
         exit 1
