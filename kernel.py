@@ -70,6 +70,7 @@ import fnmatch
 import gc
 import hashlib
 import importlib.util
+import inspect
 import io
 import json
 import math
@@ -2934,7 +2935,14 @@ def wrap_ddp(module: "torch.nn.Module", info: "DistInfo") -> "torch.nn.Module":
         return module
     device_ids = [info.device.index] if info.device.type == "cuda" else None
     sync_buffers(module, info.world_size)
-    return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False)
+    return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids, **no_forward_buffer_sync())
+
+
+def no_forward_buffer_sync() -> dict:
+    """DistributedDataParallel's keyword for "no buffer broadcast at each forward": newer torch calls it
+    forward_sync_buffers (and warns about the old name), torch 2.4 knows only broadcast_buffers."""
+    parameters = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in parameters else {"broadcast_buffers": False}
 
 
 def sync_buffers(module: "torch.nn.Module", world_size: int) -> None:
