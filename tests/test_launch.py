@@ -148,6 +148,48 @@ def test_a_rank_still_running_after_rank_0_ended_is_killed_and_the_run_keeps_ran
     assert "[launch] exit codes: rank 0 exited with code 0, rank 1 was killed by SIGKILL" in captured.out
 
 
+PARENT = r'''
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from src.config import make_config
+from src.launch import launch_workers
+
+def worker():
+    time.sleep(60)
+    return 0
+
+launch_workers(make_config({"device": "cpu", "gpus": 2}), worker)
+'''
+
+
+def process_is_gone(pid: int) -> bool:
+    """No such process, or a zombie waiting for a reaper (its parent was killed)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            return any(line.split()[:2] == ["State:", "Z"] for line in status)
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_the_ranks_die_with_a_killed_parent(tmp_path):
+    script = tmp_path / "parent.py"
+    script.write_text(PARENT)
+    process = subprocess.Popen([sys.executable, str(script), str(ROOT)], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        pids = [int(pid) for pid in re.findall(r"pid (\d+)", process.stdout.readline())]
+        assert len(pids) == 2
+        process.kill()  # a notebook kernel restarted or killed outright: no chance to stop its children
+        process.wait(timeout=10)
+        deadline = time.time() + 10
+        while not all(map(process_is_gone, pids)) and time.time() < deadline:
+            time.sleep(0.05)
+        assert all(map(process_is_gone, pids))
+    finally:
+        process.kill()
+
+
 # ---- the whole demo on two gloo CPU ranks -------------------------------------------------------------------
 
 DEMO_FLAGS = ["--demo", "--gpus", "2", "--time-budget", "90s", "--n-images", "200"]
