@@ -23,10 +23,6 @@
 #                from Config.
 #   losses       GAN losses on D's logits, one uniform signature each, plus the WGAN-GP penalty and the ACGAN class
 #                loss.
-#   schedule     Learning-rate schedules on the training clock.
-#   budget       Wall-clock budget (when training must stop so that generation, zip and MiFID still fit) and periodic
-#                events.
-#   generate     Generation: latents, balanced breed labels, 10,000 images from G_ema, and the submission zip.
 #   device_plan  The run's device settings, decided once from what the device is: precision, torch.compile, batch
 #                sizes.
 #   precision    The one mixed-precision setup: autocast dtype, grad scalers, Adam flavour and memory layout per
@@ -34,6 +30,10 @@
 #   distributed  Multi-GPU training: process-group set-up, and the few collectives the training loop needs.
 #   nets         What a run trains: G, D and G_ema with their optimisers and call paths, and the counters that go with
 #                them.
+#   schedule     Learning-rate schedules on the training clock.
+#   budget       Wall-clock budget (when training must stop so that generation, zip and MiFID still fit) and periodic
+#                events.
+#   generate     Generation: latents, balanced breed labels, 10,000 images from G_ema, and the submission zip.
 #   ema          G_ema: the exponential moving average of G's weights (StyleGAN2-ADA's ramp-up of the horizon), and
 #                the batch-norm statistics that fit the averaged weights (BigGAN's standing statistics).
 #   checkpoint   One ckpt.pt holding everything a run needs to continue: models, optimisers, scalers, counters, RNG,
@@ -2220,322 +2220,6 @@ GAN_LOSSES = {
 
 
 # ====================================================================================================
-# src/schedule.py
-# Learning-rate schedules on the training clock.
-# ====================================================================================================
-LR_SCHEDULES = ("const", "cosine", "linear", "restarts")
-
-
-def _cosine_factor(t: float, min_ratio: float) -> float:
-    # m + (1 - m) * (1 + cos(pi * t)) / 2: 1 at t = 0, m at t = 1.
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
-
-
-def lr_factor(kind: str, progress: float, min_ratio: float = 0.1, cycles: int = 4) -> float:
-    """Multiplier of the base lr at `progress` (0..1) of the training window.
-
-    const: 1.  cosine: m + (1-m)(1+cos(pi p))/2.  linear: 1 - (1-m) p.  Both reach m exactly at p = 1.
-    restarts (SGDR): `cycles` cosine cycles of lengths T, 2T, 4T, ... with T = 1 / (2^cycles - 1), so they
-    fill the window; each restarts at 1 and anneals to m, the last one exactly at the deadline.
-    """
-    p = min(1.0, max(0.0, float(progress)))
-    if kind == "const":
-        return 1.0
-    if kind == "cosine":
-        return _cosine_factor(p, min_ratio)
-    if kind == "linear":
-        return 1.0 - (1.0 - min_ratio) * p
-    if kind == "restarts":
-        n = max(1, int(cycles))
-        first = 1.0 / (2 ** n - 1)
-        # Cycle k starts at first * (2^k - 1): k = floor(log2(p / first + 1)), the last cycle owns p = 1.
-        k = min(n - 1, int(math.floor(math.log2(p / first + 1.0) + 1e-12)))
-        start = first * (2 ** k - 1)
-        return _cosine_factor((p - start) / (first * 2 ** k), min_ratio)
-    raise ValueError(f"unknown lr schedule {kind!r}; choose one of {', '.join(LR_SCHEDULES)}")
-
-
-def schedule_progress(progress_before: float, window_fraction: float) -> float:
-    """Schedule position when a resumed run continues from `progress_before` into a new training window.
-
-    The rest of the schedule is stretched over the new window: p = p0 + (1 - p0) * f, so the lr still
-    reaches its end value exactly at this session's deadline.
-    """
-    p0 = min(1.0, max(0.0, float(progress_before)))
-    return p0 + (1.0 - p0) * min(1.0, max(0.0, float(window_fraction)))
-
-
-# ====================================================================================================
-# src/budget.py
-# Wall-clock budget (when training must stop so that generation, zip and MiFID still fit) and periodic events.
-# ====================================================================================================
-class Deadline:
-    """The run's end time and the reserve kept back for what comes after training."""
-
-    def __init__(self, budget_s: float, start: float | None = None):
-        self.start = time.time() if start is None else start
-        self.end = self.start + float(budget_s)
-        self.reserve_s = 0.0
-
-    def elapsed(self) -> float:
-        return time.time() - self.start
-
-    def remaining(self) -> float:
-        """Seconds until the whole run must be over."""
-        return self.end - time.time()
-
-    def reserve(self, seconds: float) -> None:
-        """Keep `seconds` back from training for generation, zipping and scoring."""
-        self.reserve_s = max(0.0, float(seconds))
-
-    @property
-    def train_end(self) -> float:
-        return self.end - self.reserve_s
-
-    def train_remaining(self) -> float:
-        """Seconds training may still use."""
-        return self.train_end - time.time()
-
-    def train_fraction(self, train_start: float) -> float:
-        """Fraction of the training window used so far (0..1): the clock the lr schedule anneals by."""
-        span = max(1e-9, self.train_end - train_start)
-        return min(1.0, max(0.0, (time.time() - train_start) / span))
-
-
-class Every:
-    """A periodic event on the wall clock: due once `seconds` have passed since the last reset.
-
-    seconds <= 0 means never (only at the end of the run), or every time when `zero_means_always` (status ticks).
-    """
-
-    def __init__(self, seconds: float, now: float, zero_means_always: bool = False):
-        self.seconds = seconds
-        self.never = seconds <= 0 and not zero_means_always
-        self.reset(now)
-
-    def reset(self, now: float) -> None:
-        self.next = math.inf if self.never else now + max(0.0, self.seconds)
-
-    def due(self, now: float) -> bool:
-        return now >= self.next
-
-    def left(self, now: float) -> float | None:
-        """Seconds until the next event, None when it never comes."""
-        return None if self.never else max(0.0, self.next - now)
-
-
-# The reserve is what the output stages measured at start-up, times this: short probes on a shared machine
-# scatter by about +-20 % from the real run.
-RESERVE_SAFETY = 1.25
-# How far past the end of the budget an output stage may run before it is abandoned (a few seconds, as promised).
-OVERRUN_GRACE_S = 3.0
-
-
-class BudgetError(ValueError):
-    """--time-budget cannot hold this run on this device; the message names the smallest budget that can."""
-
-
-class OutOfTime(RuntimeError):
-    """An output stage was abandoned because the run passed the end of its budget; its old files are kept."""
-
-
-def reserve_margin(budget_s: float) -> float:
-    """Head-room on top of the measured reserve: 3 s plus 1 % of the budget, at most 2 minutes."""
-    return min(120.0, 3.0 + 0.01 * budget_s)
-
-
-def budget_flag_text(seconds: float) -> str:
-    """Whole seconds as a --time-budget value: '50s', '2m30s', '7m', '1h10m'."""
-    seconds = int(math.ceil(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    text = (f"{hours}h" if hours else "") + (f"{minutes}m" if minutes else "") + (f"{secs}s" if secs else "")
-    return text or "0s"
-
-
-def smallest_budget(needed_s: float) -> float:
-    """The smallest budget b with b >= needed_s + reserve_margin(b), rounded up to a value easy to type
-    (10 s steps up to 2 minutes, whole minutes up to an hour, then 10-minute steps)."""
-    budget = (needed_s + 3.0) / 0.99
-    if reserve_margin(budget) >= 120.0:
-        budget = needed_s + 120.0
-    step = 10.0 if budget <= 120 else 60.0 if budget <= 3600 else 600.0
-    return math.ceil(budget / step - 1e-9) * step
-
-
-def deadline_check(deadline: "Deadline", what: str, grace_s: float = OVERRUN_GRACE_S):
-    """A check for long output loops to call between batches: raises OutOfTime once the run is more than
-    grace_s past the end of its budget, so the stage stops instead of overrunning by minutes."""
-    def check() -> None:
-        late = time.time() - deadline.end
-        if late > grace_s:
-            raise OutOfTime(f"{what} ran {late:.0f}s past the end of the {budget_flag_text(deadline.end - deadline.start)} "
-                            f"budget and was stopped")
-    return check
-
-
-# ====================================================================================================
-# src/generate.py
-# Generation: latents, balanced breed labels, 10,000 images from G_ema, and the submission zip.
-# ====================================================================================================
-def sample_z(n: int, z_dim: int, device, truncation: float = 0.0, generator: "torch.Generator | None" = None) -> "torch.Tensor":
-    """Standard normal latents; with truncation > 0 every |z_i| > truncation is redrawn (BigGAN's truncation trick)."""
-    z = torch.randn(n, z_dim, generator=generator, device="cpu" if generator is not None else device)
-    if truncation > 0:
-        # Redraw the out-of-range entries until none is left; each round keeps ~P(|z|<t) of them.
-        outside = z.abs() > truncation
-        while outside.any():
-            redraw = torch.randn(int(outside.sum()), generator=generator, device=z.device)
-            z[outside] = redraw
-            outside = z.abs() > truncation
-    return z.to(device)
-
-
-def balanced_labels(n: int, n_classes: int, device, generator: "torch.Generator | None" = None) -> "torch.Tensor":
-    """n labels with every class appearing n // n_classes or one more times, in shuffled order."""
-    labels = torch.arange(n) % max(1, n_classes)
-    order = torch.randperm(n, generator=generator)
-    return labels[order].to(device)
-
-
-def to_uint8(img: "torch.Tensor") -> "torch.Tensor":
-    """[-1, 1] float images -> uint8 0..255 (round to nearest), on the CPU."""
-    return ((img.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
-
-
-# Batch sizes generation may use, smallest first. Which is faster depends on the model and the device: on a CPU the
-# default model runs ~30 % faster per image at 64 than at 500 (cache), a tiny one ~6x slower at 64 (per-op overhead
-# with 2 threads). measure_generation_seconds() times them and the run uses the faster.
-GENERATE_BATCH_CANDIDATES = (64, 500)
-# A larger candidate is timed (one batch, its warm-up included: a cost that errs high) only when that batch takes
-# at most this many seconds at the smaller's speed.
-GENERATE_PROBE_S = 3.0
-# A smaller batch is used only when it timed this much faster per image than the largest timed one: small batches
-# times scatter most on a busy CPU (per-op overhead), and a large batch is never much slower elsewhere.
-GENERATE_BATCH_MARGIN = 0.25
-# Images per forward when the caller has not measured (training-time FID, the truncation search).
-GENERATE_BATCH = {"cpu": 64, "cuda": 500}
-# PNGs encoded per round of the zip writer's thread pool; the deadline and stop checks run between rounds.
-ZIP_CHUNK = 500
-# Bytes one 64 x 64 RGB PNG of pure noise takes in a stored zip (incompressible pixels, filter bytes, PNG and zip
-# headers): an upper bound for the free-space check.
-ZIP_BYTES_PER_IMAGE_MAX = 3 * 64 * 64 + 64 + 400
-
-
-def generation_batch_size(device) -> int:
-    """Images per forward when generating on this device (see GENERATE_BATCH)."""
-    return GENERATE_BATCH.get(torch.device(device).type, 500)
-
-
-@torch.no_grad()
-def generate_images(G_ema: "torch.nn.Module", n: int, device, batch_size: int | None = None, truncation: float = 0.0,
-                    seed: int = 0, stop_check=None) -> "torch.Tensor":
-    """n images (uint8 N x 3 x 64 x 64, CPU) from G_ema, breeds balanced, fixed seed -> same images.
-
-    stop_check (optional) is called before every batch; it raises to abandon the generation (e.g. OutOfTime).
-    """
-    batch_size = batch_size or generation_batch_size(device)
-    generator = torch.Generator().manual_seed(seed)
-    labels = balanced_labels(n, G_ema.n_classes, "cpu", generator)
-    # every latent drawn up front (10,000 x 128 floats: 5 MB): the images do not depend on the batch size
-    latents = sample_z(n, G_ema.z_dim, "cpu", truncation, generator)
-    G_ema.eval()
-    chunks = []
-    for start in range(0, n, batch_size):
-        if stop_check is not None:
-            stop_check()
-        y = labels[start:start + batch_size].to(device)
-        z = latents[start:start + batch_size].to(device)
-        chunks.append(to_uint8(G_ema(z, y)))
-    return torch.cat(chunks)
-
-
-def encode_png(img_chw: "np.ndarray") -> bytes:
-    """One uint8 3 x H x W array -> PNG bytes (fast compression: the zip is stored, not deflated)."""
-    buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(img_chw.transpose(1, 2, 0)), "RGB").save(buffer, format="PNG", compress_level=1)
-    return buffer.getvalue()
-
-
-def _zip_entry(index: int) -> "zipfile.ZipInfo":
-    # a fixed timestamp: the same images give a byte-identical zip
-    return zipfile.ZipInfo(f"{index}.png", date_time=(2019, 6, 1, 0, 0, 0))
-
-
-def _zip_workers(workers: int) -> int:
-    return workers or min(8, os.cpu_count() or 1)
-
-
-def write_images_zip(images: "torch.Tensor", path: str, workers: int = 0, stop_check=None) -> float:
-    """Write uint8 N x 3 x 64 x 64 images as 0.png .. N-1.png into `path` atomically; returns seconds taken.
-
-    PNGs are already compressed, so entries are stored; encoding runs in threads (PIL releases the GIL in zlib),
-    ZIP_CHUNK images at a time. stop_check (optional) is called between chunks and may raise to abandon the zip;
-    whatever ends it early (that, an error, a stop signal), the temporary file goes and an old `path` stays whole.
-    """
-    start = time.time()
-    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"write_images_zip needs uint8 N x 3 x H x W images, got {images.dtype} {tuple(images.shape)}")
-    array = images.numpy()
-    pool = ThreadPoolExecutor(max_workers=_zip_workers(workers))
-    try:
-        with atomic_path(path) as tmp_path:
-            with zipfile.ZipFile(tmp_path, "w", compression=zipfile.ZIP_STORED) as archive:
-                for chunk_start in range(0, len(array), ZIP_CHUNK):
-                    if stop_check is not None:
-                        stop_check()
-                    chunk = array[chunk_start:chunk_start + ZIP_CHUNK]
-                    for index, data in enumerate(pool.map(encode_png, chunk), chunk_start):
-                        archive.writestr(_zip_entry(index), data)
-    finally:
-        # an abandoned chunk's queued encodings are dropped, not waited for
-        pool.shutdown(wait=True, cancel_futures=True)
-    return time.time() - start
-
-
-def measure_generation_seconds(G: "torch.nn.Module", device) -> "dict[int, tuple[float, torch.Tensor]]":
-    """{batch size: (seconds per image, the images)} of generate_images for GENERATE_BATCH_CANDIDATES on this device.
-    The smallest is timed after a warm-up on a few images (first calls pay for allocations and kernel selection);
-    a larger one, in one batch, only when that costs at most GENERATE_PROBE_S by the fastest speed so far."""
-    timed: "dict[int, tuple[float, torch.Tensor]]" = {}
-    for batch_size in GENERATE_BATCH_CANDIDATES:
-        if not timed:
-            generate_images(G, min(8, batch_size), device, batch_size=min(8, batch_size))
-        elif batch_size * min(per_image for per_image, _ in timed.values()) > GENERATE_PROBE_S:
-            break
-        start = time.time()
-        images = generate_images(G, batch_size, device, batch_size=batch_size)
-        timed[batch_size] = ((time.time() - start) / batch_size, images)
-    return timed
-
-
-def pick_generation_batch(timed: "dict[int, tuple[float, torch.Tensor]]") -> int:
-    """The batch size to generate with, from measure_generation_seconds(): the largest timed one, unless a smaller
-    one was faster per image by more than GENERATE_BATCH_MARGIN."""
-    largest = max(timed)
-    fastest = min(timed, key=lambda batch_size: timed[batch_size][0])
-    if timed[fastest][0] < (1 - GENERATE_BATCH_MARGIN) * timed[largest][0]:
-        return fastest
-    return largest
-
-
-def measure_zip_seconds(images: "torch.Tensor", workers: int = 0) -> float:
-    """Seconds per image write_images_zip spends on encoding (in its thread pool) and storing an entry, measured
-    in memory on `images` and on as many noise images, averaged: an untrained G's smooth images encode faster than
-    a trained G's, pure noise slower (PNG sizes: ~4, ~9 and 12.4 KB)."""
-    noise = torch.randint(0, 256, tuple(images.shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    per_image = []
-    with ThreadPoolExecutor(max_workers=_zip_workers(workers)) as pool:
-        for probe in (images.numpy(), noise.numpy()):
-            start = time.time()
-            with zipfile.ZipFile(io.BytesIO(), "w", compression=zipfile.ZIP_STORED) as archive:
-                for index, data in enumerate(pool.map(encode_png, probe)):
-                    archive.writestr(_zip_entry(index), data)
-            per_image.append((time.time() - start) / max(1, len(probe)))
-    return sum(per_image) / len(per_image)
-
-
-# ====================================================================================================
 # src/device_plan.py
 # The run's device settings, decided once from what the device is: precision, torch.compile, batch sizes.
 #
@@ -2556,6 +2240,9 @@ ACTIVATION_MEMORY_SHARE = 0.5
 BATCH_PER_DEVICE_MAX = 256
 # On the CPU time, not memory, limits the batch: the Config default.
 CPU_BATCH = 64
+# Images per forward when generating, by device type, where nothing measured a faster batch (training-time FID, the
+# truncation search; the reserve times 64 and 500 at start-up and generates the submission with the faster).
+GENERATE_BATCH = {"cpu": 64, "cuda": 500}
 # Triton, torch.compile's GPU code generator, needs compute capability 7.0 (Volta) or newer.
 TRITON_MIN_CAPABILITY = (7, 0)
 # bf16 runs on fast tensor cores from compute capability 8.0 (Ampere) on; below it fp16 with loss scaling.
@@ -3008,6 +2695,320 @@ def build_gan_nets(cfg: "Config", n_classes: int, device, precision: "Precision"
     return GanNets(G=G, D=D, G_ema=G_ema, G_train=G_train, D_train=D_train, G_fwd=G_fwd, D_fwd=D_fwd,
                    opt_g=opt_g, opt_d=opt_d, scaler_g=make_grad_scaler(precision), scaler_d=make_grad_scaler(precision),
                    sn_G=spectral_norm_layers(G), sn_D=spectral_norm_layers(D))
+
+
+# ====================================================================================================
+# src/schedule.py
+# Learning-rate schedules on the training clock.
+# ====================================================================================================
+LR_SCHEDULES = ("const", "cosine", "linear", "restarts")
+
+
+def _cosine_factor(t: float, min_ratio: float) -> float:
+    # m + (1 - m) * (1 + cos(pi * t)) / 2: 1 at t = 0, m at t = 1.
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def lr_factor(kind: str, progress: float, min_ratio: float = 0.1, cycles: int = 4) -> float:
+    """Multiplier of the base lr at `progress` (0..1) of the training window.
+
+    const: 1.  cosine: m + (1-m)(1+cos(pi p))/2.  linear: 1 - (1-m) p.  Both reach m exactly at p = 1.
+    restarts (SGDR): `cycles` cosine cycles of lengths T, 2T, 4T, ... with T = 1 / (2^cycles - 1), so they
+    fill the window; each restarts at 1 and anneals to m, the last one exactly at the deadline.
+    """
+    p = min(1.0, max(0.0, float(progress)))
+    if kind == "const":
+        return 1.0
+    if kind == "cosine":
+        return _cosine_factor(p, min_ratio)
+    if kind == "linear":
+        return 1.0 - (1.0 - min_ratio) * p
+    if kind == "restarts":
+        n = max(1, int(cycles))
+        first = 1.0 / (2 ** n - 1)
+        # Cycle k starts at first * (2^k - 1): k = floor(log2(p / first + 1)), the last cycle owns p = 1.
+        k = min(n - 1, int(math.floor(math.log2(p / first + 1.0) + 1e-12)))
+        start = first * (2 ** k - 1)
+        return _cosine_factor((p - start) / (first * 2 ** k), min_ratio)
+    raise ValueError(f"unknown lr schedule {kind!r}; choose one of {', '.join(LR_SCHEDULES)}")
+
+
+def schedule_progress(progress_before: float, window_fraction: float) -> float:
+    """Schedule position when a resumed run continues from `progress_before` into a new training window.
+
+    The rest of the schedule is stretched over the new window: p = p0 + (1 - p0) * f, so the lr still
+    reaches its end value exactly at this session's deadline.
+    """
+    p0 = min(1.0, max(0.0, float(progress_before)))
+    return p0 + (1.0 - p0) * min(1.0, max(0.0, float(window_fraction)))
+
+
+# ====================================================================================================
+# src/budget.py
+# Wall-clock budget (when training must stop so that generation, zip and MiFID still fit) and periodic events.
+# ====================================================================================================
+class Deadline:
+    """The run's end time and the reserve kept back for what comes after training."""
+
+    def __init__(self, budget_s: float, start: float | None = None):
+        self.start = time.time() if start is None else start
+        self.end = self.start + float(budget_s)
+        self.reserve_s = 0.0
+
+    def elapsed(self) -> float:
+        return time.time() - self.start
+
+    def remaining(self) -> float:
+        """Seconds until the whole run must be over."""
+        return self.end - time.time()
+
+    def reserve(self, seconds: float) -> None:
+        """Keep `seconds` back from training for generation, zipping and scoring."""
+        self.reserve_s = max(0.0, float(seconds))
+
+    @property
+    def train_end(self) -> float:
+        return self.end - self.reserve_s
+
+    def train_remaining(self) -> float:
+        """Seconds training may still use."""
+        return self.train_end - time.time()
+
+    def train_fraction(self, train_start: float) -> float:
+        """Fraction of the training window used so far (0..1): the clock the lr schedule anneals by."""
+        span = max(1e-9, self.train_end - train_start)
+        return min(1.0, max(0.0, (time.time() - train_start) / span))
+
+
+class Every:
+    """A periodic event on the wall clock: due once `seconds` have passed since the last reset.
+
+    seconds <= 0 means never (only at the end of the run), or every time when `zero_means_always` (status ticks).
+    """
+
+    def __init__(self, seconds: float, now: float, zero_means_always: bool = False):
+        self.seconds = seconds
+        self.never = seconds <= 0 and not zero_means_always
+        self.reset(now)
+
+    def reset(self, now: float) -> None:
+        self.next = math.inf if self.never else now + max(0.0, self.seconds)
+
+    def due(self, now: float) -> bool:
+        return now >= self.next
+
+    def left(self, now: float) -> float | None:
+        """Seconds until the next event, None when it never comes."""
+        return None if self.never else max(0.0, self.next - now)
+
+
+# The reserve is what the output stages measured at start-up, times this: short probes on a shared machine
+# scatter by about +-20 % from the real run.
+RESERVE_SAFETY = 1.25
+# How far past the end of the budget an output stage may run before it is abandoned (a few seconds, as promised).
+OVERRUN_GRACE_S = 3.0
+
+
+class BudgetError(ValueError):
+    """--time-budget cannot hold this run on this device; the message names the smallest budget that can."""
+
+
+class OutOfTime(RuntimeError):
+    """An output stage was abandoned because the run passed the end of its budget; its old files are kept."""
+
+
+def reserve_margin(budget_s: float) -> float:
+    """Head-room on top of the measured reserve: 3 s plus 1 % of the budget, at most 2 minutes."""
+    return min(120.0, 3.0 + 0.01 * budget_s)
+
+
+def budget_flag_text(seconds: float) -> str:
+    """Whole seconds as a --time-budget value: '50s', '2m30s', '7m', '1h10m'."""
+    seconds = int(math.ceil(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    text = (f"{hours}h" if hours else "") + (f"{minutes}m" if minutes else "") + (f"{secs}s" if secs else "")
+    return text or "0s"
+
+
+def smallest_budget(needed_s: float) -> float:
+    """The smallest budget b with b >= needed_s + reserve_margin(b), rounded up to a value easy to type
+    (10 s steps up to 2 minutes, whole minutes up to an hour, then 10-minute steps)."""
+    budget = (needed_s + 3.0) / 0.99
+    if reserve_margin(budget) >= 120.0:
+        budget = needed_s + 120.0
+    step = 10.0 if budget <= 120 else 60.0 if budget <= 3600 else 600.0
+    return math.ceil(budget / step - 1e-9) * step
+
+
+def deadline_check(deadline: "Deadline", what: str, grace_s: float = OVERRUN_GRACE_S):
+    """A check for long output loops to call between batches: raises OutOfTime once the run is more than
+    grace_s past the end of its budget, so the stage stops instead of overrunning by minutes."""
+    def check() -> None:
+        late = time.time() - deadline.end
+        if late > grace_s:
+            raise OutOfTime(f"{what} ran {late:.0f}s past the end of the {budget_flag_text(deadline.end - deadline.start)} "
+                            f"budget and was stopped")
+    return check
+
+
+# ====================================================================================================
+# src/generate.py
+# Generation: latents, balanced breed labels, 10,000 images from G_ema, and the submission zip.
+# ====================================================================================================
+def sample_z(n: int, z_dim: int, device, truncation: float = 0.0, generator: "torch.Generator | None" = None) -> "torch.Tensor":
+    """Standard normal latents; with truncation > 0 every |z_i| > truncation is redrawn (BigGAN's truncation trick)."""
+    z = torch.randn(n, z_dim, generator=generator, device="cpu" if generator is not None else device)
+    if truncation > 0:
+        # Redraw the out-of-range entries until none is left; each round keeps ~P(|z|<t) of them.
+        outside = z.abs() > truncation
+        while outside.any():
+            redraw = torch.randn(int(outside.sum()), generator=generator, device=z.device)
+            z[outside] = redraw
+            outside = z.abs() > truncation
+    return z.to(device)
+
+
+def balanced_labels(n: int, n_classes: int, device, generator: "torch.Generator | None" = None) -> "torch.Tensor":
+    """n labels with every class appearing n // n_classes or one more times, in shuffled order."""
+    labels = torch.arange(n) % max(1, n_classes)
+    order = torch.randperm(n, generator=generator)
+    return labels[order].to(device)
+
+
+def to_uint8(img: "torch.Tensor") -> "torch.Tensor":
+    """[-1, 1] float images -> uint8 0..255 (round to nearest), on the CPU."""
+    return ((img.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+
+
+# Batch sizes generation may use, smallest first. Which is faster depends on the model and the device: on a CPU the
+# default model runs ~30 % faster per image at 64 than at 500 (cache), a tiny one ~6x slower at 64 (per-op overhead
+# with 2 threads). measure_generation_seconds() times them and the run uses the faster.
+GENERATE_BATCH_CANDIDATES = (64, 500)
+# A larger candidate is timed (one batch, its warm-up included: a cost that errs high) only when that batch takes
+# at most this many seconds at the smaller's speed.
+GENERATE_PROBE_S = 3.0
+# A smaller batch is used only when it timed this much faster per image than the largest timed one: small batches
+# times scatter most on a busy CPU (per-op overhead), and a large batch is never much slower elsewhere.
+GENERATE_BATCH_MARGIN = 0.25
+# PNGs encoded per round of the zip writer's thread pool; the deadline and stop checks run between rounds.
+ZIP_CHUNK = 500
+# Bytes one 64 x 64 RGB PNG of pure noise takes in a stored zip (incompressible pixels, filter bytes, PNG and zip
+# headers): an upper bound for the free-space check.
+ZIP_BYTES_PER_IMAGE_MAX = 3 * 64 * 64 + 64 + 400
+
+
+def generation_batch_size(device) -> int:
+    """Images per forward when generating on this device (see device_plan.GENERATE_BATCH)."""
+    return GENERATE_BATCH.get(torch.device(device).type, 500)
+
+
+@torch.no_grad()
+def generate_images(G_ema: "torch.nn.Module", n: int, device, batch_size: int | None = None, truncation: float = 0.0,
+                    seed: int = 0, stop_check=None) -> "torch.Tensor":
+    """n images (uint8 N x 3 x 64 x 64, CPU) from G_ema, breeds balanced, fixed seed -> same images.
+
+    stop_check (optional) is called before every batch; it raises to abandon the generation (e.g. OutOfTime).
+    """
+    batch_size = batch_size or generation_batch_size(device)
+    generator = torch.Generator().manual_seed(seed)
+    labels = balanced_labels(n, G_ema.n_classes, "cpu", generator)
+    # every latent drawn up front (10,000 x 128 floats: 5 MB): the images do not depend on the batch size
+    latents = sample_z(n, G_ema.z_dim, "cpu", truncation, generator)
+    G_ema.eval()
+    chunks = []
+    for start in range(0, n, batch_size):
+        if stop_check is not None:
+            stop_check()
+        y = labels[start:start + batch_size].to(device)
+        z = latents[start:start + batch_size].to(device)
+        chunks.append(to_uint8(G_ema(z, y)))
+    return torch.cat(chunks)
+
+
+def encode_png(img_chw: "np.ndarray") -> bytes:
+    """One uint8 3 x H x W array -> PNG bytes (fast compression: the zip is stored, not deflated)."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(img_chw.transpose(1, 2, 0)), "RGB").save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def _zip_entry(index: int) -> "zipfile.ZipInfo":
+    # a fixed timestamp: the same images give a byte-identical zip
+    return zipfile.ZipInfo(f"{index}.png", date_time=(2019, 6, 1, 0, 0, 0))
+
+
+def _zip_workers(workers: int) -> int:
+    return workers or min(8, os.cpu_count() or 1)
+
+
+def write_images_zip(images: "torch.Tensor", path: str, workers: int = 0, stop_check=None) -> float:
+    """Write uint8 N x 3 x 64 x 64 images as 0.png .. N-1.png into `path` atomically; returns seconds taken.
+
+    PNGs are already compressed, so entries are stored; encoding runs in threads (PIL releases the GIL in zlib),
+    ZIP_CHUNK images at a time. stop_check (optional) is called between chunks and may raise to abandon the zip;
+    whatever ends it early (that, an error, a stop signal), the temporary file goes and an old `path` stays whole.
+    """
+    start = time.time()
+    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"write_images_zip needs uint8 N x 3 x H x W images, got {images.dtype} {tuple(images.shape)}")
+    array = images.numpy()
+    pool = ThreadPoolExecutor(max_workers=_zip_workers(workers))
+    try:
+        with atomic_path(path) as tmp_path:
+            with zipfile.ZipFile(tmp_path, "w", compression=zipfile.ZIP_STORED) as archive:
+                for chunk_start in range(0, len(array), ZIP_CHUNK):
+                    if stop_check is not None:
+                        stop_check()
+                    chunk = array[chunk_start:chunk_start + ZIP_CHUNK]
+                    for index, data in enumerate(pool.map(encode_png, chunk), chunk_start):
+                        archive.writestr(_zip_entry(index), data)
+    finally:
+        # an abandoned chunk's queued encodings are dropped, not waited for
+        pool.shutdown(wait=True, cancel_futures=True)
+    return time.time() - start
+
+
+def measure_generation_seconds(G: "torch.nn.Module", device) -> "dict[int, tuple[float, torch.Tensor]]":
+    """{batch size: (seconds per image, the images)} of generate_images for GENERATE_BATCH_CANDIDATES on this device.
+    The smallest is timed after a warm-up on a few images (first calls pay for allocations and kernel selection);
+    a larger one, in one batch, only when that costs at most GENERATE_PROBE_S by the fastest speed so far."""
+    timed: "dict[int, tuple[float, torch.Tensor]]" = {}
+    for batch_size in GENERATE_BATCH_CANDIDATES:
+        if not timed:
+            generate_images(G, min(8, batch_size), device, batch_size=min(8, batch_size))
+        elif batch_size * min(per_image for per_image, _ in timed.values()) > GENERATE_PROBE_S:
+            break
+        start = time.time()
+        images = generate_images(G, batch_size, device, batch_size=batch_size)
+        timed[batch_size] = ((time.time() - start) / batch_size, images)
+    return timed
+
+
+def pick_generation_batch(timed: "dict[int, tuple[float, torch.Tensor]]") -> int:
+    """The batch size to generate with, from measure_generation_seconds(): the largest timed one, unless a smaller
+    one was faster per image by more than GENERATE_BATCH_MARGIN."""
+    largest = max(timed)
+    fastest = min(timed, key=lambda batch_size: timed[batch_size][0])
+    if timed[fastest][0] < (1 - GENERATE_BATCH_MARGIN) * timed[largest][0]:
+        return fastest
+    return largest
+
+
+def measure_zip_seconds(images: "torch.Tensor", workers: int = 0) -> float:
+    """Seconds per image write_images_zip spends on encoding (in its thread pool) and storing an entry, measured
+    in memory on `images` and on as many noise images, averaged: an untrained G's smooth images encode faster than
+    a trained G's, pure noise slower (PNG sizes: ~4, ~9 and 12.4 KB)."""
+    noise = torch.randint(0, 256, tuple(images.shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    per_image = []
+    with ThreadPoolExecutor(max_workers=_zip_workers(workers)) as pool:
+        for probe in (images.numpy(), noise.numpy()):
+            start = time.time()
+            with zipfile.ZipFile(io.BytesIO(), "w", compression=zipfile.ZIP_STORED) as archive:
+                for index, data in enumerate(pool.map(encode_png, probe)):
+                    archive.writestr(_zip_entry(index), data)
+            per_image.append((time.time() - start) / max(1, len(probe)))
+    return sum(per_image) / len(per_image)
 
 
 # ====================================================================================================
