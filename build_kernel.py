@@ -28,9 +28,9 @@ BUILTIN_ANNOTATION_NAMES = {"int", "float", "str", "bool", "bytes", "object", "d
 ENTRY_MODULE = "main"
 # kernel.py reads in the order a run goes: settings, data, models, losses, training, output, metric, the pipeline.
 PIPELINE_ORDER = ["host", "config", "console", "atomic", "data", "synthetic", "augment", "layers", "models", "losses",
-                  "precision", "distributed", "nets", "ema", "schedule", "budget", "checkpoint", "generate", "monitor",
+                  "device_plan", "compile_fallback", "precision", "distributed", "nets", "ema", "schedule", "budget", "checkpoint", "generate", "monitor",
                   "report", "train", "inception", "efficientnet", "mifid", "scoring", "preflight", "reserve",
-                  "interrupt", "main"]
+                  "interrupt", "launch", "main"]
 
 HEADER = '''#!/usr/bin/env python3
 # dogkernel: train a GAN on the Kaggle "Generative Dog Images" data and write images.zip (10,000 PNG, 64x64).

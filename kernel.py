@@ -23,10 +23,13 @@
 #                from Config.
 #   losses       GAN losses on D's logits, one uniform signature each, plus the WGAN-GP penalty and the ACGAN class
 #                loss.
+#   device_plan  The run's device settings, decided once from what the device is: precision, torch.compile, batch
+#                sizes.
+#   compile_fallbacktorch.compile that cannot cost a run: a module whose compiling fails runs eager instead, said in
+#                one line.
 #   precision    The one mixed-precision setup: autocast dtype, grad scalers, Adam flavour and memory layout per
 #                device.
-#   distributed  Multi-GPU training with torchrun: process-group set-up, and the few collectives the training loop
-#                needs.
+#   distributed  Multi-GPU training: process-group set-up, and the few collectives the training loop needs.
 #   nets         What a run trains: G, D and G_ema with their optimisers and call paths, and the counters that go with
 #                them.
 #   schedule     Learning-rate schedules on the training clock, or on the images seen when a run has a fixed length.
@@ -53,6 +56,8 @@
 #                up on this device with the run's own models, and the refusal of a budget that cannot hold them.
 #   interrupt    SIGTERM and Ctrl-C outside the training loop: the stage in progress unwinds cleanly and the run ends
 #                in one line.
+#   launch       Every visible GPU from one notebook cell: the run starts one training process per GPU itself, as
+#                torchrun would.
 #   ada          Adaptive augmentation strength (Karras et al. 2020, StyleGAN2-ADA's heuristic) for the DiffAugment
 #                ops.
 #   gan_step     The GAN maths of a training round in one place, as StyleGAN2-ADA's loss.accumulate_gradients: losses,
@@ -74,15 +79,19 @@ import argparse
 import colorsys
 import contextlib
 import copy
+import ctypes
 import dataclasses
 import enum
 import fnmatch
 import gc
 import hashlib
+import importlib.util
+import inspect
 import io
 import json
 import math
 import multiprocessing
+import multiprocessing.connection
 import numpy as np
 import os
 import random
@@ -90,6 +99,7 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import stat
 import sys
 import tarfile
@@ -1326,6 +1336,15 @@ def _synth_voc(photo_id: str, wnid: str, width: int, height: int, objects) -> st
             f"\t<segment>0</segment>\n{blocks}</annotation>")
 
 
+def _synth_write(path: str, data: bytes) -> None:
+    """Write by renaming a finished hidden file into place: ranks that generate the same data set side by side
+    (--demo with several processes) write identical bytes, and a reader sees a whole file, old or new."""
+    tmp_path = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    with open(tmp_path, "wb") as f:
+        f.write(data)
+    os.replace(tmp_path, path)
+
+
 def make_tiny_dataset(root: str, n_images: int = 96, n_breeds: int = 4, seed: int = 0) -> str:
     """Write n_images JPEG photos of coloured cartoon dogs (~1 in 4 with two dogs) and their VOC boxes under root.
 
@@ -1353,11 +1372,12 @@ def make_tiny_dataset(root: str, n_images: int = 96, n_breeds: int = 4, seed: in
             box = _synth_draw_dog(draw, rng, x, y, body_w, body_colour, head_colour, bool(rng.random() < 0.5))
             x0, y0, x1, y1 = max(0, box[0]), max(0, box[1]), min(width, box[2]), min(height, box[3])
             objects.append((breed, (x0, y0, x1, y1)))
-        img.save(os.path.join(root, "all-dogs", f"{photo_id}.jpg"), quality=90)
+        jpeg = io.BytesIO()
+        img.save(jpeg, format="JPEG", quality=90)
+        _synth_write(os.path.join(root, "all-dogs", f"{photo_id}.jpg"), jpeg.getvalue())
         folder = os.path.join(root, "Annotation", f"{wnid}-{breed}")
         os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, photo_id), "w", encoding="utf-8") as f:
-            f.write(_synth_voc(photo_id, wnid, width, height, objects))
+        _synth_write(os.path.join(folder, photo_id), _synth_voc(photo_id, wnid, width, height, objects).encode())
     return root
 
 
@@ -1526,6 +1546,7 @@ class Config:
     max_kimg: float = this_run(0.0)
     seed: int = from_ckpt(0)            # seeds python, numpy and torch (same seed + config + device = same run)
     device: str = this_run("auto")      # auto | cpu | cuda | cuda:N
+    gpus: int = this_run(0)             # processes: 0 one per visible GPU, 1 a single one; on the CPU N (gloo)
     # ---- data -------------------------------------------------------------------------------------
     crop_margin: float = this_run(0.0)  # widen each box by this fraction of its size on every side before cropping
     max_images: int = this_run(0)       # read only N photos spread over the sorted list (0: all); quick iterations
@@ -2638,6 +2659,250 @@ GAN_LOSSES = {
 
 
 # ====================================================================================================
+# src/device_plan.py
+# The run's device settings, decided once from what the device is: precision, torch.compile, batch sizes.
+#
+# One pure function (`plan_for_device`) turns the device's facts (a `DeviceFacts`, read by `read_device_facts` or
+# faked in tests) into a `DevicePlan`; `device_plan_line` says it in one line. `check_torch_drives_gpu` stops a run at
+# start-up when this torch build has no code for the GPU (Kaggle's P100 under a torch built without sm_60).
+# ====================================================================================================
+# Saved activations of one training round of the default model (BigGAN-style ResNet, ch 64, 64x64) per image: G's
+# forward and D on a real and a fake batch, counted with saved-tensor hooks on the CPU (distinct storages). Under
+# bf16 autocast the same count gave 38.9 MiB: norms and losses stay in fp32, so half precision saves ~40 %, not 50 %.
+TRAIN_BYTES_PER_IMAGE_FP32 = int(62.9 * 2**20)
+HALF_PRECISION_ACTIVATIONS = 0.62
+# Share of a GPU's memory the training activations may take; the rest holds the weights, Adam's moments, G_ema,
+# cuDNN's workspaces, the allocator's slack and the generation batch.
+ACTIVATION_MEMORY_SHARE = 0.5
+# Largest suggested batch per GPU. Assumed, not measured: beyond it a 64x64 model's step is compute-bound on these
+# GPUs, so a larger batch buys fewer updates rather than more speed.
+BATCH_PER_DEVICE_MAX = 256
+# On the CPU time, not memory, limits the batch: the Config default.
+CPU_BATCH = 64
+# Images per forward when generating, by device type, where nothing measured a faster batch (training-time FID, the
+# truncation search; the reserve times 64 and 500 at start-up and generates the submission with the faster).
+GENERATE_BATCH = {"cpu": 64, "cuda": 500}
+# Triton, torch.compile's GPU code generator, needs compute capability 7.0 (Volta) or newer.
+TRITON_MIN_CAPABILITY = (7, 0)
+# bf16 runs on fast tensor cores from compute capability 8.0 (Ampere) on; below it fp16 with loss scaling.
+BF16_MIN_CAPABILITY = (8, 0)
+
+
+@dataclass(frozen=True)
+class DeviceFacts:
+    """What the run's device is, as far as the settings depend on it."""
+    type: str                     # "cuda" | "cpu" | ...
+    name: str                     # "Tesla T4", or the CPU's name
+    capability: tuple[int, int]   # CUDA compute capability, (0, 0) off CUDA
+    total_memory: int             # bytes per device (0 where unknown)
+    count: int                    # devices the run trains on (its processes)
+    torch_version: str
+    triton: bool                  # Triton importable (torch.compile's GPU backend)
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    """The run's device settings."""
+    precision: str                # "bf16" | "fp16" | "fp32": the autocast dtype (fp32: none)
+    use_scaler: bool              # fp16 needs a loss scaler
+    compile: bool                 # torch.compile G and D
+    batch_per_device: int         # suggested training batch per device
+    batch_size: int               # the same for the whole run (all devices)
+    generate_batch: int           # images per forward when generating
+    notes: tuple[str, ...]        # requests the device changed, one line each
+
+
+def pick_precision(amp: str, device_type: str, capability: tuple[int, int]) -> tuple[str, str]:
+    """(precision, note): auto is bf16 on CUDA sm >= 8.0, fp16 below (P100, T4), fp32 off CUDA; an explicit amp the
+    device cannot run falls back, and the note (else "") says so."""
+    on_cuda = device_type == "cuda"
+    wanted = amp
+    if amp == "auto":
+        wanted = ("bf16" if capability >= BF16_MIN_CAPABILITY else "fp16") if on_cuda else "fp32"
+    if wanted == "bf16" and on_cuda and capability < BF16_MIN_CAPABILITY:
+        return "fp16", (f"bf16 needs compute capability 8.0, this GPU has {capability[0]}.{capability[1]}: "
+                        f"using fp16")
+    if wanted in ("bf16", "fp16") and not on_cuda:
+        return "fp32", f"--amp {wanted} is for CUDA devices; training in fp32 on {device_type}"
+    return wanted, ""
+
+
+def compile_refusal(facts: "DeviceFacts") -> str:
+    """Why torch.compile cannot run on this device ("" when it can): on CUDA it needs Triton and sm >= 7.0."""
+    if facts.type == "cpu":
+        return ""
+    if facts.type != "cuda":
+        return f"torch.compile is not supported here on {facts.type}: running eager"
+    if facts.capability < TRITON_MIN_CAPABILITY:
+        return (f"torch.compile needs Triton, which needs compute capability 7.0; the {facts.name} has "
+                f"{facts.capability[0]}.{facts.capability[1]}: running eager")
+    if not facts.triton:
+        return "torch.compile needs Triton, which is not installed: running eager"
+    return ""
+
+
+def suggested_batch_per_device(facts: "DeviceFacts", precision: str,
+                               train_bytes_per_image: int = TRAIN_BYTES_PER_IMAGE_FP32) -> int:
+    """The largest power of two up to BATCH_PER_DEVICE_MAX whose training activations fit ACTIVATION_MEMORY_SHARE of
+    one GPU's memory (at least 1); CPU_BATCH off CUDA."""
+    if facts.type != "cuda" or facts.total_memory <= 0:
+        return CPU_BATCH
+    per_image = train_bytes_per_image * (1.0 if precision == "fp32" else HALF_PRECISION_ACTIVATIONS)
+    fits = int(ACTIVATION_MEMORY_SHARE * facts.total_memory // per_image)
+    batch = 1
+    while batch * 2 <= min(fits, BATCH_PER_DEVICE_MAX):
+        batch *= 2
+    return batch
+
+
+def plan_for_device(facts: "DeviceFacts", amp: str = "auto", compile_wanted: bool = False,
+                    train_bytes_per_image: int = TRAIN_BYTES_PER_IMAGE_FP32) -> "DevicePlan":
+    """The run's settings on this device, given what the flags asked for (--amp, --compile)."""
+    precision, precision_note = pick_precision(amp, facts.type, facts.capability)
+    compile_note = compile_refusal(facts) if compile_wanted else ""
+    per_device = suggested_batch_per_device(facts, precision, train_bytes_per_image)
+    return DevicePlan(precision=precision, use_scaler=precision == "fp16",
+                      compile=compile_wanted and not compile_note, batch_per_device=per_device,
+                      batch_size=per_device * max(1, facts.count),
+                      generate_batch=GENERATE_BATCH.get(facts.type, GENERATE_BATCH["cuda"]),
+                      notes=tuple(note for note in (precision_note, compile_note) if note))
+
+
+def triton_importable() -> bool:
+    """Triton is installed (found without importing it: importing costs seconds)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def read_device_facts(device: "torch.device | str", count: int = 1) -> "DeviceFacts":
+    """The facts of `device` (creates the CUDA context on a GPU: call it in the process that trains there)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return DeviceFacts(type=device.type, name=device.type, capability=(0, 0), total_memory=0, count=count,
+                           torch_version=torch.__version__, triton=triton_importable())
+    props = torch.cuda.get_device_properties(device)
+    return DeviceFacts(type="cuda", name=props.name, capability=(props.major, props.minor),
+                       total_memory=props.total_memory, count=count, torch_version=torch.__version__,
+                       triton=triton_importable())
+
+
+def device_plan_line(facts: "DeviceFacts", plan: "DevicePlan") -> str:
+    """The plan in one line, e.g. '2 x Tesla T4 (sm 7.5, 15.0 GiB), torch 2.4.1: fp16 + loss scaling, eager, ...'."""
+    if facts.type == "cuda":
+        device = (f"{facts.count} x {facts.name} (sm {facts.capability[0]}.{facts.capability[1]}, "
+                  f"{facts.total_memory / 2**30:.1f} GiB)")
+    else:
+        device = f"{facts.count} x {facts.type}"
+    precision = {"fp16": "fp16 + loss scaling", "bf16": "bf16"}.get(plan.precision, "fp32")
+    per = "GPU" if facts.type == "cuda" else "process"
+    batch = (f"batch {plan.batch_per_device} per {per} ({plan.batch_size} in all)" if facts.count > 1
+             else f"batch {plan.batch_size}")
+    notes = "".join(f"; {note}" for note in plan.notes)
+    return (f"{device}, torch {facts.torch_version}: {precision}, {'torch.compile' if plan.compile else 'eager'}, "
+            f"suggested {batch}, generation batch {plan.generate_batch}{notes}")
+
+
+# ---- a GPU this torch cannot drive ----------------------------------------------------------------------
+
+def _arch_number(entry: str) -> tuple[str, int, str] | None:
+    # "sm_86" -> ("sm", 86, ""), "compute_90a" -> ("compute", 90, "a"); anything else (gfx names) -> None
+    found = re.fullmatch(r"(sm|compute)_(\d+)([a-z]?)", entry)
+    return (found.group(1), int(found.group(2)), found.group(3)) if found else None
+
+
+def torch_drives_capability(capability: tuple[int, int], arch_list: list[str]) -> bool:
+    """True when the build has code this GPU runs: a cubin of its major version and a minor version no newer
+    (sm_80 runs on 8.6), or PTX of any older or equal capability (the driver compiles it). Architecture-specific
+    entries (sm_90a) count only for exactly their GPU."""
+    major, minor = capability
+    device_number = major * 10 + minor
+    for kind, number, suffix in filter(None, map(_arch_number, arch_list)):
+        if suffix:
+            if number == device_number:
+                return True
+        elif kind == "sm" and number // 10 == major and number % 10 <= minor:
+            return True
+        elif kind == "compute" and number <= device_number:
+            return True
+    return False
+
+
+def unsupported_gpu_message(name: str, capability: tuple[int, int], arch_list: list[str],
+                            torch_version: str) -> str:
+    """One line saying this torch has no code for the GPU and what to do; "" when it has (or lists no CUDA
+    architectures at all: a ROCm or CPU build, which this check cannot judge)."""
+    if not any(_arch_number(entry) for entry in arch_list) or torch_drives_capability(capability, arch_list):
+        return ""
+    sm = f"sm_{capability[0]}{capability[1]}"
+    return (f"this torch {torch_version} cannot drive the {name} (compute capability {capability[0]}.{capability[1]}, "
+            f"{sm}): it was built for {' '.join(arch_list)}. Install a torch build that includes {sm} (for Pascal "
+            f"and Volta GPUs such as the P100: a CUDA 12.6 build) or pick another accelerator in the notebook's "
+            f"settings (e.g. GPU T4 x2)")
+
+
+def check_torch_drives_gpu(device: "torch.device") -> None:
+    """Raise ConfigError (one line) when `device` is a GPU this torch build has no code for; nothing off CUDA."""
+    if device.type != "cuda":
+        return
+    props = torch.cuda.get_device_properties(device)
+    message = unsupported_gpu_message(props.name, (props.major, props.minor), torch.cuda.get_arch_list(),
+                                      torch.__version__)
+    if message:
+        raise ConfigError(message)
+
+
+# ====================================================================================================
+# src/compile_fallback.py
+# torch.compile that cannot cost a run: a module whose compiling fails runs eager instead, said in one line.
+#
+# torch.compile compiles on the first call (and again for new shapes); a Triton or Inductor failure then surfaces
+# as an exception from that call, hours of budget before any result. `compile_or_eager` catches it until a compiled
+# call has succeeded once; after that an exception is the model's own and propagates.
+# ====================================================================================================
+OUT_OF_MEMORY_ERRORS = (torch.cuda.OutOfMemoryError,) + (
+    (torch.OutOfMemoryError,) if hasattr(torch, "OutOfMemoryError") else ())
+
+
+class CompiledOrEager(torch.nn.Module):
+    """Calls `compiled` until it fails before its first success, then `eager` for good (one line says why).
+    Out-of-memory errors are not compile failures: they propagate (the loop halves the batch)."""
+
+    def __init__(self, eager: "torch.nn.Module", compiled, name: str):
+        super().__init__()
+        self.eager, self.name = eager, name
+        # None once fallen back; kept out of the registered submodules (it wraps `eager`, registered already)
+        self.__dict__["compiled"] = compiled
+        self.proven = False           # a compiled call has succeeded
+
+    def forward(self, *args, **kwargs):
+        if self.compiled is None:
+            return self.eager(*args, **kwargs)
+        if self.proven:
+            return self.compiled(*args, **kwargs)
+        try:
+            result = self.compiled(*args, **kwargs)
+        except OUT_OF_MEMORY_ERRORS:
+            raise
+        except Exception as error:  # Triton / Inductor / Dynamo failures have no common base class
+            first_line = (str(error).strip().splitlines() or [""])[0][:200]
+            log("compile", f"torch.compile of {self.name} failed ({type(error).__name__}: {first_line}); "
+                f"running {self.name} eager")
+            self.compiled = None
+            return self.eager(*args, **kwargs)
+        self.proven = True
+        return result
+
+
+def compile_or_eager(module: "torch.nn.Module", name: str, compile_fn=torch.compile) -> "CompiledOrEager":
+    """`module` compiled with `compile_fn`, falling back to `module` itself when compiling fails (see above)."""
+    try:
+        compiled = compile_fn(module)
+    except Exception as error:  # e.g. a Python version torch.compile does not support yet
+        log("compile", f"torch.compile of {name} is unavailable ({type(error).__name__}: {error}); running it eager")
+        compiled = None
+    return CompiledOrEager(module, compiled, name)
+
+
+# ====================================================================================================
 # src/precision.py
 # The one mixed-precision setup: autocast dtype, grad scalers, Adam flavour and memory layout per device.
 # ====================================================================================================
@@ -2655,24 +2920,17 @@ class Precision:
 
 
 def choose_precision(amp: str, device: "torch.device | str", channels_last: bool = True) -> "Precision":
-    """auto: bf16 autocast on CUDA sm >= 8.0, fp16 + GradScaler below (P100, T4), fp32 on the CPU.
-
-    An explicit amp the device cannot run falls back with a one-line note.
+    """The Precision of `amp` on `device`, as device_plan.pick_precision decides it (auto: bf16 on CUDA sm >= 8.0,
+    fp16 + GradScaler below, fp32 on the CPU); an explicit amp the device cannot run falls back with a one-line note.
     """
     device = torch.device(device)
     on_cuda = device.type == "cuda"
     capability = torch.cuda.get_device_capability(device) if on_cuda else (0, 0)
-    wanted = amp
-    if amp == "auto":
-        wanted = ("bf16" if capability >= (8, 0) else "fp16") if on_cuda else "fp32"
-    if wanted == "bf16" and on_cuda and capability < (8, 0):
-        log("precision", f"bf16 needs compute capability 8.0, this GPU has {capability[0]}.{capability[1]}: using fp16")
-        wanted = "fp16"
-    if wanted in ("bf16", "fp16") and not on_cuda:
-        log("precision", f"--amp {wanted} is for CUDA devices; training in fp32 on {device.type}")
-        wanted = "fp32"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(wanted)
-    return Precision(device_type=device.type, dtype=dtype, use_scaler=wanted == "fp16",
+    name, note = pick_precision(amp, device.type, tuple(capability))
+    if note:
+        log("precision", note)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(name)
+    return Precision(device_type=device.type, dtype=dtype, use_scaler=name == "fp16",
                      channels_last=bool(channels_last) and on_cuda)
 
 
@@ -2734,10 +2992,11 @@ def configure_backends(device) -> None:
 
 # ====================================================================================================
 # src/distributed.py
-# Multi-GPU training with torchrun: process-group set-up, and the few collectives the training loop needs.
+# Multi-GPU training: process-group set-up, and the few collectives the training loop needs.
 #
-# Launch: `torchrun --standalone --nproc_per_node=2 kernel.py ...` (Kaggle's 2 x T4). Without torchrun the
-# run is one process (world_size 1) and nothing here talks to other processes.
+# The ranks are started by src/launch.py (one forked process per GPU, from a plain `python kernel.py` or a notebook
+# cell) or by `torchrun --standalone --nproc_per_node=2 kernel.py ...`; both set the torchrun environment read here.
+# With one process (world_size 1) nothing here talks to other processes.
 # ====================================================================================================
 @dataclass(frozen=True)
 class DistInfo:
@@ -2749,12 +3008,14 @@ class DistInfo:
 
 
 def dist_resolve_device(device: str = "auto") -> "torch.device":
-    """'auto' -> cuda when available else cpu; 'cuda' / 'cuda:N' must exist."""
+    """'auto' -> cuda when available else cpu; 'cuda' / 'cuda:N' must exist, and this torch must have code for it."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: no CUDA device is available here; use --device cpu or auto")
+        resolved = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        resolved = torch.device(device)
+        if resolved.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: no CUDA device is available here; use --device cpu or auto")
+    check_torch_drives_gpu(resolved)
     return resolved
 
 
@@ -2772,6 +3033,7 @@ def setup_distributed(device: str = "auto") -> "DistInfo":
     if use_cuda:
         torch.cuda.set_device(local_rank)
         rank_device = torch.device("cuda", local_rank)
+        check_torch_drives_gpu(rank_device)
     else:
         rank_device = torch.device("cpu")
     if not torch_dist.is_initialized():
@@ -2781,9 +3043,17 @@ def setup_distributed(device: str = "auto") -> "DistInfo":
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=rank_device, is_main=rank == 0)
 
 
+# Seconds without the GIL before leaving the process group. Older torch (2.4 at least; pytorch PR #154976, 2025,
+# fixed it) destroys a gloo group holding the GIL while it joins gloo's worker threads, and a worker that is still
+# dropping the tensors of the last collective needs the GIL for that: a rank hung there for good (seen on torch
+# 2.4.1 after training's last all-reduce). Sleeping lets such a worker finish first.
+GLOO_WORKERS_SETTLE_S = 0.2
+
+
 def cleanup_distributed() -> None:
     """Leave the process group (no-op for a single process)."""
     if torch_dist.is_available() and torch_dist.is_initialized():
+        time.sleep(GLOO_WORKERS_SETTLE_S)
         torch_dist.destroy_process_group()
 
 
@@ -2831,15 +3101,26 @@ def mean_over_ranks(values: "torch.Tensor", world_size: int) -> "torch.Tensor":
 def wrap_ddp(module: "torch.nn.Module", info: "DistInfo") -> "torch.nn.Module":
     """DistributedDataParallel around `module` when world_size > 1 (else the module itself).
 
-    DDP's default buffer sync (broadcast_buffers=True) is relied on: rank 0's buffers (spectral norm's u/v,
-    BatchNorm running stats) are copied to every rank at each DDP forward. Forwards that bypass the wrapper
-    (no-grad fakes, the frozen D of a G step) update buffers locally; sync_buffers() evens them out at the end.
-    BatchNorm normalises with each rank's own batch statistics (no SyncBatchNorm).
+    No buffer broadcast at each DDP forward (broadcast_buffers=False): D runs twice per step (real, then fake), and
+    on torch 2.4 the broadcast before the second forward overwrote buffers the first one had saved for backward
+    (BatchNorm's running stats, SN's u/v: "modified by an inplace operation"). Rank 0's buffers are copied once
+    here, as DDP copies the weights. After that nothing in training reads another rank's buffers: SN's u/v advance
+    by the same explicit power iteration on the same weights on every rank, and BatchNorm's running statistics,
+    each rank's own, serve only in eval mode, after sync_buffers() copied rank 0's (which are what the broadcast
+    kept: rank 0 was its source). BatchNorm normalises with each rank's own batch statistics (no SyncBatchNorm).
     """
     if info.world_size <= 1:
         return module
     device_ids = [info.device.index] if info.device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
+    sync_buffers(module, info.world_size)
+    return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids, **no_forward_buffer_sync())
+
+
+def no_forward_buffer_sync() -> dict:
+    """DistributedDataParallel's keyword for "no buffer broadcast at each forward": newer torch calls it
+    forward_sync_buffers (and warns about the old name), torch 2.4 knows only broadcast_buffers."""
+    parameters = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in parameters else {"broadcast_buffers": False}
 
 
 def sync_buffers(module: "torch.nn.Module", world_size: int) -> None:
@@ -2893,12 +3174,14 @@ def build_gan_nets(cfg: "Config", n_classes: int, device, precision: "Precision"
     G, D = place_module(G, device, precision).train(), place_module(D, device, precision).train()
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
     # Without DDP one (compiled) module serves both paths; with DDP the no-grad / frozen-D paths skip the wrapper.
-    G_fwd = torch.compile(G) if cfg.compile else G
-    D_fwd = torch.compile(D) if cfg.compile else D
+    # A compile that fails on its first call runs eager instead, said in one line (the self-check's rounds find it).
+    G_fwd = compile_or_eager(G, "G", torch.compile) if cfg.compile else G
+    D_fwd = compile_or_eager(D, "D", torch.compile) if cfg.compile else D
     if dist_info.world_size > 1:
         G_train, D_train = wrap_ddp(G, dist_info), wrap_ddp(D, dist_info)
         if cfg.compile:
-            G_train, D_train = torch.compile(G_train), torch.compile(D_train)
+            G_train = compile_or_eager(G_train, "G (DDP)", torch.compile)
+            D_train = compile_or_eager(D_train, "D (DDP)", torch.compile)
     else:
         G_train, D_train = G_fwd, D_fwd
     opt_g = make_adam(G.parameters(), cfg.lr_g, (cfg.beta1, cfg.beta2), precision)
@@ -2906,15 +3189,6 @@ def build_gan_nets(cfg: "Config", n_classes: int, device, precision: "Precision"
     return GanNets(G=G, D=D, G_ema=G_ema, G_train=G_train, D_train=D_train, G_fwd=G_fwd, D_fwd=D_fwd,
                    opt_g=opt_g, opt_d=opt_d, scaler_g=make_grad_scaler(precision), scaler_d=make_grad_scaler(precision),
                    sn_G=spectral_norm_layers(G), sn_D=spectral_norm_layers(D), precision=precision)
-
-
-def use_eager_paths(nets: "GanNets", dist_info: "DistInfo") -> None:
-    """The call paths without torch.compile (the fallback when compiling fails on this device); same modules."""
-    nets.G_fwd, nets.D_fwd = nets.G, nets.D
-    if dist_info.world_size > 1:
-        nets.G_train, nets.D_train = wrap_ddp(nets.G, dist_info), wrap_ddp(nets.D, dist_info)
-    else:
-        nets.G_train, nets.D_train = nets.G, nets.D
 
 
 # ====================================================================================================
@@ -3154,8 +3428,6 @@ GENERATE_PROBE_S = 3.0
 # A smaller batch is used only when it timed this much faster per image than the largest timed one: small batches
 # times scatter most on a busy CPU (per-op overhead), and a large batch is never much slower elsewhere.
 GENERATE_BATCH_MARGIN = 0.25
-# Images per forward when the caller has not measured (training-time FID, the truncation search).
-GENERATE_BATCH = {"cpu": 64, "cuda": 500}
 # PNGs encoded per round of the zip writer's thread pool; the deadline and stop checks run between rounds.
 ZIP_CHUNK = 500
 # Bytes one 64 x 64 RGB PNG of pure noise takes in a stored zip (incompressible pixels, filter bytes, PNG and zip
@@ -3164,7 +3436,7 @@ ZIP_BYTES_PER_IMAGE_MAX = 3 * 64 * 64 + 64 + 400
 
 
 def generation_batch_size(device) -> int:
-    """Images per forward when generating on this device (see GENERATE_BATCH)."""
+    """Images per forward when generating on this device (see device_plan.GENERATE_BATCH)."""
     return GENERATE_BATCH.get(torch.device(device).type, 500)
 
 
@@ -5014,6 +5286,202 @@ def signals_interrupt_run():
 
 
 # ====================================================================================================
+# src/launch.py
+# Every visible GPU from one notebook cell: the run starts one training process per GPU itself, as torchrun would.
+#
+# A notebook's Run button gives one process, and functions defined in a pasted cell cannot be pickled for a spawned
+# one. So the processes are forked (Hugging Face Accelerate's notebook_launcher does the same): each child inherits
+# the parent's objects and calls the same run as under torchrun, with RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR /
+# MASTER_PORT set (setup_distributed joins the group from them). A GPU cannot be used in a child when the parent
+# created a CUDA context before the fork, so the parent only counts the GPUs (NVML: torch.cuda.device_count()).
+#
+# The parent supervises: SIGINT (a notebook's Interrupt, Ctrl-C) and SIGTERM are passed on to every rank, whose
+# training saves a checkpoint and rank 0 still writes images.zip; a rank that dies ends the run in one line naming it,
+# and the others get WORKER_STOP_GRACE_S to end by themselves before SIGKILL, as do ranks still running that long after
+# rank 0 ended (a hang in their teardown must not hold the cell). The children die with the parent
+# (PR_SET_PDEATHSIG on Linux), so a killed notebook kernel leaves nothing on the GPUs.
+# On the CPU (`--device cpu`, or no GPU) `--gpus N` starts N processes on the gloo backend.
+# ====================================================================================================
+# After a rank died, the others get this long to end by themselves, then SIGKILL. On gloo a survivor's next collective
+# fails at once and rank 0 goes on to write images.zip (from the last checkpoint), which a SIGTERM would stop; on NCCL
+# a survivor waits on the dead peer until NCCL's own timeout, so only SIGKILL ends it.
+WORKER_STOP_GRACE_S = 60.0
+# linux/prctl.h: deliver a signal to this process when the thread that forked it ends.
+PR_SET_PDEATHSIG = 1
+
+
+def visible_gpu_count() -> int:
+    """CUDA devices this process may use, counted without creating a CUDA context (NVML where it answers)."""
+    return torch.cuda.device_count()
+
+
+def worker_count(gpus: int, device: str, visible_gpus: int) -> int:
+    """Processes the run trains on. On CUDA: --gpus 0 means every visible GPU, N at most those; a named GPU
+    (cuda:N) is one process. On the CPU (--device cpu, or auto without a GPU): N processes for --gpus N, else one."""
+    if gpus < 0:
+        raise ConfigError(f"--gpus must be 0 (every visible GPU) or more, got {gpus}")
+    on_cpu = device == "cpu" or (device == "auto" and visible_gpus == 0)
+    if on_cpu:
+        return max(1, gpus)
+    if device not in ("auto", "cuda"):
+        if gpus > 1:
+            raise ConfigError(f"--gpus {gpus} with --device {device}: one named device is one process; "
+                              f"use --device cuda (or auto) to train on several GPUs")
+        return 1
+    if gpus > visible_gpus > 0:
+        raise ConfigError(f"--gpus {gpus}: only {visible_gpus} CUDA device(s) are visible here")
+    return gpus or max(1, visible_gpus)
+
+
+def started_by_a_launcher() -> bool:
+    """True under torchrun or in a process this module started (both set WORLD_SIZE)."""
+    return "WORLD_SIZE" in os.environ
+
+
+def wants_workers(cfg: "Config") -> bool:
+    """True when this run should start several training processes itself (see worker_count)."""
+    return not started_by_a_launcher() and worker_count(cfg.gpus, cfg.device, visible_gpu_count()) > 1
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for rank 0's rendezvous store."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Ask Linux to SIGKILL this process when its parent ends (a killed notebook kernel leaves no training on the
+    GPUs); if the parent is already gone, end now. Elsewhere nothing (the parent still stops its children)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def become_rank(rank: int, world_size: int, port: int, parent_pid: int) -> None:
+    """In a forked child: the signals, process group and environment of one torchrun-style rank."""
+    # the parent's forwarding handler was inherited; the run installs its own handlers from here on
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # a group of its own: a terminal's Ctrl-C (or a notebook's group-wide Interrupt) reaches the parent alone, which
+    # passes it on once, instead of every rank seeing it twice
+    try:
+        os.setpgid(0, 0)
+    except OSError:
+        pass
+    die_with_parent(parent_pid)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # the ranks share the machine's cores (torchrun sets one thread per process)
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) // world_size)))
+
+
+def _rank_process_main(rank: int, world_size: int, port: int, parent_pid: int, worker) -> None:
+    # the child's whole life: multiprocessing exits the process with the SystemExit's code
+    become_rank(rank, world_size, port, parent_pid)
+    raise SystemExit(worker())
+
+
+def exit_code_of_process(exitcode: int) -> int:
+    """multiprocessing's exitcode as a shell reports it: -N (killed by signal N) -> 128 + N."""
+    return 128 - exitcode if exitcode < 0 else exitcode
+
+
+def describe_exit(exitcode: int) -> str:
+    """'exited with code 3' / 'was killed by SIGKILL'."""
+    if exitcode >= 0:
+        return f"exited with code {exitcode}"
+    try:
+        return f"was killed by {signal.Signals(-exitcode).name}"
+    except ValueError:
+        return f"was killed by signal {-exitcode}"
+
+
+def start_rank_processes(world_size: int, worker, processes: list) -> None:
+    """Fork one process per rank, each running worker() as that rank, appending each to `processes` as it starts
+    (so that a signal during the start reaches those already running)."""
+    context = multiprocessing.get_context("fork")
+    port, parent_pid = free_port(), os.getpid()
+    sys.stdout.flush()
+    sys.stderr.flush()  # a child must not print the parent's buffered output again
+    for rank in range(world_size):
+        process = context.Process(target=_rank_process_main, name=f"dogkernel-rank{rank}",
+                                  args=(rank, world_size, port, parent_pid, worker))
+        process.start()
+        processes.append(process)
+
+
+def forward_signals_to(processes: list):
+    """A signal handler passing SIGINT/SIGTERM on to every rank still running. A child that inherits it before
+    become_rank replaces it must not signal its siblings: there it does nothing."""
+    owner = os.getpid()
+
+    def forward(signum, frame):
+        if os.getpid() != owner:
+            return
+        for process in processes:
+            if process.exitcode is None:
+                os.kill(process.pid, signum)
+
+    return forward
+
+
+def supervise(processes: list, grace_s: float) -> int:
+    """Wait for every rank. The first to end non-zero is named in one line, and the others get grace_s seconds to
+    end by themselves before SIGKILL; so do ranks still running grace_s after rank 0 ended (they have nothing left to
+    do then: a hang in their teardown must not hold the cell). Returns the first failing rank's exit code, else
+    rank 0's, as a shell reports it."""
+    failed = None          # multiprocessing exitcode of the first rank that ended non-zero
+    kill_at = None         # when the ranks still running get SIGKILL
+    killed = set()         # pids sent SIGKILL
+    while any(process.exitcode is None for process in processes):
+        timeout = 1.0 if kill_at is None else max(0.0, min(1.0, kill_at - time.time()))
+        multiprocessing.connection.wait([p.sentinel for p in processes if p.exitcode is None], timeout)
+        for rank, process in enumerate(processes):
+            if failed is None and process.exitcode not in (None, 0) and process.pid not in killed:
+                failed, kill_at = process.exitcode, time.time() + grace_s
+                alive = any(p.exitcode is None for p in processes)
+                stopping = f": the other rank(s) get {grace_s:.0f}s to end, then SIGKILL" if alive else ""
+                log("launch", f"rank {rank} (pid {process.pid}) {describe_exit(process.exitcode)}{stopping}",
+                    error=True)
+        if kill_at is None and processes[0].exitcode is not None:
+            kill_at = time.time() + grace_s
+        if kill_at is not None and time.time() >= kill_at:
+            for rank, process in enumerate(processes):
+                if process.exitcode is None and process.pid not in killed:
+                    if failed is None:  # after a failure its line said so already
+                        log("launch", f"rank {rank} (pid {process.pid}) was still running {grace_s:.0f}s after "
+                            f"rank 0 ended: killed", error=True)
+                    process.kill()
+                    killed.add(process.pid)
+    for process in processes:
+        process.join()
+    log("launch", "exit codes: " + ", ".join(f"rank {rank} {describe_exit(p.exitcode)}"
+                                              for rank, p in enumerate(processes)))
+    return exit_code_of_process(failed if failed is not None else processes[0].exitcode)
+
+
+def launch_workers(cfg: "Config", worker) -> int:
+    """Run worker() (the whole run, e.g. main() again) in one forked process per GPU, or per --gpus on the CPU;
+    returns the exit code (see supervise). The parent does no CUDA work, so the children can."""
+    visible = visible_gpu_count()
+    world_size = worker_count(cfg.gpus, cfg.device, visible)
+    where = "on the CPU, backend gloo" if cfg.device == "cpu" or visible == 0 else "one per GPU, backend nccl"
+    processes: list = []
+    with handling_stop_signals(forward_signals_to(processes)):
+        start_rank_processes(world_size, worker, processes)
+        log("launch", f"{world_size} training processes ({where}): "
+            + ", ".join(f"rank {rank} pid {p.pid}" for rank, p in enumerate(processes))
+            + "; rank 0 prints and writes the files")
+        return supervise(processes, WORKER_STOP_GRACE_S)
+
+
+# ====================================================================================================
 # src/ada.py
 # Adaptive augmentation strength (Karras et al. 2020, StyleGAN2-ADA's heuristic) for the DiffAugment ops.
 #
@@ -5723,7 +6191,9 @@ def train(cfg: "Config", data, deadline: "Deadline", out_dir: str, device, fid_f
 # The check leaves no trace: the nets, the optimisers and every random generator are put back as they were, so a run
 # with the check trains exactly as one without it; it writes no file (the disk was checked by preflight).
 # ====================================================================================================
-SELF_CHECK_ROUNDS = 2       # training rounds: the first compiles (when asked), the second runs the compiled graph
+# training rounds: the first compiles (when asked; a compile that fails there falls back to eager, see
+# compile_fallback), the second runs the compiled graph
+SELF_CHECK_ROUNDS = 2
 # On a GPU the rounds use the run's batch (the graph compiled once, memory checked at the size that trains); on a CPU a
 # round of the default model at batch 64 takes seconds, and a few images show the same faults.
 SELF_CHECK_CPU_BATCH = 8
@@ -5750,19 +6220,6 @@ def _check_rounds(cfg: "Config", nets: "GanNets", data, n_classes: int) -> None:
         sums = step.end_round().tolist()
         if not all(math.isfinite(value) for value in sums):
             raise FloatingPointError(f"a training round gave non-finite losses {sums}")
-
-
-def _check_rounds_or_eager(cfg: "Config", nets: "GanNets", data, n_classes: int, dist_info) -> None:
-    # a compiled round that fails falls back to eager once, in one line; an eager failure is the device's
-    try:
-        _check_rounds(cfg, nets, data, n_classes)
-    except Exception as error:
-        if not cfg.compile:
-            raise
-        log("selfcheck", f"torch.compile failed on this device ({type(error).__name__}: "
-            f"{str(error).strip().splitlines()[0][:160] if str(error).strip() else ''}); training runs eager")
-        use_eager_paths(nets, dist_info)
-        _check_rounds(cfg, nets, data, n_classes)
 
 
 def _check_png(img_chw) -> None:
@@ -5799,7 +6256,7 @@ def run_self_check(cfg: "Config", nets: "GanNets", data, extractor, dist_info) -
     snapshot, rng = training_snapshot(nets, LoopState()), capture_rng_state()
     stage = "a training round"
     try:
-        _check_rounds_or_eager(cfg, nets, data, n_classes, dist_info)
+        _check_rounds(cfg, nets, data, n_classes)
         if dist_info.is_main:
             stage = "standing statistics, the grid, generation, PNG or the MiFID backbone"
             _check_outputs(cfg, nets, extractor)
@@ -5885,6 +6342,22 @@ def fit_batch_to_data(cfg: "Config", n_images: int, world_size: int) -> "Config"
     return dataclasses.replace(cfg, batch_size=largest)
 
 
+def fit_to_device(cfg: "Config", dist: "DistInfo") -> "Config":
+    """cfg with the device's choices (device_plan): the precision and torch.compile it can run, and on a GPU a batch
+    that fits its memory; the plan is said once, in one line."""
+    facts = read_device_facts(dist.device, count=dist.world_size)
+    plan = plan_for_device(facts, amp=cfg.amp, compile_wanted=cfg.compile)
+    if dist.is_main:
+        log("device", device_plan_line(facts, plan))
+    settled = dataclasses.replace(cfg, amp=plan.precision, compile=plan.compile)
+    if facts.type == "cuda" and cfg.batch_size > plan.batch_size:
+        if dist.is_main:
+            log("device", f"--batch-size {cfg.batch_size} would not fit {facts.count} x {facts.name}'s memory: "
+                f"batches of {plan.batch_size}")
+        settled = dataclasses.replace(settled, batch_size=plan.batch_size)
+    return settled
+
+
 def settle_run(cfg: "Config") -> "SettledRun":
     """Device and ranks, paths, the checkpoint (before anything else reads the config), the MiFID backbone, the
     data, and the batch fitted to the data and the ranks: the run as every later stage sees it."""
@@ -5895,6 +6368,7 @@ def settle_run(cfg: "Config") -> "SettledRun":
             f"budget {format_duration(cfg.time_budget)}")
         log("main", f"config (differs from defaults): {config_diff(cfg)}")
     cfg, resume = open_resume(cfg, out_dir)
+    cfg = fit_to_device(cfg, dist)
     extractor = open_extractor(cfg, dist.device) if dist.is_main else None
     # the whole photos are decoded where they are scored (rank 0, with a backbone, against --fid-reference photos)
     # and, on every rank, where they are trained on
@@ -6065,6 +6539,8 @@ def main(argv: list[str] | None = None) -> int:
             written = write_plots(extras.report)
             log("main", f"report: wrote {', '.join(written) or 'nothing'}")
             return 0
+        if wants_workers(cfg):  # several GPUs and no torchrun: one forked process per GPU, each running main again
+            return launch_workers(cfg, lambda: main(argv))
         with signals_interrupt_run():
             return run(cfg, start)
     except (DataError, ConfigError, CheckpointError, FileNotFoundError, OutputError, BudgetError,

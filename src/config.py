@@ -55,6 +55,7 @@ class Config:
     max_kimg: float = this_run(0.0)
     seed: int = from_ckpt(0)            # seeds python, numpy and torch (same seed + config + device = same run)
     device: str = this_run("auto")      # auto | cpu | cuda | cuda:N
+    gpus: int = this_run(0)             # processes: 0 one per visible GPU, 1 a single one; on the CPU N (gloo)
     # ---- data -------------------------------------------------------------------------------------
     crop_margin: float = this_run(0.0)  # widen each box by this fraction of its size on every side before cropping
     max_images: int = this_run(0)       # read only N photos spread over the sorted list (0: all); quick iterations

@@ -1,11 +1,14 @@
-"""Multi-GPU training with torchrun: process-group set-up, and the few collectives the training loop needs.
+"""Multi-GPU training: process-group set-up, and the few collectives the training loop needs.
 
-Launch: `torchrun --standalone --nproc_per_node=2 kernel.py ...` (Kaggle's 2 x T4). Without torchrun the
-run is one process (world_size 1) and nothing here talks to other processes.
+The ranks are started by src/launch.py (one forked process per GPU, from a plain `python kernel.py` or a notebook
+cell) or by `torchrun --standalone --nproc_per_node=2 kernel.py ...`; both set the torchrun environment read here.
+With one process (world_size 1) nothing here talks to other processes.
 """
 from __future__ import annotations
 
+import inspect
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +16,7 @@ import torch.distributed as torch_dist
 
 from src.config import ConfigError
 from src.console import log
+from src.device_plan import check_torch_drives_gpu
 
 
 @dataclass(frozen=True)
@@ -25,12 +29,14 @@ class DistInfo:
 
 
 def dist_resolve_device(device: str = "auto") -> torch.device:
-    """'auto' -> cuda when available else cpu; 'cuda' / 'cuda:N' must exist."""
+    """'auto' -> cuda when available else cpu; 'cuda' / 'cuda:N' must exist, and this torch must have code for it."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: no CUDA device is available here; use --device cpu or auto")
+        resolved = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        resolved = torch.device(device)
+        if resolved.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: no CUDA device is available here; use --device cpu or auto")
+    check_torch_drives_gpu(resolved)
     return resolved
 
 
@@ -48,6 +54,7 @@ def setup_distributed(device: str = "auto") -> DistInfo:
     if use_cuda:
         torch.cuda.set_device(local_rank)
         rank_device = torch.device("cuda", local_rank)
+        check_torch_drives_gpu(rank_device)
     else:
         rank_device = torch.device("cpu")
     if not torch_dist.is_initialized():
@@ -57,9 +64,17 @@ def setup_distributed(device: str = "auto") -> DistInfo:
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=rank_device, is_main=rank == 0)
 
 
+# Seconds without the GIL before leaving the process group. Older torch (2.4 at least; pytorch PR #154976, 2025,
+# fixed it) destroys a gloo group holding the GIL while it joins gloo's worker threads, and a worker that is still
+# dropping the tensors of the last collective needs the GIL for that: a rank hung there for good (seen on torch
+# 2.4.1 after training's last all-reduce). Sleeping lets such a worker finish first.
+GLOO_WORKERS_SETTLE_S = 0.2
+
+
 def cleanup_distributed() -> None:
     """Leave the process group (no-op for a single process)."""
     if torch_dist.is_available() and torch_dist.is_initialized():
+        time.sleep(GLOO_WORKERS_SETTLE_S)
         torch_dist.destroy_process_group()
 
 
@@ -107,15 +122,26 @@ def mean_over_ranks(values: torch.Tensor, world_size: int) -> torch.Tensor:
 def wrap_ddp(module: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
     """DistributedDataParallel around `module` when world_size > 1 (else the module itself).
 
-    DDP's default buffer sync (broadcast_buffers=True) is relied on: rank 0's buffers (spectral norm's u/v,
-    BatchNorm running stats) are copied to every rank at each DDP forward. Forwards that bypass the wrapper
-    (no-grad fakes, the frozen D of a G step) update buffers locally; sync_buffers() evens them out at the end.
-    BatchNorm normalises with each rank's own batch statistics (no SyncBatchNorm).
+    No buffer broadcast at each DDP forward (broadcast_buffers=False): D runs twice per step (real, then fake), and
+    on torch 2.4 the broadcast before the second forward overwrote buffers the first one had saved for backward
+    (BatchNorm's running stats, SN's u/v: "modified by an inplace operation"). Rank 0's buffers are copied once
+    here, as DDP copies the weights. After that nothing in training reads another rank's buffers: SN's u/v advance
+    by the same explicit power iteration on the same weights on every rank, and BatchNorm's running statistics,
+    each rank's own, serve only in eval mode, after sync_buffers() copied rank 0's (which are what the broadcast
+    kept: rank 0 was its source). BatchNorm normalises with each rank's own batch statistics (no SyncBatchNorm).
     """
     if info.world_size <= 1:
         return module
     device_ids = [info.device.index] if info.device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
+    sync_buffers(module, info.world_size)
+    return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids, **no_forward_buffer_sync())
+
+
+def no_forward_buffer_sync() -> dict:
+    """DistributedDataParallel's keyword for "no buffer broadcast at each forward": newer torch calls it
+    forward_sync_buffers (and warns about the old name), torch 2.4 knows only broadcast_buffers."""
+    parameters = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in parameters else {"broadcast_buffers": False}
 
 
 def sync_buffers(module: torch.nn.Module, world_size: int) -> None:

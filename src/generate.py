@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from src.atomic import atomic_path
+from src.device_plan import GENERATE_BATCH
 
 
 def sample_z(n: int, z_dim: int, device, truncation: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -86,8 +87,6 @@ GENERATE_PROBE_S = 3.0
 # A smaller batch is used only when it timed this much faster per image than the largest timed one: small batches
 # times scatter most on a busy CPU (per-op overhead), and a large batch is never much slower elsewhere.
 GENERATE_BATCH_MARGIN = 0.25
-# Images per forward when the caller has not measured (training-time FID, the truncation search).
-GENERATE_BATCH = {"cpu": 64, "cuda": 500}
 # PNGs encoded per round of the zip writer's thread pool; the deadline and stop checks run between rounds.
 ZIP_CHUNK = 500
 # Bytes one 64 x 64 RGB PNG of pure noise takes in a stored zip (incompressible pixels, filter bytes, PNG and zip
@@ -96,7 +95,7 @@ ZIP_BYTES_PER_IMAGE_MAX = 3 * 64 * 64 + 64 + 400
 
 
 def generation_batch_size(device) -> int:
-    """Images per forward when generating on this device (see GENERATE_BATCH)."""
+    """Images per forward when generating on this device (see device_plan.GENERATE_BATCH)."""
     return GENERATE_BATCH.get(torch.device(device).type, 500)
 
 

@@ -17,6 +17,7 @@ from src.distributed import cleanup_distributed
 from src.generate import breed_counts, generate_images, write_images_zip
 from src.host import running_in_notebook
 from src.interrupt import RunInterrupted, signals_interrupt_run
+from src.launch import launch_workers, wants_workers
 from src.models import build_models
 from src.preflight import OutputError
 from src.report import write_plots
@@ -177,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
             written = write_plots(extras.report)
             log("main", f"report: wrote {', '.join(written) or 'nothing'}")
             return 0
+        if wants_workers(cfg):  # several GPUs and no torchrun: one forked process per GPU, each running main again
+            return launch_workers(cfg, lambda: main(argv))
         with signals_interrupt_run():
             return run(cfg, start)
     except (DataError, ConfigError, CheckpointError, FileNotFoundError, OutputError, BudgetError,

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from src.compile_fallback import compile_or_eager
 from src.config import Config
 from src.distributed import DistInfo, wrap_ddp
 from src.layers import spectral_norm_layers
@@ -52,12 +53,14 @@ def build_gan_nets(cfg: Config, n_classes: int, device, precision: Precision, di
     G, D = place_module(G, device, precision).train(), place_module(D, device, precision).train()
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
     # Without DDP one (compiled) module serves both paths; with DDP the no-grad / frozen-D paths skip the wrapper.
-    G_fwd = torch.compile(G) if cfg.compile else G
-    D_fwd = torch.compile(D) if cfg.compile else D
+    # A compile that fails on its first call runs eager instead, said in one line (the self-check's rounds find it).
+    G_fwd = compile_or_eager(G, "G", torch.compile) if cfg.compile else G
+    D_fwd = compile_or_eager(D, "D", torch.compile) if cfg.compile else D
     if dist_info.world_size > 1:
         G_train, D_train = wrap_ddp(G, dist_info), wrap_ddp(D, dist_info)
         if cfg.compile:
-            G_train, D_train = torch.compile(G_train), torch.compile(D_train)
+            G_train = compile_or_eager(G_train, "G (DDP)", torch.compile)
+            D_train = compile_or_eager(D_train, "D (DDP)", torch.compile)
     else:
         G_train, D_train = G_fwd, D_fwd
     opt_g = make_adam(G.parameters(), cfg.lr_g, (cfg.beta1, cfg.beta2), precision)
@@ -66,11 +69,3 @@ def build_gan_nets(cfg: Config, n_classes: int, device, precision: Precision, di
                    opt_g=opt_g, opt_d=opt_d, scaler_g=make_grad_scaler(precision), scaler_d=make_grad_scaler(precision),
                    sn_G=spectral_norm_layers(G), sn_D=spectral_norm_layers(D), precision=precision)
 
-
-def use_eager_paths(nets: GanNets, dist_info: DistInfo) -> None:
-    """The call paths without torch.compile (the fallback when compiling fails on this device); same modules."""
-    nets.G_fwd, nets.D_fwd = nets.G, nets.D
-    if dist_info.world_size > 1:
-        nets.G_train, nets.D_train = wrap_ddp(nets.G, dist_info), wrap_ddp(nets.D, dist_info)
-    else:
-        nets.G_train, nets.D_train = nets.G, nets.D

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from src.console import log
+from src.device_plan import pick_precision
 
 
 @dataclass(frozen=True)
@@ -23,24 +24,17 @@ class Precision:
 
 
 def choose_precision(amp: str, device: torch.device | str, channels_last: bool = True) -> Precision:
-    """auto: bf16 autocast on CUDA sm >= 8.0, fp16 + GradScaler below (P100, T4), fp32 on the CPU.
-
-    An explicit amp the device cannot run falls back with a one-line note.
+    """The Precision of `amp` on `device`, as device_plan.pick_precision decides it (auto: bf16 on CUDA sm >= 8.0,
+    fp16 + GradScaler below, fp32 on the CPU); an explicit amp the device cannot run falls back with a one-line note.
     """
     device = torch.device(device)
     on_cuda = device.type == "cuda"
     capability = torch.cuda.get_device_capability(device) if on_cuda else (0, 0)
-    wanted = amp
-    if amp == "auto":
-        wanted = ("bf16" if capability >= (8, 0) else "fp16") if on_cuda else "fp32"
-    if wanted == "bf16" and on_cuda and capability < (8, 0):
-        log("precision", f"bf16 needs compute capability 8.0, this GPU has {capability[0]}.{capability[1]}: using fp16")
-        wanted = "fp16"
-    if wanted in ("bf16", "fp16") and not on_cuda:
-        log("precision", f"--amp {wanted} is for CUDA devices; training in fp32 on {device.type}")
-        wanted = "fp32"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(wanted)
-    return Precision(device_type=device.type, dtype=dtype, use_scaler=wanted == "fp16",
+    name, note = pick_precision(amp, device.type, tuple(capability))
+    if note:
+        log("precision", note)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(name)
+    return Precision(device_type=device.type, dtype=dtype, use_scaler=name == "fp16",
                      channels_last=bool(channels_last) and on_cuda)
 
 

@@ -20,10 +20,12 @@ from src.ema import standing_bn_stats_
 from src.gan_step import GanStep
 from src.generate import breed_counts, encode_png, generate_images
 from src.monitor import grid_png_bytes
-from src.nets import GanNets, LoopState, use_eager_paths
+from src.nets import GanNets, LoopState
 from src.precision import precision_autocast
 
-SELF_CHECK_ROUNDS = 2       # training rounds: the first compiles (when asked), the second runs the compiled graph
+# training rounds: the first compiles (when asked; a compile that fails there falls back to eager, see
+# compile_fallback), the second runs the compiled graph
+SELF_CHECK_ROUNDS = 2
 # On a GPU the rounds use the run's batch (the graph compiled once, memory checked at the size that trains); on a CPU a
 # round of the default model at batch 64 takes seconds, and a few images show the same faults.
 SELF_CHECK_CPU_BATCH = 8
@@ -50,19 +52,6 @@ def _check_rounds(cfg: Config, nets: GanNets, data, n_classes: int) -> None:
         sums = step.end_round().tolist()
         if not all(math.isfinite(value) for value in sums):
             raise FloatingPointError(f"a training round gave non-finite losses {sums}")
-
-
-def _check_rounds_or_eager(cfg: Config, nets: GanNets, data, n_classes: int, dist_info) -> None:
-    # a compiled round that fails falls back to eager once, in one line; an eager failure is the device's
-    try:
-        _check_rounds(cfg, nets, data, n_classes)
-    except Exception as error:
-        if not cfg.compile:
-            raise
-        log("selfcheck", f"torch.compile failed on this device ({type(error).__name__}: "
-            f"{str(error).strip().splitlines()[0][:160] if str(error).strip() else ''}); training runs eager")
-        use_eager_paths(nets, dist_info)
-        _check_rounds(cfg, nets, data, n_classes)
 
 
 def _check_png(img_chw) -> None:
@@ -99,7 +88,7 @@ def run_self_check(cfg: Config, nets: GanNets, data, extractor, dist_info) -> fl
     snapshot, rng = training_snapshot(nets, LoopState()), capture_rng_state()
     stage = "a training round"
     try:
-        _check_rounds_or_eager(cfg, nets, data, n_classes, dist_info)
+        _check_rounds(cfg, nets, data, n_classes)
         if dist_info.is_main:
             stage = "standing statistics, the grid, generation, PNG or the MiFID backbone"
             _check_outputs(cfg, nets, extractor)

@@ -11,6 +11,7 @@ from src.checkpoint import check_resume_fits_data, open_resume
 from src.config import Config, ConfigError, config_diff, format_duration
 from src.console import log
 from src.data import DataError, DogData, load_dogs, training_images
+from src.device_plan import device_plan_line, plan_for_device, read_device_facts
 from src.distributed import DistInfo, setup_distributed
 from src.host import on_kaggle
 from src.mifid import find_fid_weights, load_feature_extractor
@@ -80,6 +81,22 @@ def fit_batch_to_data(cfg: Config, n_images: int, world_size: int) -> Config:
     return dataclasses.replace(cfg, batch_size=largest)
 
 
+def fit_to_device(cfg: Config, dist: DistInfo) -> Config:
+    """cfg with the device's choices (device_plan): the precision and torch.compile it can run, and on a GPU a batch
+    that fits its memory; the plan is said once, in one line."""
+    facts = read_device_facts(dist.device, count=dist.world_size)
+    plan = plan_for_device(facts, amp=cfg.amp, compile_wanted=cfg.compile)
+    if dist.is_main:
+        log("device", device_plan_line(facts, plan))
+    settled = dataclasses.replace(cfg, amp=plan.precision, compile=plan.compile)
+    if facts.type == "cuda" and cfg.batch_size > plan.batch_size:
+        if dist.is_main:
+            log("device", f"--batch-size {cfg.batch_size} would not fit {facts.count} x {facts.name}'s memory: "
+                f"batches of {plan.batch_size}")
+        settled = dataclasses.replace(settled, batch_size=plan.batch_size)
+    return settled
+
+
 def settle_run(cfg: Config) -> SettledRun:
     """Device and ranks, paths, the checkpoint (before anything else reads the config), the MiFID backbone, the
     data, and the batch fitted to the data and the ranks: the run as every later stage sees it."""
@@ -90,6 +107,7 @@ def settle_run(cfg: Config) -> SettledRun:
             f"budget {format_duration(cfg.time_budget)}")
         log("main", f"config (differs from defaults): {config_diff(cfg)}")
     cfg, resume = open_resume(cfg, out_dir)
+    cfg = fit_to_device(cfg, dist)
     extractor = open_extractor(cfg, dist.device) if dist.is_main else None
     # the whole photos are decoded where they are scored (rank 0, with a backbone, against --fid-reference photos)
     # and, on every rank, where they are trained on

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import colorsys
+import io
 import os
 
 import numpy as np
@@ -84,6 +85,15 @@ def _synth_voc(photo_id: str, wnid: str, width: int, height: int, objects) -> st
             f"\t<segment>0</segment>\n{blocks}</annotation>")
 
 
+def _synth_write(path: str, data: bytes) -> None:
+    """Write by renaming a finished hidden file into place: ranks that generate the same data set side by side
+    (--demo with several processes) write identical bytes, and a reader sees a whole file, old or new."""
+    tmp_path = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    with open(tmp_path, "wb") as f:
+        f.write(data)
+    os.replace(tmp_path, path)
+
+
 def make_tiny_dataset(root: str, n_images: int = 96, n_breeds: int = 4, seed: int = 0) -> str:
     """Write n_images JPEG photos of coloured cartoon dogs (~1 in 4 with two dogs) and their VOC boxes under root.
 
@@ -111,11 +121,12 @@ def make_tiny_dataset(root: str, n_images: int = 96, n_breeds: int = 4, seed: in
             box = _synth_draw_dog(draw, rng, x, y, body_w, body_colour, head_colour, bool(rng.random() < 0.5))
             x0, y0, x1, y1 = max(0, box[0]), max(0, box[1]), min(width, box[2]), min(height, box[3])
             objects.append((breed, (x0, y0, x1, y1)))
-        img.save(os.path.join(root, "all-dogs", f"{photo_id}.jpg"), quality=90)
+        jpeg = io.BytesIO()
+        img.save(jpeg, format="JPEG", quality=90)
+        _synth_write(os.path.join(root, "all-dogs", f"{photo_id}.jpg"), jpeg.getvalue())
         folder = os.path.join(root, "Annotation", f"{wnid}-{breed}")
         os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, photo_id), "w", encoding="utf-8") as f:
-            f.write(_synth_voc(photo_id, wnid, width, height, objects))
+        _synth_write(os.path.join(folder, photo_id), _synth_voc(photo_id, wnid, width, height, objects).encode())
     return root
 
 
