@@ -365,9 +365,12 @@ def prepare_proxy_data(args) -> dict:
     index = {breed: i for i, breed in enumerate(train_data.breeds)}
     held_labels = torch.tensor([index.get(held_data.breeds[label], -1) for label in held_data.labels.tolist()])
     known = held_labels >= 0
-    pick = torch.randperm(len(train_data.images), generator=torch.Generator().manual_seed(SPLIT_SEED))[:args.d_probe]
+    # both probes drawn at random: the crops are sorted by photo id, i.e. by breed, and D's output differs by breed
+    generator = torch.Generator().manual_seed(SPLIT_SEED)
+    pick = torch.randperm(len(train_data.images), generator=generator)[:args.d_probe]
+    held_pick = torch.nonzero(known).flatten()[torch.randperm(int(known.sum()), generator=generator)[:args.d_probe]]
     probe = {"train_images": train_data.images[pick], "train_labels": train_data.labels[pick],
-             "held_images": held_data.images[known][:args.d_probe], "held_labels": held_labels[known][:args.d_probe]}
+             "held_images": held_data.images[held_pick], "held_labels": held_labels[held_pick]}
     return {"train_dir": train_dir, "train_photos": len(train), "train_images": train_data.images,
             "held_images": held_data.images, "probe": probe}
 
