@@ -1468,14 +1468,16 @@ def apply_per_image(fn, x: "torch.Tensor", p) -> "torch.Tensor":
     return torch.where(chosen, fn(x), x)
 
 
-def diff_augment(x: "torch.Tensor", policy: str, p=1.0) -> "torch.Tensor":
+def diff_augment(x: "torch.Tensor", policy: str | tuple[str, ...], p=1.0) -> "torch.Tensor":
     """Apply the policy's ops in order, the same way to real and fake batches (D only ever sees augmented images).
+
+    policy: 'translation,cutout', or its names as parse_diffaug_policy gave them (the loop parses once).
 
     p: each op is applied to each image independently with this probability (ADA's per-image probability; a float
     or a 0-dim device tensor). p = 1 (a float) is DiffAugment itself, every op on every image, and draws exactly the
     random numbers it always did; p = 0 (a float) returns x.
     """
-    names = parse_diffaug_policy(policy)
+    names = parse_diffaug_policy(policy) if isinstance(policy, str) else policy
     if isinstance(p, (int, float)) and p <= 0:
         return x
     always = isinstance(p, (int, float)) and p >= 1
@@ -5572,7 +5574,7 @@ class GanStep:
     def __init__(self, cfg: "Config", nets: "GanNets", breed_counts: "torch.Tensor"):
         self.nets, self.precision, self.n_classes = nets, nets.precision, len(breed_counts)
         self.loss = GAN_LOSSES[cfg.loss]
-        self.diffaug, self.flip = cfg.diffaug, cfg.flip
+        self.diffaug, self.flip = tuple(parse_diffaug_policy(cfg.diffaug)), cfg.flip  # parsed once
         self.aux_weight, self.gp_weight = cfg.aux_weight, cfg.gp_weight
         self.real_label_min, self.fake_label_max = cfg.real_label_min, cfg.fake_label_max
         self.g_steps = cfg.g_steps

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from src.ada import AdaController
-from src.augment import diff_augment, random_flip, uint8_to_unit
+from src.augment import diff_augment, parse_diffaug_policy, random_flip, uint8_to_unit
 from src.config import Config
 from src.generate import TRAINING_BREEDS
 from src.layers import spectral_norm_power_iteration_
@@ -29,7 +29,7 @@ class GanStep:
     def __init__(self, cfg: Config, nets: GanNets, breed_counts: torch.Tensor):
         self.nets, self.precision, self.n_classes = nets, nets.precision, len(breed_counts)
         self.loss = GAN_LOSSES[cfg.loss]
-        self.diffaug, self.flip = cfg.diffaug, cfg.flip
+        self.diffaug, self.flip = tuple(parse_diffaug_policy(cfg.diffaug)), cfg.flip  # parsed once
         self.aux_weight, self.gp_weight = cfg.aux_weight, cfg.gp_weight
         self.real_label_min, self.fake_label_max = cfg.real_label_min, cfg.fake_label_max
         self.g_steps = cfg.g_steps
