@@ -22,7 +22,7 @@ from src.mifid import find_fid_weights, load_feature_extractor
 from src.models import build_models
 from src.preflight import OutputError, prepare_out_dir
 from src.report import write_plots
-from src.reserve import OutputPlan, plan_reserve
+from src.reserve import OutputPlan, plan_reserve, recheck_reserve
 from src.scoring import make_training_fid, pick_truncation, real_features, report_mifid
 from src.synthetic import make_tiny_dataset
 from src.train import StopReason, train
@@ -166,12 +166,15 @@ def run(cfg: Config, start: float) -> int:
     check_resume_fits_data(resume, n_classes)
     real_feats = real_features(extractor, data, out_dir, cfg.fid_reference) if extractor is not None else None
     data.photos = None  # their features are computed: the ~250 MB of whole-photo pixels are not needed again
-    plan = plan_reserve(cfg, deadline, n_classes, device, extractor, out_dir)
+    G, D = build_models(cfg, n_classes)
+    plan = plan_reserve(cfg, deadline, G.to(device), D.to(device), device, extractor, out_dir)
+    del G, D
     fid_fn = make_training_fid(cfg, extractor, real_feats, device) if extractor is not None else None
 
     exit_code, G_ema = 0, None
     try:
-        result = train(cfg, data, deadline, out_dir, device, fid_fn=fid_fn, resume=resume)
+        result = train(cfg, data, deadline, out_dir, device, fid_fn=fid_fn, resume=resume,
+                       recheck=lambda G_ema: recheck_reserve(plan, deadline, G_ema, device))
         if result.progress.step > 0:
             G_ema = result.G_ema
         log("main", f"training stopped ({result.stop_reason.value}) after {result.progress.step} steps, "

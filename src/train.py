@@ -373,11 +373,13 @@ def _halve_batch_after_oom(nets: GanNets, state: LoopState, device: torch.device
 
 
 def train(cfg: Config, data, deadline: Deadline, out_dir: str, device, fid_fn=None, *, resume: dict | None = None,
-          max_steps: int = 0) -> TrainResult:
+          max_steps: int = 0, recheck=None) -> TrainResult:
     """Train G and D on `data` until the deadline's training window ends, a signal, or max_steps rounds (tests).
 
-    `resume`: the checkpoint settled by checkpoint.open_resume (its config is already cfg). Rank 0 prints and writes
-    OUT/stats.jsonl, OUT/samples/, OUT/ckpt.pt (always before returning). Each rank trains on batch_size // world.
+    `resume`: the checkpoint settled by checkpoint.open_resume (its config is already cfg). `recheck(G_ema)`, when
+    given, runs between rounds once deadline.recheck_due() (reserve.recheck_reserve: it may move the window's end).
+    Rank 0 prints and writes OUT/stats.jsonl, OUT/samples/, OUT/ckpt.pt (always before returning). Each rank trains
+    on batch_size // world.
     """
     # Set-up: ranks, models, optimisers, data on the device; the banner says what this run is.
     device = torch.device(device)
@@ -417,6 +419,9 @@ def train(cfg: Config, data, deadline: Deadline, out_dir: str, device, fid_fn=No
             while True:
                 # Decide, identically on every rank: stop (step limit / deadline / signal), tick, rollback refresh.
                 now = time.time()
+                if recheck is not None and deadline.recheck_due(now):
+                    recheck(nets.G_ema)
+                    now = time.time()
                 stop, tick_now, refresh_now = _decide(now, state.step, max_steps, deadline.train_end, caught_signals,
                                                       status_due, guard, device, world)
                 if stop is not None:
