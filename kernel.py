@@ -2682,10 +2682,12 @@ def to_uint8(img: "torch.Tensor") -> "torch.Tensor":
 GENERATE_BATCH_CANDIDATES = (64, 500)
 # Timing one batch size: a warm-up call first (a batch size's first call allocates and picks kernels: it is the slow
 # one), then up to GENERATE_TIMED_CALLS timed calls whose median is the speed (one call slowed by another process
-# does not move it). Calls stop early once they have taken GENERATE_PROBE_S; a larger candidate is tried only when
-# its warm-up and one call fit in GENERATE_PROBE_S at the speed measured so far.
+# does not move it); the timed calls stop once they have taken GENERATE_PROBE_S (a long call is an average already).
 GENERATE_TIMED_CALLS = 3
-GENERATE_PROBE_S = 3.0
+GENERATE_PROBE_S = 1.0
+# A larger candidate is tried only when one call of it takes at most GENERATE_TRY_S at the best speed so far: a tiny
+# G is far faster per image in large batches on a CPU, so its 500 must be tried even when 64 looks slow.
+GENERATE_TRY_S = 3.0
 # A smaller batch is used only when it timed this much faster per image than the largest timed one: small batches
 # times scatter most on a busy CPU (per-op overhead), and a large batch is never much slower elsewhere.
 GENERATE_BATCH_MARGIN = 0.25
@@ -2811,14 +2813,21 @@ def generation_batch_candidates(n_images: int) -> tuple[int, ...]:
     return tuple(sorted({min(batch_size, max(1, n_images)) for batch_size in GENERATE_BATCH_CANDIDATES}))
 
 
+def generation_probe_seconds(batch_size: int, seconds_per_image: float) -> float:
+    """About what measure_generation spends on one batch size at this speed: the warm-up and the timed calls."""
+    call_s = batch_size * seconds_per_image
+    timed_calls = min(GENERATE_TIMED_CALLS, max(1, math.ceil(GENERATE_PROBE_S / max(call_s, 1e-9))))
+    return (1 + timed_calls) * call_s
+
+
 def measure_generation(G: "torch.nn.Module", device, batch_sizes: tuple[int, ...]) -> "dict[int, GenerationTiming]":
     """{batch size: GenerationTiming} of generate_images on this device, warm (see GENERATE_TIMED_CALLS), smallest
-    batch first; a larger one only when its warm-up and one call fit in GENERATE_PROBE_S at the best speed so far.
+    batch first; a larger one only when one call of it fits in GENERATE_TRY_S at the best speed so far.
     G is left in its own mode; its own seeded latents leave the global RNG untouched."""
     timed: "dict[int, GenerationTiming]" = {}
     with eval_mode(G):
         for batch_size in batch_sizes:
-            if timed and 2 * batch_size * min(t.seconds_per_image for t in timed.values()) > GENERATE_PROBE_S:
+            if timed and batch_size * min(t.seconds_per_image for t in timed.values()) > GENERATE_TRY_S:
                 break
             warmup_s, _ = _timed_generation(G, batch_size, device, seed=0)
             per_image, drawn = [], []
@@ -4316,9 +4325,9 @@ def check_free_space(out_dir: str, need: dict[str, int]) -> None:
 # device with the run's own models (and the output again near the end of training, with the trained G_ema), and the
 # refusal of a budget that cannot hold them.
 # ====================================================================================================
-# The recheck near the end of training measures only when its generation calls (a warm-up and GENERATE_TIMED_CALLS
-# batches) cost at most this share of the output's time: else the start-up figure stands (tiny outputs, whose whole
-# generation is a batch or two).
+# The recheck near the end of training measures only when its generation calls (generation_probe_seconds) cost at
+# most this share of the output's time: else the start-up figure stands (tiny outputs, whose whole generation is a
+# batch or two).
 RECHECK_COST_SHARE = 0.1
 # Training must get at least this many rounds, or the run is refused: a zip from an untrained G is noise.
 MIN_TRAIN_ROUNDS = 2
@@ -4453,7 +4462,7 @@ def recheck_reserve(plan: "OutputPlan", deadline: "Deadline", G_ema: "torch.nn.M
     leaves G_ema as it was, and updates plan.gen_s and plan.zip_s. Each rank may call it on
     its own clock (no collective): the loop's stop decision is shared, so the earliest end wins on every rank.
     """
-    if (1 + GENERATE_TIMED_CALLS) * plan.generate_batch * plan.gen_s > RECHECK_COST_SHARE * plan.output_s:
+    if generation_probe_seconds(plan.generate_batch, plan.gen_s) > RECHECK_COST_SHARE * plan.output_s:
         deadline.revise_reserve(deadline.reserve_s)  # the start-up reserve stands
         return
     timing = measure_generation(G_ema, device, (plan.generate_batch,))[plan.generate_batch]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
 import statistics
 import time
@@ -48,10 +49,12 @@ def to_uint8(img: torch.Tensor) -> torch.Tensor:
 GENERATE_BATCH_CANDIDATES = (64, 500)
 # Timing one batch size: a warm-up call first (a batch size's first call allocates and picks kernels: it is the slow
 # one), then up to GENERATE_TIMED_CALLS timed calls whose median is the speed (one call slowed by another process
-# does not move it). Calls stop early once they have taken GENERATE_PROBE_S; a larger candidate is tried only when
-# its warm-up and one call fit in GENERATE_PROBE_S at the speed measured so far.
+# does not move it); the timed calls stop once they have taken GENERATE_PROBE_S (a long call is an average already).
 GENERATE_TIMED_CALLS = 3
-GENERATE_PROBE_S = 3.0
+GENERATE_PROBE_S = 1.0
+# A larger candidate is tried only when one call of it takes at most GENERATE_TRY_S at the best speed so far: a tiny
+# G is far faster per image in large batches on a CPU, so its 500 must be tried even when 64 looks slow.
+GENERATE_TRY_S = 3.0
 # A smaller batch is used only when it timed this much faster per image than the largest timed one: small batches
 # times scatter most on a busy CPU (per-op overhead), and a large batch is never much slower elsewhere.
 GENERATE_BATCH_MARGIN = 0.25
@@ -177,14 +180,21 @@ def generation_batch_candidates(n_images: int) -> tuple[int, ...]:
     return tuple(sorted({min(batch_size, max(1, n_images)) for batch_size in GENERATE_BATCH_CANDIDATES}))
 
 
+def generation_probe_seconds(batch_size: int, seconds_per_image: float) -> float:
+    """About what measure_generation spends on one batch size at this speed: the warm-up and the timed calls."""
+    call_s = batch_size * seconds_per_image
+    timed_calls = min(GENERATE_TIMED_CALLS, max(1, math.ceil(GENERATE_PROBE_S / max(call_s, 1e-9))))
+    return (1 + timed_calls) * call_s
+
+
 def measure_generation(G: torch.nn.Module, device, batch_sizes: tuple[int, ...]) -> dict[int, GenerationTiming]:
     """{batch size: GenerationTiming} of generate_images on this device, warm (see GENERATE_TIMED_CALLS), smallest
-    batch first; a larger one only when its warm-up and one call fit in GENERATE_PROBE_S at the best speed so far.
+    batch first; a larger one only when one call of it fits in GENERATE_TRY_S at the best speed so far.
     G is left in its own mode; its own seeded latents leave the global RNG untouched."""
     timed: dict[int, GenerationTiming] = {}
     with eval_mode(G):
         for batch_size in batch_sizes:
-            if timed and 2 * batch_size * min(t.seconds_per_image for t in timed.values()) > GENERATE_PROBE_S:
+            if timed and batch_size * min(t.seconds_per_image for t in timed.values()) > GENERATE_TRY_S:
                 break
             warmup_s, _ = _timed_generation(G, batch_size, device, seed=0)
             per_image, drawn = [], []

@@ -13,14 +13,14 @@ from src.config import Config, format_duration
 from src.console import log
 from src.distributed import any_rank_flags, current_dist_info, max_over_ranks
 from src.ema import STANDING_STATS_BATCH, STANDING_STATS_BATCHES
-from src.generate import (GENERATE_TIMED_CALLS, ZIP_BYTES_PER_IMAGE_MAX, eval_mode, generation_batch_candidates,
+from src.generate import (ZIP_BYTES_PER_IMAGE_MAX, eval_mode, generation_batch_candidates, generation_probe_seconds,
                           measure_generation, measure_zip_seconds, pick_generation_batch)
 from src.preflight import check_free_space, measure_write_speed
 from src.scoring import TRUNCATION_CANDIDATES, reserve_for_scoring
 
-# The recheck near the end of training measures only when its generation calls (a warm-up and GENERATE_TIMED_CALLS
-# batches) cost at most this share of the output's time: else the start-up figure stands (tiny outputs, whose whole
-# generation is a batch or two).
+# The recheck near the end of training measures only when its generation calls (generation_probe_seconds) cost at
+# most this share of the output's time: else the start-up figure stands (tiny outputs, whose whole generation is a
+# batch or two).
 RECHECK_COST_SHARE = 0.1
 # Training must get at least this many rounds, or the run is refused: a zip from an untrained G is noise.
 MIN_TRAIN_ROUNDS = 2
@@ -155,7 +155,7 @@ def recheck_reserve(plan: OutputPlan, deadline: Deadline, G_ema: torch.nn.Module
     leaves G_ema as it was, and updates plan.gen_s and plan.zip_s. Each rank may call it on
     its own clock (no collective): the loop's stop decision is shared, so the earliest end wins on every rank.
     """
-    if (1 + GENERATE_TIMED_CALLS) * plan.generate_batch * plan.gen_s > RECHECK_COST_SHARE * plan.output_s:
+    if generation_probe_seconds(plan.generate_batch, plan.gen_s) > RECHECK_COST_SHARE * plan.output_s:
         deadline.revise_reserve(deadline.reserve_s)  # the start-up reserve stands
         return
     timing = measure_generation(G_ema, device, (plan.generate_batch,))[plan.generate_batch]

@@ -12,7 +12,7 @@ from PIL import Image
 
 import src.generate
 from src.generate import (ZIP_CHUNK, GenerationTiming, balanced_labels, eval_mode, generate_images,
-                          generation_batch_candidates, measure_generation, measure_zip_seconds, pick_generation_batch, sample_z, to_uint8,
+                          generation_batch_candidates, generation_probe_seconds, measure_generation, measure_zip_seconds, pick_generation_batch, sample_z, to_uint8,
                           write_images_zip)
 
 
@@ -136,9 +136,10 @@ def test_generation_timing_tries_the_larger_batch_only_when_cheap(monkeypatch):
     for batch_size, timing in timed.items():
         assert timing.batch_size == batch_size and len(timing.per_image_s) == 3
         assert timing.seconds_per_image > 0 and timing.images.shape == (3 * batch_size, 3, 64, 64)
-    monkeypatch.setattr(src.generate, "GENERATE_PROBE_S", 0.0)  # now the 500 batch is too dear to time
+    monkeypatch.setattr(src.generate, "GENERATE_TRY_S", 0.0)  # now the 500 batch is too dear to try
+    monkeypatch.setattr(src.generate, "GENERATE_PROBE_S", 0.0)  # and one timed call is the least
     timed = measure_generation(LabelColourG(), "cpu", (64, 500))
-    assert sorted(timed) == [64] and len(timed[64].per_image_s) == 1  # and one timed call is the least
+    assert sorted(timed) == [64] and len(timed[64].per_image_s) == 1
 
 
 @pytest.mark.parametrize("n_images, candidates", [(10000, (64, 500)), (200, (64, 200)), (30, (30,))])
@@ -168,6 +169,24 @@ def test_generation_is_timed_warm_and_one_slow_call_does_not_move_it():
     assert timed.warmup_s >= 0.3 / 64
     assert timed.per_image_s[1] >= 0.3 / 64
     assert timed.seconds_per_image < 0.05 / 64
+
+
+class CountingSleepyG(LabelColourG):
+    def __init__(self, call_s):
+        super().__init__()
+        self.call_s, self.calls = call_s, 0
+
+    def forward(self, z, y):
+        self.calls += 1
+        time.sleep(self.call_s)
+        return super().forward(z, y)
+
+
+@pytest.mark.parametrize("call_s", [0.01, 0.4, 1.2])
+def test_the_probe_cost_estimate_counts_the_calls_measure_generation_makes(call_s):
+    G = CountingSleepyG(call_s)
+    measure_generation(G, "cpu", (64,))
+    assert generation_probe_seconds(64, call_s / 64) == pytest.approx(G.calls * call_s)
 
 
 def test_eval_mode_restores_every_submodule_mode():
