@@ -163,6 +163,7 @@ def recheck_reserve(plan: OutputPlan, deadline: Deadline, G_ema: torch.nn.Module
     plan.gen_s, plan.zip_s = timing.seconds_per_image, measure_zip_seconds(timing.images)
     deadline.revise_reserve(reserve_seconds(plan, deadline.budget_s))
     change = before_s - deadline.reserve_s
-    log("main", f"output measured again with the trained G_ema: images {format_duration(plan.output_s)} (start-up: "
+    log("main", f"output measured again with the trained G_ema: images {format_duration(plan.output_s)} (generate "
+        f"{plan.n_images * plan.gen_s:.1f}s + zip {plan.n_images * plan.zip_s:.1f}s; start-up: "
         f"{format_duration(start_up_output_s)}); the training window {'gains' if change >= 0 else 'loses'} "
         f"{abs(change):.1f}s")
