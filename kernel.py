@@ -53,7 +53,8 @@
 #   preflight    Start-up checks of the output folder, so a run does not find out after its whole budget that it
 #                cannot write.
 #   reserve      The reserve: what the end of training, generation, the zip and scoring will take, measured at start-
-#                up on this device with the run's own models, and the refusal of a budget that cannot hold them.
+#                up on this device with the run's own models (and the output again near the end of training, with the
+#                trained G_ema), and the refusal of a budget that cannot hold them.
 #   interrupt    SIGTERM and Ctrl-C outside the training loop: the stage in progress unwinds cleanly and the run ends
 #                in one line.
 #   launch       Every visible GPU from one notebook cell: the run starts one training process per GPU itself, as
@@ -101,6 +102,7 @@ import shutil
 import signal
 import socket
 import stat
+import statistics
 import sys
 import tarfile
 import threading
@@ -3256,6 +3258,11 @@ class Deadline:
         self.start = time.time() if start is None else start
         self.end = self.start + float(budget_s)
         self.reserve_s = 0.0
+        self.revised = False
+
+    @property
+    def budget_s(self) -> float:
+        return self.end - self.start
 
     def elapsed(self) -> float:
         return time.time() - self.start
@@ -3267,6 +3274,18 @@ class Deadline:
     def reserve(self, seconds: float) -> None:
         """Keep `seconds` back from training for generation, zipping and scoring."""
         self.reserve_s = max(0.0, float(seconds))
+
+    def recheck_due(self, now: float) -> bool:
+        """True from the moment the training window has RECHECK_LEAD of the reserve left (at least
+        RECHECK_LEAD_MIN_S) until the reserve is revised: the time to measure the output again."""
+        lead = max(RECHECK_LEAD_MIN_S, RECHECK_LEAD * self.reserve_s)
+        return not self.revised and self.train_end - now <= lead
+
+    def revise_reserve(self, seconds: float) -> None:
+        """The reserve measured again near the end of training: the training window ends earlier or later by the
+        difference (once; recheck_due is False after)."""
+        self.reserve(seconds)
+        self.revised = True
 
     @property
     def train_end(self) -> float:
@@ -3304,9 +3323,12 @@ class Every:
         return None if self.never else max(0.0, self.next - now)
 
 
-# The reserve is what the output stages measured at start-up, times this: short probes on a shared machine
-# scatter by about +-20 % from the real run.
-RESERVE_SAFETY = 1.25
+# The reserve is what the output stages measured (warm, at the batch generation uses), times this.
+RESERVE_SAFETY = 1.1
+# The output is measured again with the trained G_ema when the training window has this share of the reserve left
+# (at least RECHECK_LEAD_MIN_S): an output found slower than reserved can still end training that much earlier.
+RECHECK_LEAD = 0.3
+RECHECK_LEAD_MIN_S = 5.0
 # How far past the end of the budget an output stage may run before it is abandoned (a few seconds, as promised).
 OVERRUN_GRACE_S = 3.0
 
@@ -3422,16 +3444,23 @@ def to_uint8(img: "torch.Tensor") -> "torch.Tensor":
 
 # Batch sizes generation may use, smallest first. Which is faster depends on the model and the device: on a CPU the
 # default model runs ~30 % faster per image at 64 than at 500 (cache), a tiny one ~6x slower at 64 (per-op overhead
-# with 2 threads). measure_generation_seconds() times them and the run uses the faster.
+# with 2 threads). measure_generation() times them and the run uses the faster.
 GENERATE_BATCH_CANDIDATES = (64, 500)
-# A larger candidate is timed (one batch, its warm-up included: a cost that errs high) only when that batch takes
-# at most this many seconds at the smaller's speed.
-GENERATE_PROBE_S = 3.0
+# Timing one batch size: a warm-up call first (a batch size's first call allocates and picks kernels: it is the slow
+# one), then up to GENERATE_TIMED_CALLS timed calls whose median is the speed (one call slowed by another process
+# does not move it); the timed calls stop once they have taken GENERATE_PROBE_S (a long call is an average already).
+GENERATE_TIMED_CALLS = 3
+GENERATE_PROBE_S = 1.0
+# A larger candidate is tried only when one call of it takes at most GENERATE_TRY_S at the best speed so far: a tiny
+# G is far faster per image in large batches on a CPU, so its 500 must be tried even when 64 looks slow.
+GENERATE_TRY_S = 3.0
 # A smaller batch is used only when it timed this much faster per image than the largest timed one: small batches
 # times scatter most on a busy CPU (per-op overhead), and a large batch is never much slower elsewhere.
 GENERATE_BATCH_MARGIN = 0.25
 # PNGs encoded per round of the zip writer's thread pool; the deadline and stop checks run between rounds.
 ZIP_CHUNK = 500
+# Images the zip probe encodes: ~0.1 s on 2 CPU cores, long enough for the timer and the thread pool's start.
+ZIP_PROBE_IMAGES = 256
 # Bytes one 64 x 64 RGB PNG of pure noise takes in a stored zip (incompressible pixels, filter bytes, PNG and zip
 # headers): an upper bound for the free-space check.
 ZIP_BYTES_PER_IMAGE_MAX = 3 * 64 * 64 + 64 + 400
@@ -3512,46 +3541,96 @@ def write_images_zip(images: "torch.Tensor", path: str, workers: int = 0, stop_c
     return time.time() - start
 
 
-def measure_generation_seconds(G: "torch.nn.Module", device) -> "dict[int, tuple[float, torch.Tensor]]":
-    """{batch size: (seconds per image, the images)} of generate_images for GENERATE_BATCH_CANDIDATES on this device.
-    The smallest is timed after a warm-up on a few images (first calls pay for allocations and kernel selection);
-    a larger one, in one batch, only when that costs at most GENERATE_PROBE_S by the fastest speed so far."""
-    timed: "dict[int, tuple[float, torch.Tensor]]" = {}
-    for batch_size in GENERATE_BATCH_CANDIDATES:
-        if not timed:
-            generate_images(G, min(8, batch_size), device, batch_size=min(8, batch_size))
-        elif batch_size * min(per_image for per_image, _ in timed.values()) > GENERATE_PROBE_S:
-            break
-        start = time.time()
-        images = generate_images(G, batch_size, device, batch_size=batch_size)
-        timed[batch_size] = ((time.time() - start) / batch_size, images)
+@contextlib.contextmanager
+def eval_mode(*modules: "torch.nn.Module"):
+    """The modules in eval mode inside the block, and every submodule back in its own mode after: a probe on the run's
+    models must leave them as it found them."""
+    modes = [(sub, sub.training) for module in modules for sub in module.modules()]
+    for module in modules:
+        module.eval()
+    try:
+        yield
+    finally:
+        for sub, training in modes:
+            sub.training = training
+
+
+@dataclass
+class GenerationTiming:
+    """generate_images timed at one batch size on this device: one warm-up call, then timed calls."""
+    batch_size: int
+    warmup_s: float           # seconds per image of the warm-up call (the first at this size)
+    per_image_s: list[float]  # seconds per image of each timed call
+    images: "torch.Tensor"      # what the timed calls drew (uint8, CPU), for the zip probe
+
+    @property
+    def seconds_per_image(self) -> float:
+        """The median of the timed calls."""
+        return statistics.median(self.per_image_s)
+
+
+def _timed_generation(G: "torch.nn.Module", n: int, device, seed: int) -> "tuple[float, torch.Tensor]":
+    # seconds per image of one generate_images call in one batch (to_uint8's copy to the CPU waits for the device)
+    start = time.time()
+    images = generate_images(G, n, device, batch_size=n, seed=seed)
+    return (time.time() - start) / n, images
+
+
+def generation_batch_candidates(n_images: int) -> tuple[int, ...]:
+    """GENERATE_BATCH_CANDIDATES for n images: none larger than n (n images are one batch of n)."""
+    return tuple(sorted({min(batch_size, max(1, n_images)) for batch_size in GENERATE_BATCH_CANDIDATES}))
+
+
+def generation_probe_seconds(batch_size: int, seconds_per_image: float) -> float:
+    """About what measure_generation spends on one batch size at this speed: the warm-up and the timed calls."""
+    call_s = batch_size * seconds_per_image
+    timed_calls = min(GENERATE_TIMED_CALLS, max(1, math.ceil(GENERATE_PROBE_S / max(call_s, 1e-9))))
+    return (1 + timed_calls) * call_s
+
+
+def measure_generation(G: "torch.nn.Module", device, batch_sizes: tuple[int, ...]) -> "dict[int, GenerationTiming]":
+    """{batch size: GenerationTiming} of generate_images on this device, warm (see GENERATE_TIMED_CALLS), smallest
+    batch first; a larger one only when one call of it fits in GENERATE_TRY_S at the best speed so far.
+    G is left in its own mode; its own seeded latents leave the global RNG untouched."""
+    timed: "dict[int, GenerationTiming]" = {}
+    with eval_mode(G):
+        for batch_size in batch_sizes:
+            if timed and batch_size * min(t.seconds_per_image for t in timed.values()) > GENERATE_TRY_S:
+                break
+            warmup_s, _ = _timed_generation(G, batch_size, device, seed=0)
+            per_image, drawn = [], []
+            while not per_image or (len(per_image) < GENERATE_TIMED_CALLS
+                                    and batch_size * sum(per_image) < GENERATE_PROBE_S):
+                seconds, images = _timed_generation(G, batch_size, device, seed=len(per_image) + 1)
+                per_image.append(seconds)
+                drawn.append(images)
+            timed[batch_size] = GenerationTiming(batch_size, warmup_s, per_image, torch.cat(drawn))
     return timed
 
 
-def pick_generation_batch(timed: "dict[int, tuple[float, torch.Tensor]]") -> int:
-    """The batch size to generate with, from measure_generation_seconds(): the largest timed one, unless a smaller
-    one was faster per image by more than GENERATE_BATCH_MARGIN."""
+def pick_generation_batch(timed: "dict[int, GenerationTiming]") -> int:
+    """The batch size to generate with, from measure_generation(): the largest timed one, unless a smaller one was
+    faster per image by more than GENERATE_BATCH_MARGIN."""
     largest = max(timed)
-    fastest = min(timed, key=lambda batch_size: timed[batch_size][0])
-    if timed[fastest][0] < (1 - GENERATE_BATCH_MARGIN) * timed[largest][0]:
+    fastest = min(timed, key=lambda batch_size: timed[batch_size].seconds_per_image)
+    if timed[fastest].seconds_per_image < (1 - GENERATE_BATCH_MARGIN) * timed[largest].seconds_per_image:
         return fastest
     return largest
 
 
 def measure_zip_seconds(images: "torch.Tensor", workers: int = 0) -> float:
-    """Seconds per image write_images_zip spends on encoding (in its thread pool) and storing an entry, measured
-    in memory on `images` and on as many noise images, averaged: an untrained G's smooth images encode faster than
-    a trained G's, pure noise slower (PNG sizes: ~4, ~9 and 12.4 KB)."""
-    noise = torch.randint(0, 256, tuple(images.shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    per_image = []
-    with ThreadPoolExecutor(max_workers=_zip_workers(workers)) as pool:
-        for probe in (images.numpy(), noise.numpy()):
-            start = time.time()
-            with zipfile.ZipFile(io.BytesIO(), "w", compression=zipfile.ZIP_STORED) as archive:
-                for index, data in enumerate(pool.map(encode_png, probe)):
-                    archive.writestr(_zip_entry(index), data)
-            per_image.append((time.time() - start) / max(1, len(probe)))
-    return sum(per_image) / len(per_image)
+    """Seconds per image write_images_zip spends encoding (in a thread pool as large as its own) and storing an
+    entry, measured in memory on up to ZIP_PROBE_IMAGES of `images` after a warm-up (threads started, encoder
+    loaded). The writing itself is the disk's: preflight.measure_write_speed."""
+    array = images[:ZIP_PROBE_IMAGES].numpy()
+    n_workers = _zip_workers(workers)
+    with ThreadPoolExecutor(max_workers=n_workers) as pool:
+        list(pool.map(encode_png, array[:n_workers]))
+        start = time.time()
+        with zipfile.ZipFile(io.BytesIO(), "w", compression=zipfile.ZIP_STORED) as archive:
+            for index, data in enumerate(pool.map(encode_png, array)):
+                archive.writestr(_zip_entry(index), data)
+        return (time.time() - start) / max(1, len(array))
 
 
 # ====================================================================================================
@@ -5106,35 +5185,63 @@ def check_free_space(out_dir: str, need: dict[str, int]) -> None:
 # ====================================================================================================
 # src/reserve.py
 # The reserve: what the end of training, generation, the zip and scoring will take, measured at start-up on this
-# device with the run's own models, and the refusal of a budget that cannot hold them.
+# device with the run's own models (and the output again near the end of training, with the trained G_ema), and the
+# refusal of a budget that cannot hold them.
 # ====================================================================================================
+# The recheck near the end of training measures only when its generation calls (generation_probe_seconds) cost at
+# most this share of the output's time: else the start-up figure stands (tiny outputs, whose whole generation is a
+# batch or two).
+RECHECK_COST_SHARE = 0.1
 # Training must get at least this many rounds, or the run is refused: a zip from an untrained G is noise.
 MIN_TRAIN_ROUNDS = 2
-# Images G_ema draws after the training window: the last 8 x 8 sample grid and the 4 x 10 interpolation strip.
-TAIL_IMAGES = 64 + 40
+# The budget a refusal names holds the output measured this much slower, so the run it asks for, measuring again,
+# is not refused in turn.
+NAMED_BUDGET_HEADROOM = 1.1
+# Images G_ema draws after the training window: its standing statistics, the last 8 x 8 sample grid and the 4 x 10
+# interpolation strip.
+TAIL_IMAGES = STANDING_STATS_BATCHES * STANDING_STATS_BATCH + 64 + 40
 
 
 @dataclass
 class OutputPlan:
-    """Seconds measured at start-up (before the safety factor) for what comes after the training window."""
-    output_s: float      # generate n_images, encode them and write images.zip
+    """What comes after the training window, from figures measured on this device (before the safety factor).
+    recheck_reserve() updates gen_s and zip_s with the trained G_ema's."""
+    n_images: int
     generate_batch: int  # the faster batch size for generating on this device
-    tail_s: float        # the end of training: its last round, the last grid and strip, the last checkpoint
+    gen_s: float         # seconds per image generated at generate_batch
+    zip_s: float         # seconds per image encoded and stored in the zip
+    write_speed: float   # bytes per second written and fsynced in OUT
+    tail_s: float        # the end of training: its last round, G_ema's statistics, the last grid, strip, checkpoint
     scoring_s: float     # MiFID and the truncation search (0 without a backbone)
     mifid_s: float       # the part of scoring_s that scores the finished zip
     round_s: float       # one training round
 
+    @property
+    def output_s(self) -> float:
+        """Generate n_images, encode them and write images.zip."""
+        return self.n_images * (self.gen_s + self.zip_s + ZIP_BYTES_PER_IMAGE_MAX / self.write_speed)
+
+    @property
+    def after_training_s(self) -> float:
+        return self.tail_s + self.output_s + self.scoring_s
+
+
+def reserve_seconds(plan: "OutputPlan", budget_s: float) -> float:
+    """The time kept back from training: the measured seconds after it, times RESERVE_SAFETY, plus the margin."""
+    return RESERVE_SAFETY * plan.after_training_s + reserve_margin(budget_s)
+
 
 @torch.no_grad()
 def measure_d_seconds(D: "torch.nn.Module", images: "torch.Tensor", device) -> float:
-    """Seconds per image of one D forward on `images` (uint8, CPU), after a warm-up on a few of them."""
+    """Seconds per image of one D forward on `images` (uint8, CPU), after a warm-up call of the same shape; D is
+    left in its own mode."""
     real_img = images.to(device).float() / 127.5 - 1
     labels = torch.zeros(len(real_img), dtype=torch.long, device=device)
-    D.eval()
-    D(real_img[:4], labels[:4])
-    start = time.time()
-    logits, _ = D(real_img, labels)
-    logits.float().sum().item()  # waits for the device
+    with eval_mode(D):
+        D(real_img, labels)
+        start = time.time()
+        logits, _ = D(real_img, labels)
+        logits.float().sum().item()  # waits for the device
     return (time.time() - start) / len(real_img)
 
 
@@ -5161,43 +5268,44 @@ def mifid_share(cfg: "Config") -> float:
     return cfg.n_images / (cfg.n_images + searched + cfg.fid_samples)
 
 
-def plan_reserve(cfg: "Config", deadline: "Deadline", n_classes: int, device: "torch.device", extractor,
-                 out_dir: str) -> "OutputPlan":
-    """Measure the output stages with the run's models (untrained: same shapes, same speed), check the disk has
-    room for images.zip and ckpt.pt, and keep the reserve back from training. Raises BudgetError, naming the
-    smallest budget that fits, when training would not get MIN_TRAIN_ROUNDS rounds."""
-    probe_G, probe_D = build_models(cfg, n_classes)
-    probe_G, probe_D = probe_G.to(device), probe_D.to(device)
-    timed = measure_generation_seconds(probe_G, device)
+def plan_reserve(cfg: "Config", deadline: "Deadline", G: "torch.nn.Module", D: "torch.nn.Module", device: "torch.device",
+                 extractor, out_dir: str) -> "OutputPlan":
+    """Measure the output stages with the run's own G and D (on the device; left as they were: modes, weights,
+    RNG), check the disk has room for images.zip and ckpt.pt, and keep the reserve back from training. Raises
+    BudgetError, naming the smallest budget that fits, when training would not get MIN_TRAIN_ROUNDS rounds."""
+    timed = measure_generation(G, device, generation_batch_candidates(cfg.n_images))
     generate_batch = pick_generation_batch(timed)
-    gen_s, probe_img = timed[generate_batch]
     # a training batch is nearer the smallest candidate, whose speed the round estimate takes
-    round_gen_s = timed[min(timed)][0]
-    zip_s = measure_zip_seconds(probe_img[:64])
-    d_s = measure_d_seconds(probe_D, probe_img[:64], device)
+    round_gen_s = timed[min(timed)].seconds_per_image
+    probe_img = timed[generate_batch].images
+    zip_s = measure_zip_seconds(probe_img)
+    d_s = measure_d_seconds(D, probe_img[:64], device)
     write_speed = measure_write_speed(out_dir)
-    zip_bytes, ckpt_bytes = cfg.n_images * ZIP_BYTES_PER_IMAGE_MAX, checkpoint_bytes(probe_G, probe_D)
-    del probe_G, probe_D, probe_img, timed
-    check_free_space(out_dir, {"images.zip": zip_bytes, "ckpt.pt": ckpt_bytes})
+    ckpt_bytes = checkpoint_bytes(G, D)
+    gen_s = timed[generate_batch].seconds_per_image
+    del timed, probe_img
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the probe's large batches are not kept from training
+    check_free_space(out_dir, {"images.zip": cfg.n_images * ZIP_BYTES_PER_IMAGE_MAX, "ckpt.pt": ckpt_bytes})
 
     round_s = training_round_seconds(cfg, round_gen_s, d_s)
     scoring_s = reserve_for_scoring(cfg, extractor) if extractor is not None else 0.0
-    plan = OutputPlan(output_s=cfg.n_images * (gen_s + zip_s) + zip_bytes / write_speed, generate_batch=generate_batch,
-                      tail_s=round_s + TAIL_IMAGES * round_gen_s + ckpt_bytes / write_speed,
+    plan = OutputPlan(n_images=cfg.n_images, generate_batch=generate_batch, gen_s=gen_s, zip_s=zip_s,
+                      write_speed=write_speed, tail_s=round_s + TAIL_IMAGES * round_gen_s + ckpt_bytes / write_speed,
                       scoring_s=scoring_s, mifid_s=scoring_s * mifid_share(cfg), round_s=round_s)
-    budget_s = deadline.end - deadline.start
-    measured_s = RESERVE_SAFETY * (plan.output_s + plan.tail_s + plan.scoring_s)
+    budget_s = deadline.budget_s
     # under torchrun every rank measured its own: all keep the largest reserve and refuse together, or none waits
     # forever in a collective for a rank that stopped
     world = current_dist_info(device).world_size
-    deadline.reserve(max_over_ranks(measured_s + reserve_margin(budget_s), device, world))
+    deadline.reserve(max_over_ranks(reserve_seconds(plan, budget_s), device, world))
     min_train_s = MIN_TRAIN_ROUNDS * round_s
     log("main", f"budget {format_duration(budget_s)}: start-up took {format_duration(deadline.elapsed())}, reserving "
         f"{format_duration(deadline.reserve_s)} (images {format_duration(plan.output_s)}, end of training "
         f"{format_duration(plan.tail_s)}{f', MiFID {format_duration(plan.scoring_s)}' if extractor else ''}, "
         f"x{RESERVE_SAFETY} + margin), training gets {format_duration(max(0.0, deadline.train_remaining()))}")
     if any_rank_flags([deadline.train_remaining() < min_train_s], device, world)[0]:
-        fitting = smallest_budget(deadline.elapsed() + measured_s + min_train_s)
+        fitting = smallest_budget(deadline.elapsed() + NAMED_BUDGET_HEADROOM * RESERVE_SAFETY * plan.after_training_s
+                                  + min_train_s)
         scoring = f", MiFID ~{format_duration(plan.scoring_s)}" if extractor is not None else ""
         lighter = "a lighter model, e.g. --recipe cgan, or " if cfg.arch == "resnet" else ""
         raise BudgetError(
@@ -5206,6 +5314,29 @@ def plan_reserve(cfg: "Config", deadline: "Deadline", n_classes: int, device: "t
             f"to generate and zip here{scoring}, a training round ~{format_duration(round_s)}; give --time-budget "
             f"{budget_flag_text(fitting)} or more (or {lighter}fewer --n-images for a local test)")
     return plan
+
+
+def recheck_reserve(plan: "OutputPlan", deadline: "Deadline", G_ema: "torch.nn.Module", device) -> None:
+    """Measure generation again with the trained G_ema at plan.generate_batch, and the zip on its images, and revise
+    the deadline's reserve: the training window ends earlier when the output got slower, later when faster.
+
+    Call it from the training loop between rounds once deadline.recheck_due(now) is True. It runs for a few
+    generation batches (none when they would cost more than RECHECK_COST_SHARE of the output: the reserve stays),
+    leaves G_ema as it was, and updates plan.gen_s and plan.zip_s. Each rank may call it on
+    its own clock (no collective): the loop's stop decision is shared, so the earliest end wins on every rank.
+    """
+    if generation_probe_seconds(plan.generate_batch, plan.gen_s) > RECHECK_COST_SHARE * plan.output_s:
+        deadline.revise_reserve(deadline.reserve_s)  # the start-up reserve stands
+        return
+    timing = measure_generation(G_ema, device, (plan.generate_batch,))[plan.generate_batch]
+    before_s, start_up_output_s = deadline.reserve_s, plan.output_s
+    plan.gen_s, plan.zip_s = timing.seconds_per_image, measure_zip_seconds(timing.images)
+    deadline.revise_reserve(reserve_seconds(plan, deadline.budget_s))
+    change = before_s - deadline.reserve_s
+    log("main", f"output measured again with the trained G_ema: images {format_duration(plan.output_s)} (generate "
+        f"{plan.n_images * plan.gen_s:.1f}s + zip {plan.n_images * plan.zip_s:.1f}s; start-up: "
+        f"{format_duration(start_up_output_s)}); the training window {'gains' if change >= 0 else 'loses'} "
+        f"{abs(change):.1f}s")
 
 
 # ====================================================================================================
@@ -6093,13 +6224,15 @@ def wrap_up(cfg: "Config", run: "RunParts", watch: "Watch", stop: "StopReason", 
 
 
 def train(cfg: "Config", data, deadline: "Deadline", out_dir: str, device, fid_fn=None, *, resume: dict | None = None,
-          max_steps: int = 0, nets: "GanNets | None" = None) -> "TrainResult":
+          max_steps: int = 0, nets: "GanNets | None" = None, recheck=None) -> "TrainResult":
     """Train G and D on `data` until the deadline's training window ends, a signal, cfg.max_kimg thousand images
     over all sessions, or max_steps rounds (tests).
 
     `cfg` is the settled config (settle.settle_run); `resume` the checkpoint it settled; `nets` the run's nets when
-    main built them already (build_run_nets), else they are built here. Rank 0 prints and writes OUT/stats.jsonl,
-    OUT/samples/, OUT/ckpt.pt (always before returning). Each rank trains on batch_size // world.
+    main built them already (build_run_nets), else they are built here. `recheck(G_ema)`, when given, runs between
+    rounds once deadline.recheck_due() (reserve.recheck_reserve: it may move the window's end). Rank 0 prints and
+    writes OUT/stats.jsonl, OUT/samples/, OUT/ckpt.pt (always before returning). Each rank trains on
+    batch_size // world.
     """
     # Set-up: ranks, models, optimisers, data on the device; the banner says what this run is; the watchers.
     device = torch.device(device)
@@ -6120,6 +6253,9 @@ def train(cfg: "Config", data, deadline: "Deadline", out_dir: str, device, fid_f
             while True:
                 # Decide, identically on every rank: stop (step limit / deadline / signal), tick, rollback refresh.
                 now = time.time()
+                if recheck is not None and deadline.recheck_due(now):
+                    recheck(nets.G_ema)
+                    now = time.time()
                 stop, tick_now, refresh_now = _decide(now, state.step, max_steps, deadline.train_end, caught_signals,
                                                       watch.status_due, watch.guard, device, world, state.images_seen,
                                                       cfg.max_kimg * 1000)
@@ -6475,17 +6611,20 @@ def run(cfg: "Config", start: float) -> int:
     submission_breeds = breed_counts(data.labels, n_classes) if cfg.labels == "data" else None
     real_feats = real_features(extractor, data, out_dir, cfg.fid_reference) if extractor is not None else None
     data.photos = None  # their features are computed: the ~250 MB of whole-photo pixels are not needed again
-    # the models are built once: the reserve is measured with them, then they train
+    # the models are built once: checked, the reserve measured with them (leaving the training RNG as it was), then
+    # they train
     nets = build_run_nets(cfg, n_classes, device, dist)
     if cfg.self_check:
         run_self_check(cfg, nets, data, extractor, dist)
-    plan = plan_reserve(cfg, deadline, n_classes, device, extractor, out_dir)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        plan = plan_reserve(cfg, deadline, nets.G, nets.D, device, extractor, out_dir)
     fid_fn = (make_training_fid(cfg, extractor, real_feats, device, submission_breeds) if extractor is not None
               else None)
 
     exit_code, G_ema = 0, None
     try:
-        result = train(cfg, data, deadline, out_dir, device, fid_fn=fid_fn, resume=settled.resume, nets=nets)
+        result = train(cfg, data, deadline, out_dir, device, fid_fn=fid_fn, resume=settled.resume, nets=nets,
+                       recheck=lambda G_ema: recheck_reserve(plan, deadline, G_ema, device))
         if result.progress.step > 0:
             G_ema = result.G_ema
         log("main", f"training stopped ({result.stop_reason.value}) after {result.progress.step} steps, "

@@ -88,7 +88,7 @@ SMOKE_VARIANTS = "default\nbs8 --batch-size 8\n"
 SMOKE_PHOTOS = 32                 # generated photos (~38 dogs): enough for batches of 16
 SMOKE_CALIBRATION_IMAGES = 16     # images that set the random smoke backbone's BatchNorm statistics
 SMOKE_LIVE_FEATURES = 8           # non-zero features of the random smoke backbone (random_lite0_state says why)
-SMOKE_MINUTES = 0.2
+SMOKE_MINUTES = 0.35
 SMOKE_BATCHES = (8, 16)
 # Throughput probes: few images to generate and no grids or periodic checkpoints, so the probe's budget is training;
 # 4,096 photos decode in a second and the data size does not change the speed (it lives on the device).

@@ -1,15 +1,25 @@
-"""How well the start-up measurement predicts the output stage: measured seconds for n images (as plan_reserve
-measures them) against the real generation + zip of n images from the same untrained G, repeated.
+"""How well the start-up measurement predicts the output stage, and where it errs: for each model, the reserve's
+own measurement (plan_reserve's steps on the run's G) against the real generation + zip of n images from the same
+G, repeated, with the parts side by side:
 
-    python scripts/reserve_accuracy.py --n-images 10000 --repeats 3 -- --demo
-    python scripts/reserve_accuracy.py --n-images 2000 -- --recipe biggan --g-ch 32 --d-ch 32
+    generation   cold: the first call at the batch size (what the reserve timed before issue 20; only repeat 0's
+                 is the process's first call at that shape), warm: the median of the timed calls after it (what
+                 it times now), and their minimum
+    zip          the probe (encode + store in memory, the zip's own thread pool) plus the disk's write speed
+    real         generate_images of n images at the chosen batch, write_images_zip into a folder beside --out
 
-Flags after `--` are the kernel's (they pick the model). Prints one line per repeat and the ratios.
+    python scripts/reserve_accuracy.py --recipes dcgan,cgan,acgan,sngan,sagan,biggan,demo -- --g-ch 16 --d-ch 16
+    python scripts/reserve_accuracy.py --n-images 2000 --repeats 3 -- --recipe biggan --g-ch 32 --d-ch 32
+
+Flags after `--` are the kernel's (they pick the model); `demo` in --recipes means `--demo` as it runs, without them. Prints one line per repeat, then one summary line per model: estimate / real (min-max). The load
+average is printed too: on a shared machine compare ratios measured in the same run.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -19,45 +29,81 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from src.config import parse_config  # noqa: E402
-from src.generate import (ZIP_BYTES_PER_IMAGE_MAX, generate_images, measure_generation_seconds,  # noqa: E402
-                          measure_zip_seconds, pick_generation_batch, write_images_zip)
+from src.generate import (ZIP_BYTES_PER_IMAGE_MAX, generate_images, generation_batch_candidates,  # noqa: E402
+                          measure_generation, measure_zip_seconds, pick_generation_batch, write_images_zip)
 from src.models import build_models  # noqa: E402
 from src.preflight import measure_write_speed  # noqa: E402
+from src.reserve import OutputPlan  # noqa: E402
+
+
+def load() -> str:
+    return "load %.1f" % os.getloadavg()[0]
+
+
+def model_flags(recipe: str, flags: list[str]) -> list[str]:
+    # the demo is measured as it runs (its own widths); the flags after -- are for the recipes
+    return ["--demo"] if recipe == "demo" else ["--recipe", recipe, *flags]
+
+
+def measure_model(name: str, flags: list[str], args, out_dir: str) -> list[float]:
+    """Repeats of (estimate, real) for one model; prints each; returns estimate / real ratios. The measurement is
+    plan_reserve's, step by step, so its parts can be printed; the estimate is OutputPlan.output_s of them."""
+    cfg, _ = parse_config([*flags, "--n-images", str(args.n_images)])
+    device = torch.device("cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    G, _ = build_models(cfg, args.classes)
+    G = G.to(device).train()  # as the run's G is when plan_reserve sees it
+    G_ema = copy.deepcopy(G).eval()
+    ratios = []
+    for repeat in range(args.repeats):
+        before = load()
+        start = time.time()
+        timed = measure_generation(G, device, generation_batch_candidates(args.n_images))
+        batch = pick_generation_batch(timed)
+        timing = timed[batch]
+        plan = OutputPlan(n_images=args.n_images, generate_batch=batch, gen_s=timing.seconds_per_image,
+                          zip_s=measure_zip_seconds(timing.images), write_speed=measure_write_speed(out_dir),
+                          tail_s=0.0, scoring_s=0.0, mifid_s=0.0, round_s=0.0)
+        probe_s = time.time() - start
+        write_s = args.n_images * ZIP_BYTES_PER_IMAGE_MAX / plan.write_speed
+
+        start = time.time()
+        images = generate_images(G_ema, args.n_images, device, batch_size=batch, seed=repeat)
+        real_gen = time.time() - start
+        real_zip = write_images_zip(images, os.path.join(out_dir, "images.zip"))
+        real = real_gen + real_zip
+        del images
+        ratios.append(plan.output_s / real)
+        ms = 1000 / args.n_images
+        # repeat 0's first call at a batch size is the process's first at that shape: cold
+        print(f"{name} #{repeat} ({before} -> {load()}): batch {batch}, probe {probe_s:.1f}s | estimate "
+              f"{plan.output_s:.1f}s = generate {plan.gen_s * args.n_images:.1f} + zip {plan.zip_s * args.n_images:.1f}"
+              f" + write {write_s:.1f} | real {real:.1f}s = generate {real_gen:.1f} + zip {real_zip:.1f} | per image "
+              f"ms: generate {'cold' if repeat == 0 else 'first'} {timing.warmup_s * 1000:.2f} warm median "
+              f"{timing.seconds_per_image * 1000:.2f} min {min(timing.per_image_s) * 1000:.2f} real "
+              f"{real_gen * ms:.2f}; zip + write probe {(plan.zip_s * args.n_images + write_s) * ms:.3f} real "
+              f"{real_zip * ms:.3f} | estimate/real {plan.output_s / real:.2f}", flush=True)
+    return ratios
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n-images", type=int, default=10000)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--classes", type=int, default=120)
+    parser.add_argument("--recipes", default="", help="comma-separated recipes to loop over (`demo`: --demo)")
+    parser.add_argument("--out", default=None, help="a folder on the disk the run writes to (default: a temporary one)")
     parser.add_argument("kernel_flags", nargs="*")
     args = parser.parse_args()
-    cfg, _ = parse_config(args.kernel_flags)
-    device = torch.device("cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
-    G, _ = build_models(cfg, args.classes)
-    G = G.to(device)
-    print(f"recipe {cfg.recipe}, {args.n_images} images, device {device}, {torch.get_num_threads()} threads")
-    ratios = []
-    with tempfile.TemporaryDirectory() as out_dir:
-        for repeat in range(args.repeats):
-            start = time.time()
-            timed = measure_generation_seconds(G, device)
-            batch_size = pick_generation_batch(timed)
-            gen_s, probe = timed[batch_size]
-            zip_s = measure_zip_seconds(probe[:64])
-            speed = measure_write_speed(out_dir)
-            measured = args.n_images * (gen_s + zip_s) + args.n_images * ZIP_BYTES_PER_IMAGE_MAX / speed
-            probe_s = time.time() - start
-            start = time.time()
-            images = generate_images(G, args.n_images, device, batch_size=batch_size)
-            real_gen = time.time() - start
-            real_zip = write_images_zip(images, os.path.join(out_dir, "images.zip"))
-            real = real_gen + real_zip
-            ratios.append(measured / real)
-            print(f"repeat {repeat}: batch {batch_size}, measured {measured:.1f}s (probe took {probe_s:.1f}s), "
-                  f"real {real:.1f}s (generate {real_gen:.1f}s, zip {real_zip:.1f}s), measured/real "
-                  f"{measured / real:.2f}")
-    print(f"measured/real: min {min(ratios):.2f}, max {max(ratios):.2f}")
+    models = ([(recipe, model_flags(recipe, args.kernel_flags)) for recipe in args.recipes.split(",")]
+              if args.recipes else [(" ".join(args.kernel_flags) or "defaults", args.kernel_flags)])
+    print(f"{args.n_images} images, {torch.get_num_threads()} threads, {load()}", flush=True)
+    summary = {}
+    with tempfile.TemporaryDirectory(dir=args.out) as out_dir:
+        for name, flags in models:
+            summary[name] = measure_model(name, flags, args, out_dir)
+    print("estimate / real (the reserve keeps RESERVE_SAFETY x the estimate + a margin):")
+    for name, ratios in summary.items():
+        print(f"  {name:10s} median {statistics.median(ratios):.2f}  min {min(ratios):.2f}  max {max(ratios):.2f}")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,11 @@ class Deadline:
         self.start = time.time() if start is None else start
         self.end = self.start + float(budget_s)
         self.reserve_s = 0.0
+        self.revised = False
+
+    @property
+    def budget_s(self) -> float:
+        return self.end - self.start
 
     def elapsed(self) -> float:
         return time.time() - self.start
@@ -23,6 +28,18 @@ class Deadline:
     def reserve(self, seconds: float) -> None:
         """Keep `seconds` back from training for generation, zipping and scoring."""
         self.reserve_s = max(0.0, float(seconds))
+
+    def recheck_due(self, now: float) -> bool:
+        """True from the moment the training window has RECHECK_LEAD of the reserve left (at least
+        RECHECK_LEAD_MIN_S) until the reserve is revised: the time to measure the output again."""
+        lead = max(RECHECK_LEAD_MIN_S, RECHECK_LEAD * self.reserve_s)
+        return not self.revised and self.train_end - now <= lead
+
+    def revise_reserve(self, seconds: float) -> None:
+        """The reserve measured again near the end of training: the training window ends earlier or later by the
+        difference (once; recheck_due is False after)."""
+        self.reserve(seconds)
+        self.revised = True
 
     @property
     def train_end(self) -> float:
@@ -60,9 +77,12 @@ class Every:
         return None if self.never else max(0.0, self.next - now)
 
 
-# The reserve is what the output stages measured at start-up, times this: short probes on a shared machine
-# scatter by about +-20 % from the real run.
-RESERVE_SAFETY = 1.25
+# The reserve is what the output stages measured (warm, at the batch generation uses), times this.
+RESERVE_SAFETY = 1.1
+# The output is measured again with the trained G_ema when the training window has this share of the reserve left
+# (at least RECHECK_LEAD_MIN_S): an output found slower than reserved can still end training that much earlier.
+RECHECK_LEAD = 0.3
+RECHECK_LEAD_MIN_S = 5.0
 # How far past the end of the budget an output stage may run before it is abandoned (a few seconds, as promised).
 OVERRUN_GRACE_S = 3.0
 

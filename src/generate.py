@@ -2,11 +2,15 @@
 submission zip."""
 from __future__ import annotations
 
+import contextlib
 import io
+import math
 import os
+import statistics
 import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -79,16 +83,23 @@ def to_uint8(img: torch.Tensor) -> torch.Tensor:
 
 # Batch sizes generation may use, smallest first. Which is faster depends on the model and the device: on a CPU the
 # default model runs ~30 % faster per image at 64 than at 500 (cache), a tiny one ~6x slower at 64 (per-op overhead
-# with 2 threads). measure_generation_seconds() times them and the run uses the faster.
+# with 2 threads). measure_generation() times them and the run uses the faster.
 GENERATE_BATCH_CANDIDATES = (64, 500)
-# A larger candidate is timed (one batch, its warm-up included: a cost that errs high) only when that batch takes
-# at most this many seconds at the smaller's speed.
-GENERATE_PROBE_S = 3.0
+# Timing one batch size: a warm-up call first (a batch size's first call allocates and picks kernels: it is the slow
+# one), then up to GENERATE_TIMED_CALLS timed calls whose median is the speed (one call slowed by another process
+# does not move it); the timed calls stop once they have taken GENERATE_PROBE_S (a long call is an average already).
+GENERATE_TIMED_CALLS = 3
+GENERATE_PROBE_S = 1.0
+# A larger candidate is tried only when one call of it takes at most GENERATE_TRY_S at the best speed so far: a tiny
+# G is far faster per image in large batches on a CPU, so its 500 must be tried even when 64 looks slow.
+GENERATE_TRY_S = 3.0
 # A smaller batch is used only when it timed this much faster per image than the largest timed one: small batches
 # times scatter most on a busy CPU (per-op overhead), and a large batch is never much slower elsewhere.
 GENERATE_BATCH_MARGIN = 0.25
 # PNGs encoded per round of the zip writer's thread pool; the deadline and stop checks run between rounds.
 ZIP_CHUNK = 500
+# Images the zip probe encodes: ~0.1 s on 2 CPU cores, long enough for the timer and the thread pool's start.
+ZIP_PROBE_IMAGES = 256
 # Bytes one 64 x 64 RGB PNG of pure noise takes in a stored zip (incompressible pixels, filter bytes, PNG and zip
 # headers): an upper bound for the free-space check.
 ZIP_BYTES_PER_IMAGE_MAX = 3 * 64 * 64 + 64 + 400
@@ -169,43 +180,93 @@ def write_images_zip(images: torch.Tensor, path: str, workers: int = 0, stop_che
     return time.time() - start
 
 
-def measure_generation_seconds(G: torch.nn.Module, device) -> dict[int, tuple[float, torch.Tensor]]:
-    """{batch size: (seconds per image, the images)} of generate_images for GENERATE_BATCH_CANDIDATES on this device.
-    The smallest is timed after a warm-up on a few images (first calls pay for allocations and kernel selection);
-    a larger one, in one batch, only when that costs at most GENERATE_PROBE_S by the fastest speed so far."""
-    timed: dict[int, tuple[float, torch.Tensor]] = {}
-    for batch_size in GENERATE_BATCH_CANDIDATES:
-        if not timed:
-            generate_images(G, min(8, batch_size), device, batch_size=min(8, batch_size))
-        elif batch_size * min(per_image for per_image, _ in timed.values()) > GENERATE_PROBE_S:
-            break
-        start = time.time()
-        images = generate_images(G, batch_size, device, batch_size=batch_size)
-        timed[batch_size] = ((time.time() - start) / batch_size, images)
+@contextlib.contextmanager
+def eval_mode(*modules: torch.nn.Module):
+    """The modules in eval mode inside the block, and every submodule back in its own mode after: a probe on the run's
+    models must leave them as it found them."""
+    modes = [(sub, sub.training) for module in modules for sub in module.modules()]
+    for module in modules:
+        module.eval()
+    try:
+        yield
+    finally:
+        for sub, training in modes:
+            sub.training = training
+
+
+@dataclass
+class GenerationTiming:
+    """generate_images timed at one batch size on this device: one warm-up call, then timed calls."""
+    batch_size: int
+    warmup_s: float           # seconds per image of the warm-up call (the first at this size)
+    per_image_s: list[float]  # seconds per image of each timed call
+    images: torch.Tensor      # what the timed calls drew (uint8, CPU), for the zip probe
+
+    @property
+    def seconds_per_image(self) -> float:
+        """The median of the timed calls."""
+        return statistics.median(self.per_image_s)
+
+
+def _timed_generation(G: torch.nn.Module, n: int, device, seed: int) -> tuple[float, torch.Tensor]:
+    # seconds per image of one generate_images call in one batch (to_uint8's copy to the CPU waits for the device)
+    start = time.time()
+    images = generate_images(G, n, device, batch_size=n, seed=seed)
+    return (time.time() - start) / n, images
+
+
+def generation_batch_candidates(n_images: int) -> tuple[int, ...]:
+    """GENERATE_BATCH_CANDIDATES for n images: none larger than n (n images are one batch of n)."""
+    return tuple(sorted({min(batch_size, max(1, n_images)) for batch_size in GENERATE_BATCH_CANDIDATES}))
+
+
+def generation_probe_seconds(batch_size: int, seconds_per_image: float) -> float:
+    """About what measure_generation spends on one batch size at this speed: the warm-up and the timed calls."""
+    call_s = batch_size * seconds_per_image
+    timed_calls = min(GENERATE_TIMED_CALLS, max(1, math.ceil(GENERATE_PROBE_S / max(call_s, 1e-9))))
+    return (1 + timed_calls) * call_s
+
+
+def measure_generation(G: torch.nn.Module, device, batch_sizes: tuple[int, ...]) -> dict[int, GenerationTiming]:
+    """{batch size: GenerationTiming} of generate_images on this device, warm (see GENERATE_TIMED_CALLS), smallest
+    batch first; a larger one only when one call of it fits in GENERATE_TRY_S at the best speed so far.
+    G is left in its own mode; its own seeded latents leave the global RNG untouched."""
+    timed: dict[int, GenerationTiming] = {}
+    with eval_mode(G):
+        for batch_size in batch_sizes:
+            if timed and batch_size * min(t.seconds_per_image for t in timed.values()) > GENERATE_TRY_S:
+                break
+            warmup_s, _ = _timed_generation(G, batch_size, device, seed=0)
+            per_image, drawn = [], []
+            while not per_image or (len(per_image) < GENERATE_TIMED_CALLS
+                                    and batch_size * sum(per_image) < GENERATE_PROBE_S):
+                seconds, images = _timed_generation(G, batch_size, device, seed=len(per_image) + 1)
+                per_image.append(seconds)
+                drawn.append(images)
+            timed[batch_size] = GenerationTiming(batch_size, warmup_s, per_image, torch.cat(drawn))
     return timed
 
 
-def pick_generation_batch(timed: dict[int, tuple[float, torch.Tensor]]) -> int:
-    """The batch size to generate with, from measure_generation_seconds(): the largest timed one, unless a smaller
-    one was faster per image by more than GENERATE_BATCH_MARGIN."""
+def pick_generation_batch(timed: dict[int, GenerationTiming]) -> int:
+    """The batch size to generate with, from measure_generation(): the largest timed one, unless a smaller one was
+    faster per image by more than GENERATE_BATCH_MARGIN."""
     largest = max(timed)
-    fastest = min(timed, key=lambda batch_size: timed[batch_size][0])
-    if timed[fastest][0] < (1 - GENERATE_BATCH_MARGIN) * timed[largest][0]:
+    fastest = min(timed, key=lambda batch_size: timed[batch_size].seconds_per_image)
+    if timed[fastest].seconds_per_image < (1 - GENERATE_BATCH_MARGIN) * timed[largest].seconds_per_image:
         return fastest
     return largest
 
 
 def measure_zip_seconds(images: torch.Tensor, workers: int = 0) -> float:
-    """Seconds per image write_images_zip spends on encoding (in its thread pool) and storing an entry, measured
-    in memory on `images` and on as many noise images, averaged: an untrained G's smooth images encode faster than
-    a trained G's, pure noise slower (PNG sizes: ~4, ~9 and 12.4 KB)."""
-    noise = torch.randint(0, 256, tuple(images.shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    per_image = []
-    with ThreadPoolExecutor(max_workers=_zip_workers(workers)) as pool:
-        for probe in (images.numpy(), noise.numpy()):
-            start = time.time()
-            with zipfile.ZipFile(io.BytesIO(), "w", compression=zipfile.ZIP_STORED) as archive:
-                for index, data in enumerate(pool.map(encode_png, probe)):
-                    archive.writestr(_zip_entry(index), data)
-            per_image.append((time.time() - start) / max(1, len(probe)))
-    return sum(per_image) / len(per_image)
+    """Seconds per image write_images_zip spends encoding (in a thread pool as large as its own) and storing an
+    entry, measured in memory on up to ZIP_PROBE_IMAGES of `images` after a warm-up (threads started, encoder
+    loaded). The writing itself is the disk's: preflight.measure_write_speed."""
+    array = images[:ZIP_PROBE_IMAGES].numpy()
+    n_workers = _zip_workers(workers)
+    with ThreadPoolExecutor(max_workers=n_workers) as pool:
+        list(pool.map(encode_png, array[:n_workers]))
+        start = time.time()
+        with zipfile.ZipFile(io.BytesIO(), "w", compression=zipfile.ZIP_STORED) as archive:
+            for index, data in enumerate(pool.map(encode_png, array)):
+                archive.writestr(_zip_entry(index), data)
+        return (time.time() - start) / max(1, len(array))

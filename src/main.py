@@ -21,7 +21,7 @@ from src.launch import launch_workers, wants_workers
 from src.models import build_models
 from src.preflight import OutputError
 from src.report import write_plots
-from src.reserve import OutputPlan, plan_reserve
+from src.reserve import OutputPlan, plan_reserve, recheck_reserve
 from src.selfcheck import SelfCheckError, run_self_check
 from src.scoring import make_training_fid, pick_truncation, real_features, report_mifid
 from src.settle import settle_run
@@ -112,17 +112,20 @@ def run(cfg: Config, start: float) -> int:
     submission_breeds = breed_counts(data.labels, n_classes) if cfg.labels == "data" else None
     real_feats = real_features(extractor, data, out_dir, cfg.fid_reference) if extractor is not None else None
     data.photos = None  # their features are computed: the ~250 MB of whole-photo pixels are not needed again
-    # the models are built once: the reserve is measured with them, then they train
+    # the models are built once: checked, the reserve measured with them (leaving the training RNG as it was), then
+    # they train
     nets = build_run_nets(cfg, n_classes, device, dist)
     if cfg.self_check:
         run_self_check(cfg, nets, data, extractor, dist)
-    plan = plan_reserve(cfg, deadline, n_classes, device, extractor, out_dir)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        plan = plan_reserve(cfg, deadline, nets.G, nets.D, device, extractor, out_dir)
     fid_fn = (make_training_fid(cfg, extractor, real_feats, device, submission_breeds) if extractor is not None
               else None)
 
     exit_code, G_ema = 0, None
     try:
-        result = train(cfg, data, deadline, out_dir, device, fid_fn=fid_fn, resume=settled.resume, nets=nets)
+        result = train(cfg, data, deadline, out_dir, device, fid_fn=fid_fn, resume=settled.resume, nets=nets,
+                       recheck=lambda G_ema: recheck_reserve(plan, deadline, G_ema, device))
         if result.progress.step > 0:
             G_ema = result.G_ema
         log("main", f"training stopped ({result.stop_reason.value}) after {result.progress.step} steps, "

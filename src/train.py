@@ -420,13 +420,15 @@ def wrap_up(cfg: Config, run: RunParts, watch: Watch, stop: StopReason, error: s
 
 
 def train(cfg: Config, data, deadline: Deadline, out_dir: str, device, fid_fn=None, *, resume: dict | None = None,
-          max_steps: int = 0, nets: GanNets | None = None) -> TrainResult:
+          max_steps: int = 0, nets: GanNets | None = None, recheck=None) -> TrainResult:
     """Train G and D on `data` until the deadline's training window ends, a signal, cfg.max_kimg thousand images
     over all sessions, or max_steps rounds (tests).
 
     `cfg` is the settled config (settle.settle_run); `resume` the checkpoint it settled; `nets` the run's nets when
-    main built them already (build_run_nets), else they are built here. Rank 0 prints and writes OUT/stats.jsonl,
-    OUT/samples/, OUT/ckpt.pt (always before returning). Each rank trains on batch_size // world.
+    main built them already (build_run_nets), else they are built here. `recheck(G_ema)`, when given, runs between
+    rounds once deadline.recheck_due() (reserve.recheck_reserve: it may move the window's end). Rank 0 prints and
+    writes OUT/stats.jsonl, OUT/samples/, OUT/ckpt.pt (always before returning). Each rank trains on
+    batch_size // world.
     """
     # Set-up: ranks, models, optimisers, data on the device; the banner says what this run is; the watchers.
     device = torch.device(device)
@@ -447,6 +449,9 @@ def train(cfg: Config, data, deadline: Deadline, out_dir: str, device, fid_fn=No
             while True:
                 # Decide, identically on every rank: stop (step limit / deadline / signal), tick, rollback refresh.
                 now = time.time()
+                if recheck is not None and deadline.recheck_due(now):
+                    recheck(nets.G_ema)
+                    now = time.time()
                 stop, tick_now, refresh_now = _decide(now, state.step, max_steps, deadline.train_end, caught_signals,
                                                       watch.status_due, watch.guard, device, world, state.images_seen,
                                                       cfg.max_kimg * 1000)

@@ -8,12 +8,14 @@ import zipfile
 import pytest
 import torch
 
-from src.budget import (OVERRUN_GRACE_S, Deadline, OutOfTime, budget_flag_text, deadline_check, reserve_margin,
-                        smallest_budget)
+import src.reserve
+from src.budget import (OVERRUN_GRACE_S, RECHECK_LEAD, RECHECK_LEAD_MIN_S, RESERVE_SAFETY, Deadline, OutOfTime,
+                        budget_flag_text, deadline_check, reserve_margin, smallest_budget)
 from src.config import make_config, parse_duration
 from src.main import main, write_submission
 from src.models import build_models
-from src.reserve import checkpoint_bytes, mifid_share, training_round_seconds
+from src.reserve import (OutputPlan, checkpoint_bytes, mifid_share, plan_reserve, recheck_reserve, reserve_seconds,
+                         training_round_seconds)
 
 SMALL = ["--recipe", "cgan", "--g-ch", "8", "--d-ch", "8", "--shared-dim", "16", "--z-dim", "32",
          "--batch-size", "16", "--decode-workers", "1", "--status-every", "0", "--grid-every", "0"]
@@ -95,7 +97,8 @@ def test_a_zip_that_would_end_past_the_budget_is_abandoned_and_the_old_one_kept(
                    f"was stopped; the previous images.zip is kept\n")
 
 
-def test_too_small_a_budget_is_refused_at_start_up_and_the_named_one_fits(tmp_path, tiny_data_dir, capsys):
+def test_too_small_a_budget_is_refused_at_start_up_and_the_named_one_fits(tmp_path, tiny_data_dir, capsys,
+                                                                         monkeypatch):
     out = tmp_path / "out"
     out.mkdir()
     (out / "images.zip").write_bytes(b"the previous submission")
@@ -110,10 +113,93 @@ def test_too_small_a_budget_is_refused_at_start_up_and_the_named_one_fits(tmp_pa
     assert sorted(os.listdir(out)) == ["images.zip"]  # refused before training: nothing else written
 
     named = found.group(1)
+    monkeypatch.setattr(src.reserve, "RECHECK_COST_SHARE", 100.0)  # the output is tiny: recheck it all the same
     start = time.time()
     assert main([*args, "--time-budget", named]) == 0
     took = time.time() - start
     assert took <= parse_duration(named) + OVERRUN_GRACE_S, f"{took:.1f}s on a {named} budget"
-    assert "training stopped (deadline)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "training stopped (deadline)" in printed
+    assert printed.count("output measured again with the trained G_ema") == 1  # the loop rechecked the reserve once
     with zipfile.ZipFile(out / "images.zip") as archive:
         assert len(archive.namelist()) == 300
+
+
+def test_plan_reserve_leaves_the_run_models_as_it_found_them(tmp_path):
+    """The reserve is measured on the run's own models: their modes, weights and buffers, the RNG the training
+    draws from, stay as they were, and the plan keeps no tensor (no probe images held through training)."""
+    cfg = make_config({"recipe": "biggan", "g_ch": 4, "d_ch": 4, "shared_dim": 8, "z_dim": 20, "n_images": 100})
+    torch.manual_seed(0)
+    G, D = build_models(cfg, 3)
+    G.train()
+    D.train()
+    D.blocks[0].eval()  # a mixed state comes back mixed
+    modes = [m.training for m in (*G.modules(), *D.modules())]
+    weights = {f"{name}.{key}": value.clone() for name, model in (("G", G), ("D", D))
+               for key, value in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    plan = plan_reserve(cfg, Deadline(3600), G, D, torch.device("cpu"), None, str(tmp_path))
+    assert [m.training for m in (*G.modules(), *D.modules())] == modes
+    after = {f"{name}.{key}": value for name, model in (("G", G), ("D", D)) for key, value in model.state_dict().items()}
+    assert all(torch.equal(weights[key], after[key]) for key in weights)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert not any(isinstance(value, torch.Tensor) for value in vars(plan).values())
+    assert plan.generate_batch in (64, 100) and plan.gen_s > 0 and plan.zip_s > 0
+
+
+def plan_of(gen_s: float, n_images: int = 10000) -> OutputPlan:
+    return OutputPlan(n_images=n_images, generate_batch=64, gen_s=gen_s, zip_s=0.0, write_speed=1e12, tail_s=1.0,
+                      scoring_s=0.0, mifid_s=0.0, round_s=0.5)
+
+
+class SleepyG(torch.nn.Module):
+    """A generator that takes `per_image` seconds per image."""
+    z_dim, n_classes = 4, 3
+
+    def __init__(self, per_image: float):
+        super().__init__()
+        self.per_image = per_image
+
+    def forward(self, z, y):
+        time.sleep(self.per_image * len(z))
+        return torch.zeros(len(z), 3, 64, 64)
+
+
+@pytest.mark.parametrize("start_up_gen_s, trained_gen_s", [(0.004, 0.001), (0.001, 0.003)])
+def test_the_recheck_moves_the_end_of_training_by_the_measured_difference(start_up_gen_s, trained_gen_s):
+    plan = plan_of(start_up_gen_s)
+    deadline = Deadline(600)
+    deadline.reserve(reserve_seconds(plan, deadline.budget_s))
+    train_end = deadline.train_end
+    recheck_reserve(plan, deadline, SleepyG(trained_gen_s), "cpu")
+    assert plan.gen_s == pytest.approx(trained_gen_s, rel=0.5, abs=2e-4)
+    measured_change = RESERVE_SAFETY * plan.n_images * (start_up_gen_s - plan.gen_s - plan.zip_s)
+    assert deadline.train_end - train_end == pytest.approx(measured_change, rel=1e-6)
+    assert (deadline.train_end > train_end) == (trained_gen_s < start_up_gen_s)
+
+
+class UnusableG(SleepyG):
+    def forward(self, z, y):
+        raise AssertionError("the recheck measured although its cost was out of proportion")
+
+
+def test_the_recheck_keeps_the_reserve_when_measuring_would_cost_too_much():
+    plan = plan_of(0.001, n_images=200)  # the whole output is one batch: measuring again costs more than it saves
+    deadline = Deadline(600)
+    deadline.reserve(20.0)
+    recheck_reserve(plan, deadline, UnusableG(0.0), "cpu")
+    assert deadline.reserve_s == 20.0 and not deadline.recheck_due(deadline.train_end)
+
+
+def test_the_recheck_is_due_once_near_the_end_of_the_window():
+    start = time.time()
+    deadline = Deadline(100, start=start)
+    deadline.reserve(40.0)  # the window ends at start + 60; the recheck comes 0.3 x 40 = 12 s before
+    assert RECHECK_LEAD * 40.0 > RECHECK_LEAD_MIN_S
+    assert not deadline.recheck_due(start + 60 - 12.5)
+    assert deadline.recheck_due(start + 60 - 11.5)
+    deadline.revise_reserve(30.0)
+    assert deadline.train_end == start + 70 and not deadline.recheck_due(start + 69)
+    short = Deadline(100, start=start)
+    short.reserve(4.0)  # a small reserve still leaves RECHECK_LEAD_MIN_S to act on
+    assert short.recheck_due(start + 96 - RECHECK_LEAD_MIN_S + 0.1)

@@ -89,6 +89,7 @@ torch.set_num_threads(1)
 from src.budget import BudgetError, Deadline
 from src.config import make_config
 from src.distributed import cleanup_distributed, setup_distributed
+from src.models import build_models
 from src.reserve import plan_reserve
 
 out_dir = sys.argv[1]
@@ -97,7 +98,8 @@ cfg = make_config(dict(recipe="cgan", g_ch=8, d_ch=8, z_dim=16, shared_dim=16, n
 # rank 1's clock says the budget is already spent; rank 0's has an hour
 deadline = Deadline(3600 if info.rank == 0 else 1, time.time() - (0 if info.rank == 0 else 10))
 try:
-    plan_reserve(cfg, deadline, 4, info.device, None, os.path.join(out_dir, f"out{info.rank}"))
+    G, D = build_models(cfg, 4)
+    plan_reserve(cfg, deadline, G, D, info.device, None, os.path.join(out_dir, f"out{info.rank}"))
     outcome = f"planned {deadline.reserve_s:.6f}"
 except BudgetError:
     outcome = "refused"

@@ -1,6 +1,7 @@
 """Generation: truncation, balanced labels, uint8 conversion, and the atomic images.zip."""
 import io
 import os
+import time
 import zipfile
 from unittest import mock
 
@@ -10,9 +11,10 @@ import torch
 from PIL import Image
 
 import src.generate
-from src.generate import (TRAINING_BREEDS, ZIP_CHUNK, balanced_labels, breed_counts, generate_images,
-                          measure_generation_seconds, measure_zip_seconds, pick_generation_batch, proportional_labels,
-                          sample_z, to_uint8, write_images_zip)
+from src.generate import (TRAINING_BREEDS, ZIP_CHUNK, GenerationTiming, balanced_labels, breed_counts, eval_mode,
+                          generate_images, generation_batch_candidates, generation_probe_seconds, measure_generation,
+                          measure_zip_seconds, pick_generation_batch, proportional_labels, sample_z, to_uint8,
+                          write_images_zip)
 
 
 class LabelColourG(torch.nn.Module):
@@ -165,12 +167,73 @@ def test_zip_abandoned_between_chunks_keeps_the_previous_zip(tmp_path):
 
 
 def test_generation_timing_tries_the_larger_batch_only_when_cheap(monkeypatch):
-    timed = measure_generation_seconds(LabelColourG(), "cpu")
+    timed = measure_generation(LabelColourG(), "cpu", (64, 500))
     assert sorted(timed) == [64, 500]  # the stand-in is fast: both candidates timed
-    for batch_size, (per_image, images) in timed.items():
-        assert per_image > 0 and images.shape == (batch_size, 3, 64, 64)
-    monkeypatch.setattr(src.generate, "GENERATE_PROBE_S", 0.0)  # now the 500 batch is too dear to time
-    assert sorted(measure_generation_seconds(LabelColourG(), "cpu")) == [64]
+    for batch_size, timing in timed.items():
+        assert timing.batch_size == batch_size and len(timing.per_image_s) == 3
+        assert timing.seconds_per_image > 0 and timing.images.shape == (3 * batch_size, 3, 64, 64)
+    monkeypatch.setattr(src.generate, "GENERATE_TRY_S", 0.0)  # now the 500 batch is too dear to try
+    monkeypatch.setattr(src.generate, "GENERATE_PROBE_S", 0.0)  # and one timed call is the least
+    timed = measure_generation(LabelColourG(), "cpu", (64, 500))
+    assert sorted(timed) == [64] and len(timed[64].per_image_s) == 1
+
+
+@pytest.mark.parametrize("n_images, candidates", [(10000, (64, 500)), (200, (64, 200)), (30, (30,))])
+def test_no_generation_batch_is_larger_than_the_output(n_images, candidates):
+    assert generation_batch_candidates(n_images) == candidates
+
+
+class SlowFirstCallsG(LabelColourG):
+    """A generator whose first call at each batch size takes 0.3 s (allocation, kernel choice) and whose
+    `slow_calls`-th call overall takes 0.3 s (another process took the core); every other call is instant."""
+
+    def __init__(self, slow_calls=()):
+        super().__init__()
+        self.seen, self.calls, self.slow_calls = set(), 0, set(slow_calls)
+
+    def forward(self, z, y):
+        self.calls += 1
+        if len(z) not in self.seen or self.calls in self.slow_calls:
+            time.sleep(0.3)
+        self.seen.add(len(z))
+        return super().forward(z, y)
+
+
+def test_generation_is_timed_warm_and_one_slow_call_does_not_move_it():
+    # calls at 64: warm-up (1), timed (2, 3, 4); call 3 is slowed down
+    timed = measure_generation(SlowFirstCallsG(slow_calls={3}), "cpu", batch_sizes=(64,))[64]
+    assert timed.warmup_s >= 0.3 / 64
+    assert timed.per_image_s[1] >= 0.3 / 64
+    assert timed.seconds_per_image < 0.05 / 64
+
+
+class CountingSleepyG(LabelColourG):
+    def __init__(self, call_s):
+        super().__init__()
+        self.call_s, self.calls = call_s, 0
+
+    def forward(self, z, y):
+        self.calls += 1
+        time.sleep(self.call_s)
+        return super().forward(z, y)
+
+
+@pytest.mark.parametrize("call_s", [0.01, 0.4, 1.2])
+def test_the_probe_cost_estimate_counts_the_calls_measure_generation_makes(call_s):
+    G = CountingSleepyG(call_s)
+    measure_generation(G, "cpu", (64,))
+    assert generation_probe_seconds(64, call_s / 64) == pytest.approx(G.calls * call_s)
+
+
+def test_eval_mode_restores_every_submodule_mode():
+    model = torch.nn.Sequential(torch.nn.BatchNorm2d(3), torch.nn.Sequential(torch.nn.BatchNorm2d(3)))
+    model.train()
+    model[1].eval()  # a mixed state must come back as it was, not as model.train(True) would set it
+    with pytest.raises(Abandon):
+        with eval_mode(model):
+            assert not any(sub.training for sub in model.modules())
+            raise Abandon()
+    assert [sub.training for sub in model.modules()] == [True, True, False, False]
 
 
 def test_zip_timing_is_per_image_and_positive():
@@ -184,5 +247,5 @@ def test_zip_timing_is_per_image_and_positive():
     ({64: 0.010}, 64),               # the only one timed (the large one was too dear to time)
 ])
 def test_the_large_batch_wins_unless_a_small_one_is_clearly_faster(per_image, picked):
-    timed = {size: (seconds, None) for size, seconds in per_image.items()}
+    timed = {size: GenerationTiming(size, seconds, [seconds], None) for size, seconds in per_image.items()}
     assert pick_generation_batch(timed) == picked

@@ -161,7 +161,7 @@ def test_smoke_call_trains_scores_and_writes_the_four_files(tmp_path, capsys):
 def test_smoke_throughput_probe_writes_its_table(tmp_path):
     out = tmp_path / "out"
     assert gpu_protocol.main(["--smoke", "--throughput", "--batches", "16", "--compile-modes", "off",
-                              "--probe-seconds", "12", "--out", str(out), "--work", str(tmp_path / "work")]) == 0
+                              "--probe-seconds", "20", "--out", str(out), "--work", str(tmp_path / "work")]) == 0
     assert sorted(os.listdir(out)) == ["throughput.json", "throughput.log", "throughput.md"]
     probe, = json.loads((out / "throughput.json").read_text())["probes"]
     assert probe["batch_size"] == 16 and probe["compile"] is False and probe["returncode"] == 0

@@ -60,7 +60,7 @@ def test_a_signal_while_writing_the_zip_keeps_the_old_one(tmp_path, tiny_data_di
     out = tmp_path / "out"
     out.mkdir()
     (out / "images.zip").write_bytes(b"the previous submission")
-    code = main(["--data-dir", tiny_data_dir, "--out", str(out), "--n-images", "1200", "--time-budget", "6s", *SMALL])
+    code = main(["--data-dir", tiny_data_dir, "--out", str(out), "--n-images", "1200", "--time-budget", "10s", *SMALL])
     captured = capsys.readouterr()
     name = signal.Signals(signum).name
     assert code == 128 + signum

@@ -9,7 +9,7 @@ import src.main as main_module
 from src.main import main
 
 SMALL = ["--recipe", "cgan", "--g-ch", "8", "--d-ch", "8", "--shared-dim", "16", "--z-dim", "32",
-         "--batch-size", "16", "--decode-workers", "1", "--n-images", "200", "--time-budget", "8s"]
+         "--batch-size", "16", "--decode-workers", "1", "--n-images", "200", "--time-budget", "12s"]
 
 
 def zip_count(path):
@@ -132,7 +132,7 @@ def test_fit_batch_to_data_by_hand(capsys):
 
 def test_fewer_images_than_a_batch_trains_on_a_smaller_batch(tmp_path, tiny_data_dir, capsys):
     out = tmp_path / "out"
-    code = main(["--data-dir", tiny_data_dir, "--out", str(out), *SMALL, "--max-images", "3", "--time-budget", "6s"])
+    code = main(["--data-dir", tiny_data_dir, "--out", str(out), *SMALL, "--max-images", "3", "--time-budget", "10s"])
     log = capsys.readouterr()
     assert code == 0, log.err
     found = re.search(r"\[main\] only (\d+) dog images, fewer than one batch of 16: this run uses batches of (\d+)\n",
@@ -167,7 +167,7 @@ def test_ranks_other_than_0_print_nothing_but_errors(tmp_path, tiny_data_dir, ca
     monkeypatch.setenv("RANK", "1")  # what torchrun sets; WORLD_SIZE stays 1, so this process runs alone
     with warnings.catch_warnings():
         warnings.simplefilter("default")
-        assert main(["--data-dir", tiny_data_dir, "--out", str(tmp_path / "out"), *SMALL, "--time-budget", "5s",
+        assert main(["--data-dir", tiny_data_dir, "--out", str(tmp_path / "out"), *SMALL, "--time-budget", "10s",
                      "--n-images", "100"]) == 0
         warnings.warn("a library's warning on rank 1")
     captured = capsys.readouterr()
@@ -177,7 +177,7 @@ def test_ranks_other_than_0_print_nothing_but_errors(tmp_path, tiny_data_dir, ca
 @pytest.mark.parametrize("train_on", ["photos", "both"])
 def test_train_on_photos_trains_on_the_whole_photos(tmp_path, tiny_data_dir, capsys, train_on):
     out = tmp_path / "out"
-    code = main(["--data-dir", tiny_data_dir, "--out", str(out), *SMALL, "--train-on", train_on, "--time-budget", "20s"])
+    code = main(["--data-dir", tiny_data_dir, "--out", str(out), *SMALL, "--train-on", train_on, "--time-budget", "15s"])
     log = capsys.readouterr().out
     assert code == 0 and zip_count(out / "images.zip") == 200
     # the tiny set: 96 photos holding 115 dogs
