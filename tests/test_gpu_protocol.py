@@ -155,7 +155,7 @@ def test_smoke_call_trains_scores_and_writes_the_four_files(tmp_path, capsys):
         assert sheet.size == (2 * 530, 530 + 28)  # two labelled 8x8 grids of 64 px with 2 px padding
     log = (out / "variants.log").read_text()
     assert log.count("===== ") == 2 and "training stopped (deadline)" in log
-    assert "plan: unpack ~0.0s + training: 1 wave of up to 2 kernels x 12.0s" in capsys.readouterr().out
+    assert "plan: unpack ~0.0s + training: 1 wave of up to 2 kernels x 21.0s" in capsys.readouterr().out
 
 
 def test_smoke_throughput_probe_writes_its_table(tmp_path):
