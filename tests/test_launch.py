@@ -271,7 +271,7 @@ def test_two_cpu_ranks_from_a_notebook_cell_train_and_an_interrupt_leaves_ckpt_a
     assert "CELL OK" in log and log.count("NEXT CELL RAN") == 1  # no rank came back into the notebook
     assert "[distributed] 2 processes, backend gloo" in log and "[train] device cpu (1 threads) x2" in log
     # rank 0 alone prints: one banner, one line per event
-    assert log.count("[main] dogkernel: recipe cgan") == 1
+    assert log.count("[main] dogkernel: recipe demo") == 1
     assert log.count("[train] caught SIGINT: finishing this step, saving a checkpoint, stopping") == 1
     assert "[main] training stopped (signal)" in log
     assert "[launch] exit codes: rank 0 exited with code 0, rank 1 exited with code 0" in log
