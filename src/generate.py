@@ -47,12 +47,12 @@ def to_uint8(img: torch.Tensor) -> torch.Tensor:
 # default model runs ~30 % faster per image at 64 than at 500 (cache), a tiny one ~6x slower at 64 (per-op overhead
 # with 2 threads). measure_generation() times them and the run uses the faster.
 GENERATE_BATCH_CANDIDATES = (64, 500)
-# Timing one batch size as the real output runs, batch after batch in one generate_images call: a warm-up call of
-# one batch first (a batch size's first call allocates and picks kernels), then one call of 1 + k batches, timed
-# batch by batch. Its first batch is left out too (each call's first batch allocates again: on 2 CPU cores single
-# calls took 10-20 % more CPU time per image than a loop's batches); the median of the k others is the speed (one
-# batch slowed by another process does not move it). k is GENERATE_TIMED_BATCHES, fewer when they would take more
-# than GENERATE_PROBE_S at the warm-up's speed (a long batch is an average already), and at least one.
+# Timing one batch size as the real output runs, batch after batch in one generate_images call of 1 + k batches,
+# timed batch by batch. Its first batch is left out (a batch size's first call allocates and picks kernels, and
+# every call's first batch allocates again: on 2 CPU cores single calls took 10-20 % more CPU time per image than a
+# loop's batches); the median of the k others is the speed (one batch slowed by another process does not move it).
+# k is GENERATE_TIMED_BATCHES, fewer when they would take more than GENERATE_PROBE_S at the speed measured so far
+# (a long batch is an average already), and at least one.
 GENERATE_TIMED_BATCHES = 3
 GENERATE_PROBE_S = 1.0
 # A larger candidate is tried only when one batch of it takes at most GENERATE_TRY_S at the best speed so far: a tiny
@@ -161,7 +161,7 @@ def eval_mode(*modules: torch.nn.Module):
 class GenerationTiming:
     """generate_images timed at one batch size on this device (see GENERATE_TIMED_BATCHES)."""
     batch_size: int
-    warmup_s: float           # seconds per image of the warm-up call (the first at this size)
+    warmup_s: float           # seconds per image of the call's first batch (left out)
     per_image_s: list[float]  # seconds per image of each timed batch
     images: torch.Tensor      # what the probe drew (uint8, CPU), for the zip probe
 
@@ -182,8 +182,8 @@ def _batch_seconds(G: torch.nn.Module, n_batches: int, batch_size: int, device, 
     return [end - start for start, end in zip(stamps, stamps[1:])], images
 
 
-def _timed_batch_count(call_s: float) -> int:
-    return min(GENERATE_TIMED_BATCHES, max(1, math.ceil(GENERATE_PROBE_S / max(call_s, 1e-9))))
+def _timed_batch_count(batch_s: float) -> int:
+    return min(GENERATE_TIMED_BATCHES, max(1, math.ceil(GENERATE_PROBE_S / max(batch_s, 1e-9))))
 
 
 def generation_batch_candidates(n_images: int) -> tuple[int, ...]:
@@ -192,9 +192,9 @@ def generation_batch_candidates(n_images: int) -> tuple[int, ...]:
 
 
 def generation_probe_seconds(batch_size: int, seconds_per_image: float) -> float:
-    """About what measure_generation spends on one batch size at this speed: the warm-up call and the timed call."""
-    call_s = batch_size * seconds_per_image
-    return (2 + _timed_batch_count(call_s)) * call_s
+    """About what measure_generation spends on one batch size at this speed: its 1 + k batches."""
+    batch_s = batch_size * seconds_per_image
+    return (1 + _timed_batch_count(batch_s)) * batch_s
 
 
 def measure_generation(G: torch.nn.Module, device, batch_sizes: tuple[int, ...]) -> dict[int, GenerationTiming]:
@@ -203,14 +203,19 @@ def measure_generation(G: torch.nn.Module, device, batch_sizes: tuple[int, ...])
     G is left in its own mode; its own seeded latents leave the global RNG untouched."""
     timed: dict[int, GenerationTiming] = {}
     with eval_mode(G):
+        # the process's first forward (lazy initialisation) on a few images: a first speed, too high, to size calls
+        first = min(8, batch_sizes[0])
+        (first_s,), _ = _batch_seconds(G, 1, first, device, seed=0)
+        speed = first_s / first
         for batch_size in batch_sizes:
-            if timed and batch_size * min(t.seconds_per_image for t in timed.values()) > GENERATE_TRY_S:
-                break
-            (warmup_s,), warm_images = _batch_seconds(G, 1, batch_size, device, seed=0)
-            seconds, images = _batch_seconds(G, 1 + _timed_batch_count(warmup_s), batch_size, device, seed=1)
-            timed[batch_size] = GenerationTiming(batch_size, warmup_s / batch_size,
-                                                 [batch_s / batch_size for batch_s in seconds[1:]],
-                                                 torch.cat([warm_images, images]))
+            if timed:
+                speed = min(timing.seconds_per_image for timing in timed.values())
+                if batch_size * speed > GENERATE_TRY_S:
+                    break
+            seconds, images = _batch_seconds(G, 1 + _timed_batch_count(batch_size * speed), batch_size, device,
+                                             seed=1)
+            timed[batch_size] = GenerationTiming(batch_size, seconds[0] / batch_size,
+                                                 [batch_s / batch_size for batch_s in seconds[1:]], images)
     return timed
 
 
