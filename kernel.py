@@ -3446,12 +3446,15 @@ def to_uint8(img: "torch.Tensor") -> "torch.Tensor":
 # default model runs ~30 % faster per image at 64 than at 500 (cache), a tiny one ~6x slower at 64 (per-op overhead
 # with 2 threads). measure_generation() times them and the run uses the faster.
 GENERATE_BATCH_CANDIDATES = (64, 500)
-# Timing one batch size: a warm-up call first (a batch size's first call allocates and picks kernels: it is the slow
-# one), then up to GENERATE_TIMED_CALLS timed calls whose median is the speed (one call slowed by another process
-# does not move it); the timed calls stop once they have taken GENERATE_PROBE_S (a long call is an average already).
-GENERATE_TIMED_CALLS = 3
+# Timing one batch size as the real output runs, batch after batch in one generate_images call of 1 + k batches,
+# timed batch by batch. Its first batch is left out (a batch size's first call allocates and picks kernels, and
+# every call's first batch allocates again: on 2 CPU cores single calls took 10-20 % more CPU time per image than a
+# loop's batches); the median of the k others is the speed (one batch slowed by another process does not move it).
+# k is GENERATE_TIMED_BATCHES, fewer when they would take more than GENERATE_PROBE_S at the speed measured so far
+# (a long batch is an average already), and at least one.
+GENERATE_TIMED_BATCHES = 3
 GENERATE_PROBE_S = 1.0
-# A larger candidate is tried only when one call of it takes at most GENERATE_TRY_S at the best speed so far: a tiny
+# A larger candidate is tried only when one batch of it takes at most GENERATE_TRY_S at the best speed so far: a tiny
 # G is far faster per image in large batches on a CPU, so its 500 must be tried even when 64 looks slow.
 GENERATE_TRY_S = 3.0
 # A smaller batch is used only when it timed this much faster per image than the largest timed one: small batches
@@ -3557,23 +3560,31 @@ def eval_mode(*modules: "torch.nn.Module"):
 
 @dataclass
 class GenerationTiming:
-    """generate_images timed at one batch size on this device: one warm-up call, then timed calls."""
+    """generate_images timed at one batch size on this device (see GENERATE_TIMED_BATCHES)."""
     batch_size: int
-    warmup_s: float           # seconds per image of the warm-up call (the first at this size)
-    per_image_s: list[float]  # seconds per image of each timed call
-    images: "torch.Tensor"      # what the timed calls drew (uint8, CPU), for the zip probe
+    warmup_s: float           # seconds per image of the call's first batch (left out)
+    per_image_s: list[float]  # seconds per image of each timed batch
+    images: "torch.Tensor"      # what the probe drew (uint8, CPU), for the zip probe
 
     @property
     def seconds_per_image(self) -> float:
-        """The median of the timed calls."""
+        """The median of the timed batches."""
         return statistics.median(self.per_image_s)
 
 
-def _timed_generation(G: "torch.nn.Module", n: int, device, seed: int) -> "tuple[float, torch.Tensor]":
-    # seconds per image of one generate_images call in one batch (to_uint8's copy to the CPU waits for the device)
-    start = time.time()
-    images = generate_images(G, n, device, batch_size=n, seed=seed)
-    return (time.time() - start) / n, images
+def _batch_seconds(G: "torch.nn.Module", n_batches: int, batch_size: int, device, seed: int
+                   ) -> "tuple[list[float], torch.Tensor]":
+    # seconds of each batch of one generate_images call (a time stamp before every batch; to_uint8's copy to the
+    # CPU waits for the device), and the images
+    stamps: list[float] = []
+    images = generate_images(G, n_batches * batch_size, device, batch_size=batch_size, seed=seed,
+                             stop_check=lambda: stamps.append(time.time()))
+    stamps.append(time.time())
+    return [end - start for start, end in zip(stamps, stamps[1:])], images
+
+
+def _timed_batch_count(batch_s: float) -> int:
+    return min(GENERATE_TIMED_BATCHES, max(1, math.ceil(GENERATE_PROBE_S / max(batch_s, 1e-9))))
 
 
 def generation_batch_candidates(n_images: int) -> tuple[int, ...]:
@@ -3582,29 +3593,30 @@ def generation_batch_candidates(n_images: int) -> tuple[int, ...]:
 
 
 def generation_probe_seconds(batch_size: int, seconds_per_image: float) -> float:
-    """About what measure_generation spends on one batch size at this speed: the warm-up and the timed calls."""
-    call_s = batch_size * seconds_per_image
-    timed_calls = min(GENERATE_TIMED_CALLS, max(1, math.ceil(GENERATE_PROBE_S / max(call_s, 1e-9))))
-    return (1 + timed_calls) * call_s
+    """About what measure_generation spends on one batch size at this speed: its 1 + k batches."""
+    batch_s = batch_size * seconds_per_image
+    return (1 + _timed_batch_count(batch_s)) * batch_s
 
 
 def measure_generation(G: "torch.nn.Module", device, batch_sizes: tuple[int, ...]) -> "dict[int, GenerationTiming]":
-    """{batch size: GenerationTiming} of generate_images on this device, warm (see GENERATE_TIMED_CALLS), smallest
-    batch first; a larger one only when one call of it fits in GENERATE_TRY_S at the best speed so far.
+    """{batch size: GenerationTiming} of generate_images on this device, warm (see GENERATE_TIMED_BATCHES), smallest
+    batch first; a larger one only when one batch of it fits in GENERATE_TRY_S at the best speed so far.
     G is left in its own mode; its own seeded latents leave the global RNG untouched."""
     timed: "dict[int, GenerationTiming]" = {}
     with eval_mode(G):
+        # the process's first forward (lazy initialisation) on a few images: a first speed, too high, to size calls
+        first = min(8, batch_sizes[0])
+        (first_s,), _ = _batch_seconds(G, 1, first, device, seed=0)
+        speed = first_s / first
         for batch_size in batch_sizes:
-            if timed and batch_size * min(t.seconds_per_image for t in timed.values()) > GENERATE_TRY_S:
-                break
-            warmup_s, _ = _timed_generation(G, batch_size, device, seed=0)
-            per_image, drawn = [], []
-            while not per_image or (len(per_image) < GENERATE_TIMED_CALLS
-                                    and batch_size * sum(per_image) < GENERATE_PROBE_S):
-                seconds, images = _timed_generation(G, batch_size, device, seed=len(per_image) + 1)
-                per_image.append(seconds)
-                drawn.append(images)
-            timed[batch_size] = GenerationTiming(batch_size, warmup_s, per_image, torch.cat(drawn))
+            if timed:
+                speed = min(timing.seconds_per_image for timing in timed.values())
+                if batch_size * speed > GENERATE_TRY_S:
+                    break
+            seconds, images = _batch_seconds(G, 1 + _timed_batch_count(batch_size * speed), batch_size, device,
+                                             seed=1)
+            timed[batch_size] = GenerationTiming(batch_size, seconds[0] / batch_size,
+                                                 [batch_s / batch_size for batch_s in seconds[1:]], images)
     return timed
 
 
@@ -5322,13 +5334,23 @@ def recheck_reserve(plan: "OutputPlan", deadline: "Deadline", G_ema: "torch.nn.M
 
     Call it from the training loop between rounds once deadline.recheck_due(now) is True. It runs for a few
     generation batches (none when they would cost more than RECHECK_COST_SHARE of the output: the reserve stays),
-    leaves G_ema as it was, and updates plan.gen_s and plan.zip_s. Each rank may call it on
-    its own clock (no collective): the loop's stop decision is shared, so the earliest end wins on every rank.
+    leaves G_ema as it was, and updates plan.gen_s and plan.zip_s. Each rank may call it on its own clock (no
+    collective): the loop's stop decision is shared, so the earliest end wins on every rank. A device out of memory
+    beside training's own (a generation batch is larger than a training batch) keeps the reserve, said in one line.
     """
     if generation_probe_seconds(plan.generate_batch, plan.gen_s) > RECHECK_COST_SHARE * plan.output_s:
         deadline.revise_reserve(deadline.reserve_s)  # the start-up reserve stands
         return
-    timing = measure_generation(G_ema, device, (plan.generate_batch,))[plan.generate_batch]
+    try:
+        timing = measure_generation(G_ema, device, (plan.generate_batch,))[plan.generate_batch]
+    except torch.cuda.OutOfMemoryError:
+        deadline.revise_reserve(deadline.reserve_s)
+        log("main", f"output not measured again: out of memory beside training at batch {plan.generate_batch}; "
+            f"the start-up reserve stands")
+        return
+    finally:
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()  # the probe's batches are not kept from training
     before_s, start_up_output_s = deadline.reserve_s, plan.output_s
     plan.gen_s, plan.zip_s = timing.seconds_per_image, measure_zip_seconds(timing.images)
     deadline.revise_reserve(reserve_seconds(plan, deadline.budget_s))

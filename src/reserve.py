@@ -152,13 +152,23 @@ def recheck_reserve(plan: OutputPlan, deadline: Deadline, G_ema: torch.nn.Module
 
     Call it from the training loop between rounds once deadline.recheck_due(now) is True. It runs for a few
     generation batches (none when they would cost more than RECHECK_COST_SHARE of the output: the reserve stays),
-    leaves G_ema as it was, and updates plan.gen_s and plan.zip_s. Each rank may call it on
-    its own clock (no collective): the loop's stop decision is shared, so the earliest end wins on every rank.
+    leaves G_ema as it was, and updates plan.gen_s and plan.zip_s. Each rank may call it on its own clock (no
+    collective): the loop's stop decision is shared, so the earliest end wins on every rank. A device out of memory
+    beside training's own (a generation batch is larger than a training batch) keeps the reserve, said in one line.
     """
     if generation_probe_seconds(plan.generate_batch, plan.gen_s) > RECHECK_COST_SHARE * plan.output_s:
         deadline.revise_reserve(deadline.reserve_s)  # the start-up reserve stands
         return
-    timing = measure_generation(G_ema, device, (plan.generate_batch,))[plan.generate_batch]
+    try:
+        timing = measure_generation(G_ema, device, (plan.generate_batch,))[plan.generate_batch]
+    except torch.cuda.OutOfMemoryError:
+        deadline.revise_reserve(deadline.reserve_s)
+        log("main", f"output not measured again: out of memory beside training at batch {plan.generate_batch}; "
+            f"the start-up reserve stands")
+        return
+    finally:
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()  # the probe's batches are not kept from training
     before_s, start_up_output_s = deadline.reserve_s, plan.output_s
     plan.gen_s, plan.zip_s = timing.seconds_per_image, measure_zip_seconds(timing.images)
     deadline.revise_reserve(reserve_seconds(plan, deadline.budget_s))

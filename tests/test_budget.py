@@ -191,6 +191,20 @@ def test_the_recheck_keeps_the_reserve_when_measuring_would_cost_too_much():
     assert deadline.reserve_s == 20.0 and not deadline.recheck_due(deadline.train_end)
 
 
+class OutOfMemoryG(SleepyG):
+    def forward(self, z, y):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def test_out_of_memory_in_the_recheck_keeps_the_reserve_and_training_goes_on(capsys):
+    deadline = Deadline(600)
+    deadline.reserve(20.0)
+    recheck_reserve(plan_of(0.001), deadline, OutOfMemoryG(0.0), "cpu")
+    assert deadline.reserve_s == 20.0 and not deadline.recheck_due(deadline.train_end)
+    assert capsys.readouterr().out == ("[main] output not measured again: out of memory beside training at batch 64; "
+                                       "the start-up reserve stands\n")
+
+
 def test_the_recheck_is_due_once_near_the_end_of_the_window():
     start = time.time()
     deadline = Deadline(100, start=start)

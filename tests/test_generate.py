@@ -171,7 +171,7 @@ def test_generation_timing_tries_the_larger_batch_only_when_cheap(monkeypatch):
     assert sorted(timed) == [64, 500]  # the stand-in is fast: both candidates timed
     for batch_size, timing in timed.items():
         assert timing.batch_size == batch_size and len(timing.per_image_s) == 3
-        assert timing.seconds_per_image > 0 and timing.images.shape == (3 * batch_size, 3, 64, 64)
+        assert timing.seconds_per_image > 0 and timing.images.shape == (4 * batch_size, 3, 64, 64)
     monkeypatch.setattr(src.generate, "GENERATE_TRY_S", 0.0)  # now the 500 batch is too dear to try
     monkeypatch.setattr(src.generate, "GENERATE_PROBE_S", 0.0)  # and one timed call is the least
     timed = measure_generation(LabelColourG(), "cpu", (64, 500))
@@ -183,46 +183,48 @@ def test_no_generation_batch_is_larger_than_the_output(n_images, candidates):
     assert generation_batch_candidates(n_images) == candidates
 
 
-class SlowFirstCallsG(LabelColourG):
-    """A generator whose first call at each batch size takes 0.3 s (allocation, kernel choice) and whose
-    `slow_calls`-th call overall takes 0.3 s (another process took the core); every other call is instant."""
+class SlowBatchesG(LabelColourG):
+    """A generator whose `slow`-th forwards (counted from 1) take 0.3 s; every other one is instant."""
 
-    def __init__(self, slow_calls=()):
+    def __init__(self, slow=()):
         super().__init__()
-        self.seen, self.calls, self.slow_calls = set(), 0, set(slow_calls)
+        self.calls, self.slow = 0, set(slow)
 
     def forward(self, z, y):
         self.calls += 1
-        if len(z) not in self.seen or self.calls in self.slow_calls:
+        if self.calls in self.slow:
             time.sleep(0.3)
-        self.seen.add(len(z))
         return super().forward(z, y)
 
 
-def test_generation_is_timed_warm_and_one_slow_call_does_not_move_it():
-    # calls at 64: warm-up (1), timed (2, 3, 4); call 3 is slowed down
-    timed = measure_generation(SlowFirstCallsG(slow_calls={3}), "cpu", batch_sizes=(64,))[64]
+def test_generation_is_timed_warm_batch_by_batch_and_one_slow_batch_does_not_move_it():
+    # forwards: the first, on 8 images (1), then at 64 the call's first batch (2: allocates, left out) and its
+    # timed batches (3, 4, 5), of which 4 is slowed down by "another process"
+    timed = measure_generation(SlowBatchesG(slow={2, 4}), "cpu", batch_sizes=(64,))[64]
     assert timed.warmup_s >= 0.3 / 64
-    assert timed.per_image_s[1] >= 0.3 / 64
+    assert len(timed.per_image_s) == 3 and timed.per_image_s[1] >= 0.3 / 64
     assert timed.seconds_per_image < 0.05 / 64
 
 
 class CountingSleepyG(LabelColourG):
-    def __init__(self, call_s):
+    """A generator that takes `per_image` seconds per image, and counts its forwards."""
+
+    def __init__(self, per_image):
         super().__init__()
-        self.call_s, self.calls = call_s, 0
+        self.per_image, self.calls = per_image, 0
 
     def forward(self, z, y):
         self.calls += 1
-        time.sleep(self.call_s)
+        time.sleep(self.per_image * len(z))
         return super().forward(z, y)
 
 
-@pytest.mark.parametrize("call_s", [0.01, 0.4, 1.2])
-def test_the_probe_cost_estimate_counts_the_calls_measure_generation_makes(call_s):
-    G = CountingSleepyG(call_s)
+@pytest.mark.parametrize("batch_s", [0.01, 0.4, 1.2])
+def test_the_probe_cost_estimate_counts_the_batches_measure_generation_makes(batch_s):
+    G = CountingSleepyG(batch_s / 64)
     measure_generation(G, "cpu", (64,))
-    assert generation_probe_seconds(64, call_s / 64) == pytest.approx(G.calls * call_s)
+    # the first forward is on 8 images (an eighth of a batch), the others are batches of 64
+    assert generation_probe_seconds(64, batch_s / 64) == pytest.approx((G.calls - 1) * batch_s)
 
 
 def test_eval_mode_restores_every_submodule_mode():
