@@ -13,6 +13,8 @@ class Deadline:
         self.end = self.start + float(budget_s)
         self.reserve_s = 0.0
         self.revised = False
+        # the expected length of the next training round: the loop starts none that would end past train_end
+        self.round_s = 0.0
 
     @property
     def budget_s(self) -> float:
@@ -28,6 +30,14 @@ class Deadline:
     def reserve(self, seconds: float) -> None:
         """Keep `seconds` back from training for generation, zipping and scoring."""
         self.reserve_s = max(0.0, float(seconds))
+
+    def expect_round(self, seconds: float) -> None:
+        """The next training round should take `seconds` (the start-up estimate, then each round as measured)."""
+        self.round_s = max(0.0, float(seconds))
+
+    def last_start(self, rounds: int = 1) -> float:
+        """The latest time the next `rounds` training rounds may start and still all end inside the training window."""
+        return self.train_end - rounds * self.round_s
 
     def recheck_due(self, now: float) -> bool:
         """True from the moment the training window has RECHECK_LEAD of the reserve left (at least

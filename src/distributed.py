@@ -18,6 +18,9 @@ from src.config import ConfigError
 from src.console import log
 from src.device_plan import check_torch_drives_gpu
 
+# Under DDP the ranks agree on stop/tick decisions every this many training rounds (one small all-reduce).
+DDP_SYNC_STEPS = 20
+
 
 @dataclass(frozen=True)
 class DistInfo:

@@ -26,7 +26,7 @@ from src.checkpoint import (CKPT_NAME, restore_rng_state, restore_training_snaps
                             write_training_checkpoint)
 from src.config import Config, format_duration
 from src.console import log
-from src.distributed import any_rank_flags, current_dist_info, sync_buffers
+from src.distributed import DDP_SYNC_STEPS, any_rank_flags, current_dist_info, sync_buffers
 from src.ema import ema_beta_at, ema_beta_for_images, ema_update, standing_bn_stats_
 from src.gan_step import GanStep
 from src.generate import breed_counts
@@ -40,7 +40,6 @@ from src.scoring import FidTracker
 
 MAX_ROLLBACKS = 3            # NaN/Inf rollbacks before the run gives up
 ROLLBACK_SNAPSHOT_S = 300.0  # refresh the in-memory rollback point at a healthy tick at most this often
-DDP_SYNC_STEPS = 20          # under DDP the ranks agree on stop/tick decisions every this many steps
 LR_PROGRESS_STEPS = 1000     # the lr moves in 1/1000 steps of the window (short step-limited runs reproduce)
 OOM_ERRORS = (torch.cuda.OutOfMemoryError,) + ((torch.OutOfMemoryError,) if hasattr(torch, "OutOfMemoryError") else ())
 
@@ -235,18 +234,19 @@ class RollbackGuard:
                           "kimg": state.images_seen / 1000, "lr_scale": state.lr_scale})
 
 
-def _decide(now: float, step: int, max_steps: int, train_end: float, caught_signals: set, status_due: Every,
+def _decide(now: float, step: int, max_steps: int, last_start: float, caught_signals: set, status_due: Every,
             guard: RollbackGuard, device, world: int, images_seen: int = 0,
             max_images: float = 0.0) -> tuple[StopReason | None, bool, bool]:
     """(why to stop or None, status tick due, rollback point due), the same on every rank: under DDP the ranks
     agree every DDP_SYNC_STEPS steps (one small all-reduce) and tick or stop only then. The step and image limits
-    need no agreement: every rank counts the same global steps and images."""
+    need no agreement: every rank counts the same global steps and images. The deadline stops the run once no
+    more rounds fit before the end of the training window (now >= last_start)."""
     stop = StopReason.MAX_STEPS if max_steps and step >= max_steps else None
     if stop is None and max_images > 0 and images_seen >= max_images:
         stop = StopReason.MAX_KIMG
     if world > 1 and step % DDP_SYNC_STEPS:
         return stop, False, False
-    stop_now, tick_now, refresh_now = any_rank_flags([now >= train_end or bool(caught_signals), status_due.due(now),
+    stop_now, tick_now, refresh_now = any_rank_flags([now >= last_start or bool(caught_signals), status_due.due(now),
                                                       now - guard.time >= ROLLBACK_SNAPSHOT_S], device, world)
     if stop_now and stop is None:
         stop = StopReason.SIGNAL if caught_signals else StopReason.DEADLINE
@@ -442,6 +442,8 @@ def train(cfg: Config, data, deadline: Deadline, out_dir: str, device, fid_fn=No
         print_banner(cfg, device, nets.precision, data, deadline, nets.G, nets.D, world, resume and resume.get("path"))
     watch = start_watch(cfg, run, deadline, out_dir, dist_info, len(data.images))
     schedule_start, session_first_step = state.schedule_progress, state.step
+    # the loop stops before rounds that would end past the training window; under DDP it decides every DDP_SYNC_STEPS
+    rounds_per_decision = DDP_SYNC_STEPS if world > 1 else 1
     lrs_set, stop, error = (None, None), None, ""
 
     with catch_stop_signals() as caught_signals:
@@ -452,9 +454,9 @@ def train(cfg: Config, data, deadline: Deadline, out_dir: str, device, fid_fn=No
                 if recheck is not None and deadline.recheck_due(now):
                     recheck(nets.G_ema)
                     now = time.time()
-                stop, tick_now, refresh_now = _decide(now, state.step, max_steps, deadline.train_end, caught_signals,
-                                                      watch.status_due, watch.guard, device, world, state.images_seen,
-                                                      cfg.max_kimg * 1000)
+                stop, tick_now, refresh_now = _decide(now, state.step, max_steps, deadline.last_start(rounds_per_decision),
+                                                      caught_signals, watch.status_due, watch.guard, device, world,
+                                                      state.images_seen, cfg.max_kimg * 1000)
                 if stop is not None:
                     break
                 try:
@@ -488,9 +490,12 @@ def train(cfg: Config, data, deadline: Deadline, out_dir: str, device, fid_fn=No
                         raise
                     _halve_batch_after_oom(nets, state, device, watch.status_log)
                     continue
+                # the next round should take as long as this one, but a session's first round is warm-up (and compile)
                 if state.step == session_first_step:
                     log("train", f"first round took {time.time() - round_start:.1f}s"
                         f"{' (includes torch.compile)' if cfg.compile else ''}")
+                else:
+                    deadline.expect_round(time.time() - round_start)
                 round_images = rank_batch * world * state.n_dis
                 state.step += 1
                 state.images_seen += round_images

@@ -43,10 +43,26 @@ def test_smallest_budget_covers_the_margin_and_rounds_up(needed, expected):
 def test_round_estimate_by_hand():
     cfg = make_config({"batch_size": 10, "n_dis": 1, "g_steps": 1})
     # n_dis 1: one G forward (its fakes serve the G step), 2 D forwards in the D step + 1 in the G step; x3 backward
-    assert training_round_seconds(cfg, gen_s=0.01, d_s=0.002) == pytest.approx(3 * 10 * (1 * 0.01 + 3 * 0.002))
-    cfg = make_config({"batch_size": 10, "n_dis": 2, "g_steps": 2, "dis_loss_limit": 0.5, "n_dis_max": 4})
-    # the adaptive D steps may reach n_dis_max: 4 + 2 G forwards, 2 * 4 + 2 D forwards
-    assert training_round_seconds(cfg, gen_s=0.01, d_s=0.002) == pytest.approx(3 * 10 * (6 * 0.01 + 10 * 0.002))
+    assert training_round_seconds(cfg, gen_s=0.01, d_s=0.002, n_dis=1) == pytest.approx(3 * 10 * (1 * 0.01 + 3 * 0.002))
+    cfg = make_config({"batch_size": 10, "n_dis": 2, "g_steps": 2})
+    # 4 D steps: 4 + 2 G forwards, 2 * 4 + 2 D forwards
+    assert training_round_seconds(cfg, gen_s=0.01, d_s=0.002, n_dis=4) == pytest.approx(3 * 10 * (6 * 0.01 + 10 * 0.002))
+
+
+def test_the_reserve_counts_the_round_the_run_starts_with_not_the_adaptive_ceiling(tmp_path, monkeypatch):
+    """sngan's adaptive D steps (1 rising to 5) were counted at 5 and a 2-minute budget was refused; the loop
+    measures its rounds, so the start-up estimate is the round at cfg.n_dis, and the loop's first prediction."""
+    cfg = make_config({"recipe": "sngan", "g_ch": 4, "d_ch": 4, "z_dim": 16, "batch_size": 8, "n_images": 100})
+    assert cfg.dis_loss_limit > 0 and cfg.n_dis == 1 and cfg.n_dis_max == 5
+    counted = []
+    monkeypatch.setattr(src.reserve, "training_round_seconds",
+                        lambda cfg, gen_s, d_s, n_dis: counted.append(n_dis) or 0.25 * n_dis)
+    torch.manual_seed(0)
+    G, D = build_models(cfg, 3)
+    deadline = Deadline(3600)
+    plan = plan_reserve(cfg, deadline, G, D, torch.device("cpu"), None, str(tmp_path))
+    assert counted == [1] and plan.round_s == 0.25
+    assert deadline.round_s == 0.25 and deadline.last_start() == pytest.approx(deadline.train_end - 0.25)
 
 
 def test_checkpoint_size_estimate_covers_a_real_checkpoint(tmp_path):
@@ -176,6 +192,28 @@ def test_the_recheck_moves_the_end_of_training_by_the_measured_difference(start_
     measured_change = RESERVE_SAFETY * plan.n_images * (start_up_gen_s - plan.gen_s - plan.zip_s)
     assert deadline.train_end - train_end == pytest.approx(measured_change, rel=1e-6)
     assert (deadline.train_end > train_end) == (trained_gen_s < start_up_gen_s)
+
+
+def test_one_slow_recheck_probe_moves_nothing(monkeypatch, capsys):
+    """Something else on the machine slows the first probe tenfold: the median of the start-up figure and the two
+    probes is the true speed, and the end of training stays where it was (a busy CPU once measured 2m19s for an
+    output that then took 62 s)."""
+    plan = plan_of(0.001)
+    deadline = Deadline(600)
+    deadline.reserve(reserve_seconds(plan, deadline.budget_s))
+    train_end = deadline.train_end
+    G = SleepyG(0.001)
+    real_measure, speeds = src.reserve.measure_generation, iter([0.01, 0.001])
+
+    def busy_then_idle(G, device, batch_sizes):
+        G.per_image = next(speeds)
+        return real_measure(G, device, batch_sizes)
+
+    monkeypatch.setattr(src.reserve, "measure_generation", busy_then_idle)
+    recheck_reserve(plan, deadline, G, "cpu")
+    assert plan.gen_s == pytest.approx(0.001, rel=0.5)
+    assert abs(deadline.train_end - train_end) < 0.5 * RESERVE_SAFETY * plan.n_images * 0.001
+    assert "the median of the start-up" in capsys.readouterr().out
 
 
 class UnusableG(SleepyG):

@@ -5,6 +5,7 @@ import copy
 import dataclasses
 import json
 import os
+import time
 import signal
 
 import pytest
@@ -134,12 +135,39 @@ def test_a_crash_in_the_first_round_is_raised(dogs, tmp_path, monkeypatch):
         train(make_config(TINY), dogs, Deadline(3600), str(tmp_path), "cpu", max_steps=10)
 
 
-def test_the_deadline_stops_training(dogs, tmp_path):
+def test_the_deadline_stops_training(dogs, tmp_path, monkeypatch):
     deadline = Deadline(3600)
-    deadline.reserve(3600 - deadline.elapsed() - 1.0)  # about 1 s of training window left, no step limit
+    # about 1 s of training window from the first round on (set-up time on a busy machine aside), no step limit
+    patch_round(monkeypatch, lambda n: n == 1 and deadline.reserve(deadline.remaining() - 1.0))
     result = train(make_config(TINY), dogs, deadline, str(tmp_path), "cpu")
-    assert result.stop_reason == "deadline"
+    assert result.stop_reason == "deadline" and result.progress.step >= 1
     assert os.path.isfile(os.path.join(str(tmp_path), "ckpt.pt"))
+
+
+def test_the_loop_starts_no_round_it_cannot_finish_inside_the_window(dogs, tmp_path, monkeypatch):
+    """Rounds of ~0.4 s and a 1.5 s window: the loop predicts each round from the last one (a session's first
+    round, warm-up, aside) and stops before one that would end past the window, instead of running into the reserve."""
+    deadline = Deadline(3600)
+
+    def slow_round(n):
+        if n == 1:  # the window: 1.5 s from the first round on, whatever the set-up took
+            deadline.reserve(deadline.remaining() - 1.5)
+        time.sleep(0.4)
+
+    calls = patch_round(monkeypatch, slow_round)
+    ends = []
+    real_round = train_module.gan_round
+
+    def timed(*args, **kwargs):
+        result = real_round(*args, **kwargs)
+        ends.append(time.time())
+        return result
+
+    monkeypatch.setattr(train_module, "gan_round", timed)
+    result = train(make_config(TINY), dogs, deadline, str(tmp_path), "cpu")
+    assert result.stop_reason == "deadline" and calls["n"] >= 2
+    assert max(ends) <= deadline.train_end + 0.1  # the last round ended inside the window (timing jitter aside)
+    assert deadline.round_s >= 0.4  # what the loop expects of the next round: the measured one
 
 
 def test_failing_renames_keep_the_old_checkpoint_and_the_run_goes_on(dogs, tmp_path, monkeypatch, capsys):
