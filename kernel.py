@@ -1870,13 +1870,6 @@ def fields_with_role(role: str) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(Config) if f.metadata["resume"] == role)
 
 
-def config_diff(cfg: "Config") -> dict:
-    """Fields that differ from the plain Config defaults: what a recipe and the flags changed."""
-    base = Config()
-    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(Config)
-            if getattr(cfg, f.name) != getattr(base, f.name)}
-
-
 def recipe_diff(cfg: "Config") -> dict:
     """Fields that differ from cfg's recipe as it stands: what the flags (and --demo's run settings) changed."""
     base = Config(**{**RECIPES[cfg.recipe], "recipe": cfg.recipe})
@@ -2798,11 +2791,15 @@ def device_plan_line(facts: "DeviceFacts", plan: "DevicePlan") -> str:
         device = f"{facts.count} x {facts.type}"
     precision = {"fp16": "fp16 + loss scaling", "bf16": "bf16"}.get(plan.precision, "fp32")
     per = "GPU" if facts.type == "cuda" else "process"
-    batch = (f"batch {plan.batch_per_device} per {per} ({plan.batch_size} in all)" if facts.count > 1
-             else f"batch {plan.batch_size}")
+    if facts.type != "cuda":
+        batch = "the batch as asked (memory does not limit it here)"
+    elif facts.count > 1:
+        batch = f"suggested batch {plan.batch_per_device} per {per} ({plan.batch_size} in all)"
+    else:
+        batch = f"suggested batch {plan.batch_size}"
     notes = "".join(f"; {note}" for note in plan.notes)
     return (f"{device}, torch {facts.torch_version}: {precision}, {'torch.compile' if plan.compile else 'eager'}, "
-            f"suggested {batch}, generation batch {plan.generate_batch}{notes}")
+            f"{batch}, generation batch {plan.generate_batch}{notes}")
 
 
 # ---- a GPU this torch cannot drive ----------------------------------------------------------------------
@@ -3176,11 +3173,14 @@ class GanNets:
     precision: "Precision"         # how the nets run on this device (autocast dtype, scaler, memory layout)
 
 
-def build_gan_nets(cfg: "Config", n_classes: int, device, precision: "Precision", dist_info: "DistInfo") -> "GanNets":
-    """G, D (initialised by the models module), G_ema, the DDP / compiled call paths, Adam and grad scalers."""
-    G, D = build_models(cfg, n_classes)
+def build_gan_nets(cfg: "Config", n_classes: int, device, precision: "Precision", dist_info: "DistInfo",
+                   models: tuple | None = None) -> "GanNets":
+    """G, D (initialised by the models module, or the resumed checkpoint's `models`: G, D, G_ema), G_ema, the DDP /
+    compiled call paths, Adam and grad scalers."""
+    G, D, G_ema = models if models is not None else (*build_models(cfg, n_classes), None)
     G, D = place_module(G, device, precision).train(), place_module(D, device, precision).train()
-    G_ema = copy.deepcopy(G).eval().requires_grad_(False)
+    G_ema = copy.deepcopy(G) if G_ema is None else place_module(G_ema, device, precision)
+    G_ema = G_ema.eval().requires_grad_(False)
     # Without DDP one (compiled) module serves both paths; with DDP the no-grad / frozen-D paths skip the wrapper.
     # A compile that fails on its first call runs eager instead, said in one line (the self-check's rounds find it).
     G_fwd = compile_or_eager(G, "G", torch.compile) if cfg.compile else G
@@ -3960,6 +3960,7 @@ def merge_resumed_config(cfg: "Config", saved: dict) -> "Config":
 
 def open_resume(cfg: "Config", out_dir: str) -> "tuple[Config, dict | None]":
     """Settle --resume before anything uses the config: (the config this run trains with, the checkpoint or None).
+    The checkpoint's "models" are G, D and G_ema (on the CPU) with its weights loaded: the nets the run trains.
 
     A missing, damaged or foreign checkpoint raises CheckpointError here, before the data is decoded and before any
     output is touched; check_resume_fits_data compares its breeds with the data once that is loaded.
@@ -3970,7 +3971,8 @@ def open_resume(cfg: "Config", out_dir: str) -> "tuple[Config, dict | None]":
     saved = load_checkpoint(path)
     merged = merge_resumed_config(cfg, saved["config"])
     G, D = build_models(merged, saved["n_classes"])
-    for name, module in (("G", G), ("D", D), ("G_ema", G)):
+    G_ema = copy.deepcopy(G)
+    for name, module in (("G", G), ("D", D), ("G_ema", G_ema)):
         try:
             module.load_state_dict(saved[name])
         except RuntimeError as error:
@@ -3978,6 +3980,7 @@ def open_resume(cfg: "Config", out_dir: str) -> "tuple[Config, dict | None]":
             raise CheckpointError(f"{path}: its {name} does not fit the model its config describes ({first[:160]}); "
                                   f"it was written by other code: pass --resume \"\" to start fresh") from None
     saved["path"] = path
+    saved["models"] = (G, D, G_ema)  # checked against the checkpoint, and the run trains these: built once
     return merged, saved
 
 
@@ -5995,13 +5998,14 @@ class RunParts:
         return self.nets.precision
 
 
-def build_run_nets(cfg: "Config", n_classes: int, device, dist_info) -> "GanNets":
+def build_run_nets(cfg: "Config", n_classes: int, device, dist_info, resume: dict | None = None) -> "GanNets":
     """The run's models, optimisers and call paths, built once: seeded first, so the same seed gives the same
-    starting weights whoever builds them (main before measuring the reserve, or train itself)."""
+    starting weights whoever builds them (main before measuring the reserve, or train itself); a resumed run takes
+    the models open_resume built and checked."""
     seed_all(cfg.seed)
     configure_backends(device)
     precision = choose_precision(cfg.amp, device, cfg.channels_last)
-    return build_gan_nets(cfg, n_classes, device, precision, dist_info)
+    return build_gan_nets(cfg, n_classes, device, precision, dist_info, resume and resume.get("models"))
 
 
 def set_up_training(cfg: "Config", data, device: "torch.device", dist_info, fid_fn, resume: dict | None,
@@ -6011,7 +6015,7 @@ def set_up_training(cfg: "Config", data, device: "torch.device", dist_info, fid_
     world = dist_info.world_size
     n_classes = len(data.breeds)
     if nets is None:
-        nets = build_run_nets(cfg, n_classes, device, dist_info)
+        nets = build_run_nets(cfg, n_classes, device, dist_info, resume)
     grid_z, grid_y = make_grid_latents(cfg.z_dim, n_classes, cfg.seed, device)
     state, fid = LoopState(batch_size=cfg.batch_size, n_dis=cfg.n_dis), FidTracker(fid_fn)
     if resume is not None:
@@ -6561,7 +6565,6 @@ def settle_run(cfg: "Config") -> "SettledRun":
     if dist.is_main:
         log("main", f"dogkernel: recipe {cfg.recipe}, device {dist.device}, out {out_dir}, "
             f"budget {format_duration(cfg.time_budget)}")
-        log("main", f"config (differs from defaults): {config_diff(cfg)}")
     cfg, resume = open_resume(cfg, out_dir)
     cfg = fit_to_device(cfg, dist)
     extractor = open_extractor(cfg, dist.device) if dist.is_main else None
@@ -6670,7 +6673,7 @@ def run(cfg: "Config", start: float) -> int:
     data.photos = None  # their features are computed: the ~250 MB of whole-photo pixels are not needed again
     # the models are built once: checked, the reserve measured with them (leaving the training RNG as it was), then
     # they train
-    nets = build_run_nets(cfg, n_classes, device, dist)
+    nets = build_run_nets(cfg, n_classes, device, dist, settled.resume)
     if cfg.self_check:
         run_self_check(cfg, nets, data, extractor, dist)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):

@@ -5,6 +5,7 @@ strings), and written atomically: a reader sees the previous checkpoint or the w
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import random
@@ -224,6 +225,7 @@ def merge_resumed_config(cfg: Config, saved: dict) -> Config:
 
 def open_resume(cfg: Config, out_dir: str) -> tuple[Config, dict | None]:
     """Settle --resume before anything uses the config: (the config this run trains with, the checkpoint or None).
+    The checkpoint's "models" are G, D and G_ema (on the CPU) with its weights loaded: the nets the run trains.
 
     A missing, damaged or foreign checkpoint raises CheckpointError here, before the data is decoded and before any
     output is touched; check_resume_fits_data compares its breeds with the data once that is loaded.
@@ -234,7 +236,8 @@ def open_resume(cfg: Config, out_dir: str) -> tuple[Config, dict | None]:
     saved = load_checkpoint(path)
     merged = merge_resumed_config(cfg, saved["config"])
     G, D = build_models(merged, saved["n_classes"])
-    for name, module in (("G", G), ("D", D), ("G_ema", G)):
+    G_ema = copy.deepcopy(G)
+    for name, module in (("G", G), ("D", D), ("G_ema", G_ema)):
         try:
             module.load_state_dict(saved[name])
         except RuntimeError as error:
@@ -242,6 +245,7 @@ def open_resume(cfg: Config, out_dir: str) -> tuple[Config, dict | None]:
             raise CheckpointError(f"{path}: its {name} does not fit the model its config describes ({first[:160]}); "
                                   f"it was written by other code: pass --resume \"\" to start fresh") from None
     saved["path"] = path
+    saved["models"] = (G, D, G_ema)  # checked against the checkpoint, and the run trains these: built once
     return merged, saved
 
 

@@ -375,13 +375,6 @@ def fields_with_role(role: str) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(Config) if f.metadata["resume"] == role)
 
 
-def config_diff(cfg: Config) -> dict:
-    """Fields that differ from the plain Config defaults: what a recipe and the flags changed."""
-    base = Config()
-    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(Config)
-            if getattr(cfg, f.name) != getattr(base, f.name)}
-
-
 def recipe_diff(cfg: Config) -> dict:
     """Fields that differ from cfg's recipe as it stands: what the flags (and --demo's run settings) changed."""
     base = Config(**{**RECIPES[cfg.recipe], "recipe": cfg.recipe})

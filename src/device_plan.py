@@ -142,11 +142,15 @@ def device_plan_line(facts: DeviceFacts, plan: DevicePlan) -> str:
         device = f"{facts.count} x {facts.type}"
     precision = {"fp16": "fp16 + loss scaling", "bf16": "bf16"}.get(plan.precision, "fp32")
     per = "GPU" if facts.type == "cuda" else "process"
-    batch = (f"batch {plan.batch_per_device} per {per} ({plan.batch_size} in all)" if facts.count > 1
-             else f"batch {plan.batch_size}")
+    if facts.type != "cuda":
+        batch = "the batch as asked (memory does not limit it here)"
+    elif facts.count > 1:
+        batch = f"suggested batch {plan.batch_per_device} per {per} ({plan.batch_size} in all)"
+    else:
+        batch = f"suggested batch {plan.batch_size}"
     notes = "".join(f"; {note}" for note in plan.notes)
     return (f"{device}, torch {facts.torch_version}: {precision}, {'torch.compile' if plan.compile else 'eager'}, "
-            f"suggested {batch}, generation batch {plan.generate_batch}{notes}")
+            f"{batch}, generation batch {plan.generate_batch}{notes}")
 
 
 # ---- a GPU this torch cannot drive ----------------------------------------------------------------------

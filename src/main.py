@@ -114,7 +114,7 @@ def run(cfg: Config, start: float) -> int:
     data.photos = None  # their features are computed: the ~250 MB of whole-photo pixels are not needed again
     # the models are built once: checked, the reserve measured with them (leaving the training RNG as it was), then
     # they train
-    nets = build_run_nets(cfg, n_classes, device, dist)
+    nets = build_run_nets(cfg, n_classes, device, dist, settled.resume)
     if cfg.self_check:
         run_self_check(cfg, nets, data, extractor, dist)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):

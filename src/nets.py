@@ -47,11 +47,14 @@ class GanNets:
     precision: Precision         # how the nets run on this device (autocast dtype, scaler, memory layout)
 
 
-def build_gan_nets(cfg: Config, n_classes: int, device, precision: Precision, dist_info: DistInfo) -> GanNets:
-    """G, D (initialised by the models module), G_ema, the DDP / compiled call paths, Adam and grad scalers."""
-    G, D = build_models(cfg, n_classes)
+def build_gan_nets(cfg: Config, n_classes: int, device, precision: Precision, dist_info: DistInfo,
+                   models: tuple | None = None) -> GanNets:
+    """G, D (initialised by the models module, or the resumed checkpoint's `models`: G, D, G_ema), G_ema, the DDP /
+    compiled call paths, Adam and grad scalers."""
+    G, D, G_ema = models if models is not None else (*build_models(cfg, n_classes), None)
     G, D = place_module(G, device, precision).train(), place_module(D, device, precision).train()
-    G_ema = copy.deepcopy(G).eval().requires_grad_(False)
+    G_ema = copy.deepcopy(G) if G_ema is None else place_module(G_ema, device, precision)
+    G_ema = G_ema.eval().requires_grad_(False)
     # Without DDP one (compiled) module serves both paths; with DDP the no-grad / frozen-D paths skip the wrapper.
     # A compile that fails on its first call runs eager instead, said in one line (the self-check's rounds find it).
     G_fwd = compile_or_eager(G, "G", torch.compile) if cfg.compile else G

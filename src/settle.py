@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 
 from src.checkpoint import check_resume_fits_data, open_resume
-from src.config import Config, ConfigError, config_diff, format_duration
+from src.config import Config, ConfigError, format_duration
 from src.console import log
 from src.data import DataError, DogData, load_dogs, training_images
 from src.device_plan import device_plan_line, plan_for_device, read_device_facts
@@ -105,7 +105,6 @@ def settle_run(cfg: Config) -> SettledRun:
     if dist.is_main:
         log("main", f"dogkernel: recipe {cfg.recipe}, device {dist.device}, out {out_dir}, "
             f"budget {format_duration(cfg.time_budget)}")
-        log("main", f"config (differs from defaults): {config_diff(cfg)}")
     cfg, resume = open_resume(cfg, out_dir)
     cfg = fit_to_device(cfg, dist)
     extractor = open_extractor(cfg, dist.device) if dist.is_main else None

@@ -139,13 +139,14 @@ class RunParts:
         return self.nets.precision
 
 
-def build_run_nets(cfg: Config, n_classes: int, device, dist_info) -> GanNets:
+def build_run_nets(cfg: Config, n_classes: int, device, dist_info, resume: dict | None = None) -> GanNets:
     """The run's models, optimisers and call paths, built once: seeded first, so the same seed gives the same
-    starting weights whoever builds them (main before measuring the reserve, or train itself)."""
+    starting weights whoever builds them (main before measuring the reserve, or train itself); a resumed run takes
+    the models open_resume built and checked."""
     seed_all(cfg.seed)
     configure_backends(device)
     precision = choose_precision(cfg.amp, device, cfg.channels_last)
-    return build_gan_nets(cfg, n_classes, device, precision, dist_info)
+    return build_gan_nets(cfg, n_classes, device, precision, dist_info, resume and resume.get("models"))
 
 
 def set_up_training(cfg: Config, data, device: torch.device, dist_info, fid_fn, resume: dict | None,
@@ -155,7 +156,7 @@ def set_up_training(cfg: Config, data, device: torch.device, dist_info, fid_fn, 
     world = dist_info.world_size
     n_classes = len(data.breeds)
     if nets is None:
-        nets = build_run_nets(cfg, n_classes, device, dist_info)
+        nets = build_run_nets(cfg, n_classes, device, dist_info, resume)
     grid_z, grid_y = make_grid_latents(cfg.z_dim, n_classes, cfg.seed, device)
     state, fid = LoopState(batch_size=cfg.batch_size, n_dis=cfg.n_dis), FidTracker(fid_fn)
     if resume is not None:

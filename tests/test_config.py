@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from src.config import (RECIPE_SUMMARIES, RECIPES, Config, ConfigError, config_diff, format_duration, make_config,
+from src.config import (RECIPE_SUMMARIES, RECIPES, Config, ConfigError, format_duration, make_config,
                         parse_config, parse_duration, recipe_diff, strip_jupyter_args)
 
 
@@ -66,7 +66,8 @@ def test_the_diffaug_policy_is_checked_with_the_config():
 
 def test_default_recipe_is_the_plain_config():
     assert make_config() == Config()
-    assert config_diff(make_config()) == {}
+    assert recipe_diff(make_config()) == {}
+    assert recipe_diff(make_config({"recipe": "sngan", "g_ch": 16})) == {"g_ch": 16}
 
 
 def test_every_recipe_builds_a_valid_config():

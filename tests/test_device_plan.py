@@ -84,6 +84,10 @@ def test_the_plan_is_said_in_one_line():
         "1 x Tesla P100-PCIE-16GB (sm 6.0, 15.9 GiB), torch 2.4.1: fp16 + loss scaling, eager, suggested batch 128, "
         "generation batch 500; torch.compile needs Triton, which needs compute capability 7.0; the Tesla "
         "P100-PCIE-16GB has 6.0: running eager")
+    # the CPU's batch is whatever the run asked for: no suggested batch that the run does not use
+    assert device_plan_line(CPU, plan_for_device(CPU)) == (
+        f"1 x cpu, torch 2.4.1: fp32, eager, the batch as asked (memory does not limit it here), generation batch "
+        f"{plan_for_device(CPU).generate_batch}")
 
 
 # ---- a GPU this torch cannot drive ----------------------------------------------------------------------

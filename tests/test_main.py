@@ -184,3 +184,25 @@ def test_train_on_photos_trains_on_the_whole_photos(tmp_path, tiny_data_dir, cap
     said, banner = {"photos": ("training on photos: 96 images", "data: 96 images"),
                     "both": ("training on both: 211 images (115 dog crops + 96 whole photos)", "data: 211 images")}[train_on]
     assert said in log and banner in log
+
+
+def test_a_resumed_run_builds_its_models_once(tmp_path, tiny_data_dir, monkeypatch):
+    """Resume validation, the reserve probe and training all use one G and one D (they were built up to three
+    times: once to check the checkpoint, once for the reserve, once to train)."""
+    import src.checkpoint
+    import src.models
+    import src.nets
+    out = str(tmp_path / "out")
+    flags = ["--data-dir", tiny_data_dir, "--out", out, "--grid-every", "0", "--no-self-check", *SMALL[:-2],
+             "--max-kimg", "0.032", "--time-budget", "5m"]
+    assert main(flags) == 0
+    built = []
+
+    def counting_build(*args, **kwargs):
+        built.append(1)
+        return src.models.build_models(*args, **kwargs)
+
+    for module in (src.checkpoint, src.nets, main_module):
+        monkeypatch.setattr(module, "build_models", counting_build)
+    assert main([*flags[:-4], "--max-kimg", "0.064", "--time-budget", "5m", "--resume", "auto"]) == 0
+    assert len(built) == 1

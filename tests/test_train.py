@@ -74,6 +74,8 @@ def test_resume_continues_step_optimizer_and_grid(dogs, tmp_path, capsys):
     assert "WARNING: model settings differ" in log and "g_ch=16 (checkpoint 8)" in log
     assert cfg.g_ch == 8
     resumed = train(cfg, dogs, Deadline(3600), out, "cpu", resume=saved, max_steps=4)
+    # the models open_resume built to check the checkpoint are the ones trained: built once
+    assert (resumed.G, resumed.D, resumed.G_ema) == saved["models"]
     assert resumed.progress.step == 4 and resumed.progress.images_seen == 4 * 8
     assert torch.equal(resumed.grid_z, first.grid_z)
     assert [r["step"] for r in read_records(out)] == [1, 2, 3, 4]
