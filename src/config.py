@@ -73,9 +73,10 @@ class Config:
     # op on every image. With ADA the policy may include colour: at a low p it costs little
     ada_target: float = from_ckpt(0.0)
     ada_kimg: float = from_ckpt(500.0)  # thousands of images for ADA's p to move by 1 (ADA's 500; short runs: less)
-    # G's breeds in training and in the submission: "uniform", or "data", in the data's proportions (Kaggle's
-    # reference is the photos as they are); see generate.TRAINING_BREEDS
-    labels: str = from_ckpt("uniform", choices=("uniform", "data"))
+    # G's breeds in training and in the submission: "data", in the data's proportions (Kaggle's reference is the
+    # photos as they are; uniform fakes let a conditional D tell rare breeds' fakes by their label alone), or
+    # "uniform"; see generate.TRAINING_BREEDS and BENCHMARKS.md (the real-dog proxy)
+    labels: str = from_ckpt("data", choices=("uniform", "data"))
     # what D sees as real: the dog crops, the whole photos squashed to 64x64 (what Kaggle's MiFID compares with), or
     # both (the crops, then the photos); see data.training_images
     train_on: str = from_ckpt("crops", choices=("crops", "photos", "both"))
