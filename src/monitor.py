@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from src.atomic import atomic_write_bytes
+from src.budget import Deadline
 from src.config import RECIPE_SUMMARIES, Config, format_duration, recipe_diff
 from src.distributed import mean_over_ranks
 from src.console import log
@@ -83,9 +84,10 @@ class StatusLog:
     """Rank 0's status lines and OUT/stats.jsonl records (events too) for one training session; other ranks write
     nothing. A full or read-only disk costs the record, not the run."""
 
-    def __init__(self, path: str, is_main: bool, n_images: int, train_start: float, train_end: float):
+    def __init__(self, path: str, is_main: bool, n_images: int, train_start: float, deadline: Deadline):
         self.path, self.is_main = path, is_main
-        self.n_images, self.train_start, self.train_end = n_images, train_start, train_end
+        # the deadline itself, not its end: the recheck near the end of training moves the window's end
+        self.n_images, self.train_start, self.deadline = n_images, train_start, deadline
 
     def event(self, record: dict) -> None:
         if self.is_main:
@@ -99,7 +101,7 @@ class StatusLog:
         record = {"time": now, "step": state.step, "epoch": state.images_seen / self.n_images,
                   "kimg": state.images_seen / 1000, **means, "lr_g": lrs[0], "lr_d": lrs[1],
                   "batch_size": state.batch_size, "n_dis": state.n_dis, "elapsed_s": now - self.train_start,
-                  "train_left_s": max(0.0, self.train_end - now), "schedule_progress": state.schedule_progress,
+                  "train_left_s": max(0.0, self.deadline.train_end - now), "schedule_progress": state.schedule_progress,
                   **extra}
         self.event(record)
         if self.is_main:

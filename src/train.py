@@ -348,7 +348,7 @@ def start_watch(cfg: Config, run: RunParts, deadline: Deadline, out_dir: str, di
                  ckpt_due=Every(cfg.ckpt_every, now), fid_due=Every(cfg.fid_every if run.fid.enabled else 0.0, now),
                  meter=TickMeter(device, now), guard=RollbackGuard(run.nets, run.state, now),
                  status_log=StatusLog(os.path.join(out_dir, STATS_NAME), dist_info.is_main, n_images, now,
-                                      deadline.train_end))
+                                      deadline))
 
 
 def _log_status(cfg: Config, run: RunParts, watch: Watch, now: float, means: dict, record: dict) -> None:

@@ -255,3 +255,24 @@ def test_the_recheck_is_due_once_near_the_end_of_the_window():
     short = Deadline(100, start=start)
     short.reserve(4.0)  # a small reserve still leaves RECHECK_LEAD_MIN_S to act on
     assert short.recheck_due(start + 96 - RECHECK_LEAD_MIN_S + 0.1)
+
+
+def test_the_status_line_counts_down_to_the_window_the_recheck_moved(tmp_path, capsys):
+    """The status line's "left" follows the deadline: after the recheck moved the end of training by 30 s, the
+    time left says so (it used the window's end from the session's start)."""
+    import json
+    import types
+
+    from src.monitor import StatusLog
+    deadline = Deadline(600)
+    deadline.reserve(300.0)
+    status_log = StatusLog(str(tmp_path / "stats.jsonl"), True, 100, time.time(), deadline)
+    state = types.SimpleNamespace(step=1, images_seen=8, batch_size=8, n_dis=1, schedule_progress=0.0)
+    means = {"images_per_s": 1.0, "g_loss": 0.0, "d_loss": 0.0, "d_real": 0.0, "d_fake": 0.0}
+    now = time.time()
+    status_log.status(now, state, means, (1e-4, 1e-4), {})
+    deadline.revise_reserve(270.0)
+    status_log.status(now, state, means, (1e-4, 1e-4), {})
+    first, second = [json.loads(line)["train_left_s"] for line in open(tmp_path / "stats.jsonl")]
+    assert second - first == pytest.approx(30.0)
+    assert "left" in capsys.readouterr().out
