@@ -6010,7 +6010,7 @@ def build_run_nets(cfg: "Config", n_classes: int, device, dist_info, resume: dic
     seed_all(cfg.seed)
     configure_backends(device)
     precision = choose_precision(cfg.amp, device, cfg.channels_last)
-    return build_gan_nets(cfg, n_classes, device, precision, dist_info, resume and resume.get("models"))
+    return build_gan_nets(cfg, n_classes, device, precision, dist_info, resume.get("models") if resume else None)
 
 
 def set_up_training(cfg: "Config", data, device: "torch.device", dist_info, fid_fn, resume: dict | None,
