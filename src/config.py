@@ -94,8 +94,8 @@ class Config:
     d_sn: bool = model_shape(True)      # spectral norm in D
     pixel_norm: bool = model_shape(False)  # pixelwise feature normalisation in G (ProGAN)
     mbstd: bool = model_shape(False)    # minibatch standard deviation channel in D's last block
-    # DCGAN only: G draws at 32x32 and repeats each pixel 2x2, D judges the 2x2-averaged image (a quarter of the work
-    # per image, for CPU runs such as the demo); 64 draws every pixel
+    # DCGAN only: G draws at 32x32 (upsampled bilinearly to 64x64 for the images), D judges the 2x2-averaged reals (a
+    # quarter of the work per image, for CPU runs such as the demo); 64 draws every pixel
     draw_res: int = model_shape(64, choices=(32, 64))
     # ---- losses -----------------------------------------------------------------------------------
     loss: str = from_ckpt("hinge", choices=("hinge", "bce", "ls", "rals", "wgan-gp"))  # see losses.GAN_LOSSES

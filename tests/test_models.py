@@ -315,18 +315,23 @@ def test_channels_last_gives_the_same_outputs(recipe):
 
 @pytest.mark.parametrize("recipe", ["dcgan", "cgan", "acgan"])
 def test_draw_res_32_draws_a_quarter_and_d_judges_what_was_drawn(recipe):
-    """G draws 32x32 and repeats each pixel 2x2; D's 2x2 average of that is exactly the drawing; ~4x fewer FLOPs."""
+    """G draws 32x32 and its images are that drawing upsampled bilinearly to 64x64; D judges 32x32 (a 64x64 image
+    2x2-averaged first); ~4x fewer FLOPs."""
     cfg, G, D = tiny_models(recipe, draw_res=32)
     z, y = inputs(cfg)
     with torch.no_grad():
         img = G.eval()(z, y)
-        drawn = torch.nn.functional.avg_pool2d(img, 2)
-        assert img.shape == (BATCH, 3, 64, 64)
-        assert torch.equal(img, drawn.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3))
-        assert D(img, y)[0].shape == (BATCH,)
         # training takes the drawing itself (full_res=False) and D judges it without the 64x64 round trip
-        assert torch.equal(G(z, y, full_res=False), drawn)
-        assert torch.allclose(D.eval()(drawn, y)[0], D(img, y)[0], atol=1e-6)
+        drawn = G(z, y, full_res=False)
+        assert img.shape == (BATCH, 3, 64, 64) and drawn.shape == (BATCH, 3, 32, 32)
+        # by hand, bilinear x2 (pixel centres): output row 2i+1 = 0.75 row i + 0.25 row i+1, row 2i = 0.25 row i-1
+        # + 0.75 row i; the same along columns. Pixel (3, 2) from drawn rows 1..2 and columns 0..1:
+        rows = 0.75 * drawn[:, :, 1, :] + 0.25 * drawn[:, :, 2, :]
+        assert torch.allclose(img[:, :, 3, 2], 0.25 * rows[:, :, 0] + 0.75 * rows[:, :, 1], atol=1e-6)
+        # not 2x2 repeats: neighbouring output pixels of one drawn pixel differ
+        assert not torch.equal(img[:, :, 2::2, :], img[:, :, 3::2, :])
+        assert D(img, y)[0].shape == (BATCH,) and D.eval()(drawn, y)[0].shape == (BATCH,)
+        assert torch.equal(D.fit_real(img), torch.nn.functional.avg_pool2d(img, 2))
         with pytest.raises(ValueError, match=r"\[B, 3, 64, 64\] or \[B, 3, 32, 32\], got \[4, 3, 16, 16\]"):
             D(img[:, :, :16, :16], y)
     _, G64, D64 = tiny_models(recipe)
