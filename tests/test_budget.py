@@ -1,8 +1,10 @@
 """The budget is a promise: the reserve measured at start-up, a budget that cannot hold the output refused in one
 line naming one that can, and output stages that stop a few seconds past the end instead of overrunning."""
+import json
 import os
 import re
 import time
+import types
 import zipfile
 
 import pytest
@@ -14,6 +16,7 @@ from src.budget import (OVERRUN_GRACE_S, RECHECK_LEAD, RECHECK_LEAD_MIN_S, RESER
 from src.config import make_config, parse_duration
 from src.main import main, write_submission
 from src.models import build_models
+from src.monitor import StatusLog
 from src.reserve import (OutputPlan, checkpoint_bytes, mifid_share, plan_reserve, recheck_reserve, reserve_seconds,
                          training_round_seconds)
 
@@ -260,10 +263,6 @@ def test_the_recheck_is_due_once_near_the_end_of_the_window():
 def test_the_status_line_counts_down_to_the_window_the_recheck_moved(tmp_path, capsys):
     """The status line's "left" follows the deadline: after the recheck moved the end of training by 30 s, the
     time left says so (it used the window's end from the session's start)."""
-    import json
-    import types
-
-    from src.monitor import StatusLog
     deadline = Deadline(600)
     deadline.reserve(300.0)
     status_log = StatusLog(str(tmp_path / "stats.jsonl"), True, 100, time.time(), deadline)
